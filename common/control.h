@@ -1,0 +1,138 @@
+/* cbw — common/control.h: the run-time control socket shared by every cbw
+ * nbdkit module (chain plugin, cbw filter, dirtybitmap filter) and reused by
+ * cbwd's control API.
+ *
+ * Protocol (QMP style, newline-delimited JSON, one object per line):
+ *   request:  {"execute": "NAME", "arguments": {...}, "id": ANY}
+ *   success:  {"return": {...}, "id": ANY}
+ *   failure:  {"error": {"class": "CLASS", "desc": "human readable"}, "id": ANY}
+ * On connect the server sends a greeting line {"cbw": {"module": "NAME",
+ * "version": "X.Y.Z"}} (like QMP's greeting, so a client can check it talks to
+ * the right thing).  "id" is echoed verbatim when present.  Error classes are
+ * the fixed list in enum cbw_ctl_error_class (one source of truth; the strings
+ * come from cbw_ctl_error_class_name()).
+ *
+ * One table per module defines its commands: name, argument spec, handler and
+ * the text of its documentation.  The library validates the request against
+ * the spec (unknown command, missing/unknown/wrong-typed argument, lines over
+ * CBW_CTL_MAX_LINE bytes, bad JSON) before calling the handler, so handlers
+ * only see well-typed arguments.  cbw_ctl_docs_markdown() renders the table as
+ * the module's command reference; docs are generated from it and a test checks
+ * the committed docs match.
+ *
+ * Threads and locking: cbw_ctl_server_start() starts one thread that accepts
+ * connections and serves them one request at a time (poll-based, at most
+ * CBW_CTL_MAX_CLIENTS clients).  Handlers run on that thread, never on an
+ * nbdkit I/O thread; a slow handler delays other control clients, never guest
+ * I/O.  Handlers must take the module's own locks themselves and must not
+ * hold them across I/O.  A client that disconnects early, sends garbage or a
+ * huge line only ever affects itself.
+ */
+#ifndef CBW_CONTROL_H
+#define CBW_CONTROL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <json-c/json.h>
+
+#define CBW_CTL_MAX_LINE (1024 * 1024)  /* longer request lines: error + drop */
+#define CBW_CTL_MAX_CLIENTS 16
+
+enum cbw_ctl_error_class {
+  CBW_CTL_GENERIC_ERROR = 0,   /* "GenericError": the command failed */
+  CBW_CTL_COMMAND_NOT_FOUND,   /* "CommandNotFound" */
+  CBW_CTL_INVALID_PARAMETER,   /* "InvalidParameter": bad/missing/extra argument */
+  CBW_CTL_PARSE_ERROR,         /* "ParseError": not JSON / not an object / line too long */
+  CBW_CTL_NOT_FOUND,           /* "NotFound": named object (bitmap, session, layer) missing */
+  CBW_CTL_EXISTS,              /* "Exists": named object already exists */
+  CBW_CTL_BUSY,                /* "Busy": conflicting operation in progress */
+  CBW_CTL_IO_ERROR,            /* "IOError": an I/O error, desc has details */
+  CBW_CTL_TIMEOUT,             /* "Timeout" */
+  CBW_CTL_ERROR_CLASS_COUNT
+};
+const char *cbw_ctl_error_class_name (enum cbw_ctl_error_class c);
+
+enum cbw_ctl_arg_type {
+  CBW_ARG_STRING,
+  CBW_ARG_INT,        /* json int64; handlers range-check */
+  CBW_ARG_UINT,       /* json int64 >= 0 */
+  CBW_ARG_BOOL,
+  CBW_ARG_OBJECT,
+  CBW_ARG_ARRAY,
+};
+
+struct cbw_ctl_arg {
+  const char *name;
+  enum cbw_ctl_arg_type type;
+  bool required;
+  const char *doc;
+};
+
+/* A handler's reply.  On success set *ret to a new json object (or leave
+ * NULL for {}) and return 0.  On failure call cbw_ctl_fail() and return -1. */
+struct cbw_ctl_reply {
+  struct json_object *ret;
+  enum cbw_ctl_error_class err_class;
+  char err_desc[512];
+};
+int cbw_ctl_fail (struct cbw_ctl_reply *r, enum cbw_ctl_error_class c,
+                  const char *fmt, ...) __attribute__ ((format (printf, 3, 4)));
+
+typedef int (*cbw_ctl_handler) (void *module_data, struct json_object *args,
+                                struct cbw_ctl_reply *reply);
+
+struct cbw_ctl_command {
+  const char *name;
+  cbw_ctl_handler handler;
+  const struct cbw_ctl_arg *args;   /* terminated by {NULL} */
+  const char *doc;                  /* one paragraph, markdown */
+  const char *returns_doc;          /* what "return" holds */
+};
+
+struct cbw_ctl_table {
+  const char *module;               /* "dirtybitmap", "cbw", "chain", "cbwd" */
+  const struct cbw_ctl_command *commands;  /* terminated by {NULL} */
+};
+
+struct cbw_ctl_server;
+
+/* Listen on a Unix socket at path (an existing socket file is replaced only
+ * if nobody answers on it; a live one is an error: EADDRINUSE), start the
+ * thread.  Returns NULL with *err filled on failure. */
+struct cbw_err;
+struct cbw_ctl_server *cbw_ctl_server_start (const char *path,
+                                             const struct cbw_ctl_table *table,
+                                             void *module_data,
+                                             struct cbw_err *err);
+/* Stop the thread, close clients, unlink the socket.  NULL is a no-op. */
+void cbw_ctl_server_stop (struct cbw_ctl_server *srv);
+
+/* Run one request line through validation + dispatch without a socket
+ * (used by unit tests and fuzzers).  Returns a malloc'd reply line
+ * (no trailing newline). */
+char *cbw_ctl_dispatch_line (const struct cbw_ctl_table *table,
+                             void *module_data, const char *line, size_t len);
+
+/* Markdown reference of a table (malloc'd). */
+char *cbw_ctl_docs_markdown (const struct cbw_ctl_table *table);
+
+/* Typed argument getters for handlers (validation already happened). */
+const char *cbw_ctl_arg_str (struct json_object *args, const char *name,
+                             const char *dflt);
+long long cbw_ctl_arg_int (struct json_object *args, const char *name,
+                           long long dflt);
+bool cbw_ctl_arg_bool (struct json_object *args, const char *name, bool dflt);
+
+/* Client side (used by tests, cbwd and the cbw filter to talk to a module):
+ * connect, read the greeting, send one command and wait for its reply.
+ * Returns the parsed reply object (caller puts it) or NULL with *err. */
+struct cbw_ctl_client;
+struct cbw_ctl_client *cbw_ctl_client_connect (const char *path,
+                                               struct cbw_err *err);
+struct json_object *cbw_ctl_client_call (struct cbw_ctl_client *c,
+                                         const char *command,
+                                         struct json_object *args /* stolen */,
+                                         struct cbw_err *err);
+void cbw_ctl_client_close (struct cbw_ctl_client *c);
+
+#endif

@@ -1,0 +1,141 @@
+/* cbw — common/fileutil.c: see fileutil.h. */
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "fileutil.h"
+
+int
+cbw_pread_full (int fd, void *buf, size_t len, uint64_t offset)
+{
+  char *p = buf;
+  while (len > 0) {
+    ssize_t r = pread (fd, p, len, (off_t) offset);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    if (r == 0) { errno = EIO; return -1; }
+    p += r; len -= (size_t) r; offset += (uint64_t) r;
+  }
+  return 0;
+}
+
+int
+cbw_pwrite_full (int fd, const void *buf, size_t len, uint64_t offset)
+{
+  const char *p = buf;
+  while (len > 0) {
+    ssize_t r = pwrite (fd, p, len, (off_t) offset);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    p += r; len -= (size_t) r; offset += (uint64_t) r;
+  }
+  return 0;
+}
+
+int
+cbw_fsync (int fd)
+{
+  int r;
+  do r = fsync (fd); while (r < 0 && errno == EINTR);
+  return r;
+}
+
+int
+cbw_fdatasync (int fd)
+{
+  int r;
+  do r = fdatasync (fd); while (r < 0 && errno == EINTR);
+  return r;
+}
+
+int
+cbw_fsync_dir_of (const char *path, struct cbw_err *err)
+{
+  CLEANUP_FREE char *copy = strdup (path);
+  CLEANUP_CLOSE int fd = -1;
+
+  if (copy == NULL)
+    return cbw_err_set (err, ENOMEM, "%s: strdup: %s", path, strerror (errno));
+  const char *dir = dirname (copy);
+  fd = open (dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0)
+    return cbw_err_set (err, errno, "%s: open directory: %s", dir, strerror (errno));
+  if (cbw_fsync (fd) < 0)
+    return cbw_err_set (err, errno, "%s: fsync directory: %s", dir, strerror (errno));
+  return 0;
+}
+
+int
+cbw_write_file_atomic (const char *path, const void *buf, size_t len,
+                       struct cbw_err *err)
+{
+  CLEANUP_FREE char *tmp = NULL;
+  int fd, e;
+
+  if (asprintf (&tmp, "%s.tmp", path) < 0) {
+    tmp = NULL;
+    return cbw_err_set (err, ENOMEM, "%s: asprintf: %s", path, strerror (errno));
+  }
+  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0)
+    return cbw_err_set (err, errno, "%s: create: %s", tmp, strerror (errno));
+  if (cbw_pwrite_full (fd, buf, len, 0) < 0 || cbw_fsync (fd) < 0) {
+    e = errno;
+    close (fd);
+    unlink (tmp);
+    return cbw_err_set (err, e, "%s: write: %s", tmp, strerror (e));
+  }
+  if (close (fd) < 0) {
+    e = errno;
+    unlink (tmp);
+    return cbw_err_set (err, e, "%s: close: %s", tmp, strerror (e));
+  }
+  if (rename (tmp, path) < 0) {
+    e = errno;
+    unlink (tmp);
+    return cbw_err_set (err, e, "%s: rename to %s: %s", tmp, path, strerror (e));
+  }
+  return cbw_fsync_dir_of (path, err);
+}
+
+int
+cbw_read_file (const char *path, size_t max_len, char **buf_out,
+               size_t *len_out, struct cbw_err *err)
+{
+  CLEANUP_CLOSE int fd = open (path, O_RDONLY | O_CLOEXEC);
+  struct stat st;
+  char *buf;
+
+  if (fd < 0)
+    return cbw_err_set (err, errno, "%s: open: %s", path, strerror (errno));
+  if (fstat (fd, &st) < 0)
+    return cbw_err_set (err, errno, "%s: stat: %s", path, strerror (errno));
+  if (!S_ISREG (st.st_mode))
+    return cbw_err_set (err, EINVAL, "%s: not a regular file", path);
+  if ((uint64_t) st.st_size > max_len)
+    return cbw_err_set (err, EFBIG, "%s: file too large (%lld bytes, limit %zu)",
+                        path, (long long) st.st_size, max_len);
+  buf = malloc ((size_t) st.st_size + 1);
+  if (buf == NULL)
+    return cbw_err_set (err, ENOMEM, "%s: out of memory", path);
+  if (cbw_pread_full (fd, buf, (size_t) st.st_size, 0) < 0) {
+    int e = errno;
+    free (buf);
+    return cbw_err_set (err, e, "%s: read: %s", path,
+                        e == EIO ? "file shrank while reading" : strerror (e));
+  }
+  buf[st.st_size] = '\0';
+  *buf_out = buf;
+  if (len_out) *len_out = (size_t) st.st_size;
+  return 0;
+}

@@ -1,0 +1,94 @@
+/* cbw — formats/bitmap_store.h: named, persistent dirty bitmaps kept beside
+ * any image (raw included).  Byte-level spec: docs/formats/bitmaps.md.
+ *
+ * On disk: a JSON descriptor (default IMAGE.cbw-bitmaps.json) listing the
+ * bitmaps, and one plain little-endian data file per bitmap and generation.
+ * Every save is crash-atomic: new data files are written under new names
+ * and fsynced, then the descriptor is replaced with cbw_write_file_atomic()
+ * (temp, fsync, rename, fsync dir), then data files no longer referenced are
+ * removed.  A crash at any point leaves the old or the new state, complete.
+ *
+ * Each bitmap has a state: "clean" (data file is exact as of the last save)
+ * or "in-use" (a writer had it open; data file is a lower bound and the
+ * writer's own write-ahead journal — see plugin/dirtybitmap — must be merged
+ * on load).  The store just records the state; the dirtybitmap filter owns
+ * the recovery policy.
+ *
+ * Locking: a struct cbw_bitmap_store is not thread-safe; the owner serialises
+ * calls.  Cross-process exclusion: cbw_bitmap_store_open() takes an exclusive
+ * flock() on DESCRIPTOR.lock (kept until close); a second opener gets EBUSY
+ * with a message naming the lock file.
+ */
+#ifndef CBW_BITMAP_STORE_H
+#define CBW_BITMAP_STORE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "bitmap.h"
+#include "cbw_err.h"
+
+#define CBW_BITMAP_FORMAT_VERSION 1
+#define CBW_BITMAP_NAME_MAX 128          /* [A-Za-z0-9_.:-]{1,128}, not "." or ".." */
+#define CBW_BITMAP_GRAN_MIN 512ULL
+#define CBW_BITMAP_GRAN_MAX (2ULL << 30) /* 2 GiB */
+#define CBW_BITMAP_GRAN_DEFAULT 65536ULL
+
+enum cbw_bitmap_state {
+  CBW_BITMAP_CLEAN = 0,
+  CBW_BITMAP_IN_USE,
+};
+
+struct cbw_stored_bitmap {
+  char name[CBW_BITMAP_NAME_MAX + 1];
+  uint64_t granularity;           /* bytes, power of two */
+  bool enabled;                   /* records writes */
+  enum cbw_bitmap_state state;
+  uint64_t generation;            /* bumped on every save of this bitmap */
+  struct cbw_bitmap bits;         /* ceil(image_size / granularity) bits */
+};
+
+struct cbw_bitmap_store {
+  char *descriptor_path;
+  char *dir;                      /* directory of the descriptor, data files live here */
+  uint64_t image_size;
+  uint64_t generation;            /* descriptor generation */
+  int lock_fd;
+  size_t count;
+  struct cbw_stored_bitmap *bitmaps;  /* array of count, order = creation order */
+};
+
+/* Default descriptor path for an image: "IMAGE.cbw-bitmaps.json" (malloc'd). */
+char *cbw_bitmap_store_default_path (const char *image_path);
+
+/* Open (and lock) the store; a missing descriptor is an empty store (created
+ * on first save).  image_size must match every bitmap's recorded size, else
+ * EINVAL naming the bitmap and both sizes.  Validates version, names,
+ * granularity, checksums and data-file sizes; any problem is an error naming
+ * the file and the problem, and nothing on disk is modified. */
+struct cbw_bitmap_store *cbw_bitmap_store_open (const char *descriptor_path,
+                                                uint64_t image_size,
+                                                struct cbw_err *err);
+/* Release the lock and memory (does not save). NULL is a no-op. */
+void cbw_bitmap_store_close (struct cbw_bitmap_store *st);
+
+/* Crash-atomic save of every bitmap as it is in memory now, with the states
+ * as they are in memory now. */
+int cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err);
+
+/* In-memory edits (call save to persist). */
+struct cbw_stored_bitmap *cbw_bitmap_store_find (struct cbw_bitmap_store *st,
+                                                 const char *name);
+struct cbw_stored_bitmap *cbw_bitmap_store_add (struct cbw_bitmap_store *st,
+                                                const char *name,
+                                                uint64_t granularity,
+                                                bool enabled,
+                                                struct cbw_err *err);
+int cbw_bitmap_store_remove (struct cbw_bitmap_store *st, const char *name,
+                             struct cbw_err *err);
+
+/* Validation helpers (also used by the control socket): 0 or -1 + err. */
+int cbw_bitmap_name_valid (const char *name, struct cbw_err *err);
+int cbw_bitmap_granularity_valid (uint64_t granularity, struct cbw_err *err);
+
+#endif
