@@ -15,6 +15,15 @@ CHAIN_PLUGIN=$CBW_MODULES/nbdkit-chain-plugin.so
 DIRTYBITMAP_FILTER=$CBW_MODULES/nbdkit-dirtybitmap-filter.so
 CBW_FILTER=$CBW_MODULES/nbdkit-cbw-filter.so
 
+# In the sanitizer build our modules are instrumented but nbdkit is not: preload
+# the runtimes into nbdkit only (use "$NBDKIT" / start_nbdkit, never bare nbdkit).
+NBDKIT=(nbdkit)
+if [ "${CBW_SANITIZE:-0}" = 1 ] || [ "${CBW_SANITIZE:-}" = ON ]; then
+  NBDKIT=(env "LD_PRELOAD=$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+          "ASAN_OPTIONS=detect_leaks=0:abort_on_error=1" "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1"
+          nbdkit)
+fi
+
 T=$(mktemp -d "${TMPDIR:-/tmp}/cbw-test.XXXXXX")
 _CBW_PIDS=()
 
@@ -62,7 +71,7 @@ wait_nbd() {
 start_nbdkit() {
   local sock=$1; shift
   rm -f "$sock"
-  start_bg nbdkit -f -U "$sock" "$@"
+  start_bg "${NBDKIT[@]}" -f -U "$sock" "$@"
   NBDKIT_PID=$BG_PID
   wait_nbd "nbd+unix:///?socket=$sock"
 }
