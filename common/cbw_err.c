@@ -31,6 +31,17 @@ cbw_err_prefix (struct cbw_err *err, const char *fmt, ...)
   vsnprintf (prefix, sizeof prefix, fmt, ap);
   va_end (ap);
   memcpy (old, err->msg, sizeof old);
-  snprintf (err->msg, sizeof err->msg, "%s: %s", prefix, old);
+  /* "prefix: old", truncated to fit (spelled out: snprintf trips
+   * -Wformat-truncation at -O2). */
+  {
+    size_t cap = sizeof err->msg - 1, n = 0, l;
+    l = strlen (prefix); if (l > cap - n) l = cap - n;
+    memcpy (err->msg + n, prefix, l); n += l;
+    l = 2; if (l > cap - n) l = cap - n;
+    memcpy (err->msg + n, ": ", l); n += l;
+    l = strnlen (old, sizeof old); if (l > cap - n) l = cap - n;
+    memcpy (err->msg + n, old, l); n += l;
+    err->msg[n] = '\0';
+  }
   return -1;
 }

@@ -51,6 +51,8 @@ enum cbw_ctl_error_class {
   CBW_CTL_ERROR_CLASS_COUNT
 };
 const char *cbw_ctl_error_class_name (enum cbw_ctl_error_class c);
+/* The inverse: the enum value of a class name, or -1 if unknown. */
+int cbw_ctl_error_class_from_name (const char *name);
 
 enum cbw_ctl_arg_type {
   CBW_ARG_STRING,
@@ -134,5 +136,32 @@ struct json_object *cbw_ctl_client_call (struct cbw_ctl_client *c,
                                          struct json_object *args /* stolen */,
                                          struct cbw_err *err);
 void cbw_ctl_client_close (struct cbw_ctl_client *c);
+
+/* Additions to the client side.
+ * cbw_ctl_client_call() returns the whole reply object: {"return": ...} or
+ * {"error": {"class", "desc"}} (plus "id"); NULL only for transport or
+ * protocol failures (connection lost, timeout, unparsable reply).
+ * cbw_ctl_client_execute() is the convenient form: 0 and *ret = the "return"
+ * value (a new reference, may be NULL if ret_out is NULL), or -1 with *err
+ * filled from the error reply ("CLASS: desc") and errnum mapped from the
+ * class (NotFound->ENOENT, Exists->EEXIST, Busy->EBUSY, InvalidParameter and
+ * ParseError->EINVAL, CommandNotFound->ENOTSUP, Timeout->ETIMEDOUT,
+ * IOError and GenericError->EIO); *err_class (if non-NULL) gets the class
+ * (-1 for a transport failure). */
+int cbw_ctl_client_execute (struct cbw_ctl_client *c, const char *command,
+                            struct json_object *args /* stolen */,
+                            struct json_object **ret_out, int *err_class,
+                            struct cbw_err *err);
+/* The module name from the server's greeting. */
+const char *cbw_ctl_client_module (const struct cbw_ctl_client *c);
+/* Receive timeout for replies in milliseconds (0 = wait forever, the
+ * default).  A timed-out call fails with ETIMEDOUT and the connection
+ * becomes unusable (a late reply would be mismatched). */
+void cbw_ctl_client_set_timeout (struct cbw_ctl_client *c, int timeout_ms);
+/* Send raw bytes / read one raw line (no trailing newline, malloc'd; NULL
+ * with *err on EOF or error).  For tests and tools. */
+int cbw_ctl_client_send_raw (struct cbw_ctl_client *c, const void *buf,
+                             size_t len, struct cbw_err *err);
+char *cbw_ctl_client_read_line (struct cbw_ctl_client *c, struct cbw_err *err);
 
 #endif

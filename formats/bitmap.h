@@ -37,6 +37,8 @@ int cbw_bitmap_init (struct cbw_bitmap *bm, uint64_t nbits);
 void cbw_bitmap_free (struct cbw_bitmap *bm);
 /* Resize keeping existing bits (new bits clear). 0 or -1/errno. */
 int cbw_bitmap_resize (struct cbw_bitmap *bm, uint64_t nbits);
+/* dst is treated as uninitialised: it is initialised to a copy of src
+ * (free it first if it held a map). 0 or -1/errno. */
 int cbw_bitmap_copy (struct cbw_bitmap *dst, const struct cbw_bitmap *src);
 
 /* Ranges are [start, start+count); ranges past nbits are clipped. */
@@ -71,5 +73,11 @@ void cbw_bitmap_serialize (const struct cbw_bitmap *bm, void *buf);
  * bm->nbits bits; padding bits past nbits in the last byte must be zero
  * (else -1/EINVAL).  Recomputes the summary. */
 int cbw_bitmap_deserialize (struct cbw_bitmap *bm, const void *buf, uint64_t len);
+/* The same without a second buffer: the caller has placed the serialised
+ * bytes (cbw_bitmap_serialized_size() of them) at the start of bm->words,
+ * e.g. with read(), the rest of the last word being zero as left by init.
+ * Converts byte order if needed, checks padding bits (-1/EINVAL; the map's
+ * contents are then unspecified) and recomputes the summary. */
+int cbw_bitmap_deserialize_in_place (struct cbw_bitmap *bm);
 
 #endif

@@ -33,6 +33,13 @@
 #define CBW_BITMAP_GRAN_MIN 512ULL
 #define CBW_BITMAP_GRAN_MAX (2ULL << 30) /* 2 GiB */
 #define CBW_BITMAP_GRAN_DEFAULT 65536ULL
+#define CBW_BITMAP_MAX_COUNT 1024        /* bitmaps per store */
+#define CBW_BITMAP_DESCRIPTOR_MAX (1 << 20) /* bytes; larger descriptors: EFBIG */
+/* Test hook: if this environment variable names a save step (see
+ * docs/formats/bitmaps.md, "Crash testing"), cbw_bitmap_store_save() calls
+ * _exit(CBW_BITMAP_STORE_CRASH_EXIT) right after that step. */
+#define CBW_BITMAP_STORE_CRASH_ENV "CBW_BITMAP_STORE_CRASH_AFTER"
+#define CBW_BITMAP_STORE_CRASH_EXIT 86
 
 enum cbw_bitmap_state {
   CBW_BITMAP_CLEAN = 0,

@@ -1,0 +1,164 @@
+/* cbw — client-tests/backup/bk_tool.c: libnbd helper for the backup client
+ * tests (no python3-libnbd needed).
+ *
+ *   bk_tool seqwrite URI_A URI_B STOPFILE
+ *       loop n = 1, 2, ...: write n (8 bytes, little endian) at offset 0 of
+ *       disk A, wait for the ack, then the same on disk B; stop when STOPFILE
+ *       exists; print the last n.  At any instant the disks hold
+ *       (A, B) = (n, n-1) or (n, n): a consistent point in time across both
+ *       disks therefore satisfies B <= A <= B + 1.
+ *   bk_tool readseq URI          print the 8-byte number at offset 0
+ *   bk_tool extents CTL BITMAP SIZE
+ *       print "OFFSET LENGTH" lines: dirty extents of BITMAP from the
+ *       dirtybitmap filter's control socket CTL (paged with "next")
+ *   bk_tool dirty-copy CTL BITMAP URI OUTFILE
+ *       copy the dirty extents of BITMAP from the NBD export URI into OUTFILE
+ *       at the same offsets (an incremental restore); print the bytes copied
+ *
+ * Locking: single-threaded.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <libnbd.h>
+#include <json-c/json.h>
+
+#include "cbw_err.h"
+#include "control.h"
+
+static struct nbd_handle *
+open_uri (const char *uri)
+{
+  struct nbd_handle *h = nbd_create ();
+  if (h == NULL || nbd_connect_uri (h, uri) == -1) {
+    fprintf (stderr, "bk_tool: %s: %s\n", uri, nbd_get_error ());
+    exit (1);
+  }
+  return h;
+}
+
+/* Calls fn(offset, length) for each dirty extent; returns 0 or exits. */
+static void
+for_extents (const char *ctl, const char *bitmap, uint64_t size,
+             void (*fn) (uint64_t, uint64_t, void *), void *opaque)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_ctl_client *c = cbw_ctl_client_connect (ctl, &err);
+  uint64_t pos = 0;
+  if (c == NULL) {
+    fprintf (stderr, "bk_tool: %s\n", err.msg);
+    exit (1);
+  }
+  while (pos < size) {
+    struct json_object *a = json_object_new_object (), *ret = NULL, *ex, *nx;
+    json_object_object_add (a, "name", json_object_new_string (bitmap));
+    json_object_object_add (a, "offset", json_object_new_int64 ((int64_t) pos));
+    json_object_object_add (a, "length", json_object_new_int64 ((int64_t) (size - pos)));
+    if (cbw_ctl_client_execute (c, "extents", a, &ret, NULL, &err) < 0) {
+      fprintf (stderr, "bk_tool: extents: %s\n", err.msg);
+      exit (1);
+    }
+    json_object_object_get_ex (ret, "extents", &ex);
+    for (size_t i = 0; ex && i < json_object_array_length (ex); i++) {
+      struct json_object *e = json_object_array_get_idx (ex, i), *o, *l;
+      json_object_object_get_ex (e, "offset", &o);
+      json_object_object_get_ex (e, "length", &l);
+      fn ((uint64_t) json_object_get_int64 (o), (uint64_t) json_object_get_int64 (l), opaque);
+    }
+    uint64_t next = size;
+    if (json_object_object_get_ex (ret, "next", &nx) && json_object_is_type (nx, json_type_int))
+      next = (uint64_t) json_object_get_int64 (nx);
+    json_object_put (ret);
+    if (next <= pos) {
+      fprintf (stderr, "bk_tool: extents: next does not advance\n");
+      exit (1);
+    }
+    pos = next;
+  }
+  cbw_ctl_client_close (c);
+}
+
+static void
+print_ext (uint64_t o, uint64_t l, void *opaque)
+{
+  (void) opaque;
+  printf ("%" PRIu64 " %" PRIu64 "\n", o, l);
+}
+
+struct copy_ctx { struct nbd_handle *h; int fd; uint64_t bytes; };
+
+static void
+copy_ext (uint64_t o, uint64_t l, void *opaque)
+{
+  struct copy_ctx *cc = opaque;
+  static char buf[4 << 20];
+  while (l > 0) {
+    size_t n = l > sizeof buf ? sizeof buf : (size_t) l;
+    if (nbd_pread (cc->h, buf, n, o, 0) == -1) {
+      fprintf (stderr, "bk_tool: pread %" PRIu64 ": %s\n", o, nbd_get_error ());
+      exit (1);
+    }
+    if (pwrite (cc->fd, buf, n, (off_t) o) != (ssize_t) n) {
+      perror ("bk_tool: pwrite");
+      exit (1);
+    }
+    cc->bytes += n;
+    o += n;
+    l -= n;
+  }
+}
+
+int
+main (int argc, char **argv)
+{
+  if (argc == 5 && strcmp (argv[1], "seqwrite") == 0) {
+    struct nbd_handle *a = open_uri (argv[2]), *b = open_uri (argv[3]);
+    uint64_t n;
+    for (n = 1; access (argv[4], F_OK) != 0; n++) {
+      if (nbd_pwrite (a, &n, sizeof n, 0, 0) == -1 || nbd_pwrite (b, &n, sizeof n, 0, 0) == -1) {
+        fprintf (stderr, "bk_tool: seqwrite: %s\n", nbd_get_error ());
+        return 1;
+      }
+    }
+    printf ("%" PRIu64 "\n", n - 1);
+    nbd_shutdown (a, 0); nbd_shutdown (b, 0);
+    nbd_close (a); nbd_close (b);
+    return 0;
+  }
+  if (argc == 3 && strcmp (argv[1], "readseq") == 0) {
+    struct nbd_handle *h = open_uri (argv[2]);
+    uint64_t n;
+    if (nbd_pread (h, &n, sizeof n, 0, 0) == -1) {
+      fprintf (stderr, "bk_tool: readseq: %s\n", nbd_get_error ());
+      return 1;
+    }
+    printf ("%" PRIu64 "\n", n);
+    nbd_close (h);
+    return 0;
+  }
+  if (argc == 5 && strcmp (argv[1], "extents") == 0) {
+    for_extents (argv[2], argv[3], strtoull (argv[4], NULL, 10), print_ext, NULL);
+    return 0;
+  }
+  if (argc == 6 && strcmp (argv[1], "dirty-copy") == 0) {
+    struct copy_ctx cc = { .h = open_uri (argv[4]) };
+    int64_t size = nbd_get_size (cc.h);
+    cc.fd = open (argv[5], O_WRONLY);
+    if (size < 0 || cc.fd < 0) {
+      fprintf (stderr, "bk_tool: dirty-copy: cannot open %s or size the export\n", argv[5]);
+      return 1;
+    }
+    for_extents (argv[2], argv[3], (uint64_t) size, copy_ext, &cc);
+    close (cc.fd);
+    nbd_close (cc.h);
+    printf ("%" PRIu64 "\n", cc.bytes);
+    return 0;
+  }
+  fprintf (stderr, "usage: bk_tool seqwrite|readseq|extents|dirty-copy ... (see source)\n");
+  return 2;
+}

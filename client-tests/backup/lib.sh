@@ -1,0 +1,68 @@
+# cbw — client-tests/backup/lib.sh: helpers for the backup tests, on top of
+# ../functions.sh.  Source it first thing:  . "$(dirname "$0")/lib.sh"
+# shellcheck shell=bash
+. "$(dirname "${BASH_SOURCE[0]}")/../functions.sh"
+
+CBW=$CBW_BUILD/server/cli/cbw
+ORCHD=$CBW_BUILD/server/orch/cbwd-orch
+BK=$CBW_BUILD/client-tests/backup/bk_tool
+STATE=$T/state
+export CBW_SOCKET=$STATE/control.sock
+[ -x "$CBW" ] && [ -x "$ORCHD" ] || skip "cbw / cbwd-orch not built"
+
+# Every nbdkit the orchestrator starts is detached (not our child): on exit,
+# kill by pid every process whose command line names this test's scratch
+# directory (only ours: $T is unique), then the usual cleanup.
+_bk_kill_ours() {
+  local p f pids=()
+  for f in $(grep -lF -- "$T/" /proc/[0-9]*/cmdline 2>/dev/null); do
+    p=${f#/proc/}; p=${p%/cmdline}
+    [ "$p" = $$ ] || pids+=("$p")
+  done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 50); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.1
+  done
+  kill -9 "${pids[@]}" 2>/dev/null || true
+}
+trap '_bk_kill_ours; _cbw_cleanup' EXIT
+
+# need_modules: skip unless the cbw and dirtybitmap filters are built; use
+# the chain plugin when built, else nbdkit's file plugin (said in the log).
+need_modules() {
+  [ -f "$CBW_FILTER" ] || skip "nbdkit-cbw-filter.so not built ($CBW_FILTER)"
+  [ -f "$DIRTYBITMAP_FILTER" ] || skip "nbdkit-dirtybitmap-filter.so not built"
+  if [ -f "$CHAIN_PLUGIN" ]; then PLUGIN=chain
+  else PLUGIN=file; log "chain plugin not built: disks use nbdkit's file plugin"
+  fi
+}
+PLUGIN=file
+
+# start_orchd [VAR=VALUE...]: start cbwd-orch on $STATE; sets ORCHD_PID.
+start_orchd() {
+  rm -f "$CBW_SOCKET"
+  start_bg env CBW_NBDKIT="${NBDKIT[*]}" "$@" "$ORCHD" --state-dir "$STATE" \
+    --module-dir "$CBW_MODULES" --plugin "$PLUGIN" --start-timeout 60
+  ORCHD_PID=$BG_PID
+  wait_socket "$CBW_SOCKET" 30
+}
+
+# stop_orchd: SIGTERM (disks keep running), wait.
+stop_orchd() { kill "$ORCHD_PID" 2>/dev/null || true; wait "$ORCHD_PID" 2>/dev/null || true; }
+
+# expect_rc RC CMD...: run CMD, check its exit status, keep its stderr in $ERR.
+expect_rc() {
+  local want=$1 rc=0; shift
+  "$@" >"$T/out" 2>"$T/err" || rc=$?
+  ERR=$(cat "$T/err")
+  [ "$rc" = "$want" ] || fail "$* exited $rc, expected $want; stderr: $ERR; stdout: $(cat "$T/out")"
+}
+
+disk_uri() { echo "nbd+unix:///?socket=$STATE/disks/$1/nbd.sock"; }
+pit_uri() { echo "nbd+unix:///pit?socket=$STATE/disks/$1/nbd.sock"; }
+bm_ctl() { echo "$STATE/disks/$1/dirtybitmap.ctl"; }
+cbw_ctl() { echo "$STATE/disks/$1/cbw.ctl"; }

@@ -1,0 +1,4 @@
+#!/bin/bash
+# cbw-faults-error: see cbw-faults.inc (FAULT=error), both failure policies.
+FAULT=error
+. "$(dirname "$0")/cbw-faults.inc"

@@ -1,0 +1,57 @@
+# cbw — client-tests/cbw/cbw-lib.sh: helpers shared by the cbw filter tests.
+# Source after ../functions.sh.
+CBW_IO=$CBW_BUILD/client-tests/cbw/cbw-io
+[ -x "$CBW_IO" ] || fail "cbw-io not built ($CBW_IO)"
+[ -f "$CBW_FILTER" ] || fail "filter not built ($CBW_FILTER)"
+
+# start_target NAME SIZE [nbdkit args...]: sparse raw target behind nbdkit file.
+# Sets TGT_URI, TGT_PID, TGT_IMG.
+start_target() {
+  local name=$1 size=$2; shift 2
+  TGT_IMG=$T/$name.img
+  rm -f "$TGT_IMG"; truncate -s "$size" "$TGT_IMG"
+  start_nbdkit "$T/$name.sock" "$@" file "$TGT_IMG"
+  TGT_PID=$NBDKIT_PID
+  TGT_URI="nbd+unix:///?socket=$T/$name.sock"
+}
+
+# start_live DISK [filter args...]: nbdkit file DISK under the cbw filter.
+# Sets LIVE (URI), PIT (URI), CTL (socket), LIVE_PID.
+start_live() {
+  local disk=$1; shift
+  CTL=$T/ctl.sock
+  rm -f "$CTL"
+  start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" file "$disk" \
+    cbw-control="$CTL" "$@"
+  LIVE_PID=$NBDKIT_PID
+  LIVE="nbd+unix:///?socket=$T/live.sock"
+  PIT="nbd+unix:///pit?socket=$T/live.sock"
+  wait_socket "$CTL"
+}
+
+# cctl SOCK JSON: like ctl() from functions.sh, but without a Python start-up
+# per request (seconds on a loaded CI machine).
+cctl() { "$CBW_IO" ctl "$1" "$2"; }
+
+# jget JSON-LINE JQ-FILTER
+jget() { printf '%s' "$1" | jq -r "$2"; }
+
+# ok_ctl JSON: control request that must succeed; prints the reply.
+ok_ctl() {
+  local r; r=$(cctl "$CTL" "$1")
+  [ "$(jget "$r" 'has("return")')" = true ] || fail "request $1 failed: $r"
+  printf '%s\n' "$r"
+}
+# err_ctl CLASS JSON: control request that must fail with CLASS.
+err_ctl() {
+  local r; r=$(cctl "$CTL" "$2")
+  [ "$(jget "$r" '.error.class // empty')" = "$1" ] ||
+    fail "request $2: expected error $1, got: $r"
+  log "  expected $1: $(jget "$r" .error.desc)"
+}
+status_field() { jget "$(ok_ctl '{"execute":"status"}')" ".return[\"$1\"]"; }
+
+begin_full() { ok_ctl "{\"execute\":\"begin\",\"arguments\":{\"target\":\"$TGT_URI\"${1:-}}}" >/dev/null; }
+
+# random_disk PATH BYTES
+random_disk() { head -c "$2" /dev/urandom > "$1"; }

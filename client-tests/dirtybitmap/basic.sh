@@ -1,0 +1,3 @@
+#!/bin/bash
+. "$(dirname "$0")/../functions.sh"
+skip "todo"

@@ -1,0 +1,84 @@
+# cbw — client-tests/dirtybitmap/crash-common.sh: ROUNDS rounds of random
+# concurrent writes/zeroes/trims from dbm-crashwriter (libnbd, 16 in flight),
+# nbdkit killed with SIGKILL at a random moment, restart, and check.py
+# (dbm-tool check) asserts that every acknowledged request and every granule
+# whose content changed is dirty.
+# Sourced by crash-kill9.sh (MODE=kill9) and crash-powerloss.sh
+# (MODE=powerloss: nbdkit mirrors its durable state with
+# CBW_TEST_POWERLOSS_DIR and, after the kill, the bitmap files are replaced
+# by the mirror, i.e. everything not yet fsynced is dropped).
+# CBW_DBM_ROUNDS=N changes the number of rounds (default 20).  The scratch
+# directory is on /dev/shm when it is writable (fsync there is cheap, so 20
+# rounds fit in the CI budget on a loaded machine; the crash semantics under
+# test are the filter's own ordering, and power loss is simulated anyway);
+# set TMPDIR to run on another file system.
+if [ -z "${TMPDIR:-}" ] && [ -w /dev/shm ]; then export TMPDIR=/dev/shm; fi
+. "$(dirname "$0")/../functions.sh"
+requires jq
+HERE=$(cd "$(dirname "$0")" && pwd)
+CW=$CBW_BUILD/client-tests/dirtybitmap/dbm-crashwriter
+TOOL=$CBW_BUILD/client-tests/dirtybitmap/dbm-tool
+[ -x "$CW" ] && [ -x "$TOOL" ] || fail "dbm-crashwriter / dbm-tool not built"
+[ -f "$DIRTYBITMAP_FILTER" ] || fail "$DIRTYBITMAP_FILTER not built"
+ROUNDS=${CBW_DBM_ROUNDS:-20}
+
+mkdir -p "$T/bm" "$T/pl"
+head -c 64M /dev/urandom > "$T/disk.img"
+ARGS=(--filter="$DIRTYBITMAP_FILTER" file "$T/disk.img"
+      dirtybitmap-image="$T/disk.img" dirtybitmap="$T/bm/d.json"
+      dirtybitmap-control="$T/ctl" dirtybitmap-checkpoint-interval=1
+      dirtybitmap-region-size=1M)
+if [ "$MODE" = powerloss ]; then
+  export CBW_TEST_POWERLOSS_DIR=$T/pl
+  export CBW_TEST_JOURNAL_SYNC_DELAY_US=2000
+fi
+
+wait_ctl() { "$TOOL" wait "$T/ctl" || fail "control socket did not answer"; }
+ok() { "$TOOL" ctl "$T/ctl" "$@" >/dev/null || fail "control $* failed"; }
+
+start_nbdkit "$T/s" "${ARGS[@]}"; wait_ctl
+ok add '{"name":"b0","granularity":65536}'
+
+dropped=0; unsynced_rounds=0; total_over=0; total_dirty=0
+for round in $(seq "$ROUNDS"); do
+  ok clear '{"name":"b0"}'
+  cp "$T/disk.img" "$T/before.img"
+  seed=$((RANDOM * 32768 + RANDOM))
+  delay=$(printf '0.%03d' $((100 + seed % 800)))
+  start_bg "$CW" "nbd+unix:///?socket=$T/s" "$T/log" "$seed" 10 > "$T/cw.out"
+  CW_PID=$BG_PID
+  # fine checkpoints racing with the writes (the journal shrinks and regions
+  # are re-marked all the time)
+  ( while :; do "$TOOL" ctl "$T/ctl" checkpoint >/dev/null 2>&1 || true; sleep 0.02; done ) &
+  CK_PID=$!
+  sleep "$delay"
+  last_info=$("$TOOL" ctl "$T/ctl" info 2>/dev/null || echo '{"checkpoints":"?"}')
+  kill9 "$NBDKIT_PID"
+  kill "$CK_PID"; wait "$CK_PID" 2>/dev/null || true
+  wait "$CW_PID" || fail "round $round: crashwriter failed: $(cat "$T/cw.out")"
+
+  if [ "$MODE" = powerloss ]; then
+    # Power cut: only what was fsynced survives.  Count rounds where that
+    # differs from what the filter had written (the simulation had teeth).
+    [ -L "$T/pl/store.cur" ] || fail "round $round: no power-loss mirror of the store"
+    [ -f "$T/pl/journal" ] || fail "round $round: no power-loss mirror of the journal"
+    if ! cmp -s "$T/pl/journal" "$T/bm/d.json.journal"; then unsynced_rounds=$((unsynced_rounds + 1)); fi
+    rm -f "$T/bm"/*
+    cp "$T/pl/store.cur"/* "$T/bm/"
+    cp "$T/pl/journal" "$T/bm/d.json.journal"
+  fi
+
+  start_nbdkit "$T/s" "${ARGS[@]}"; wait_ctl
+  rec=$("$TOOL" ctl "$T/ctl" info | jq -r .recovery)
+  assert_eq "round $round recovery" journal "$rec"
+  res=$("$TOOL" check "$T/ctl" b0 "$T/log" "$T/before.img" "$T/disk.img") ||
+    fail "round $round (seed $seed, kill after ${delay}s): $res"
+  ckpts=$(jq .checkpoints <<<"$last_info")
+  log "round $round: kill after ${delay}s, $ckpts checkpoints: $(cat "$T/cw.out"); $res"
+  total_over=$((total_over + $(jq .over_reported_bytes <<<"$res")))
+  total_dirty=$((total_dirty + $(jq .dirty_bytes <<<"$res")))
+done
+log "$MODE: $ROUNDS rounds OK; over-reported $total_over of $total_dirty dirty bytes" \
+    "($((total_dirty ? total_over * 100 / total_dirty : 0))%)"
+[ "$MODE" = powerloss ] && log "powerloss: the journal on disk differed from its synced mirror in $unsynced_rounds/$ROUNDS rounds"
+exit 0

@@ -1,0 +1,940 @@
+/* cbw — common/control.c: the server side of the run-time control socket
+ * (see control.h for the protocol): request validation and dispatch, the
+ * built-in "query-commands", the markdown reference of a command table, and
+ * the poll-based server thread.
+ *
+ * Validation order for one request line (each step has one error class):
+ *   line longer than CBW_CTL_MAX_LINE, NUL byte, not JSON, trailing
+ *   garbage, not an object                               -> ParseError
+ *   "execute" missing / not a string, unknown top-level member,
+ *   "arguments" not an object                            -> InvalidParameter
+ *   command not in the table (nor built in)              -> CommandNotFound
+ *   unknown / missing required / wrong-typed argument    -> InvalidParameter
+ * Only then is the handler called; what it reports is passed through.
+ *
+ * Threads and locking: cbw_ctl_dispatch_line() keeps no state of its own and
+ * may be called from any thread.  A server owns one thread; every field of
+ * struct cbw_ctl_server and of its clients is touched only by that thread,
+ * except `wake_fd`, which cbw_ctl_server_stop() writes to (an eventfd, so no
+ * lock is needed) before joining the thread.  There are no locks here at all:
+ * handlers take their module's own locks and must not hold them across I/O.
+ * All sockets are non-blocking and every send uses MSG_NOSIGNAL, so a client
+ * that stops reading or disappears can never block or kill the process.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+
+#include "cbw_err.h"
+#include "cleanup.h"
+#include "control.h"
+
+#ifndef CBW_VERSION
+#define CBW_VERSION "0.0.0"
+#endif
+
+/* ---- error classes ------------------------------------------------------ */
+
+static const char *const class_names[CBW_CTL_ERROR_CLASS_COUNT] = {
+  [CBW_CTL_GENERIC_ERROR] = "GenericError",
+  [CBW_CTL_COMMAND_NOT_FOUND] = "CommandNotFound",
+  [CBW_CTL_INVALID_PARAMETER] = "InvalidParameter",
+  [CBW_CTL_PARSE_ERROR] = "ParseError",
+  [CBW_CTL_NOT_FOUND] = "NotFound",
+  [CBW_CTL_EXISTS] = "Exists",
+  [CBW_CTL_BUSY] = "Busy",
+  [CBW_CTL_IO_ERROR] = "IOError",
+  [CBW_CTL_TIMEOUT] = "Timeout",
+};
+
+const char *
+cbw_ctl_error_class_name (enum cbw_ctl_error_class c)
+{
+  if ((unsigned) c >= CBW_CTL_ERROR_CLASS_COUNT)
+    return "GenericError";
+  return class_names[c];
+}
+
+int
+cbw_ctl_error_class_from_name (const char *name)
+{
+  int i;
+
+  if (name == NULL)
+    return -1;
+  for (i = 0; i < CBW_CTL_ERROR_CLASS_COUNT; ++i)
+    if (strcmp (name, class_names[i]) == 0)
+      return i;
+  return -1;
+}
+
+int
+cbw_ctl_fail (struct cbw_ctl_reply *r, enum cbw_ctl_error_class c,
+              const char *fmt, ...)
+{
+  va_list ap;
+
+  if ((unsigned) c >= CBW_CTL_ERROR_CLASS_COUNT)
+    c = CBW_CTL_GENERIC_ERROR;
+  r->err_class = c;
+  va_start (ap, fmt);
+  vsnprintf (r->err_desc, sizeof r->err_desc, fmt, ap);
+  va_end (ap);
+  return -1;
+}
+
+/* ---- argument getters --------------------------------------------------- */
+
+const char *
+cbw_ctl_arg_str (struct json_object *args, const char *name, const char *dflt)
+{
+  struct json_object *v;
+
+  if (args && json_object_object_get_ex (args, name, &v) &&
+      json_object_is_type (v, json_type_string))
+    return json_object_get_string (v);
+  return dflt;
+}
+
+long long
+cbw_ctl_arg_int (struct json_object *args, const char *name, long long dflt)
+{
+  struct json_object *v;
+
+  if (args && json_object_object_get_ex (args, name, &v) &&
+      json_object_is_type (v, json_type_int))
+    return (long long) json_object_get_int64 (v);
+  return dflt;
+}
+
+bool
+cbw_ctl_arg_bool (struct json_object *args, const char *name, bool dflt)
+{
+  struct json_object *v;
+
+  if (args && json_object_object_get_ex (args, name, &v) &&
+      json_object_is_type (v, json_type_boolean))
+    return json_object_get_boolean (v);
+  return dflt;
+}
+
+/* ---- the built-in commands ---------------------------------------------- */
+
+static const char *
+arg_type_name (enum cbw_ctl_arg_type t)
+{
+  switch (t) {
+  case CBW_ARG_STRING: return "string";
+  case CBW_ARG_INT: return "int";
+  case CBW_ARG_UINT: return "uint";
+  case CBW_ARG_BOOL: return "bool";
+  case CBW_ARG_OBJECT: return "object";
+  case CBW_ARG_ARRAY: return "array";
+  }
+  return "?";
+}
+
+static int query_commands (void *module_data, struct json_object *args,
+                           struct cbw_ctl_reply *reply);
+
+static const struct cbw_ctl_arg no_args[] = { { NULL } };
+
+/* Present in every table; looked up before the module's own commands so
+ * that a module cannot shadow them. */
+static const struct cbw_ctl_command builtin_commands[] = {
+  { "query-commands", query_commands, no_args,
+    "List every command this socket accepts, with its arguments and "
+    "documentation, and the same reference rendered as markdown.",
+    "`{\"commands\": [{\"name\", \"doc\", \"args\": [{\"name\", \"type\", "
+    "\"required\", \"doc\"}], \"returns\"}], \"markdown\": STRING}`" },
+  { NULL }
+};
+
+/* The table being served, handed to query_commands through a per-call
+ * context (the handler signature only carries module_data). */
+struct builtin_ctx {
+  const struct cbw_ctl_table *table;
+};
+
+/* Iterate over builtins then the module's table. */
+#define FOR_EACH_COMMAND(table, cmd, i)                                        \
+  for (int i = 0; i < 2; ++i)                                                  \
+    for (const struct cbw_ctl_command *cmd =                                   \
+           i == 0 ? builtin_commands : (table)->commands;                      \
+         cmd && cmd->name; ++cmd)
+
+static const struct cbw_ctl_command *
+find_command (const struct cbw_ctl_table *table, const char *name,
+              bool *builtin)
+{
+  FOR_EACH_COMMAND (table, cmd, pass) {
+    if (strcmp (cmd->name, name) == 0) {
+      *builtin = pass == 0;
+      return cmd;
+    }
+  }
+  return NULL;
+}
+
+static int
+query_commands (void *ctxv, struct json_object *args,
+                struct cbw_ctl_reply *reply)
+{
+  const struct builtin_ctx *ctx = ctxv;
+  struct json_object *ret, *list;
+  char *md;
+
+  (void) args;
+  ret = json_object_new_object ();
+  list = json_object_new_array ();
+  if (ret == NULL || list == NULL) {
+    json_object_put (ret);
+    json_object_put (list);
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "out of memory");
+  }
+  json_object_object_add (ret, "commands", list);
+  FOR_EACH_COMMAND (ctx->table, cmd, pass) {
+    struct json_object *c = json_object_new_object ();
+    struct json_object *al = json_object_new_array ();
+    const struct cbw_ctl_arg *a;
+
+    (void) pass;
+    json_object_object_add (c, "name", json_object_new_string (cmd->name));
+    json_object_object_add (c, "doc",
+                            json_object_new_string (cmd->doc ? cmd->doc : ""));
+    for (a = cmd->args; a && a->name; ++a) {
+      struct json_object *ao = json_object_new_object ();
+      json_object_object_add (ao, "name", json_object_new_string (a->name));
+      json_object_object_add (ao, "type",
+                              json_object_new_string (arg_type_name (a->type)));
+      json_object_object_add (ao, "required",
+                              json_object_new_boolean (a->required));
+      json_object_object_add (ao, "doc",
+                              json_object_new_string (a->doc ? a->doc : ""));
+      json_object_array_add (al, ao);
+    }
+    json_object_object_add (c, "args", al);
+    json_object_object_add (c, "returns",
+                            json_object_new_string (cmd->returns_doc
+                                                    ? cmd->returns_doc : ""));
+    json_object_array_add (list, c);
+  }
+  md = cbw_ctl_docs_markdown (ctx->table);
+  if (md == NULL) {
+    json_object_put (ret);
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "out of memory");
+  }
+  json_object_object_add (ret, "markdown", json_object_new_string (md));
+  free (md);
+  reply->ret = ret;
+  return 0;
+}
+
+/* ---- markdown reference ------------------------------------------------- */
+
+char *
+cbw_ctl_docs_markdown (const struct cbw_ctl_table *table)
+{
+  char *buf = NULL;
+  size_t len = 0;
+  FILE *fp = open_memstream (&buf, &len);
+
+  if (fp == NULL)
+    return NULL;
+  fprintf (fp, "# `%s` control commands\n\n", table->module);
+  fprintf (fp, "Requests and replies follow the cbw control protocol "
+           "(docs/control-protocol.md).\n");
+  FOR_EACH_COMMAND (table, cmd, pass) {
+    const struct cbw_ctl_arg *a;
+
+    (void) pass;
+    fprintf (fp, "\n## `%s`\n\n%s\n\n", cmd->name, cmd->doc ? cmd->doc : "");
+    if (cmd->args == NULL || cmd->args[0].name == NULL)
+      fprintf (fp, "Arguments: none.\n\n");
+    else {
+      fprintf (fp, "| argument | type | required | description |\n");
+      fprintf (fp, "|---|---|---|---|\n");
+      for (a = cmd->args; a->name; ++a)
+        fprintf (fp, "| `%s` | %s | %s | %s |\n", a->name,
+                 arg_type_name (a->type), a->required ? "yes" : "no",
+                 a->doc ? a->doc : "");
+      fprintf (fp, "\n");
+    }
+    fprintf (fp, "Returns: %s\n",
+             cmd->returns_doc && cmd->returns_doc[0] ? cmd->returns_doc : "`{}`");
+  }
+  if (fclose (fp) != 0) {
+    free (buf);
+    return NULL;
+  }
+  return buf;
+}
+
+/* ---- validation and dispatch -------------------------------------------- */
+
+static int
+check_arg_type (const struct cbw_ctl_arg *spec, struct json_object *v,
+                struct cbw_ctl_reply *reply)
+{
+  enum json_type t = json_object_get_type (v);
+
+  switch (spec->type) {
+  case CBW_ARG_STRING:
+    if (t == json_type_string) return 0;
+    break;
+  case CBW_ARG_BOOL:
+    if (t == json_type_boolean) return 0;
+    break;
+  case CBW_ARG_OBJECT:
+    if (t == json_type_object) return 0;
+    break;
+  case CBW_ARG_ARRAY:
+    if (t == json_type_array) return 0;
+    break;
+  case CBW_ARG_INT:
+  case CBW_ARG_UINT:
+    if (t != json_type_int)
+      break;
+    /* json-c clamps out-of-range numbers silently: values above INT64_MAX
+     * come back as uint64 > INT64_MAX, values below INT64_MIN as INT64_MIN.
+     * Reject both (INT64_MIN itself is therefore not accepted). */
+    if (json_object_get_uint64 (v) > (uint64_t) INT64_MAX &&
+        json_object_get_int64 (v) == INT64_MAX)
+      return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
+                           "argument '%s': number out of range", spec->name);
+    if (json_object_get_int64 (v) == INT64_MIN)
+      return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
+                           "argument '%s': number out of range", spec->name);
+    if (spec->type == CBW_ARG_UINT && json_object_get_int64 (v) < 0)
+      return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
+                           "argument '%s': expected a non-negative integer, "
+                           "got %lld", spec->name,
+                           (long long) json_object_get_int64 (v));
+    return 0;
+  }
+  return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
+                       "argument '%s': expected %s, got %s", spec->name,
+                       arg_type_name (spec->type), json_type_to_name (t));
+}
+
+static int
+validate_args (const struct cbw_ctl_command *cmd, struct json_object *args,
+               struct cbw_ctl_reply *reply)
+{
+  const struct cbw_ctl_arg *a;
+
+  json_object_object_foreach (args, key, val) {
+    for (a = cmd->args; a && a->name; ++a)
+      if (strcmp (a->name, key) == 0)
+        break;
+    if (a == NULL || a->name == NULL)
+      return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
+                           "command '%s': unknown argument '%s'",
+                           cmd->name, key);
+    if (check_arg_type (a, val, reply) == -1)
+      return -1;
+  }
+  for (a = cmd->args; a && a->name; ++a) {
+    if (a->required && !json_object_object_get_ex (args, a->name, NULL))
+      return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
+                           "command '%s': missing required argument '%s'",
+                           cmd->name, a->name);
+  }
+  return 0;
+}
+
+/* Serialise a reply; consumes ret and id references. */
+static char *
+format_reply (int r, struct cbw_ctl_reply *reply, struct json_object *id)
+{
+  struct json_object *o = json_object_new_object ();
+  char *s;
+
+  if (o == NULL) {
+    json_object_put (reply->ret);
+    json_object_put (id);
+    return strdup ("{\"error\":{\"class\":\"GenericError\","
+                   "\"desc\":\"out of memory\"}}");
+  }
+  if (r == 0) {
+    json_object_object_add (o, "return",
+                            reply->ret ? reply->ret : json_object_new_object ());
+  }
+  else {
+    struct json_object *e = json_object_new_object ();
+    json_object_put (reply->ret);
+    json_object_object_add (e, "class",
+                            json_object_new_string
+                            (cbw_ctl_error_class_name (reply->err_class)));
+    json_object_object_add (e, "desc",
+                            json_object_new_string (reply->err_desc[0]
+                                                    ? reply->err_desc
+                                                    : "command failed"));
+    json_object_object_add (o, "error", e);
+  }
+  reply->ret = NULL;
+  if (id)
+    json_object_object_add (o, "id", id);
+  s = strdup (json_object_to_json_string_ext (o, JSON_C_TO_STRING_PLAIN |
+                                              JSON_C_TO_STRING_NOSLASHESCAPE));
+  json_object_put (o);
+  return s;
+}
+
+static bool
+all_space (const char *p, size_t len)
+{
+  size_t i;
+  for (i = 0; i < len; ++i)
+    if (p[i] != ' ' && p[i] != '\t' && p[i] != '\r' && p[i] != '\n')
+      return false;
+  return true;
+}
+
+char *
+cbw_ctl_dispatch_line (const struct cbw_ctl_table *table, void *module_data,
+                       const char *line, size_t len)
+{
+  struct cbw_ctl_reply reply = { .ret = NULL };
+  struct json_object *req = NULL, *id = NULL, *exec, *a;
+  struct json_object *args = NULL;     /* our reference, put at the end */
+  struct json_tokener *tok = NULL;
+  const struct cbw_ctl_command *cmd;
+  bool builtin = false;
+  struct builtin_ctx bctx = { .table = table };
+  int r = -1;
+  char *out;
+
+  if (len > CBW_CTL_MAX_LINE) {
+    cbw_ctl_fail (&reply, CBW_CTL_PARSE_ERROR,
+                  "request line too long (%zu bytes, limit %d)",
+                  len, CBW_CTL_MAX_LINE);
+    goto out;
+  }
+  if (memchr (line, '\0', len) != NULL) {
+    cbw_ctl_fail (&reply, CBW_CTL_PARSE_ERROR, "request contains a NUL byte");
+    goto out;
+  }
+  if (all_space (line, len)) {
+    cbw_ctl_fail (&reply, CBW_CTL_PARSE_ERROR, "empty request");
+    goto out;
+  }
+  tok = json_tokener_new ();
+  if (tok == NULL) {
+    cbw_ctl_fail (&reply, CBW_CTL_GENERIC_ERROR, "out of memory");
+    goto out;
+  }
+  json_tokener_set_flags (tok, JSON_TOKENER_STRICT);
+  req = json_tokener_parse_ex (tok, line, (int) len);
+  if (req == NULL) {
+    enum json_tokener_error je = json_tokener_get_error (tok);
+    cbw_ctl_fail (&reply, CBW_CTL_PARSE_ERROR, "invalid JSON: %s",
+                  je == json_tokener_continue ? "unexpected end of input"
+                  : json_tokener_error_desc (je));
+    goto out;
+  }
+  if (!all_space (line + tok->char_offset, len - (size_t) tok->char_offset)) {
+    cbw_ctl_fail (&reply, CBW_CTL_PARSE_ERROR,
+                  "invalid JSON: trailing characters after the request "
+                  "object (offset %zu)", (size_t) tok->char_offset);
+    goto out;
+  }
+  if (!json_object_is_type (req, json_type_object)) {
+    cbw_ctl_fail (&reply, CBW_CTL_PARSE_ERROR,
+                  "request must be a JSON object, got %s",
+                  json_type_to_name (json_object_get_type (req)));
+    goto out;
+  }
+  if (json_object_object_get_ex (req, "id", &id))
+    json_object_get (id);
+  json_object_object_foreach (req, key, val) {
+    (void) val;
+    if (strcmp (key, "execute") != 0 && strcmp (key, "arguments") != 0 &&
+        strcmp (key, "id") != 0) {
+      cbw_ctl_fail (&reply, CBW_CTL_INVALID_PARAMETER,
+                    "unexpected member '%s' in request "
+                    "(allowed: execute, arguments, id)", key);
+      goto out;
+    }
+  }
+  if (!json_object_object_get_ex (req, "execute", &exec)) {
+    cbw_ctl_fail (&reply, CBW_CTL_INVALID_PARAMETER,
+                  "request lacks member 'execute'");
+    goto out;
+  }
+  if (!json_object_is_type (exec, json_type_string)) {
+    cbw_ctl_fail (&reply, CBW_CTL_INVALID_PARAMETER,
+                  "member 'execute' must be a string, got %s",
+                  json_type_to_name (json_object_get_type (exec)));
+    goto out;
+  }
+  cmd = find_command (table, json_object_get_string (exec), &builtin);
+  if (cmd == NULL) {
+    cbw_ctl_fail (&reply, CBW_CTL_COMMAND_NOT_FOUND,
+                  "the '%s' module has no command '%.200s'", table->module,
+                  json_object_get_string (exec));
+    goto out;
+  }
+  if (json_object_object_get_ex (req, "arguments", &a)) {
+    if (!json_object_is_type (a, json_type_object)) {
+      cbw_ctl_fail (&reply, CBW_CTL_INVALID_PARAMETER,
+                    "member 'arguments' must be an object, got %s",
+                    json_type_to_name (json_object_get_type (a)));
+      goto out;
+    }
+    args = json_object_get (a);
+  }
+  else if ((args = json_object_new_object ()) == NULL) {
+    cbw_ctl_fail (&reply, CBW_CTL_GENERIC_ERROR, "out of memory");
+    goto out;
+  }
+  if (validate_args (cmd, args, &reply) == -1)
+    goto out;
+
+  reply.err_class = CBW_CTL_GENERIC_ERROR;
+  reply.err_desc[0] = '\0';
+  r = cmd->handler (builtin ? &bctx : module_data, args, &reply);
+  if (r != 0)
+    r = -1;
+
+ out:
+  json_object_put (args);
+  json_object_put (req);
+  if (tok)
+    json_tokener_free (tok);
+  out = format_reply (r, &reply, id);
+  return out;
+}
+
+/* ---- the server --------------------------------------------------------- */
+
+#define READ_CHUNK 65536
+
+struct client {
+  int fd;                        /* -1 = free slot */
+  char *in;                      /* received bytes not yet dispatched */
+  size_t in_len, in_alloc;
+  size_t scanned;                /* in[0..scanned) has no '\n' */
+  char *out;                     /* reply bytes not yet sent */
+  size_t out_len, out_off;
+  bool closing;                  /* close once out is flushed */
+  bool eof;                      /* peer shut down its side: finish the
+                                    complete lines, then close */
+};
+
+struct cbw_ctl_server {
+  const struct cbw_ctl_table *table;
+  void *module_data;
+  char *path;
+  dev_t sock_dev;                /* identity of the socket file we bound, */
+  ino_t sock_ino;                /* so stop only unlinks our own socket */
+  int listen_fd;
+  int wake_fd;                   /* eventfd: written by server_stop */
+  pthread_t thread;
+  struct client clients[CBW_CTL_MAX_CLIENTS];
+};
+
+static void
+client_close (struct client *c)
+{
+  if (c->fd >= 0)
+    close (c->fd);
+  free (c->in);
+  free (c->out);
+  memset (c, 0, sizeof *c);
+  c->fd = -1;
+}
+
+/* Append bytes (a reply line) to a client's output. */
+static int
+client_queue (struct client *c, const char *s, size_t len)
+{
+  if (c->out_off == c->out_len) {
+    c->out_off = c->out_len = 0;
+  }
+  char *p = realloc (c->out, c->out_len + len + 1);
+  if (p == NULL)
+    return -1;
+  c->out = p;
+  memcpy (c->out + c->out_len, s, len);
+  c->out_len += len;
+  c->out[c->out_len++] = '\n';
+  return 0;
+}
+
+/* Send as much as the socket takes.  Returns -1 if the client is gone. */
+static int
+client_flush (struct client *c)
+{
+  while (c->out_off < c->out_len) {
+    ssize_t r = send (c->fd, c->out + c->out_off, c->out_len - c->out_off,
+                      MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+      return -1;
+    }
+    c->out_off += (size_t) r;
+  }
+  return 0;
+}
+
+static bool
+client_has_output (const struct client *c)
+{
+  return c->out_off < c->out_len;
+}
+
+/* Dispatch complete lines, one at a time, while nothing is waiting to be
+ * sent (so a client that does not read its replies cannot make us buffer
+ * without bound).  Returns -1 if the client must be dropped now. */
+static int
+client_process (struct cbw_ctl_server *srv, struct client *c)
+{
+  for (;;) {
+    char *nl;
+    size_t line_len;
+
+    if (client_flush (c) == -1)
+      return -1;
+    if (c->closing || client_has_output (c))
+      break;
+    nl = c->in_len > c->scanned
+      ? memchr (c->in + c->scanned, '\n', c->in_len - c->scanned) : NULL;
+
+    if (nl == NULL) {
+      c->scanned = c->in_len;
+      if (c->in_len > CBW_CTL_MAX_LINE) {
+        char msg[256];
+        snprintf (msg, sizeof msg,
+                  "{\"error\":{\"class\":\"%s\",\"desc\":\"request line too "
+                  "long (more than %d bytes without a newline); closing the "
+                  "connection\"}}",
+                  cbw_ctl_error_class_name (CBW_CTL_PARSE_ERROR),
+                  CBW_CTL_MAX_LINE);
+        if (client_queue (c, msg, strlen (msg)) == -1)
+          return -1;
+        c->closing = true;
+      }
+      break;
+    }
+    line_len = (size_t) (nl - c->in);
+    if (line_len > 0 && c->in[line_len - 1] == '\r')
+      line_len--;
+    if (line_len > CBW_CTL_MAX_LINE || !all_space (c->in, line_len)) {
+      char *reply = cbw_ctl_dispatch_line (srv->table, srv->module_data,
+                                           c->in, line_len);
+      int r = reply ? client_queue (c, reply, strlen (reply)) : -1;
+      free (reply);
+      if (r == -1)
+        return -1;
+      if (line_len > CBW_CTL_MAX_LINE)
+        c->closing = true;
+    }
+    /* Blank lines are ignored (handy for interactive use). */
+    line_len = (size_t) (nl - c->in) + 1;
+    memmove (c->in, c->in + line_len, c->in_len - line_len);
+    c->in_len -= line_len;
+    c->scanned = 0;
+  }
+  if (client_flush (c) == -1)
+    return -1;
+  if ((c->closing || c->eof) && !client_has_output (c))
+    return -1;
+  return 0;
+}
+
+static int
+client_read (struct cbw_ctl_server *srv, struct client *c)
+{
+  ssize_t r;
+
+  if (c->in_alloc - c->in_len < READ_CHUNK) {
+    size_t n = c->in_alloc ? c->in_alloc * 2 : READ_CHUNK * 2;
+    char *p;
+    /* Never grow beyond one maximal line plus one chunk. */
+    if (n > (size_t) CBW_CTL_MAX_LINE + 2 * READ_CHUNK)
+      n = (size_t) CBW_CTL_MAX_LINE + 2 * READ_CHUNK;
+    if (n < c->in_len + READ_CHUNK)
+      n = c->in_len + READ_CHUNK;
+    p = realloc (c->in, n);
+    if (p == NULL)
+      return -1;
+    c->in = p;
+    c->in_alloc = n;
+  }
+  r = recv (c->fd, c->in + c->in_len, c->in_alloc - c->in_len, MSG_DONTWAIT);
+  if (r < 0)
+    return (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+  if (r == 0)                  /* EOF; a partial last line is discarded */
+    c->eof = true;
+  c->in_len += (size_t) r;
+  return client_process (srv, c);
+}
+
+static void
+accept_one (struct cbw_ctl_server *srv)
+{
+  struct client *c = NULL;
+  char *greeting;
+  int fd, i;
+
+  fd = accept4 (srv->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd < 0)
+    return;                      /* EAGAIN, ECONNABORTED, EMFILE: try later */
+  for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i)
+    if (srv->clients[i].fd < 0) {
+      c = &srv->clients[i];
+      break;
+    }
+  if (c == NULL) {
+    char msg[256];
+    int n = snprintf (msg, sizeof msg,
+                      "{\"error\":{\"class\":\"%s\",\"desc\":\"too many "
+                      "control clients (limit %d)\"}}\n",
+                      cbw_ctl_error_class_name (CBW_CTL_BUSY),
+                      CBW_CTL_MAX_CLIENTS);
+    if (send (fd, msg, (size_t) n, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+      /* nothing more we can do for this client */
+    }
+    close (fd);
+    return;
+  }
+  c->fd = fd;
+  if (asprintf (&greeting, "{\"cbw\":{\"module\":\"%s\",\"version\":\"%s\"}}",
+                srv->table->module, CBW_VERSION) < 0) {
+    client_close (c);
+    return;
+  }
+  if (client_queue (c, greeting, strlen (greeting)) == -1 ||
+      client_flush (c) == -1)
+    client_close (c);
+  free (greeting);
+}
+
+static void *
+server_thread (void *arg)
+{
+  struct cbw_ctl_server *srv = arg;
+  struct pollfd pfd[CBW_CTL_MAX_CLIENTS + 2];
+  int map[CBW_CTL_MAX_CLIENTS + 2];
+
+  for (;;) {
+    int n = 0, i, r;
+
+    pfd[n] = (struct pollfd) { .fd = srv->wake_fd, .events = POLLIN };
+    map[n++] = -1;
+    pfd[n] = (struct pollfd) { .fd = srv->listen_fd, .events = POLLIN };
+    map[n++] = -2;
+    for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i) {
+      struct client *c = &srv->clients[i];
+      short ev = 0;
+      if (c->fd < 0)
+        continue;
+      if (client_has_output (c))
+        ev |= POLLOUT;
+      else if (!c->closing && !c->eof)
+        ev |= POLLIN;
+      pfd[n] = (struct pollfd) { .fd = c->fd, .events = ev };
+      map[n++] = i;
+    }
+    r = poll (pfd, (nfds_t) n, -1);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      break;                     /* cannot happen with valid fds */
+    }
+    if (pfd[0].revents)
+      break;                     /* stop requested */
+    if (pfd[1].revents & POLLIN)
+      accept_one (srv);
+    for (i = 2; i < n; ++i) {
+      struct client *c = &srv->clients[map[i]];
+      short re = pfd[i].revents;
+      int rc = 0;
+      if (re == 0 || c->fd != pfd[i].fd)
+        continue;
+      if (re & POLLOUT) {
+        rc = client_flush (c);
+        if (rc == 0)             /* more buffered lines may now run */
+          rc = client_process (srv, c);
+      }
+      else if (re & POLLIN)
+        rc = client_read (srv, c);
+      else if (re & (POLLERR | POLLHUP | POLLNVAL))
+        rc = -1;
+      if (rc == -1)
+        client_close (c);
+    }
+  }
+  return NULL;
+}
+
+/* Bind a Unix socket at path, replacing a stale socket file. */
+static int
+bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  const char *path = srv->path;
+  struct stat st;
+  int fd, attempt;
+
+  if (path == NULL || path[0] == '\0')
+    return cbw_err_set (err, EINVAL, "control socket: empty path");
+  if (strlen (path) >= sizeof sun.sun_path)
+    return cbw_err_set (err, ENAMETOOLONG,
+                        "control socket %s: path too long (%zu bytes, a Unix "
+                        "socket path is limited to %zu)", path, strlen (path),
+                        sizeof sun.sun_path - 1);
+  memcpy (sun.sun_path, path, strlen (path) + 1);
+
+  for (attempt = 0; attempt < 2; ++attempt) {
+    fd = socket (AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+      return cbw_err_set (err, errno, "control socket %s: socket: %s",
+                          path, strerror (errno));
+    if (bind (fd, (struct sockaddr *) &sun, sizeof sun) == 0)
+      break;
+    int e = errno;
+    close (fd);
+    fd = -1;
+    if (e != EADDRINUSE || attempt > 0)
+      return cbw_err_set (err, e, "control socket %s: bind: %s",
+                          path, strerror (e));
+    /* Something is there.  Replace it only if it is a socket nobody
+     * answers on (left behind by a crashed process). */
+    if (lstat (path, &st) == -1)
+      continue;                  /* vanished meanwhile: retry */
+    if (!S_ISSOCK (st.st_mode))
+      return cbw_err_set (err, EEXIST,
+                          "control socket %s: path exists and is not a socket",
+                          path);
+    int probe = socket (AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (probe < 0)
+      return cbw_err_set (err, errno, "control socket %s: socket: %s",
+                          path, strerror (errno));
+    int cr = connect (probe, (struct sockaddr *) &sun, sizeof sun);
+    int ce = errno;
+    close (probe);
+    if (cr == 0 || ce == EAGAIN)
+      return cbw_err_set (err, EADDRINUSE,
+                          "control socket %s: already in use by a running "
+                          "server", path);
+    if (ce != ECONNREFUSED)
+      return cbw_err_set (err, ce, "control socket %s: probe: %s",
+                          path, strerror (ce));
+    if (unlink (path) == -1 && errno != ENOENT)
+      return cbw_err_set (err, errno,
+                          "control socket %s: removing stale socket: %s",
+                          path, strerror (errno));
+  }
+  if (fd < 0)
+    return cbw_err_set (err, EADDRINUSE, "control socket %s: bind failed",
+                        path);
+  if (listen (fd, CBW_CTL_MAX_CLIENTS) == -1) {
+    int e = errno;
+    close (fd);
+    unlink (path);
+    return cbw_err_set (err, e, "control socket %s: listen: %s",
+                        path, strerror (e));
+  }
+  if (stat (path, &st) == 0) {
+    srv->sock_dev = st.st_dev;
+    srv->sock_ino = st.st_ino;
+  }
+  srv->listen_fd = fd;
+  return 0;
+}
+
+struct cbw_ctl_server *
+cbw_ctl_server_start (const char *path, const struct cbw_ctl_table *table,
+                      void *module_data, struct cbw_err *err)
+{
+  struct cbw_ctl_server *srv;
+  sigset_t all, old;
+  int i, e;
+
+  if (table == NULL || table->module == NULL) {
+    cbw_err_set (err, EINVAL, "control socket: no command table");
+    return NULL;
+  }
+  srv = calloc (1, sizeof *srv);
+  if (srv == NULL || (srv->path = strdup (path ? path : "")) == NULL) {
+    free (srv);
+    cbw_err_set (err, ENOMEM, "control socket: out of memory");
+    return NULL;
+  }
+  srv->table = table;
+  srv->module_data = module_data;
+  srv->listen_fd = srv->wake_fd = -1;
+  for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i)
+    srv->clients[i].fd = -1;
+
+  if (bind_socket (srv, err) == -1)
+    goto fail;
+  srv->wake_fd = eventfd (0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (srv->wake_fd < 0) {
+    cbw_err_set (err, errno, "control socket %s: eventfd: %s",
+                 path, strerror (errno));
+    goto fail_unlink;
+  }
+  /* The thread must not take the host process's signals (nbdkit, cbwd). */
+  sigfillset (&all);
+  pthread_sigmask (SIG_SETMASK, &all, &old);
+  e = pthread_create (&srv->thread, NULL, server_thread, srv);
+  pthread_sigmask (SIG_SETMASK, &old, NULL);
+  if (e != 0) {
+    cbw_err_set (err, e, "control socket %s: pthread_create: %s",
+                 path, strerror (e));
+    goto fail_unlink;
+  }
+  return srv;
+
+ fail_unlink:
+  unlink (srv->path);
+ fail:
+  if (srv->listen_fd >= 0) close (srv->listen_fd);
+  if (srv->wake_fd >= 0) close (srv->wake_fd);
+  free (srv->path);
+  free (srv);
+  return NULL;
+}
+
+void
+cbw_ctl_server_stop (struct cbw_ctl_server *srv)
+{
+  uint64_t one = 1;
+  struct stat st;
+  int i;
+
+  if (srv == NULL)
+    return;
+  while (write (srv->wake_fd, &one, sizeof one) < 0 && errno == EINTR)
+    ;
+  pthread_join (srv->thread, NULL);
+  for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i)
+    if (srv->clients[i].fd >= 0)
+      client_close (&srv->clients[i]);
+  close (srv->listen_fd);
+  close (srv->wake_fd);
+  /* Unlink only the socket we created, not one a successor bound since. */
+  if (stat (srv->path, &st) == 0 && st.st_dev == srv->sock_dev &&
+      st.st_ino == srv->sock_ino)
+    unlink (srv->path);
+  free (srv->path);
+  free (srv);
+}

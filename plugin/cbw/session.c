@@ -1,0 +1,635 @@
+/* cbw — plugin/cbw/session.c: one backup session.  The heart of the cbw
+ * filter: per-block states, the copy-before-write protocol of guest writes
+ * and the point-in-time (PIT) read path.  docs/design/copy-before-write.md
+ * explains the design; this is the summary.
+ *
+ * State.  One byte per block of `granularity` bytes (enum cbw_block_state),
+ * changed only with atomic compare-and-swap.  Transitions:
+ *   NOT_NEEDED <- NEEDED -> COPYING -> COPIED -> NOT_NEEDED (skip)
+ *                   ^         |  \--> FAILED (break-snapshot)
+ *                   \---------/ (break-guest-write: copy failed, guest write
+ *                                failed, live data untouched)
+ * THE RULE: the live disk's data of a block changes only after its state left
+ * NEEDED/COPYING for COPIED, FAILED or NOT_NEEDED.  Every guest write,
+ * write-zeroes and trim calls cbw_session_before_write() first; it claims the
+ * NEEDED blocks it covers (NEEDED -> COPYING), copies them in merged runs
+ * (read old data from below, write it to the target, or write-zeroes when it
+ * is all zero), publishes COPIED, and waits for blocks another write is
+ * copying.  Writes to other blocks never wait; reads of the live disk never
+ * wait.  Each block is copied at most once: only the CAS winner copies.
+ *
+ * PIT reads (the classic race).  A PIT read of a NEEDED block reads the live
+ * disk, then re-checks the block's state.  If it is still NEEDED, no guest
+ * write can have changed the block (THE RULE: the state changes before the
+ * data), so the data read is the old data.  If the state changed meanwhile,
+ * the read is retried from the new state (COPIED: from the target; COPYING:
+ * wait for the copy; FAILED/NOT_NEEDED: EIO).  No lock is held across I/O
+ * and guest writes never wait for readers.  Target reads are re-checked the
+ * same way (a skip may release the block while we read it).
+ *
+ * Locking.  Block states are atomics.  Waiting for a COPYING block uses one
+ * of NSHARD mutex+condvar pairs (shard = block / 64 mod NSHARD) with a waiter
+ * count, so copiers broadcast only when someone waits (Dekker-style pairing
+ * of the state store and the waiter count, both seq_cst).  err_lock guards
+ * last_error.  Counters are relaxed atomics.  The session is reference
+ * counted: the filter's "active" pointer and every PIT connection hold one.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "cleanup.h"
+#include "session.h"
+
+#define NSHARD 64
+#define COPY_CHUNK (4 * 1024 * 1024)    /* max bytes per target request */
+#define ZERO_SCAN (64 * 1024)           /* zero detection unit inside a run */
+
+struct shard {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  _Atomic int waiters;
+  char pad[64];
+};
+
+struct cbw_session {
+  _Atomic int refs;
+  struct cbw_session_params p;
+  unsigned shift;
+  uint64_t nblocks;
+  _Atomic uint8_t *st;
+  struct cbw_target *target;
+  _Atomic bool broken;
+  _Atomic bool ended;
+  struct shard shards[NSHARD];
+  _Atomic uint64_t needed, copied_blocks, copied_bytes, zero_bytes, skipped,
+    failed, in_flight, errors, waits, rechecks;
+  pthread_mutex_t err_lock;
+  char last_error[256];         /* guarded by err_lock */
+};
+
+#define RLX memory_order_relaxed
+
+static void
+note_error (struct cbw_session *s, const char *fmt, ...)
+{
+  va_list ap;
+  char msg[256];
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  atomic_fetch_add_explicit (&s->errors, 1, RLX);
+  nbdkit_error ("cbw: %s", msg);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->err_lock);
+  memcpy (s->last_error, msg, sizeof msg);
+}
+
+struct cbw_session *
+cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
+                 struct cbw_err *err)
+{
+  struct cbw_session *s;
+  pthread_condattr_t ca;
+  size_t i;
+
+  if (p->granularity < 512 || (p->granularity & (p->granularity - 1)))
+    return cbw_err_set (err, EINVAL, "granularity %" PRIu32 " is not a power "
+                        "of 2 >= 512", p->granularity), NULL;
+  s = calloc (1, sizeof *s);
+  if (s == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory"), NULL;
+  s->p = *p;
+  s->shift = __builtin_ctz (p->granularity);
+  s->nblocks = (p->size + p->granularity - 1) >> s->shift;
+  s->st = calloc (s->nblocks ? s->nblocks : 1, 1);
+  if (s->st == NULL) {
+    uint64_t nb = s->nblocks;
+    free (s);
+    return cbw_err_set (err, ENOMEM, "out of memory for %" PRIu64
+                        " block states", nb), NULL;
+  }
+  pthread_condattr_init (&ca);
+  pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
+  for (i = 0; i < NSHARD; ++i) {
+    pthread_mutex_init (&s->shards[i].lock, NULL);
+    pthread_cond_init (&s->shards[i].cond, &ca);
+  }
+  pthread_condattr_destroy (&ca);
+  pthread_mutex_init (&s->err_lock, NULL);
+  s->target = target;
+  atomic_init (&s->refs, 1);
+  return s;
+}
+
+void
+cbw_session_mark_needed (struct cbw_session *s, uint64_t off, uint64_t len)
+{
+  uint64_t b, b0, b1;
+
+  if (len == 0 || off >= s->p.size)
+    return;
+  if (len > s->p.size - off)
+    len = s->p.size - off;
+  b0 = off >> s->shift;
+  b1 = ((off + len - 1) >> s->shift) + 1;
+  for (b = b0; b < b1; ++b)
+    if (atomic_exchange (&s->st[b], CBW_B_NEEDED) == CBW_B_NOT_NEEDED)
+      atomic_fetch_add_explicit (&s->needed, 1, RLX);
+}
+
+void
+cbw_session_mark_all_needed (struct cbw_session *s)
+{
+  cbw_session_mark_needed (s, 0, s->p.size);
+}
+
+void
+cbw_session_get (struct cbw_session *s)
+{
+  atomic_fetch_add (&s->refs, 1);
+}
+
+void
+cbw_session_put (struct cbw_session *s)
+{
+  size_t i;
+
+  if (s == NULL || atomic_fetch_sub (&s->refs, 1) != 1)
+    return;
+  cbw_target_close (s->target);
+  for (i = 0; i < NSHARD; ++i) {
+    pthread_mutex_destroy (&s->shards[i].lock);
+    pthread_cond_destroy (&s->shards[i].cond);
+  }
+  pthread_mutex_destroy (&s->err_lock);
+  free ((void *) s->st);
+  free (s);
+}
+
+void
+cbw_session_end (struct cbw_session *s)
+{
+  atomic_store (&s->ended, true);
+}
+
+uint64_t
+cbw_session_size (const struct cbw_session *s)
+{
+  return s->p.size;
+}
+
+static struct shard *
+shard_of (struct cbw_session *s, uint64_t b)
+{
+  return &s->shards[(b >> 6) % NSHARD];
+}
+
+/* Wake waiters of blocks [b0, b1) (after their states changed). */
+static void
+wake_range (struct cbw_session *s, uint64_t b0, uint64_t b1)
+{
+  uint64_t g, g0 = b0 >> 6, g1 = ((b1 - 1) >> 6) + 1;
+
+  if (g1 - g0 > NSHARD)
+    g1 = g0 + NSHARD;
+  for (g = g0; g < g1; ++g) {
+    struct shard *sh = &s->shards[g % NSHARD];
+    if (atomic_load (&sh->waiters) > 0) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&sh->lock);
+      pthread_cond_broadcast (&sh->cond);
+    }
+  }
+}
+
+/* Wait until block b is not COPYING or the deadline passed; return its state. */
+static uint8_t
+wait_block (struct cbw_session *s, uint64_t b, int64_t deadline_ns)
+{
+  struct shard *sh = shard_of (s, b);
+  struct timespec ts = { .tv_sec = deadline_ns / 1000000000,
+                         .tv_nsec = deadline_ns % 1000000000 };
+  uint8_t v;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&sh->lock);
+  atomic_fetch_add (&sh->waiters, 1);
+  while ((v = atomic_load (&s->st[b])) == CBW_B_COPYING) {
+    if (pthread_cond_timedwait (&sh->cond, &sh->lock, &ts) == ETIMEDOUT) {
+      v = atomic_load (&s->st[b]);
+      break;
+    }
+  }
+  atomic_fetch_sub (&sh->waiters, 1);
+  return v;
+}
+
+/* CAS every block of [b0,b1) that is in state `from` to `to`; returns how
+ * many changed. */
+static uint64_t
+cas_range (struct cbw_session *s, uint64_t b0, uint64_t b1, uint8_t from,
+           uint8_t to)
+{
+  uint64_t b, n = 0;
+  for (b = b0; b < b1; ++b) {
+    uint8_t e = from;
+    if (atomic_compare_exchange_strong (&s->st[b], &e, to))
+      n++;
+  }
+  return n;
+}
+
+static bool
+is_zero (const char *p, size_t n)
+{
+  size_t i, k = n < 16 ? n : 16;
+  for (i = 0; i < k; ++i)
+    if (p[i])
+      return false;
+  return n <= 16 || memcmp (p, p + 16, n - 16) == 0;
+}
+
+/* Copy the old data of blocks [b0,b1) to the target.  0 or -1 (*err set). */
+static int
+copy_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
+             uint64_t b1, int64_t deadline_ns, int *err)
+{
+  uint64_t off = b0 << s->shift;
+  uint64_t end = b1 << s->shift;
+  uint64_t pos, n, q, r;
+  struct cbw_err e = { 0 };
+  CLEANUP_FREE char *buf = NULL;
+
+  if (end > s->p.size)
+    end = s->p.size;
+  n = end - off < COPY_CHUNK ? end - off : COPY_CHUNK;
+  buf = malloc (n);
+  if (buf == NULL) {
+    *err = ENOMEM;
+    note_error (s, "out of memory for a %" PRIu64 " byte copy", n);
+    return -1;
+  }
+  for (pos = off; pos < end; pos += n) {
+    n = end - pos < COPY_CHUNK ? end - pos : COPY_CHUNK;
+    if (next->pread (next, buf, n, pos, 0, err) == -1) {
+      note_error (s, "reading old data at %" PRIu64 "+%" PRIu64
+                  " from the live disk: %s", pos, n, strerror (*err));
+      return -1;
+    }
+    /* Send runs of all-zero ZERO_SCAN pieces as write-zeroes. */
+    for (q = 0; q < n; q = r) {
+      bool z = is_zero (buf + q, n - q < ZERO_SCAN ? n - q : ZERO_SCAN);
+      for (r = q + ZERO_SCAN; r < n; r += ZERO_SCAN)
+        if (is_zero (buf + r, n - r < ZERO_SCAN ? n - r : ZERO_SCAN) != z)
+          break;
+      if (r > n)
+        r = n;
+      if ((z ? cbw_target_zero (s->target, r - q, pos + q, deadline_ns, &e)
+             : cbw_target_pwrite (s->target, buf + q, r - q, pos + q,
+                                  deadline_ns, &e)) == -1) {
+        *err = e.errnum ? e.errnum : EIO;
+        note_error (s, "%s", e.msg);
+        return -1;
+      }
+      atomic_fetch_add_explicit (z ? &s->zero_bytes : &s->copied_bytes,
+                                 r - q, RLX);
+    }
+  }
+  return 0;
+}
+
+/* break-snapshot after a failure: every block of the range that still needs
+ * a copy is lost; the guest write may go on. */
+static void
+fail_blocks (struct cbw_session *s, uint64_t b0, uint64_t b1)
+{
+  uint64_t n = cas_range (s, b0, b1, CBW_B_NEEDED, CBW_B_FAILED);
+  n += cas_range (s, b0, b1, CBW_B_COPYING, CBW_B_FAILED);
+  if (n) {
+    atomic_fetch_add_explicit (&s->failed, n, RLX);
+    wake_range (s, b0, b1);
+  }
+}
+
+int
+cbw_session_before_write (struct cbw_session *s, nbdkit_next *next,
+                          uint64_t off, uint64_t len, int *err)
+{
+  uint64_t b, b0, b1, run;
+  int64_t deadline = cbw_now_ns () + s->p.timeout_ns;
+  bool bs = s->p.policy == CBW_BREAK_SNAPSHOT;
+  bool pending, again;
+  uint8_t v;
+
+  if (len == 0 || off >= s->p.size)
+    return 0;
+  if (len > s->p.size - off)
+    len = s->p.size - off;
+  b0 = off >> s->shift;
+  b1 = ((off + len - 1) >> s->shift) + 1;
+
+  do {
+    if (bs && atomic_load (&s->broken)) {
+      fail_blocks (s, b0, b1);
+      return 0;
+    }
+
+    /* Claim runs of NEEDED blocks and copy them. */
+    pending = false;
+    for (b = b0; b < b1;) {
+      uint8_t e = CBW_B_NEEDED;
+      v = atomic_load (&s->st[b]);
+      if (v == CBW_B_COPYING)
+        pending = true;
+      if (v != CBW_B_NEEDED ||
+          !atomic_compare_exchange_strong (&s->st[b], &e, CBW_B_COPYING)) {
+        b++;
+        continue;
+      }
+      run = b++;
+      for (; b < b1; ++b) {
+        e = CBW_B_NEEDED;
+        if (!atomic_compare_exchange_strong (&s->st[b], &e, CBW_B_COPYING))
+          break;
+      }
+      atomic_fetch_add_explicit (&s->in_flight, 1, RLX);
+      int r = copy_blocks (s, next, run, b, deadline, err);
+      atomic_fetch_sub_explicit (&s->in_flight, 1, RLX);
+      if (r == 0) {
+        atomic_fetch_add_explicit (&s->copied_blocks,
+                                   cas_range (s, run, b, CBW_B_COPYING,
+                                              CBW_B_COPIED), RLX);
+        wake_range (s, run, b);
+      }
+      else if (bs) {
+        atomic_store (&s->broken, true);
+        fail_blocks (s, run, b);
+      }
+      else {
+        cas_range (s, run, b, CBW_B_COPYING, CBW_B_NEEDED);
+        wake_range (s, run, b);
+        nbdkit_error ("cbw: copy-before-write failed, failing the guest "
+                      "write (on-cbw-error=break-guest-write)");
+        *err = EIO;
+        return -1;
+      }
+    }
+    if (!pending)
+      return 0;
+
+    /* Wait for the blocks other writes are copying. */
+    again = false;
+    for (b = b0; b < b1; ++b) {
+      if (atomic_load (&s->st[b]) != CBW_B_COPYING)
+        continue;
+      atomic_fetch_add_explicit (&s->waits, 1, RLX);
+      v = wait_block (s, b, deadline);
+      if (v == CBW_B_NEEDED)
+        again = true;           /* its write failed (break-guest-write) */
+      else if (v == CBW_B_COPYING) {
+        if (bs) {
+          note_error (s, "timed out waiting for the copy of block %" PRIu64
+                      " (cbw-timeout); snapshot broken", b);
+          atomic_store (&s->broken, true);
+          fail_blocks (s, b, b + 1);
+        }
+        else {
+          nbdkit_error ("cbw: timed out waiting for the copy of block %"
+                        PRIu64 " (cbw-timeout), failing the guest write", b);
+          *err = EIO;
+          return -1;
+        }
+      }
+    }
+    if (again && cbw_now_ns () >= deadline) {
+      if (bs) {
+        atomic_store (&s->broken, true);
+        fail_blocks (s, b0, b1);
+        return 0;
+      }
+      *err = EIO;
+      return -1;
+    }
+  } while (again);
+  return 0;
+}
+
+/* First block in [b0,b1) whose state is not v, or b1. */
+static uint64_t
+first_changed (struct cbw_session *s, uint64_t b0, uint64_t b1, uint8_t v)
+{
+  for (; b0 < b1; ++b0)
+    if (atomic_load (&s->st[b0]) != v)
+      return b0;
+  return b1;
+}
+
+int
+cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next, void *buf,
+                      uint32_t count, uint64_t off, int *err)
+{
+  uint64_t end = off + count, pos = off, b, rb, rend, n, chg, q, k;
+  struct cbw_err e = { 0 };
+  uint8_t v;
+
+  if (atomic_load (&s->ended)) {
+    nbdkit_error ("cbw: point-in-time view: the backup session has ended");
+    *err = EIO;
+    return -1;
+  }
+  while (pos < end) {
+    b = pos >> s->shift;
+    v = atomic_load (&s->st[b]);
+    for (rb = b + 1; rb < s->nblocks && (rb << s->shift) < end; ++rb)
+      if (atomic_load (&s->st[rb]) != v)
+        break;
+    rend = rb << s->shift;
+    if (rend > end)
+      rend = end;
+    n = rend - pos;
+    char *dst = (char *) buf + (pos - off);
+
+    switch (v) {
+    case CBW_B_NOT_NEEDED:
+      nbdkit_error ("cbw: point-in-time read at %" PRIu64 ": not in the "
+                    "backup set (or already released by skip)", pos);
+      *err = EIO;
+      return -1;
+    case CBW_B_FAILED:
+      nbdkit_error ("cbw: point-in-time read at %" PRIu64 ": the old data "
+                    "was lost (snapshot broken by a failed copy)", pos);
+      *err = EIO;
+      return -1;
+    case CBW_B_COPYING:
+      if (wait_block (s, b, cbw_now_ns () + s->p.timeout_ns)
+          == CBW_B_COPYING) {
+        nbdkit_error ("cbw: point-in-time read at %" PRIu64 ": timed out "
+                      "waiting for a copy", pos);
+        *err = EIO;
+        return -1;
+      }
+      continue;                 /* re-evaluate */
+    case CBW_B_COPIED:
+      for (q = 0; q < n; q += k) {
+        k = n - q < COPY_CHUNK ? n - q : COPY_CHUNK;
+        if (cbw_target_pread (s->target, dst + q, k, pos + q,
+                              cbw_now_ns () + s->p.timeout_ns, &e) == -1) {
+          nbdkit_error ("cbw: point-in-time read at %" PRIu64 ": %s",
+                        pos + q, e.msg);
+          *err = EIO;
+          return -1;
+        }
+      }
+      break;
+    case CBW_B_NEEDED:
+      /* Testing knob: widen the window between deciding "read the live
+       * disk" and reading it, where a guest write may copy and overwrite. */
+      if (s->p.debug_pit_delay_us)
+        usleep (s->p.debug_pit_delay_us);
+      if (next->pread (next, dst, n, pos, 0, err) == -1)
+        return -1;
+      if (s->p.debug_no_recheck) {
+        pos = rend;
+        continue;
+      }
+      break;
+    default:
+      abort ();
+    }
+    /* The re-check: data is valid only for the prefix whose state did not
+     * change while we read it. */
+    chg = first_changed (s, b, rb, v);
+    if (chg == rb)
+      pos = rend;
+    else {
+      atomic_fetch_add_explicit (&s->rechecks, 1, RLX);
+      if ((chg << s->shift) > pos)
+        pos = chg << s->shift;
+    }
+  }
+  return 0;
+}
+
+int
+cbw_session_pit_extents (struct cbw_session *s, nbdkit_next *next,
+                         uint32_t count, uint64_t off, uint32_t flags,
+                         struct nbdkit_extents *extents, int *err)
+{
+  uint64_t end = off + count, pos = off, b, rb, rend;
+  uint8_t v;
+
+  while (pos < end) {
+    b = pos >> s->shift;
+    v = atomic_load (&s->st[b]);
+    for (rb = b + 1; rb < s->nblocks && (rb << s->shift) < end; ++rb)
+      if (atomic_load (&s->st[rb]) != v)
+        break;
+    rend = rb << s->shift;
+    if (rend > end)
+      rend = end;
+    if (v == CBW_B_NEEDED && next->can_extents (next) == 1) {
+      /* What the live disk says, if it still holds the old data after. */
+      struct nbdkit_extents *tmp = nbdkit_extents_new (pos, rend);
+      uint64_t covered = pos;
+      size_t i;
+      if (tmp && next->extents (next, rend - pos, pos, 0, tmp, err) == 0 &&
+          first_changed (s, b, rb, v) == rb) {
+        for (i = 0; i < nbdkit_extents_count (tmp); ++i) {
+          struct nbdkit_extent x = nbdkit_get_extent (tmp, i);
+          if (x.offset + x.length > rend)
+            x.length = rend - x.offset;
+          if (nbdkit_add_extent (extents, x.offset, x.length, x.type) == -1) {
+            nbdkit_extents_free (tmp);
+            *err = errno;
+            return -1;
+          }
+          covered = x.offset + x.length;
+        }
+      }
+      nbdkit_extents_free (tmp);
+      if (covered > pos) {
+        pos = covered;
+        if (flags & NBDKIT_FLAG_REQ_ONE)
+          return 0;
+        continue;
+      }
+    }
+    /* Everything else: data (the conservative answer). */
+    if (nbdkit_add_extent (extents, pos, rend - pos, 0) == -1) {
+      *err = errno;
+      return -1;
+    }
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      return 0;
+    pos = rend;
+  }
+  return 0;
+}
+
+int
+cbw_session_skip (struct cbw_session *s, uint64_t off, uint64_t len,
+                  uint64_t *released, struct cbw_err *err)
+{
+  uint64_t b0, b1, n = 0, pos, k, end;
+  static const uint8_t from[] = { CBW_B_NEEDED, CBW_B_COPYING, CBW_B_COPIED,
+                                  CBW_B_FAILED };
+  size_t i;
+
+  if (off > s->p.size || len > s->p.size - off)
+    return cbw_err_set (err, EINVAL, "range %" PRIu64 "+%" PRIu64 " is past "
+                        "the end of the disk (%" PRIu64 " bytes)", off, len,
+                        s->p.size);
+  *released = 0;
+  b0 = (off + s->p.granularity - 1) >> s->shift;
+  b1 = off + len == s->p.size ? s->nblocks : (off + len) >> s->shift;
+  if (b1 <= b0)
+    return 0;
+  for (i = 0; i < sizeof from; ++i)
+    n += cas_range (s, b0, b1, from[i], CBW_B_NOT_NEEDED);
+  atomic_fetch_add_explicit (&s->skipped, n, RLX);
+  wake_range (s, b0, b1);
+  *released = n;
+
+  /* Let the target drop what we will never read again. */
+  end = b1 << s->shift;
+  if (end > s->p.size)
+    end = s->p.size;
+  for (pos = b0 << s->shift; pos < end; pos += k) {
+    k = end - pos < (1u << 30) ? end - pos : (1u << 30);
+    if (cbw_target_trim (s->target, k, pos, cbw_now_ns () + s->p.timeout_ns,
+                         err) == -1)
+      return cbw_err_prefix (err, "released, but trimming the target failed");
+  }
+  return 0;
+}
+
+void
+cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st)
+{
+  memset (st, 0, sizeof *st);
+  st->size = s->p.size;
+  st->granularity = s->p.granularity;
+  st->blocks = s->nblocks;
+  st->needed_blocks = atomic_load_explicit (&s->needed, RLX);
+  st->copied_blocks = atomic_load_explicit (&s->copied_blocks, RLX);
+  st->copied_bytes = atomic_load_explicit (&s->copied_bytes, RLX);
+  st->zero_bytes = atomic_load_explicit (&s->zero_bytes, RLX);
+  st->skipped_blocks = atomic_load_explicit (&s->skipped, RLX);
+  st->failed_blocks = atomic_load_explicit (&s->failed, RLX);
+  st->in_flight = atomic_load_explicit (&s->in_flight, RLX);
+  st->errors = atomic_load_explicit (&s->errors, RLX);
+  st->guest_write_waits = atomic_load_explicit (&s->waits, RLX);
+  st->pit_rechecks = atomic_load_explicit (&s->rechecks, RLX);
+  st->broken = atomic_load (&s->broken);
+  st->ended = atomic_load (&s->ended);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->err_lock);
+  memcpy (st->last_error, s->last_error, sizeof st->last_error);
+}

@@ -1,0 +1,79 @@
+/* cbw — plugin/cbw/session.h: one backup session (begin .. end): which
+ * blocks the backup needs, which were copied, the copy-before-write protocol
+ * of guest writes and the point-in-time (PIT) read path.  See session.c. */
+#ifndef CBW_SESSION_H
+#define CBW_SESSION_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <nbdkit-filter.h>
+
+#include "cbw_err.h"
+#include "target.h"
+
+enum cbw_policy { CBW_BREAK_SNAPSHOT = 0, CBW_BREAK_GUEST_WRITE = 1 };
+
+/* Per-block states (one byte each). */
+enum cbw_block_state {
+  CBW_B_NOT_NEEDED = 0,   /* outside the backup set, skipped, or released */
+  CBW_B_NEEDED = 1,       /* backup needs it, old data still on the live disk */
+  CBW_B_COPYING = 2,      /* a guest write owns its copy right now */
+  CBW_B_COPIED = 3,       /* old data is in the target */
+  CBW_B_FAILED = 4,       /* copy lost (break-snapshot): PIT reads fail */
+};
+
+struct cbw_session_stats {
+  uint64_t size, granularity, blocks, needed_blocks, copied_blocks,
+    copied_bytes, zero_bytes, skipped_blocks, failed_blocks, in_flight,
+    errors, guest_write_waits, pit_rechecks;
+  bool broken, ended;
+  char last_error[256];
+};
+
+struct cbw_session_params {
+  uint64_t size;
+  uint32_t granularity;        /* power of 2 >= 512 */
+  enum cbw_policy policy;
+  int64_t timeout_ns;
+  uint32_t debug_pit_delay_us; /* testing: sleep before a PIT live read */
+  bool debug_no_recheck;       /* testing: UNSAFE, proves the race test bites */
+};
+
+struct cbw_session;
+
+/* Create a session owning target (closed when the last reference goes).
+ * All blocks start NOT_NEEDED; mark the backup set with mark_needed before
+ * the session is published. */
+struct cbw_session *cbw_session_new (const struct cbw_session_params *p,
+                                     struct cbw_target *target,
+                                     struct cbw_err *err);
+void cbw_session_mark_needed (struct cbw_session *s, uint64_t off,
+                              uint64_t len);
+void cbw_session_mark_all_needed (struct cbw_session *s);
+void cbw_session_get (struct cbw_session *s);
+void cbw_session_put (struct cbw_session *s);
+void cbw_session_end (struct cbw_session *s);   /* PIT reads fail from now on */
+
+/* Guest write path: call before passing a write/zero/trim of [off,off+len)
+ * down.  Returns 0 (write may proceed) or -1 with *err set (policy
+ * break-guest-write: fail the guest write). */
+int cbw_session_before_write (struct cbw_session *s, nbdkit_next *next,
+                              uint64_t off, uint64_t len, int *err);
+
+/* PIT read path: next is a read-only context on the live disk. */
+int cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next,
+                          void *buf, uint32_t count, uint64_t off, int *err);
+int cbw_session_pit_extents (struct cbw_session *s, nbdkit_next *next,
+                             uint32_t count, uint64_t off, uint32_t flags,
+                             struct nbdkit_extents *extents, int *err);
+
+/* skip: the reader is done with [off,off+len): no more copies, target may
+ * drop it (trim).  Only whole blocks inside the range are released. */
+int cbw_session_skip (struct cbw_session *s, uint64_t off, uint64_t len,
+                      uint64_t *released_blocks, struct cbw_err *err);
+
+void cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st);
+uint64_t cbw_session_size (const struct cbw_session *s);
+
+#endif

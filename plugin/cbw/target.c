@@ -1,0 +1,344 @@
+/* cbw — plugin/cbw/target.c: the backup target, a pool of libnbd connections.
+ *
+ * Copies run on nbdkit's I/O threads.  Each copy checks one connection out
+ * of the pool, issues one asynchronous libnbd command on it and drives it
+ * with nbd_poll() until it completes or the caller's deadline passes; so
+ * several copies are in flight at once (one per connection) and a dead, hung
+ * (SIGSTOP) or slow target can never hold a guest write past its deadline.
+ * On a timeout or a lost connection the handle is closed and its slot is
+ * reconnected (with the same kind of deadline) on its next use.  A command
+ * the server failed (EIO, ENOSPC, ...) leaves the connection usable.
+ *
+ * Locking: t->lock guards only the slots' busy flags (checkout/checkin), and
+ * t->cond signals a freed slot.  The lock is never held across libnbd I/O: a
+ * checked-out slot belongs to one thread until it is checked back in.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <libnbd.h>
+
+#include "cleanup.h"
+#include "target.h"
+
+struct slot {
+  struct nbd_handle *h;     /* NULL: not connected (yet, or dropped) */
+  bool busy;                /* checked out; guarded by t->lock */
+};
+
+struct cbw_target {
+  char *uri;
+  int64_t size;
+  bool can_zero, can_trim;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;      /* a slot was checked in */
+  size_t n;
+  struct slot *slots;
+};
+
+int64_t
+cbw_now_ns (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int
+ms_left (int64_t deadline_ns)
+{
+  int64_t left = deadline_ns - cbw_now_ns ();
+  if (left <= 0)
+    return 0;
+  left = (left + 999999) / 1000000;
+  return left > 1000000 ? 1000000 : (int) left;
+}
+
+static int
+nbd_errno_or (int dflt)
+{
+  int e = nbd_get_errno ();
+  return e > 0 ? e : dflt;
+}
+
+/* Connect one handle to uri before the deadline. */
+static struct nbd_handle *
+connect_one (const char *uri, int64_t deadline_ns, struct cbw_err *err)
+{
+  struct nbd_handle *h = nbd_create ();
+  int ms;
+
+  if (h == NULL) {
+    cbw_err_set (err, nbd_errno_or (ENOMEM), "target: nbd_create: %s",
+                 nbd_get_error ());
+    return NULL;
+  }
+  if (nbd_aio_connect_uri (h, uri) == -1) {
+    cbw_err_set (err, nbd_errno_or (EINVAL), "target %s: %s", uri,
+                 nbd_get_error ());
+    goto fail;
+  }
+  while (!nbd_aio_is_ready (h)) {
+    if (nbd_aio_is_dead (h) || nbd_aio_is_closed (h)) {
+      cbw_err_set (err, nbd_errno_or (ECONNREFUSED), "target %s: %s", uri,
+                   nbd_get_error () ? nbd_get_error () : "connection failed");
+      goto fail;
+    }
+    ms = ms_left (deadline_ns);
+    if (ms == 0) {
+      cbw_err_set (err, ETIMEDOUT, "target %s: connect timed out", uri);
+      goto fail;
+    }
+    if (nbd_poll (h, ms) == -1) {
+      cbw_err_set (err, nbd_errno_or (ECONNREFUSED), "target %s: %s", uri,
+                   nbd_get_error ());
+      goto fail;
+    }
+  }
+  return h;
+
+ fail:
+  nbd_close (h);
+  return NULL;
+}
+
+struct cbw_target *
+cbw_target_open (const char *uri, size_t nconns, int64_t deadline_ns,
+                 struct cbw_err *err)
+{
+  struct cbw_target *t;
+  pthread_condattr_t ca;
+
+  if (nconns == 0)
+    nconns = 1;
+  t = calloc (1, sizeof *t);
+  if (t == NULL || (t->slots = calloc (nconns, sizeof *t->slots)) == NULL ||
+      (t->uri = strdup (uri)) == NULL) {
+    cbw_err_set (err, ENOMEM, "target: out of memory");
+    goto fail;
+  }
+  t->n = nconns;
+  pthread_mutex_init (&t->lock, NULL);
+  pthread_condattr_init (&ca);
+  pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
+  pthread_cond_init (&t->cond, &ca);
+  pthread_condattr_destroy (&ca);
+
+  t->slots[0].h = connect_one (uri, deadline_ns, err);
+  if (t->slots[0].h == NULL)
+    goto fail;
+  t->size = nbd_get_size (t->slots[0].h);
+  if (t->size < 0) {
+    cbw_err_set (err, nbd_errno_or (EIO), "target %s: %s", uri,
+                 nbd_get_error ());
+    goto fail;
+  }
+  if (nbd_is_read_only (t->slots[0].h) == 1) {
+    cbw_err_set (err, EROFS, "target %s is read-only", uri);
+    goto fail;
+  }
+  t->can_zero = nbd_can_zero (t->slots[0].h) == 1;
+  t->can_trim = nbd_can_trim (t->slots[0].h) == 1;
+  return t;
+
+ fail:
+  cbw_target_close (t);
+  return NULL;
+}
+
+void
+cbw_target_close (struct cbw_target *t)
+{
+  size_t i;
+
+  if (t == NULL)
+    return;
+  if (t->slots) {
+    for (i = 0; i < t->n; ++i)
+      if (t->slots[i].h)
+        nbd_close (t->slots[i].h);
+    pthread_mutex_destroy (&t->lock);
+    pthread_cond_destroy (&t->cond);
+  }
+  free (t->slots);
+  free (t->uri);
+  free (t);
+}
+
+int64_t cbw_target_size (const struct cbw_target *t) { return t->size; }
+bool cbw_target_can_trim (const struct cbw_target *t) { return t->can_trim; }
+
+/* Take a free slot, waiting until the deadline; connect it if needed. */
+static struct slot *
+checkout (struct cbw_target *t, int64_t deadline_ns, struct cbw_err *err)
+{
+  struct slot *s = NULL;
+  struct timespec ts;
+  size_t i;
+
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->lock);
+    for (;;) {
+      /* Prefer a connected slot. */
+      for (i = 0; i < t->n && s == NULL; ++i)
+        if (!t->slots[i].busy && t->slots[i].h)
+          s = &t->slots[i];
+      for (i = 0; i < t->n && s == NULL; ++i)
+        if (!t->slots[i].busy)
+          s = &t->slots[i];
+      if (s) {
+        s->busy = true;
+        break;
+      }
+      ts.tv_sec = deadline_ns / 1000000000;
+      ts.tv_nsec = deadline_ns % 1000000000;
+      if (pthread_cond_timedwait (&t->cond, &t->lock, &ts) == ETIMEDOUT) {
+        cbw_err_set (err, ETIMEDOUT,
+                     "target %s: no free connection before the deadline",
+                     t->uri);
+        return NULL;
+      }
+    }
+  }
+
+  if (s->h == NULL) {
+    s->h = connect_one (t->uri, deadline_ns, err);
+    if (s->h == NULL) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->lock);
+      s->busy = false;
+      pthread_cond_signal (&t->cond);
+      return NULL;
+    }
+  }
+  return s;
+}
+
+static void
+checkin (struct cbw_target *t, struct slot *s, bool drop)
+{
+  if (drop && s->h) {
+    nbd_close (s->h);           /* abandons any command still in flight */
+    s->h = NULL;
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->lock);
+  s->busy = false;
+  pthread_cond_signal (&t->cond);
+}
+
+enum op { OP_PWRITE, OP_PREAD, OP_ZERO, OP_TRIM };
+static const char *op_name[] = { "write", "read", "write-zeroes", "trim" };
+
+static int
+run_op (struct cbw_target *t, enum op op, void *buf, size_t len, uint64_t off,
+        int64_t deadline_ns, struct cbw_err *err)
+{
+  struct slot *s;
+  struct nbd_handle *h;
+  int64_t cookie = -1;
+  int r, ms;
+  bool drop = false;
+
+  if (off > (uint64_t) t->size || len > (uint64_t) t->size - off)
+    return cbw_err_set (err, ENOSPC,
+                        "target %s: %s of %zu bytes at %llu is past its end "
+                        "(%lld bytes)", t->uri, op_name[op], len,
+                        (unsigned long long) off, (long long) t->size);
+
+  s = checkout (t, deadline_ns, err);
+  if (s == NULL)
+    return -1;
+  h = s->h;
+
+  switch (op) {
+  case OP_PWRITE:
+    cookie = nbd_aio_pwrite (h, buf, len, off, NBD_NULL_COMPLETION, 0);
+    break;
+  case OP_PREAD:
+    cookie = nbd_aio_pread (h, buf, len, off, NBD_NULL_COMPLETION, 0);
+    break;
+  case OP_ZERO:
+    cookie = nbd_aio_zero (h, len, off, NBD_NULL_COMPLETION, 0);
+    break;
+  case OP_TRIM:
+    cookie = nbd_aio_trim (h, len, off, NBD_NULL_COMPLETION, 0);
+    break;
+  }
+  if (cookie == -1) {
+    cbw_err_set (err, nbd_errno_or (EIO), "target %s: %s: %s", t->uri,
+                 op_name[op], nbd_get_error ());
+    drop = !nbd_aio_is_ready (h) && !nbd_aio_is_processing (h);
+    checkin (t, s, drop);
+    return -1;
+  }
+
+  for (;;) {
+    r = nbd_aio_command_completed (h, cookie);
+    if (r == 1)
+      break;
+    if (r == -1) {
+      cbw_err_set (err, nbd_errno_or (EIO), "target %s: %s at %llu: %s",
+                   t->uri, op_name[op], (unsigned long long) off,
+                   nbd_get_error ());
+      drop = nbd_aio_is_dead (h) || nbd_aio_is_closed (h);
+      checkin (t, s, drop);
+      return -1;
+    }
+    ms = ms_left (deadline_ns);
+    if (ms == 0) {
+      cbw_err_set (err, ETIMEDOUT, "target %s: %s at %llu timed out; "
+                   "connection dropped", t->uri, op_name[op],
+                   (unsigned long long) off);
+      checkin (t, s, true);
+      return -1;
+    }
+    if (nbd_poll (h, ms) == -1) {
+      cbw_err_set (err, nbd_errno_or (EIO), "target %s: %s at %llu: %s",
+                   t->uri, op_name[op], (unsigned long long) off,
+                   nbd_get_error ());
+      checkin (t, s, true);
+      return -1;
+    }
+  }
+  checkin (t, s, false);
+  return 0;
+}
+
+int
+cbw_target_pwrite (struct cbw_target *t, const void *buf, size_t len,
+                   uint64_t off, int64_t deadline_ns, struct cbw_err *err)
+{
+  return run_op (t, OP_PWRITE, (void *) buf, len, off, deadline_ns, err);
+}
+
+int
+cbw_target_zero (struct cbw_target *t, size_t len, uint64_t off,
+                 int64_t deadline_ns, struct cbw_err *err)
+{
+  if (!t->can_zero) {
+    CLEANUP_FREE void *z = calloc (1, len);
+    if (z == NULL)
+      return cbw_err_set (err, ENOMEM, "target: out of memory");
+    return run_op (t, OP_PWRITE, z, len, off, deadline_ns, err);
+  }
+  return run_op (t, OP_ZERO, NULL, len, off, deadline_ns, err);
+}
+
+int
+cbw_target_pread (struct cbw_target *t, void *buf, size_t len, uint64_t off,
+                  int64_t deadline_ns, struct cbw_err *err)
+{
+  return run_op (t, OP_PREAD, buf, len, off, deadline_ns, err);
+}
+
+int
+cbw_target_trim (struct cbw_target *t, size_t len, uint64_t off,
+                 int64_t deadline_ns, struct cbw_err *err)
+{
+  if (!t->can_trim)
+    return 0;
+  return run_op (t, OP_TRIM, NULL, len, off, deadline_ns, err);
+}

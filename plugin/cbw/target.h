@@ -1,0 +1,39 @@
+/* cbw — plugin/cbw/target.h: a pool of libnbd connections to the backup
+ * target (any NBD server, given by URI), where every operation has a
+ * deadline.  See target.c for the locking. */
+#ifndef CBW_TARGET_H
+#define CBW_TARGET_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cbw_err.h"
+
+struct cbw_target;
+
+/* Monotonic clock in nanoseconds; deadlines are absolute values of it. */
+int64_t cbw_now_ns (void);
+
+/* Connect the first connection now (so a bad URI, a read-only or a too small
+ * target is reported by `begin`), the others lazily.  nconns >= 1. */
+struct cbw_target *cbw_target_open (const char *uri, size_t nconns,
+                                    int64_t deadline_ns, struct cbw_err *err);
+void cbw_target_close (struct cbw_target *t);
+int64_t cbw_target_size (const struct cbw_target *t);
+bool cbw_target_can_trim (const struct cbw_target *t);
+
+/* Each returns 0, or -1 with *err filled: errnum ETIMEDOUT if the deadline
+ * passed (that connection is then dropped and reopened on next use), the
+ * server's errno (EIO, ENOSPC, ...) for a failed command, ENOTCONN/EIO for a
+ * lost connection. */
+int cbw_target_pwrite (struct cbw_target *t, const void *buf, size_t len,
+                       uint64_t off, int64_t deadline_ns, struct cbw_err *err);
+int cbw_target_zero (struct cbw_target *t, size_t len, uint64_t off,
+                     int64_t deadline_ns, struct cbw_err *err);
+int cbw_target_pread (struct cbw_target *t, void *buf, size_t len,
+                      uint64_t off, int64_t deadline_ns, struct cbw_err *err);
+int cbw_target_trim (struct cbw_target *t, size_t len, uint64_t off,
+                     int64_t deadline_ns, struct cbw_err *err);
+
+#endif

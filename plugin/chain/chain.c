@@ -1,0 +1,428 @@
+/* cbw — plugin/chain/chain.c: nbdkit-chain-plugin, the live disk of a VM.
+ *
+ * It serves a raw file or block device (rawdisk.c).  Later an overlay chain
+ * (snapshots, commit) sits on top of the raw layer; with no overlay every
+ * callback goes straight to rawdisk, so the fast path costs one predictable
+ * branch.  This file holds the nbdkit callbacks, the configuration and the
+ * control-socket command table (common/control.h) — one table for the whole
+ * plugin, to which overlay commands are added.
+ *
+ * Threads and locking: thread model PARALLEL.  The global `chain` is written
+ * only during configuration and get_ready/after_fork/cleanup (single
+ * threaded in nbdkit); afterwards the callbacks only read it, and rawdisk is
+ * safe for concurrent use (see rawdisk.h).  Control handlers run on the
+ * control thread and only read immutable fields or atomics, so they take no
+ * lock.  Every connection shares the one fd, so a flush on any connection
+ * covers writes completed on all of them (multi-conn is safe).
+ */
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <json-c/json.h>
+
+#include "cbw_err.h"
+#include "control.h"
+#include "rawdisk.h"
+
+static struct chain {
+  /* configuration */
+  char *file;                    /* file= (absolute) */
+  bool readonly;                 /* readonly= */
+  bool direct;                   /* direct= */
+  char *control_path;            /* control= (absolute), or NULL */
+
+  /* state after get_ready */
+  struct rawdisk *raw;           /* the base layer: the data path */
+  struct cbw_ctl_server *ctl;    /* control socket server, or NULL */
+} chain;
+
+/* Report a layer error through nbdkit. */
+static int
+fail (const struct cbw_err *err)
+{
+  nbdkit_error ("%s", err->msg);
+  nbdkit_set_error (err->errnum ? err->errnum : EIO);
+  errno = err->errnum ? err->errnum : EIO;
+  return -1;
+}
+
+/* ---- configuration ------------------------------------------------------ */
+
+static int
+parse_bool (const char *key, const char *value, bool *out)
+{
+  int r = nbdkit_parse_bool (value);
+  if (r == -1)
+    return -1;                   /* nbdkit_parse_bool reported it */
+  (void) key;
+  *out = r;
+  return 0;
+}
+
+static int
+chain_config (const char *key, const char *value)
+{
+  if (strcmp (key, "file") == 0) {
+    free (chain.file);
+    chain.file = nbdkit_absolute_path (value);
+    if (chain.file == NULL)
+      return -1;
+  }
+  else if (strcmp (key, "readonly") == 0)
+    return parse_bool (key, value, &chain.readonly);
+  else if (strcmp (key, "direct") == 0)
+    return parse_bool (key, value, &chain.direct);
+  else if (strcmp (key, "control") == 0) {
+    free (chain.control_path);
+    chain.control_path = nbdkit_absolute_path (value);
+    if (chain.control_path == NULL)
+      return -1;
+  }
+  else {
+    nbdkit_error ("unknown parameter '%s' (see nbdkit-chain-plugin(1))", key);
+    errno = EINVAL;
+    return -1;
+  }
+  return 0;
+}
+
+static int
+chain_config_complete (void)
+{
+  if (chain.file == NULL) {
+    nbdkit_error ("you must supply the file=PATH parameter "
+                  "(a raw file or a block device)");
+    errno = EINVAL;
+    return -1;
+  }
+  return 0;
+}
+
+#define chain_config_help \
+  "file=<PATH>         (required) Raw file or block device to serve.\n" \
+  "readonly=<BOOL>     Open read-only (default false).\n" \
+  "direct=<BOOL>       Use O_DIRECT (default false).\n" \
+  "control=<SOCKET>    Unix socket for run-time control (JSON lines)."
+
+static int
+chain_get_ready (void)
+{
+  struct rawdisk_opts o = { .readonly = chain.readonly,
+                            .direct = chain.direct };
+  struct cbw_err err = { 0 };
+
+  chain.raw = rawdisk_open (chain.file, &o, &err);
+  if (chain.raw == NULL)
+    return fail (&err);
+  return 0;
+}
+
+/* ---- control commands --------------------------------------------------- */
+
+static int
+cmd_status (void *data, struct json_object *args, struct cbw_ctl_reply *reply)
+{
+  struct chain *c = data;
+  struct rawdisk_info info;
+  struct json_object *r, *flags;
+
+  (void) args;
+  if (c->raw == NULL)
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "no disk open");
+  rawdisk_get_info (c->raw, &info);
+  r = json_object_new_object ();
+  flags = json_object_new_object ();
+  if (r == NULL || flags == NULL) {
+    json_object_put (r);
+    json_object_put (flags);
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "out of memory");
+  }
+  json_object_object_add (r, "file", json_object_new_string (info.path));
+  json_object_object_add (r, "size", json_object_new_int64 ((int64_t) info.size));
+  json_object_object_add (r, "readonly", json_object_new_boolean (info.readonly));
+  json_object_object_add (r, "direct", json_object_new_boolean (info.direct));
+  json_object_object_add (r, "overlays", json_object_new_int (0));
+  json_object_object_add (flags, "block_device",
+                          json_object_new_boolean (info.block_device));
+  json_object_object_add (flags, "align", json_object_new_int64 (info.align));
+  json_object_object_add (flags, "can_extents",
+                          json_object_new_boolean (info.can_extents));
+  json_object_object_add (flags, "can_punch_hole",
+                          json_object_new_boolean (info.can_punch_hole));
+  json_object_object_add (flags, "can_zero_range",
+                          json_object_new_boolean (info.can_zero_range));
+  json_object_object_add (flags, "can_discard",
+                          json_object_new_boolean (info.can_discard));
+  json_object_object_add (flags, "multi_conn", json_object_new_boolean (true));
+  json_object_object_add (flags, "fua", json_object_new_string ("native"));
+  json_object_object_add (r, "flags", flags);
+  reply->ret = r;
+  return 0;
+}
+
+static const struct cbw_ctl_arg no_args[] = { { NULL } };
+
+static const struct cbw_ctl_command chain_commands[] = {
+  { "status", cmd_status, no_args,
+    "Describe the served disk: its file, size and mode, and what the "
+    "file or device supports.",
+    "`{\"file\": STRING, \"size\": UINT, \"readonly\": BOOL, \"direct\": BOOL, "
+    "\"overlays\": UINT, \"flags\": {\"block_device\": BOOL, \"align\": UINT, "
+    "\"can_extents\": BOOL, \"can_punch_hole\": BOOL, \"can_zero_range\": "
+    "BOOL, \"can_discard\": BOOL, \"multi_conn\": BOOL, \"fua\": \"native\"}}` "
+    "— `align` is the direct I/O alignment (1 without direct=true); the "
+    "`can_*` flags turn false once the filesystem refused that operation." },
+  { NULL }
+};
+
+static const struct cbw_ctl_table chain_table = { "chain", chain_commands };
+
+static int
+chain_after_fork (void)
+{
+  struct cbw_err err = { 0 };
+
+  /* Threads do not survive nbdkit's fork into the background, so the
+   * control thread starts here. */
+  if (chain.control_path) {
+    chain.ctl = cbw_ctl_server_start (chain.control_path, &chain_table,
+                                      &chain, &err);
+    if (chain.ctl == NULL)
+      return fail (&err);
+  }
+  return 0;
+}
+
+static void
+chain_cleanup (void)
+{
+  cbw_ctl_server_stop (chain.ctl);
+  chain.ctl = NULL;
+  rawdisk_close (chain.raw);
+  chain.raw = NULL;
+}
+
+static void
+chain_unload (void)
+{
+  free (chain.file);
+  free (chain.control_path);
+}
+
+/* ---- per-connection ----------------------------------------------------- */
+
+static void *
+chain_open (int readonly)
+{
+  (void) readonly;
+  return NBDKIT_HANDLE_NOT_NEEDED;
+}
+
+static int64_t
+chain_get_size (void *h)
+{
+  (void) h;
+  return (int64_t) rawdisk_size (chain.raw);
+}
+
+static int
+chain_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
+                  uint32_t *maximum)
+{
+  uint32_t a = rawdisk_align (chain.raw);
+  (void) h;
+  *minimum = 1;                  /* any alignment works (bounce buffers) */
+  *preferred = a > 4096 ? a : 4096;
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+static int
+chain_can_write (void *h)
+{
+  (void) h;
+  return !chain.readonly;
+}
+
+static int chain_true (void *h) { (void) h; return 1; }
+
+static int
+chain_can_extents (void *h)
+{
+  struct rawdisk_info info;
+  (void) h;
+  rawdisk_get_info (chain.raw, &info);
+  return info.can_extents;
+}
+
+static int
+chain_can_fua (void *h)
+{
+  (void) h;
+  return NBDKIT_FUA_NATIVE;
+}
+
+static int
+chain_can_cache (void *h)
+{
+  (void) h;
+  return NBDKIT_CACHE_NATIVE;
+}
+
+static int
+chain_thread_model (void)
+{
+  return NBDKIT_THREAD_MODEL_PARALLEL;
+}
+
+static int
+chain_pread (void *h, void *buf, uint32_t count, uint64_t offset,
+             uint32_t flags)
+{
+  struct cbw_err err;
+  (void) h; (void) flags;
+  if (rawdisk_pread (chain.raw, buf, count, offset, &err) == -1)
+    return fail (&err);
+  return 0;
+}
+
+static int
+chain_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset,
+              uint32_t flags)
+{
+  struct cbw_err err;
+  (void) h;
+  if (rawdisk_pwrite (chain.raw, buf, count, offset,
+                      flags & NBDKIT_FLAG_FUA, &err) == -1)
+    return fail (&err);
+  return 0;
+}
+
+static int
+chain_flush (void *h, uint32_t flags)
+{
+  struct cbw_err err;
+  (void) h; (void) flags;
+  if (rawdisk_flush (chain.raw, &err) == -1)
+    return fail (&err);
+  return 0;
+}
+
+static int
+chain_trim (void *h, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  struct cbw_err err;
+  (void) h;
+  if (rawdisk_trim (chain.raw, count, offset, flags & NBDKIT_FLAG_FUA,
+                    &err) == -1)
+    return fail (&err);
+  return 0;
+}
+
+static int
+chain_zero (void *h, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  struct cbw_err err;
+  (void) h;
+  if (rawdisk_zero (chain.raw, count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
+                    flags & NBDKIT_FLAG_FAST_ZERO, flags & NBDKIT_FLAG_FUA,
+                    &err) == -1) {
+    if (err.errnum == ENOTSUP) {
+      /* Not an error worth logging: nbdkit writes zeroes instead, or tells
+       * the client a fast zero is not possible. */
+      nbdkit_debug ("%s", err.msg);
+      nbdkit_set_error (ENOTSUP);
+      errno = ENOTSUP;
+      return -1;
+    }
+    return fail (&err);
+  }
+  return 0;
+}
+
+struct extents_ctx {
+  struct nbdkit_extents *extents;
+};
+
+static int
+add_extent (void *opaque, uint64_t offset, uint64_t len, uint32_t type,
+            struct cbw_err *err)
+{
+  struct extents_ctx *ctx = opaque;
+  uint32_t t = 0;
+
+  if (type & RAWDISK_HOLE) t |= NBDKIT_EXTENT_HOLE;
+  if (type & RAWDISK_ZERO) t |= NBDKIT_EXTENT_ZERO;
+  if (nbdkit_add_extent (ctx->extents, offset, len, t) == -1)
+    return cbw_err_set (err, errno ? errno : EIO, "nbdkit_add_extent failed");
+  return 0;
+}
+
+static int
+chain_extents (void *h, uint32_t count, uint64_t offset, uint32_t flags,
+               struct nbdkit_extents *extents)
+{
+  struct extents_ctx ctx = { extents };
+  struct cbw_err err;
+  (void) h;
+  if (rawdisk_extents (chain.raw, count, offset, flags & NBDKIT_FLAG_REQ_ONE,
+                       add_extent, &ctx, &err) == -1)
+    return fail (&err);
+  return 0;
+}
+
+static int
+chain_cache (void *h, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  struct cbw_err err;
+  (void) h; (void) flags;
+  if (rawdisk_cache (chain.raw, count, offset, &err) == -1)
+    return fail (&err);
+  return 0;
+}
+
+static struct nbdkit_plugin plugin = {
+  .name              = "chain",
+  .longname          = "cbw chain plugin (raw disk + overlay chain)",
+  .version           = CBW_VERSION,
+  .description       = "Serve a raw file or block device, with live "
+                       "snapshots through an overlay chain.",
+  .unload            = chain_unload,
+  .config            = chain_config,
+  .config_complete   = chain_config_complete,
+  .config_help       = chain_config_help,
+  .magic_config_key  = "file",
+  .get_ready         = chain_get_ready,
+  .after_fork        = chain_after_fork,
+  .cleanup           = chain_cleanup,
+  .thread_model      = chain_thread_model,
+  .open              = chain_open,
+  .get_size          = chain_get_size,
+  .block_size        = chain_block_size,
+  .can_write         = chain_can_write,
+  .can_flush         = chain_true,
+  .can_trim          = chain_can_write,
+  .can_zero          = chain_can_write,
+  .can_fast_zero     = chain_true,
+  .can_fua           = chain_can_fua,
+  .can_multi_conn    = chain_true,
+  .can_extents       = chain_can_extents,
+  .can_cache         = chain_can_cache,
+  .pread             = chain_pread,
+  .pwrite            = chain_pwrite,
+  .flush             = chain_flush,
+  .trim              = chain_trim,
+  .zero              = chain_zero,
+  .extents           = chain_extents,
+  .cache             = chain_cache,
+  .errno_is_preserved = 1,
+};
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+NBDKIT_REGISTER_PLUGIN (plugin)

@@ -1,0 +1,1611 @@
+/* cbw — plugin/chain/overlay_chain.c: layered I/O over a raw base and a
+ * chain of overlays (formats/overlay.h), plus the chain operations:
+ * snapshot, commit (active/intermediate, make-empty/delete), status.
+ *
+ * I/O model.  Layer 0 is the raw base, layers 1..n the overlays, n the
+ * writable top.  A read of a cluster is served by the topmost layer whose map
+ * says DATA (pread of its data file) or ZERO (memset); if none, by the base.
+ * A write goes to the top: whole clusters are written in place; a partial
+ * write to a cluster the top does not hold as DATA first fills the cluster
+ * from the view below (copy-up), then writes the whole cluster.  The map bit
+ * is set in memory only AFTER the data pwrite returned.
+ *
+ * Durability (the allocation journal rule, docs/formats/overlay.md):
+ * flush = (1) snapshot the in-memory maps of dirty layers, (2) fdatasync
+ * the data files, (3) replace the map files crash-atomically.  Every bit in
+ * the snapshot belongs to a pwrite that had completed before (1), so it is
+ * durable after (2): a crash never exposes an allocated cluster whose data
+ * is not on disk, and every write acknowledged before a flush (or with FUA)
+ * survives.  Unflushed writes may be lost (read through to the old data).
+ *
+ * Operations.  A snapshot drains in-flight I/O, flushes, creates the new
+ * overlay, and replaces the chain descriptor (the commit point); a crash
+ * before leaves the old chain plus unreferenced files, which the next
+ * snapshot of the same generation overwrites.  A commit of layers lo..hi into
+ * lo-1 copies, in a background thread, every cluster allocated in lo..hi
+ * (view of layers 0..hi) into layer lo-1; those clusters are shadowed by
+ * lo..hi, so the guest-visible content never changes.  An active commit
+ * (hi = top) also mirrors guest writes into lo-1 under the same range lock.
+ * Then: drain, flush, record phase "finish" in the chain descriptor, apply
+ * (make-empty: empty the maps bottom-up; delete: relink the layer above,
+ * drop the layers), save the descriptor without the operation, resume.
+ * Recovery at open: phase "copy" is undone (the record is dropped; lo-1 only
+ * got shadowed clusters), phase "finish" is rolled forward.
+ *
+ * Locking (never held across I/O):
+ *  - gate_lock/gate_cond: in_flight counts guest requests and commit chunks
+ *    using c->layers; paused blocks new ones.  c->layers, c->nl, c->desc and
+ *    c->mirror change only while paused with in_flight == 0.
+ *  - map_lock: every layer's map, map_dirty, data_dirty.
+ *  - range_lock/range_cond: active cluster ranges of writes (top writes,
+ *    mirror writes, commit copy chunks); overlapping ones wait.
+ *  - flush_lock/flush_cond: "flushing" flag; one flush at a time.
+ *  - op_lock: operation state (op_* fields, snapshot/commit start/finish).
+ * Lock order: op_lock -> gate_lock; map_lock and range_lock are leaves.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "control.h"
+#include "fileutil.h"
+#include "overlay_chain.h"
+
+#define COPY_CHUNK (1024 * 1024)
+
+struct layer {
+  char *name;                   /* base path or overlay descriptor name */
+  bool is_base;
+  int fd;
+  bool desc_loaded, map_loaded;
+  struct cbw_ovl_desc desc;     /* overlays */
+  char *map_path;               /* overlays */
+  char *data_path;
+  struct cbw_ovl_map map;       /* overlays; map_lock */
+  bool map_dirty;               /* map_lock */
+  bool data_dirty;              /* map_lock */
+};
+
+struct range { uint64_t s, e; };   /* clusters [s, e] */
+
+enum op_state { OP_NONE, OP_RUNNING, OP_COMPLETED, OP_FAILED, OP_CANCELLED };
+
+struct ovc {
+  char *chain_path, *dir;
+  uint64_t size;
+  uint32_t csize, cbits;
+  bool readonly;
+
+  /* changed only while paused (see top) */
+  struct cbw_chain_desc desc;
+  unsigned nl;                  /* layers incl. base */
+  struct layer **layers;
+  int mirror;                   /* active commit target, or -1 */
+
+  pthread_mutex_t gate_lock;
+  pthread_cond_t gate_cond;
+  unsigned in_flight;
+  bool paused;
+
+  pthread_mutex_t map_lock;
+
+  pthread_mutex_t range_lock;
+  pthread_cond_t range_cond;
+  struct range *ranges;
+  size_t nranges, ranges_cap;
+
+  pthread_mutex_t flush_lock;
+  pthread_cond_t flush_cond;
+  bool flushing;
+
+  pthread_mutex_t op_lock;      /* guards op_* */
+  enum op_state op_state;
+  bool op_thread_live;          /* joinable */
+  pthread_t op_thread;
+  unsigned op_lo, op_hi;
+  enum cbw_commit_mode op_mode;
+  bool op_active;
+  _Atomic uint64_t op_speed;
+  _Atomic bool op_cancel;
+  _Atomic uint64_t op_done;
+  uint64_t op_total;
+  struct cbw_bitmap op_bits;    /* clusters to copy (owned by the thread) */
+  struct cbw_err op_err;
+  int64_t op_started;
+  bool switch_pending;          /* a recorded switch failed: reopen finishes it */
+};
+
+/* ------------------------------------------------------------ test hook */
+
+static ovc_hook_fn hook_fn;
+static void *hook_opaque;
+
+void
+ovc_set_test_hook (ovc_hook_fn fn, void *opaque)
+{
+  hook_fn = fn;
+  hook_opaque = opaque;
+}
+
+static int
+hook (const char *point, struct cbw_err *err)
+{
+  if (hook_fn && hook_fn (point, NULL, hook_opaque) != 0)
+    return cbw_err_set (err, EIO, "injected I/O error at %s", point);
+  return 0;
+}
+
+static void
+durable (const char *path)
+{
+  if (hook_fn)
+    hook_fn ("durable", path, hook_opaque);
+}
+
+static void
+durable_in (const char *dir, const char *name)
+{
+  if (hook_fn) {
+    CLEANUP_FREE char *p = cbw_ovl_join (dir, name);
+    if (p) durable (p);
+  }
+}
+
+/* Every metadata save of the engine goes through these (durability hook). */
+static int
+chain_save (const char *path, struct cbw_chain_desc *d, struct cbw_err *err)
+{
+  if (cbw_chain_desc_save (path, d, err) < 0) return -1;
+  durable (path);
+  return 0;
+}
+
+static int
+map_save (const char *path, struct cbw_ovl_map *m, struct cbw_err *err)
+{
+  if (cbw_ovl_map_save (path, m, err) < 0) return -1;
+  durable (path);
+  return 0;
+}
+
+static int
+atomic_save (const char *path, const void *buf, size_t len, struct cbw_err *err)
+{
+  if (cbw_write_file_atomic (path, buf, len, err) < 0) return -1;
+  durable (path);
+  return 0;
+}
+
+static int
+desc_save (const char *dir, const struct cbw_ovl_desc *d, struct cbw_err *err)
+{
+  if (cbw_ovl_desc_save (dir, d, err) < 0) return -1;
+  durable_in (dir, d->name);
+  return 0;
+}
+
+/* ------------------------------------------------------------- helpers */
+
+static uint64_t min64 (uint64_t a, uint64_t b) { return a < b ? a : b; }
+
+static uint64_t
+cl_start (struct ovc *c, uint64_t cl) { return cl << c->cbits; }
+
+static uint64_t
+cl_end (struct ovc *c, uint64_t cl) { return min64 ((cl + 1) << c->cbits, c->size); }
+
+static void
+gate_enter (struct ovc *c)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->gate_lock);
+  while (c->paused)
+    pthread_cond_wait (&c->gate_cond, &c->gate_lock);
+  c->in_flight++;
+}
+
+static void
+gate_leave (struct ovc *c)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->gate_lock);
+  if (--c->in_flight == 0)
+    pthread_cond_broadcast (&c->gate_cond);
+}
+
+static void
+gate_pause (struct ovc *c)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->gate_lock);
+  while (c->paused)
+    pthread_cond_wait (&c->gate_cond, &c->gate_lock);
+  c->paused = true;
+  while (c->in_flight > 0)
+    pthread_cond_wait (&c->gate_cond, &c->gate_lock);
+}
+
+static void
+gate_resume (struct ovc *c)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->gate_lock);
+  c->paused = false;
+  pthread_cond_broadcast (&c->gate_cond);
+}
+
+static int
+range_acquire (struct ovc *c, uint64_t s, uint64_t e, struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->range_lock);
+  for (;;) {
+    size_t i;
+    bool busy = false;
+    for (i = 0; i < c->nranges; i++)
+      if (c->ranges[i].s <= e && s <= c->ranges[i].e) { busy = true; break; }
+    if (!busy) break;
+    pthread_cond_wait (&c->range_cond, &c->range_lock);
+  }
+  if (c->nranges == c->ranges_cap) {
+    size_t n = c->ranges_cap ? c->ranges_cap * 2 : 16;
+    struct range *r = realloc (c->ranges, n * sizeof *r);
+    if (r == NULL)
+      return cbw_err_set (err, ENOMEM, "range lock: out of memory");
+    c->ranges = r;
+    c->ranges_cap = n;
+  }
+  c->ranges[c->nranges++] = (struct range) { s, e };
+  return 0;
+}
+
+static void
+range_release (struct ovc *c, uint64_t s, uint64_t e)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->range_lock);
+  for (size_t i = 0; i < c->nranges; i++)
+    if (c->ranges[i].s == s && c->ranges[i].e == e) {
+      c->ranges[i] = c->ranges[--c->nranges];
+      break;
+    }
+  pthread_cond_broadcast (&c->range_cond);
+}
+
+static void
+layer_free (struct layer *l)
+{
+  if (l == NULL) return;
+  if (l->fd >= 0) close (l->fd);
+  if (l->map_loaded) cbw_ovl_map_free (&l->map);
+  if (l->desc_loaded) cbw_ovl_desc_free (&l->desc);
+  free (l->map_path);
+  free (l->data_path);
+  free (l->name);
+  free (l);
+}
+
+/* Open one layer (base when is_base). */
+static struct layer *
+layer_open (struct ovc *c, const char *name, bool is_base, struct cbw_err *err)
+{
+  struct layer *l = calloc (1, sizeof *l);
+  CLEANUP_FREE char *dpath = NULL;
+  int flags = (c->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+
+  if (l == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    return NULL;
+  }
+  l->fd = -1;
+  l->is_base = is_base;
+  l->name = strdup (name);
+  if (l->name == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto fail;
+  }
+  if (is_base) {
+    dpath = cbw_ovl_join (c->dir, name);
+  } else {
+    if (cbw_ovl_desc_load (c->dir, name, &l->desc, err) < 0)
+      goto fail;
+    l->desc_loaded = true;
+    dpath = cbw_ovl_join (c->dir, l->desc.data);
+    l->map_path = cbw_ovl_join (c->dir, l->desc.map);
+    if (l->map_path == NULL) {
+      cbw_err_set (err, ENOMEM, "out of memory");
+      goto fail;
+    }
+    if (cbw_ovl_map_load (l->map_path, c->size, c->csize, &l->map, err) < 0)
+      goto fail;
+    l->map_loaded = true;
+  }
+  if (dpath == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto fail;
+  }
+  l->data_path = strdup (dpath);
+  if (l->data_path == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto fail;
+  }
+  l->fd = open (dpath, flags);
+  if (l->fd < 0) {
+    cbw_err_set (err, errno, "%s: open: %s", dpath, strerror (errno));
+    goto fail;
+  }
+  off_t sz = lseek (l->fd, 0, SEEK_END);
+  if (sz < 0 || (uint64_t) sz != c->size) {
+    cbw_err_set (err, EINVAL, "%s: wrong size %lld bytes (chain is %" PRIu64 " bytes)",
+                 dpath, (long long) sz, c->size);
+    goto fail;
+  }
+  return l;
+ fail:
+  layer_free (l);
+  return NULL;
+}
+
+/* ------------------------------------------------------------- reading */
+
+/* Which layer serves cluster cl in the view of layers 0..top: its index and
+ * state (DATA for the base).  Caller holds map_lock. */
+static unsigned
+serving_layer (struct ovc *c, unsigned top, uint64_t cl, enum cbw_ovl_state *st)
+{
+  for (unsigned k = top; k >= 1; k--) {
+    enum cbw_ovl_state s = cbw_ovl_map_get (&c->layers[k]->map, cl);
+    if (s != CBW_OVL_UNALLOC) { *st = s; return k; }
+  }
+  *st = CBW_OVL_DATA;
+  return 0;
+}
+
+/* Read [off, off+count) as seen through layers 0..top. Caller is in the gate. */
+static int
+read_view (struct ovc *c, unsigned top, void *buf, uint64_t count, uint64_t off,
+           struct cbw_err *err)
+{
+  char *p = buf;
+  uint64_t end = off + count;
+  while (off < end) {
+    uint64_t cl = off >> c->cbits, run_end;
+    enum cbw_ovl_state st, st2;
+    unsigned k;
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+      k = serving_layer (c, top, cl, &st);
+      run_end = min64 (end, cl_end (c, cl));
+      while (run_end < end) {
+        cl++;
+        if (serving_layer (c, top, cl, &st2) != k || st2 != st) break;
+        run_end = min64 (end, cl_end (c, cl));
+      }
+    }
+    size_t n = (size_t) (run_end - off);
+    if (st == CBW_OVL_ZERO)
+      memset (p, 0, n);
+    else if (cbw_pread_full (c->layers[k]->fd, p, n, off) < 0)
+      return cbw_err_set (err, errno, "layer %u '%s': read at %" PRIu64 ": %s",
+                          k, c->layers[k]->name, off, strerror (errno));
+    p += n;
+    off = run_end;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------- writing */
+
+/* Copy-up helper: write [ws, we) of buf (which starts at offset `boff`) into
+ * cluster cl of layer k, filling the rest of the cluster from the view
+ * below k (or zeros). */
+static int
+write_partial_cluster (struct ovc *c, unsigned k, uint64_t cl,
+                       const char *src, uint64_t ws, uint64_t we,
+                       struct cbw_err *err)
+{
+  struct layer *l = c->layers[k];
+  uint64_t cs = cl_start (c, cl), ce = cl_end (c, cl);
+  enum cbw_ovl_state st;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+    st = cbw_ovl_map_get (&l->map, cl);
+  }
+  if (st == CBW_OVL_DATA) {
+    if (cbw_pwrite_full (l->fd, src, we - ws, ws) < 0)
+      return cbw_err_set (err, errno, "layer %u '%s': write at %" PRIu64 ": %s",
+                          k, l->name, ws, strerror (errno));
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+    l->data_dirty = true;
+    return 0;
+  }
+  CLEANUP_FREE char *cbuf = malloc (ce - cs);
+  if (cbuf == NULL)
+    return cbw_err_set (err, ENOMEM, "copy-up: out of memory");
+  if (st == CBW_OVL_ZERO)
+    memset (cbuf, 0, ce - cs);
+  else if (read_view (c, k - 1, cbuf, ce - cs, cs, err) < 0)
+    return cbw_err_prefix (err, "copy-up");
+  memcpy (cbuf + (ws - cs), src, we - ws);
+  if (cbw_pwrite_full (l->fd, cbuf, ce - cs, cs) < 0)
+    return cbw_err_set (err, errno, "layer %u '%s': write at %" PRIu64 ": %s",
+                        k, l->name, cs, strerror (errno));
+  /* The whole cluster is written: now (and only now) it becomes DATA. */
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+  cbw_ovl_map_set (&l->map, cl, 1, CBW_OVL_DATA);
+  l->data_dirty = l->map_dirty = true;
+  return 0;
+}
+
+/* Write buf to layer k.  Caller is in the gate and holds the range lock of
+ * the clusters. */
+static int
+write_layer (struct ovc *c, unsigned k, const void *buf, uint64_t count,
+             uint64_t off, struct cbw_err *err)
+{
+  struct layer *l = c->layers[k];
+  const char *p = buf;
+  uint64_t end = off + count;
+
+  if (hook ("write", err) < 0)
+    return -1;
+  if (k == 0) {
+    if (cbw_pwrite_full (l->fd, buf, count, off) < 0)
+      return cbw_err_set (err, errno, "base '%s': write at %" PRIu64 ": %s",
+                          l->name, off, strerror (errno));
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+    l->data_dirty = true;
+    return 0;
+  }
+
+  uint64_t first = off >> c->cbits, last = (end - 1) >> c->cbits;
+  uint64_t mid_s = off, mid_e = end;   /* byte range written directly */
+  /* head */
+  if (off != cl_start (c, first)) {
+    uint64_t we = min64 (end, cl_end (c, first));
+    if (write_partial_cluster (c, k, first, p, off, we, err) < 0)
+      return -1;
+    mid_s = we;
+  }
+  /* tail (a different cluster than the head, or the head was aligned) */
+  if (mid_s < end && end != cl_end (c, last)) {
+    uint64_t ws = cl_start (c, last);
+    if (ws < mid_s) ws = mid_s;
+    if (write_partial_cluster (c, k, last, p + (ws - off), ws, end, err) < 0)
+      return -1;
+    mid_e = ws;
+  }
+  if (mid_s < mid_e &&
+      cbw_pwrite_full (l->fd, p + (mid_s - off), mid_e - mid_s, mid_s) < 0)
+    return cbw_err_set (err, errno, "layer %u '%s': write at %" PRIu64 ": %s",
+                        k, l->name, mid_s, strerror (errno));
+  /* Data is written: now (and only now) the clusters become DATA. */
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+  l->data_dirty = true;
+  if (!cbw_bitmap_all_in_range (&l->map.alloc, first, last - first + 1) ||
+      cbw_bitmap_any_in_range (&l->map.zero, first, last - first + 1)) {
+    cbw_ovl_map_set (&l->map, first, last - first + 1, CBW_OVL_DATA);
+    l->map_dirty = true;
+  }
+  return 0;
+}
+
+static int
+zero_base (struct ovc *c, uint64_t count, uint64_t off, struct cbw_err *err)
+{
+  struct layer *l = c->layers[0];
+  if (fallocate (l->fd, FALLOC_FL_ZERO_RANGE, (off_t) off, (off_t) count) == 0 ||
+      fallocate (l->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 (off_t) off, (off_t) count) == 0) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+    l->data_dirty = true;
+    return 0;
+  }
+  CLEANUP_FREE char *z = calloc (1, min64 (count, COPY_CHUNK));
+  if (z == NULL)
+    return cbw_err_set (err, ENOMEM, "zero: out of memory");
+  while (count > 0) {
+    uint64_t n = min64 (count, COPY_CHUNK);
+    if (write_layer (c, 0, z, n, off, err) < 0)
+      return -1;
+    count -= n; off += n;
+  }
+  return 0;
+}
+
+/* Zero part of one cluster of overlay k: nothing to do if it is ZERO. */
+static int
+zero_partial (struct ovc *c, unsigned k, uint64_t cl, const char *z,
+              uint64_t ws, uint64_t we, struct cbw_err *err)
+{
+  enum cbw_ovl_state st;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+    st = cbw_ovl_map_get (&c->layers[k]->map, cl);
+  }
+  if (st == CBW_OVL_ZERO)
+    return 0;
+  return write_partial_cluster (c, k, cl, z, ws, we, err);
+}
+
+/* Zero [off, off+count) in layer k (range lock held, in gate). */
+static int
+zero_layer (struct ovc *c, unsigned k, uint64_t count, uint64_t off,
+            struct cbw_err *err)
+{
+  struct layer *l = c->layers[k];
+  uint64_t end = off + count;
+
+  if (hook ("write", err) < 0)
+    return -1;
+  if (k == 0)
+    return zero_base (c, count, off, err);
+
+  uint64_t first = off >> c->cbits, last = (end - 1) >> c->cbits;
+  uint64_t fs = first, fe = last + 1;  /* full clusters [fs, fe) */
+  CLEANUP_FREE char *z = NULL;
+  if (off != cl_start (c, first) || end != cl_end (c, last))
+    if ((z = calloc (1, c->csize)) == NULL)
+      return cbw_err_set (err, ENOMEM, "zero: out of memory");
+  if (off != cl_start (c, first)) {
+    uint64_t we = min64 (end, cl_end (c, first));
+    if (zero_partial (c, k, first, z, off, we, err) < 0)
+      return -1;
+    fs = first + 1;
+  }
+  if (end != cl_end (c, last) && (last > first || off == cl_start (c, first))) {
+    uint64_t ws = cl_start (c, last);
+    if (zero_partial (c, k, last, z, ws, end, err) < 0)
+      return -1;
+    fe = last;
+  }
+  if (fs < fe) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+    cbw_ovl_map_set (&l->map, fs, fe - fs, CBW_OVL_ZERO);
+    l->map_dirty = true;
+  }
+  if (fs < fe) {
+    /* Free the space; the map already says ZERO (reads never look). */
+    uint64_t ps = cl_start (c, fs), pe = cl_end (c, fe - 1);
+    (void) fallocate (l->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      (off_t) ps, (off_t) (pe - ps));
+  }
+  return 0;
+}
+
+/* -------------------------------------------------------------- flushing */
+
+/* Flush every layer: snapshot dirty maps, fdatasync dirty data files, save
+ * the maps.  Caller is in the gate or has paused it. */
+static int
+do_flush (struct ovc *c, struct cbw_err *err)
+{
+  int r = 0;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->flush_lock);
+    while (c->flushing)
+      pthread_cond_wait (&c->flush_cond, &c->flush_lock);
+    c->flushing = true;
+  }
+  for (unsigned k = 0; k < c->nl && r == 0; k++) {
+    struct layer *l = c->layers[k];
+    CLEANUP_FREE void *mbuf = NULL;
+    size_t mlen = 0;
+    bool dd, md;
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+      dd = l->data_dirty;
+      md = l->map_dirty;
+      l->data_dirty = l->map_dirty = false;
+      if (md) {
+        l->map.generation++;
+        if (cbw_ovl_map_encode (&l->map, &mbuf, &mlen, err) < 0) {
+          l->map_dirty = true;
+          l->data_dirty |= dd;
+          r = -1;
+          break;
+        }
+      }
+    }
+    if (dd || md) {
+      if (hook ("flush-data", err) < 0)
+        r = -1;
+      else if (cbw_fdatasync (l->fd) < 0)
+        r = cbw_err_set (err, errno, "layer %u '%s': fdatasync: %s", k,
+                         l->name, strerror (errno));
+      else
+        durable (l->data_path);
+    }
+    if (r == 0 && md &&
+        (hook ("flush-map", err) < 0 ||
+         atomic_save (l->map_path, mbuf, mlen, err) < 0))
+      r = -1;
+    if (r < 0) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+      l->data_dirty |= dd;
+      l->map_dirty |= md;
+    }
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->flush_lock);
+  c->flushing = false;
+  pthread_cond_broadcast (&c->flush_cond);
+  return r;
+}
+
+/* ------------------------------------------------------------ guest I/O */
+
+uint64_t ovc_size (struct ovc *c) { return c->size; }
+uint32_t ovc_cluster_size (struct ovc *c) { return c->csize; }
+
+unsigned
+ovc_nlayers (struct ovc *c)
+{
+  gate_enter (c);
+  unsigned n = c->nl - 1;
+  gate_leave (c);
+  return n;
+}
+
+static int
+check_range (struct ovc *c, uint64_t count, uint64_t offset, struct cbw_err *err)
+{
+  if (count == 0 || offset > c->size || count > c->size - offset)
+    return cbw_err_set (err, EINVAL, "request [%" PRIu64 ", +%" PRIu64
+                        ") outside the disk (%" PRIu64 " bytes) or empty",
+                        offset, count, c->size);
+  return 0;
+}
+
+int
+ovc_pread (struct ovc *c, void *buf, uint32_t count, uint64_t offset,
+           struct cbw_err *err)
+{
+  if (check_range (c, count, offset, err) < 0)
+    return -1;
+  gate_enter (c);
+  int r = read_view (c, c->nl - 1, buf, count, offset, err);
+  gate_leave (c);
+  return r;
+}
+
+static int
+guest_write (struct ovc *c, const void *buf, uint32_t count, uint64_t offset,
+             bool fua, struct cbw_err *err)
+{
+  if (check_range (c, count, offset, err) < 0)
+    return -1;
+  if (c->readonly)
+    return cbw_err_set (err, EROFS, "chain opened read-only");
+  uint64_t s = offset >> c->cbits, e = (offset + count - 1) >> c->cbits;
+  int r;
+  gate_enter (c);
+  if (range_acquire (c, s, e, err) < 0) {
+    gate_leave (c);
+    return -1;
+  }
+  unsigned top = c->nl - 1;
+  r = buf ? write_layer (c, top, buf, count, offset, err)
+          : zero_layer (c, top, count, offset, err);
+  if (r == 0 && c->mirror >= 0) {
+    r = buf ? write_layer (c, (unsigned) c->mirror, buf, count, offset, err)
+            : zero_layer (c, (unsigned) c->mirror, count, offset, err);
+    if (r < 0)
+      cbw_err_prefix (err, "active commit mirror");
+  }
+  range_release (c, s, e);
+  if (r == 0 && fua)
+    r = do_flush (c, err);
+  gate_leave (c);
+  return r;
+}
+
+int
+ovc_pwrite (struct ovc *c, const void *buf, uint32_t count, uint64_t offset,
+            bool fua, struct cbw_err *err)
+{
+  return guest_write (c, buf, count, offset, fua, err);
+}
+
+int
+ovc_zero (struct ovc *c, uint32_t count, uint64_t offset, bool fua,
+          struct cbw_err *err)
+{
+  return guest_write (c, NULL, count, offset, fua, err);
+}
+
+int
+ovc_flush (struct ovc *c, struct cbw_err *err)
+{
+  if (c->readonly)
+    return 0;
+  gate_enter (c);
+  int r = do_flush (c, err);
+  gate_leave (c);
+  return r;
+}
+
+int
+ovc_extent (struct ovc *c, uint64_t offset, uint64_t count, uint64_t *len,
+            bool *allocated, bool *zero, struct cbw_err *err)
+{
+  if (check_range (c, count, offset, err) < 0)
+    return -1;
+  gate_enter (c);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+    unsigned top = c->nl - 1;
+    uint64_t end = offset + count, cl = offset >> c->cbits, run_end;
+    enum cbw_ovl_state st, st2;
+    unsigned k = serving_layer (c, top, cl, &st), k2;
+    run_end = min64 (end, cl_end (c, cl));
+    while (run_end < end) {
+      cl++;
+      k2 = serving_layer (c, top, cl, &st2);
+      if ((k2 == 0) != (k == 0) || st2 != st) break;
+      run_end = min64 (end, cl_end (c, cl));
+    }
+    *len = run_end - offset;
+    *allocated = top == 0 || k > 0;
+    *zero = st == CBW_OVL_ZERO;
+  }
+  gate_leave (c);
+  return 0;
+}
+
+/* ------------------------------------------------------------ open/close */
+
+int
+ovc_create (const char *chain_path, const char *base, uint32_t cluster_size,
+            struct cbw_err *err)
+{
+  struct cbw_chain_desc d = { 0 };
+  struct stat st;
+  CLEANUP_FREE char *dir = cbw_ovl_dirname (chain_path);
+  CLEANUP_FREE char *bpath = NULL;
+  if (dir == NULL || (bpath = cbw_ovl_join (dir, base)) == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  if (stat (chain_path, &st) == 0)
+    return cbw_err_set (err, EEXIST, "%s: already exists", chain_path);
+  int fd = open (bpath, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return cbw_err_set (err, errno, "base %s: %s", bpath, strerror (errno));
+  off_t sz = lseek (fd, 0, SEEK_END);
+  close (fd);
+  if (sz <= 0)
+    return cbw_err_set (err, EINVAL, "base %s: empty or unreadable size", bpath);
+  d.size = (uint64_t) sz;
+  d.cluster_size = cluster_size ? cluster_size : CBW_OVL_CLUSTER_DEFAULT;
+  d.base = (char *) base;
+  d.layers = NULL;
+  d.nlayers = 0;
+  struct cbw_ovl_map m;   /* validates cluster size */
+  if (cbw_ovl_map_init (&m, d.size, d.cluster_size, err) < 0)
+    return -1;
+  cbw_ovl_map_free (&m);
+  return chain_save (chain_path, &d, err);
+}
+
+/* Roll a recorded "finish" forward on disk (idempotent). d is updated to
+ * the final chain (no operation) and saved. */
+static int
+roll_forward (const char *chain_path, const char *dir, struct cbw_chain_desc *d,
+              struct cbw_err *err)
+{
+  unsigned lo = d->op.lo, hi = d->op.hi, i;
+  if (d->op.mode == CBW_COMMIT_MAKE_EMPTY) {
+    for (i = lo; i <= hi; i++) {
+      struct cbw_ovl_desc od;
+      struct cbw_ovl_map m;
+      if (cbw_ovl_desc_load (dir, d->layers[i - 1], &od, err) < 0)
+        return -1;
+      CLEANUP_FREE char *mp = cbw_ovl_join (dir, od.map);
+      int r = mp && cbw_ovl_map_init (&m, d->size, d->cluster_size, err) == 0 ? 0 : -1;
+      if (r == 0) {
+        /* keep the generation increasing */
+        struct cbw_ovl_map old;
+        if (cbw_ovl_map_load (mp, d->size, d->cluster_size, &old, NULL) == 0) {
+          m.generation = old.generation;
+          cbw_ovl_map_free (&old);
+        }
+        r = hook ("finish-empty", err) < 0 ? -1 : map_save (mp, &m, err);
+        cbw_ovl_map_free (&m);
+      }
+      cbw_ovl_desc_free (&od);
+      if (r < 0)
+        return -1;
+    }
+    d->op.type = CBW_CHAIN_OP_NONE;
+    return chain_save (chain_path, d, err);
+  }
+  /* delete: relink the layer above hi, drop lo..hi, remove their files */
+  const char *below = lo == 1 ? d->base : d->layers[lo - 2];
+  if (hi < d->nlayers) {
+    struct cbw_ovl_desc od;
+    if (cbw_ovl_desc_load (dir, d->layers[hi], &od, err) < 0)
+      return -1;
+    int r = 0;
+    if (strcmp (od.backing, below) != 0) {
+      char *nb = strdup (below);
+      if (nb == NULL) r = cbw_err_set (err, ENOMEM, "out of memory");
+      else {
+        free (od.backing);
+        od.backing = nb;
+        r = hook ("finish-relink", err) < 0 ? -1 : desc_save (dir, &od, err);
+      }
+    }
+    cbw_ovl_desc_free (&od);
+    if (r < 0)
+      return -1;
+  }
+  char **dropped = calloc (hi - lo + 2, sizeof (char *));
+  if (dropped == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  for (i = lo; i <= hi; i++)
+    dropped[i - lo] = d->layers[i - 1];
+  memmove (&d->layers[lo - 1], &d->layers[hi], (d->nlayers - hi) * sizeof (char *));
+  d->nlayers -= hi - lo + 1;
+  d->op.type = CBW_CHAIN_OP_NONE;
+  int r = hook ("finish-save", err) < 0 ? -1 : chain_save (chain_path, d, err);
+  for (i = 0; dropped[i]; i++) {
+    if (r == 0) {
+      struct cbw_ovl_desc od;
+      if (cbw_ovl_desc_load (dir, dropped[i], &od, NULL) == 0) {
+        cbw_ovl_remove (dir, &od, NULL);
+        cbw_ovl_desc_free (&od);
+      }
+    }
+    free (dropped[i]);
+  }
+  free (dropped);
+  return r;
+}
+
+struct ovc *
+ovc_open (const char *chain_path, const struct ovc_open_opts *opts,
+          char **recovered, struct cbw_err *err)
+{
+  struct ovc *c = calloc (1, sizeof *c);
+  unsigned i;
+
+  if (recovered) *recovered = NULL;
+  if (c == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    return NULL;
+  }
+  pthread_mutex_init (&c->gate_lock, NULL);
+  pthread_cond_init (&c->gate_cond, NULL);
+  pthread_mutex_init (&c->map_lock, NULL);
+  pthread_mutex_init (&c->range_lock, NULL);
+  pthread_cond_init (&c->range_cond, NULL);
+  pthread_mutex_init (&c->flush_lock, NULL);
+  pthread_cond_init (&c->flush_cond, NULL);
+  pthread_mutex_init (&c->op_lock, NULL);
+  c->mirror = -1;
+  c->readonly = opts && opts->readonly;
+  c->chain_path = strdup (chain_path);
+  c->dir = cbw_ovl_dirname (chain_path);
+  if (c->chain_path == NULL || c->dir == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto fail;
+  }
+  if (cbw_chain_desc_load (chain_path, &c->desc, err) < 0)
+    goto fail;
+  if (c->desc.op.type == CBW_CHAIN_OP_COMMIT) {
+    char note[256];
+    if (c->readonly) {
+      cbw_err_set (err, EBUSY, "%s: an interrupted commit must be recovered; "
+                   "open the chain read-write once", chain_path);
+      goto fail;
+    }
+    snprintf (note, sizeof note, "commit of layers %u..%u (%s) was interrupted %s",
+              c->desc.op.lo, c->desc.op.hi, cbw_commit_mode_name (c->desc.op.mode),
+              c->desc.op.phase == CBW_CHAIN_PHASE_COPY
+              ? "while copying: undone, the chain is unchanged (run it again)"
+              : "while switching: finished");
+    if (c->desc.op.phase == CBW_CHAIN_PHASE_COPY) {
+      c->desc.op.type = CBW_CHAIN_OP_NONE;
+      if (chain_save (chain_path, &c->desc, err) < 0)
+        goto fail;
+    }
+    else if (roll_forward (chain_path, c->dir, &c->desc, err) < 0) {
+      cbw_err_prefix (err, "%s: recovering interrupted commit", chain_path);
+      goto fail;
+    }
+    if (recovered) *recovered = strdup (note);
+  }
+  if (cbw_chain_validate (c->dir, &c->desc, err) < 0) {
+    cbw_err_prefix (err, "%s", chain_path);
+    goto fail;
+  }
+  c->size = c->desc.size;
+  c->csize = c->desc.cluster_size;
+  c->cbits = (uint32_t) __builtin_ctz (c->csize);
+  c->nl = (unsigned) c->desc.nlayers + 1;
+  c->layers = calloc (c->nl, sizeof *c->layers);
+  if (c->layers == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto fail;
+  }
+  for (i = 0; i < c->nl; i++) {
+    c->layers[i] = layer_open (c, i == 0 ? c->desc.base : c->desc.layers[i - 1],
+                               i == 0, err);
+    if (c->layers[i] == NULL) {
+      cbw_err_prefix (err, "%s: layer %u", chain_path, i);
+      goto fail;
+    }
+  }
+  return c;
+ fail:
+  if (c->layers)
+    for (i = 0; i < c->nl; i++) layer_free (c->layers[i]);
+  free (c->layers);
+  cbw_chain_desc_free (&c->desc);
+  free (c->chain_path);
+  free (c->dir);
+  free (c);
+  if (recovered) { free (*recovered); *recovered = NULL; }
+  return NULL;
+}
+
+void
+ovc_close (struct ovc *c)
+{
+  struct cbw_err e;
+  if (c == NULL) return;
+  ovc_commit_cancel (c, &e);
+  ovc_commit_wait (c, &e);
+  if (!c->readonly)
+    do_flush (c, &e);
+  for (unsigned i = 0; i < c->nl; i++)
+    layer_free (c->layers[i]);
+  free (c->layers);
+  free (c->ranges);
+  cbw_chain_desc_free (&c->desc);
+  cbw_bitmap_free (&c->op_bits);
+  free (c->chain_path);
+  free (c->dir);
+  free (c);
+}
+
+/* -------------------------------------------------------------- snapshot */
+
+static char *
+new_layer_name (struct ovc *c)
+{
+  const char *b = strrchr (c->chain_path, '/');
+  b = b ? b + 1 : c->chain_path;
+  char stem[96];
+  size_t n = 0;
+  for (; *b && n < sizeof stem - 1; b++)
+    stem[n++] = ((*b >= 'a' && *b <= 'z') || (*b >= 'A' && *b <= 'Z') ||
+                 (*b >= '0' && *b <= '9') || *b == '.' || *b == '_' || *b == '-')
+      ? *b : '_';
+  stem[n] = 0;
+  if (n > 5 && strcmp (stem + n - 5, ".json") == 0)
+    stem[n - 5] = 0;
+  for (uint64_t g = c->desc.generation + 1;; g++) {
+    char *name;
+    bool used = false;
+    if (asprintf (&name, "%s.ov%" PRIu64 ".json", stem, g) < 0)
+      return NULL;
+    for (size_t i = 0; i < c->desc.nlayers; i++)
+      if (strcmp (c->desc.layers[i], name) == 0) used = true;
+    if (!used) return name;
+    free (name);
+  }
+}
+
+int
+ovc_snapshot (struct ovc *c, const char *label, char **name_out,
+              struct cbw_err *err)
+{
+  CLEANUP_FREE char *name = NULL;
+  struct cbw_chain_desc nd;
+  struct layer *nl = NULL, **arr;
+  int r = -1;
+
+  if (c->readonly)
+    return cbw_err_set (err, EROFS, "chain opened read-only");
+  if (label && strlen (label) > 1024)
+    return cbw_err_set (err, EINVAL, "label longer than 1024 bytes");
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+  if (c->op_state == OP_RUNNING)
+    return cbw_err_set (err, EBUSY, "a commit of layers %u..%u is running",
+                        c->op_lo, c->op_hi);
+  if (c->switch_pending)
+    return cbw_err_set (err, EBUSY, "a failed commit switch is pending; reopen the chain");
+  if (c->nl - 1 >= CBW_CHAIN_MAX_LAYERS)
+    return cbw_err_set (err, ENOSPC, "chain already has %d overlays (limit)",
+                        CBW_CHAIN_MAX_LAYERS);
+  if ((name = new_layer_name (c)) == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+
+  gate_pause (c);          /* in-flight writes drain */
+  if (do_flush (c, err) < 0) {
+    cbw_err_prefix (err, "snapshot: flush");
+    goto out;
+  }
+  if (hook ("snapshot-flushed", err) < 0)
+    goto out;
+  if (cbw_ovl_create (c->dir, name, c->layers[c->nl - 1]->name, label,
+                      c->size, c->csize, err) < 0) {
+    cbw_err_prefix (err, "snapshot");
+    goto out_rm;
+  }
+  {
+    char tmp[CBW_OVL_NAME_MAX + 8];
+    durable_in (c->dir, name);
+    snprintf (tmp, sizeof tmp, "%s.data", name);
+    durable_in (c->dir, tmp);
+    snprintf (tmp, sizeof tmp, "%s.map", name);
+    durable_in (c->dir, tmp);
+  }
+  if (hook ("snapshot-created", err) < 0)
+    goto out_rm;
+  nl = layer_open (c, name, false, err);
+  if (nl == NULL)
+    goto out_rm;
+  arr = realloc (c->layers, (c->nl + 1) * sizeof *arr);
+  if (arr == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto out_rm;
+  }
+  c->layers = arr;
+  if (cbw_chain_desc_copy (&nd, &c->desc, err) < 0)
+    goto out_rm;
+  nd.layers[nd.nlayers++] = strdup (name);   /* copy allocated nlayers+1 slots */
+  if (nd.layers[nd.nlayers - 1] == NULL) {
+    nd.nlayers--;
+    cbw_chain_desc_free (&nd);
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto out_rm;
+  }
+  if (chain_save (c->chain_path, &nd, err) < 0) {   /* commit point */
+    cbw_chain_desc_free (&nd);
+    cbw_err_prefix (err, "snapshot");
+    goto out_rm;
+  }
+  cbw_chain_desc_free (&c->desc);
+  c->desc = nd;
+  c->layers[c->nl++] = nl;
+  nl = NULL;
+  if (name_out) *name_out = strdup (name);
+  r = 0;
+  hook ("snapshot-done", NULL);
+  goto out;
+ out_rm:
+  {
+    struct cbw_ovl_desc od = { .name = name, .data = NULL, .map = NULL };
+    CLEANUP_FREE char *dn = NULL, *mn = NULL;
+    if (asprintf (&dn, "%s.data", name) > 0 && asprintf (&mn, "%s.map", name) > 0) {
+      od.data = dn; od.map = mn;
+      cbw_ovl_remove (c->dir, &od, NULL);
+    }
+  }
+ out:
+  layer_free (nl);
+  gate_resume (c);
+  return r;
+}
+
+/* ---------------------------------------------------------------- commit */
+
+static bool
+all_zero (const char *p, size_t n)
+{
+  static const char z[4096];
+  while (n >= sizeof z) {
+    if (memcmp (p, z, sizeof z)) return false;
+    p += sizeof z; n -= sizeof z;
+  }
+  return memcmp (p, z, n) == 0;
+}
+
+static void
+throttle (struct ovc *c, struct timespec *t0)
+{
+  uint64_t speed = atomic_load (&c->op_speed);
+  if (speed == 0) return;
+  for (;;) {
+    struct timespec now;
+    clock_gettime (CLOCK_MONOTONIC, &now);
+    double el = (double) (now.tv_sec - t0->tv_sec) + (now.tv_nsec - t0->tv_nsec) / 1e9;
+    double want = (double) atomic_load (&c->op_done) / (double) speed;
+    if (want <= el || atomic_load (&c->op_cancel) || atomic_load (&c->op_speed) == 0)
+      return;
+    double d = want - el;
+    if (d > 0.05) d = 0.05;
+    struct timespec ts = { 0, (long) (d * 1e9) };
+    nanosleep (&ts, NULL);
+    speed = atomic_load (&c->op_speed);
+    if (speed == 0) return;
+  }
+}
+
+/* Copy one run of clusters [s, e) from view 0..hi into layer lo-1. */
+static int
+copy_run (struct ovc *c, char *buf, uint64_t s, uint64_t e, struct cbw_err *err)
+{
+  unsigned hi = c->op_hi, tgt = c->op_lo - 1;
+  uint64_t step = COPY_CHUNK >> c->cbits;
+  if (step == 0) step = 1;
+  struct timespec t0;
+  clock_gettime (CLOCK_MONOTONIC, &t0);
+  while (s < e) {
+    uint64_t n = min64 (step, e - s);
+    uint64_t off = cl_start (c, s), len = cl_end (c, s + n - 1) - off;
+    int r;
+    if (atomic_load (&c->op_cancel))
+      return cbw_err_set (err, ECANCELED, "commit cancelled");
+    gate_enter (c);
+    if (range_acquire (c, s, s + n - 1, err) < 0) {
+      gate_leave (c);
+      return -1;
+    }
+    r = hook ("commit-copy", err);
+    if (r == 0)
+      r = read_view (c, hi, buf, len, off, err);
+    if (r == 0)
+      r = (tgt > 0 && all_zero (buf, len)) ? zero_layer (c, tgt, len, off, err)
+                                            : write_layer (c, tgt, buf, len, off, err);
+    range_release (c, s, s + n - 1);
+    gate_leave (c);
+    if (r < 0)
+      return cbw_err_prefix (err, "commit: copying clusters %" PRIu64 "..%" PRIu64,
+                             s, s + n - 1);
+    atomic_fetch_add (&c->op_done, len);
+    s += n;
+    throttle (c, &t0);
+  }
+  return 0;
+}
+
+/* Final switch (I/O paused).  Records phase "finish", applies it. */
+static int
+commit_finish (struct ovc *c, bool *recorded, struct cbw_err *err)
+{
+  unsigned lo = c->op_lo, hi = c->op_hi, i;
+  struct cbw_chain_desc nd;
+
+  if (do_flush (c, err) < 0)
+    return cbw_err_prefix (err, "commit: flush before switch");
+  if (hook ("commit-flushed", err) < 0)
+    return -1;
+  if (cbw_chain_desc_copy (&nd, &c->desc, err) < 0)
+    return -1;
+  nd.op = (struct cbw_chain_op) { CBW_CHAIN_OP_COMMIT, CBW_CHAIN_PHASE_FINISH,
+                                  c->op_mode, lo, hi };
+  if (chain_save (c->chain_path, &nd, err) < 0) {
+    cbw_chain_desc_free (&nd);
+    return cbw_err_prefix (err, "commit: recording the switch");
+  }
+  /* From here the commit completes: on-disk recovery rolls it forward. */
+  *recorded = true;
+  if (hook ("commit-finish-recorded", err) < 0) {
+    cbw_chain_desc_free (&c->desc);
+    c->desc = nd;
+    return -1;
+  }
+  if (c->op_mode == CBW_COMMIT_MAKE_EMPTY) {
+    /* Memory first (the content is the same either way), then disk. */
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+      for (i = lo; i <= hi; i++) {
+        cbw_ovl_map_set (&c->layers[i]->map, 0, c->layers[i]->map.nclusters,
+                         CBW_OVL_UNALLOC);
+        c->layers[i]->map_dirty = true;
+      }
+    }
+    cbw_chain_desc_free (&c->desc);
+    c->desc = nd;
+    for (i = lo; i <= hi; i++) {
+      struct layer *l = c->layers[i];
+      CLEANUP_FREE void *mbuf = NULL;
+      size_t mlen;
+      int r;
+      {
+        ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+        l->map.generation++;
+        r = cbw_ovl_map_encode (&l->map, &mbuf, &mlen, err);
+      }
+      if (r < 0 || hook ("finish-empty", err) < 0 ||
+          atomic_save (l->map_path, mbuf, mlen, err) < 0)
+        return cbw_err_prefix (err, "commit: emptying layer %u", i);
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+      l->map_dirty = false;
+    }
+    c->desc.op.type = CBW_CHAIN_OP_NONE;
+    if (hook ("finish-save", err) < 0 ||
+        chain_save (c->chain_path, &c->desc, err) < 0)
+      return -1;
+    for (i = lo; i <= hi; i++) {   /* give the space back */
+      struct layer *l = c->layers[i];
+      if (ftruncate (l->fd, 0) < 0 || ftruncate (l->fd, (off_t) c->size) < 0)
+        return cbw_err_set (err, errno, "commit: truncating layer %u: %s", i,
+                            strerror (errno));
+    }
+    return 0;
+  }
+  /* delete */
+  if (roll_forward (c->chain_path, c->dir, &nd, err) < 0) {
+    /* The disk has phase "finish" (and maybe a relink); memory still serves
+     * the old chain, which has the same content.  Next open finishes it. */
+    cbw_chain_desc_free (&nd);
+    return cbw_err_prefix (err, "commit: switching");
+  }
+  for (i = lo; i <= hi; i++)
+    layer_free (c->layers[i]);
+  memmove (&c->layers[lo], &c->layers[hi + 1], (c->nl - hi - 1) * sizeof *c->layers);
+  c->nl -= hi - lo + 1;
+  cbw_chain_desc_free (&c->desc);
+  c->desc = nd;
+  return 0;
+}
+
+static void *
+commit_thread (void *arg)
+{
+  struct ovc *c = arg;
+  struct cbw_err err = { 0 };
+  int r = 0;
+  CLEANUP_FREE char *buf = malloc (COPY_CHUNK > c->csize ? COPY_CHUNK : c->csize);
+
+  if (buf == NULL)
+    r = cbw_err_set (&err, ENOMEM, "commit: out of memory");
+  uint64_t from = 0, s, n;
+  while (r == 0 && cbw_bitmap_next_extent (&c->op_bits, from, &s, &n)) {
+    r = copy_run (c, buf, s, s + n, &err);
+    from = s + n;
+  }
+  gate_pause (c);
+  bool recorded = false;
+  if (r == 0)
+    r = commit_finish (c, &recorded, &err);
+  c->mirror = -1;
+  if (r < 0 && recorded) {
+    /* Memory serves a chain with the same content as the disk's; the disk
+     * has phase "finish" which the next open completes.  Refuse further
+     * chain changes until then (they would overwrite that record). */
+    c->switch_pending = true;
+    cbw_err_prefix (&err, "commit switch failed after it was recorded; guest I/O "
+                    "continues, reopen the chain to finish it");
+  }
+  else if (r < 0) {
+    /* The "copy" record on disk is harmless; drop it (best effort). */
+    struct cbw_chain_desc nd;
+    if (cbw_chain_desc_copy (&nd, &c->desc, NULL) == 0) {
+      if (chain_save (c->chain_path, &nd, NULL) == 0) {
+        cbw_chain_desc_free (&c->desc);
+        c->desc = nd;
+      }
+      else cbw_chain_desc_free (&nd);
+    }
+  }
+  gate_resume (c);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+  c->op_err = err;
+  c->op_state = r == 0 ? OP_COMPLETED
+    : err.errnum == ECANCELED ? OP_CANCELLED : OP_FAILED;
+  return NULL;
+}
+
+int
+ovc_commit_start (struct ovc *c, unsigned lo, unsigned hi,
+                  enum cbw_commit_mode mode, uint64_t speed, struct cbw_err *err)
+{
+  struct cbw_chain_desc nd;
+
+  if (c->readonly)
+    return cbw_err_set (err, EROFS, "chain opened read-only");
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+  if (c->op_state == OP_RUNNING)
+    return cbw_err_set (err, EBUSY, "a commit of layers %u..%u is already running",
+                        c->op_lo, c->op_hi);
+  if (c->switch_pending)
+    return cbw_err_set (err, EBUSY, "a failed commit switch is pending; reopen the chain");
+  if (c->op_thread_live) {
+    pthread_join (c->op_thread, NULL);
+    c->op_thread_live = false;
+  }
+  unsigned n = c->nl - 1;
+  if (lo < 1 || lo > hi || hi > n)
+    return cbw_err_set (err, EINVAL, "commit range %u..%u is not in the chain "
+                        "(overlays are 1..%u%s)", lo, hi, n,
+                        n == 0 ? ": there are none" : "");
+  if (mode != CBW_COMMIT_DELETE && mode != CBW_COMMIT_MAKE_EMPTY)
+    return cbw_err_set (err, EINVAL, "bad commit mode");
+
+  c->op_lo = lo;
+  c->op_hi = hi;
+  c->op_mode = mode;
+  c->op_active = hi == n;
+  atomic_store (&c->op_speed, speed);
+  atomic_store (&c->op_cancel, false);
+  atomic_store (&c->op_done, 0);
+  c->op_err.errnum = 0;
+  c->op_err.msg[0] = 0;
+  c->op_started = (int64_t) time (NULL);
+
+  /* Record the operation (status + recovery), then mirror + snapshot the
+   * set of clusters to copy with I/O drained. */
+  gate_pause (c);
+  if (cbw_chain_desc_copy (&nd, &c->desc, err) < 0)
+    goto fail;
+  nd.op = (struct cbw_chain_op) { CBW_CHAIN_OP_COMMIT, CBW_CHAIN_PHASE_COPY,
+                                  mode, lo, hi };
+  if (hook ("commit-record", err) < 0 ||
+      chain_save (c->chain_path, &nd, err) < 0) {
+    cbw_chain_desc_free (&nd);
+    cbw_err_prefix (err, "commit");
+    goto fail;
+  }
+  nd.op.type = CBW_CHAIN_OP_NONE;     /* memory: no pending switch */
+  cbw_chain_desc_free (&c->desc);
+  c->desc = nd;
+  cbw_bitmap_free (&c->op_bits);
+  if (cbw_bitmap_init (&c->op_bits, c->layers[lo]->map.nclusters) < 0) {
+    cbw_err_set (err, ENOMEM, "commit: out of memory");
+    goto fail;
+  }
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+    for (unsigned k = lo; k <= hi; k++)
+      cbw_bitmap_or (&c->op_bits, &c->layers[k]->map.alloc);
+  }
+  c->op_total = cbw_bitmap_count (&c->op_bits) << c->cbits;
+  if (cbw_bitmap_test (&c->op_bits, c->op_bits.nbits - 1))
+    c->op_total -= ((uint64_t) 1 << c->cbits) - (c->size - cl_start (c, c->op_bits.nbits - 1));
+  if (c->op_active)
+    c->mirror = (int) lo - 1;
+  c->op_state = OP_RUNNING;
+  gate_resume (c);
+  if (pthread_create (&c->op_thread, NULL, commit_thread, c) != 0) {
+    int e = errno ? errno : EAGAIN;
+    gate_pause (c);
+    c->mirror = -1;
+    gate_resume (c);
+    c->op_state = OP_FAILED;
+    return cbw_err_set (err, e, "commit: cannot start thread");
+  }
+  c->op_thread_live = true;
+  return 0;
+ fail:
+  gate_resume (c);
+  return -1;
+}
+
+int
+ovc_commit_cancel (struct ovc *c, struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+  if (c->op_state != OP_RUNNING)
+    return cbw_err_set (err, ENOENT, "no commit is running");
+  atomic_store (&c->op_cancel, true);
+  return 0;
+}
+
+int
+ovc_commit_set_speed (struct ovc *c, uint64_t speed, struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+  if (c->op_state != OP_RUNNING)
+    return cbw_err_set (err, ENOENT, "no commit is running");
+  atomic_store (&c->op_speed, speed);
+  return 0;
+}
+
+int
+ovc_commit_wait (struct ovc *c, struct cbw_err *err)
+{
+  pthread_t t;
+  bool live;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+    live = c->op_thread_live;
+    t = c->op_thread;
+    c->op_thread_live = false;
+  }
+  if (live)
+    pthread_join (t, NULL);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+  if (c->op_state == OP_NONE)
+    return cbw_err_set (err, ENOENT, "no commit was started");
+  if (c->op_state == OP_COMPLETED)
+    return 0;
+  if (err) *err = c->op_err;
+  return -1;
+}
+
+/* ---------------------------------------------------------------- status */
+
+static const char *
+op_state_name (enum op_state s)
+{
+  switch (s) {
+  case OP_RUNNING: return "running";
+  case OP_COMPLETED: return "completed";
+  case OP_FAILED: return "failed";
+  case OP_CANCELLED: return "cancelled";
+  default: return "none";
+  }
+}
+
+struct json_object *
+ovc_status_json (struct ovc *c)
+{
+  struct json_object *o = json_object_new_object ();
+  struct json_object *arr = json_object_new_array ();
+  gate_enter (c);
+  json_object_object_add (o, "size", json_object_new_int64 ((int64_t) c->size));
+  json_object_object_add (o, "cluster_size", json_object_new_int64 (c->csize));
+  json_object_object_add (o, "generation", json_object_new_int64 ((int64_t) c->desc.generation));
+  for (unsigned k = 0; k < c->nl; k++) {
+    struct layer *l = c->layers[k];
+    struct json_object *lo = json_object_new_object ();
+    json_object_object_add (lo, "index", json_object_new_int (k));
+    json_object_object_add (lo, "name", json_object_new_string (l->name));
+    json_object_object_add (lo, "kind", json_object_new_string (l->is_base ? "base" : "overlay"));
+    json_object_object_add (lo, "writable", json_object_new_boolean (k == c->nl - 1 && !c->readonly));
+    if (!l->is_base) {
+      uint64_t a, z;
+      {
+        ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+        a = cbw_bitmap_count (&l->map.alloc);
+        z = cbw_bitmap_count (&l->map.zero);
+      }
+      json_object_object_add (lo, "allocated_bytes", json_object_new_int64 ((int64_t) ((a - z) << c->cbits)));
+      json_object_object_add (lo, "zero_bytes", json_object_new_int64 ((int64_t) (z << c->cbits)));
+      json_object_object_add (lo, "label", json_object_new_string (l->desc.label ? l->desc.label : ""));
+    }
+    json_object_array_add (arr, lo);
+  }
+  gate_leave (c);
+  json_object_object_add (o, "layers", arr);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+  if (c->op_state != OP_NONE) {
+    struct json_object *op = json_object_new_object ();
+    json_object_object_add (op, "type", json_object_new_string ("commit"));
+    json_object_object_add (op, "state", json_object_new_string (op_state_name (c->op_state)));
+    json_object_object_add (op, "lo", json_object_new_int (c->op_lo));
+    json_object_object_add (op, "hi", json_object_new_int (c->op_hi));
+    json_object_object_add (op, "active", json_object_new_boolean (c->op_active));
+    json_object_object_add (op, "mode", json_object_new_string (cbw_commit_mode_name (c->op_mode)));
+    json_object_object_add (op, "done", json_object_new_int64 ((int64_t) atomic_load (&c->op_done)));
+    json_object_object_add (op, "total", json_object_new_int64 ((int64_t) c->op_total));
+    json_object_object_add (op, "speed", json_object_new_int64 ((int64_t) atomic_load (&c->op_speed)));
+    if (c->op_state == OP_FAILED || c->op_state == OP_CANCELLED)
+      json_object_object_add (op, "error", json_object_new_string (c->op_err.msg));
+    json_object_object_add (o, "operation", op);
+  }
+  return o;
+}
+
+/* ------------------------------------------------------ control commands */
+
+const struct cbw_ctl_arg ovc_ctl_snapshot_args[] = {
+  { "label", CBW_ARG_STRING, false, "free text stored in the new overlay's descriptor" },
+  { NULL },
+};
+const struct cbw_ctl_arg ovc_ctl_commit_args[] = {
+  { "base", CBW_ARG_UINT, false, "layer receiving the data (0 = raw base); default top-1" },
+  { "top", CBW_ARG_UINT, false, "highest layer merged; default the active top" },
+  { "mode", CBW_ARG_STRING, false, "`delete` (default) or `make-empty`" },
+  { "speed", CBW_ARG_UINT, false, "bytes per second, 0 = unlimited (default)" },
+  { NULL },
+};
+const struct cbw_ctl_arg ovc_ctl_speed_args[] = {
+  { "speed", CBW_ARG_UINT, true, "bytes per second, 0 = unlimited" },
+  { NULL },
+};
+const struct cbw_ctl_arg ovc_ctl_no_args[] = { { NULL } };
+
+static int
+ctl_err (struct cbw_ctl_reply *r, const struct cbw_err *e)
+{
+  enum cbw_ctl_error_class cl;
+  switch (e->errnum) {
+  case EBUSY: cl = CBW_CTL_BUSY; break;
+  case EINVAL: case ERANGE: cl = CBW_CTL_INVALID_PARAMETER; break;
+  case ENOENT: cl = CBW_CTL_NOT_FOUND; break;
+  case EEXIST: cl = CBW_CTL_EXISTS; break;
+  case EIO: case ENOSPC: case EROFS: cl = CBW_CTL_IO_ERROR; break;
+  default: cl = CBW_CTL_GENERIC_ERROR; break;
+  }
+  return cbw_ctl_fail (r, cl, "%s", e->msg);
+}
+
+int
+ovc_ctl_snapshot (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  char *name = NULL;
+  if (ovc_snapshot (c, cbw_ctl_arg_str (args, "label", NULL), &name, &e) < 0)
+    return ctl_err (r, &e);
+  unsigned n = ovc_nlayers (c);
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "layer", json_object_new_string (name));
+  json_object_object_add (r->ret, "index", json_object_new_int ((int) n));
+  json_object_object_add (r->ret, "layers", json_object_new_int ((int) n + 1));
+  free (name);
+  return 0;
+}
+
+int
+ovc_ctl_commit (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  unsigned n = ovc_nlayers (c);
+  long long top = cbw_ctl_arg_int (args, "top", n);
+  long long base = cbw_ctl_arg_int (args, "base", top - 1);
+  long long speed = cbw_ctl_arg_int (args, "speed", 0);
+  const char *mode = cbw_ctl_arg_str (args, "mode", "delete");
+  enum cbw_commit_mode m;
+  if (strcmp (mode, "delete") == 0) m = CBW_COMMIT_DELETE;
+  else if (strcmp (mode, "make-empty") == 0) m = CBW_COMMIT_MAKE_EMPTY;
+  else
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER,
+                         "mode '%.64s': expected 'delete' or 'make-empty'", mode);
+  if (n == 0)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER,
+                         "the chain has no overlay to commit");
+  if (top < 1 || top > (long long) n || base < 0 || base >= top)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER,
+                         "commit base %lld, top %lld: not in the chain (layers 0..%u, "
+                         "need 0 <= base < top <= %u)", base, top, n, n);
+  if (speed < 0)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "speed must be >= 0");
+  if (ovc_commit_start (c, (unsigned) base + 1, (unsigned) top, m,
+                        (uint64_t) speed, &e) < 0)
+    return ctl_err (r, &e);
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "lo", json_object_new_int ((int) base + 1));
+  json_object_object_add (r->ret, "hi", json_object_new_int ((int) top));
+  json_object_object_add (r->ret, "active", json_object_new_boolean (top == (long long) n));
+  return 0;
+}
+
+int
+ovc_ctl_commit_cancel (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  (void) args;
+  if (ovc_commit_cancel (c, &e) < 0)
+    return ctl_err (r, &e);
+  return 0;
+}
+
+int
+ovc_ctl_commit_speed (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  long long speed = cbw_ctl_arg_int (args, "speed", 0);
+  if (speed < 0)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "speed must be >= 0");
+  if (ovc_commit_set_speed (c, (uint64_t) speed, &e) < 0)
+    return ctl_err (r, &e);
+  return 0;
+}
+
+int
+ovc_ctl_status (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  (void) args;
+  r->ret = ovc_status_json (c);
+  return 0;
+}
+
+int
+ovc_ctl_list (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct json_object *st = ovc_status_json (c), *layers;
+  (void) args;
+  r->ret = json_object_new_object ();
+  if (json_object_object_get_ex (st, "layers", &layers))
+    json_object_object_add (r->ret, "layers", json_object_get (layers));
+  json_object_put (st);
+  return 0;
+}

@@ -1,0 +1,316 @@
+/* cbw — plugin/dirtybitmap/tests/test_tracker.c: unit tests of the tracker
+ * (tracker.c): recording, extents, control operations, recovery after an
+ * unclean close (journal merge, unusable journal → all dirty), and recording
+ * from many threads while checkpoints run, checked against a model.
+ * Each test uses its own temporary directory. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bitmap.h"
+#include "journal.h"
+#include "tracker.h"
+
+#define MiB (1ULL << 20)
+
+static char dir[64], desc[128], jpath[160];
+
+static void
+setup (void)
+{
+  strcpy (dir, "/tmp/dbm-ttest.XXXXXX");
+  cr_assert_not_null (mkdtemp (dir));
+  snprintf (desc, sizeof desc, "%s/d.json", dir);
+  snprintf (jpath, sizeof jpath, "%s/d.json.journal", dir);
+  unsetenv ("CBW_TEST_POWERLOSS_DIR");
+}
+
+static void
+teardown (void)
+{
+  char cmd[128];
+  snprintf (cmd, sizeof cmd, "rm -rf '%s'", dir);
+  cr_assert_eq (system (cmd), 0);
+}
+
+TestSuite (tracker, .init = setup, .fini = teardown, .timeout = 120);
+
+static struct dbm_tracker *
+topen (uint64_t size, uint64_t region)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_tracker *t = dbm_tracker_open (desc, jpath, size, region, NULL, &err);
+  cr_assert_not_null (t, "open: %s", err.msg);
+  return t;
+}
+
+/* All extents of a bitmap as a malloc'd model bitmap of granules. */
+static void
+extents_to_model (struct dbm_tracker *t, const char *name, uint64_t gran,
+                  struct cbw_bitmap *m)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_extent ext[3];
+  uint64_t off = 0, size = dbm_tracker_image_size (t), next;
+  size_t n;
+
+  cr_assert_eq (cbw_bitmap_init (m, size / gran + (size % gran != 0)), 0);
+  /* small max so that paging with "next" is exercised */
+  for (;;) {
+    cr_assert_eq (dbm_tracker_extents (t, name, off, size - off, 3, ext, &n, &next, &err), 0,
+                  "%s", err.msg);
+    for (size_t i = 0; i < n; ++i) {
+      cr_assert_geq (ext[i].offset, off);
+      cr_assert_eq (ext[i].offset % gran, 0);
+      cbw_bitmap_set_range (m, ext[i].offset / gran,
+                            (ext[i].length + gran - 1) / gran);
+    }
+    if (next >= size)
+      break;
+    cr_assert_gt (next, off, "progress");
+    off = next;
+  }
+}
+
+Test (tracker, record_and_extents)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_tracker *t = topen (100 * MiB + 512, 4 * MiB);
+  struct dbm_extent ext[8];
+  uint64_t next;
+  size_t n;
+
+  cr_assert_eq (dbm_tracker_add (t, "b", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_add (t, "b", 65536, true, &err), -1);
+  cr_assert_eq (err.errnum, EEXIST);
+  cr_assert_eq (dbm_tracker_add (t, "bad/name", 65536, true, &err), -1);
+  cr_assert_eq (err.errnum, EINVAL);
+  cr_assert_eq (dbm_tracker_add (t, "g", 1000, true, &err), -1);
+  cr_assert_eq (err.errnum, EINVAL);
+
+  cr_assert_eq (dbm_tracker_record (t, 65536 + 1, 10, &err), 0);
+  cr_assert_eq (dbm_tracker_record (t, 3 * 65536 - 1, 2, &err), 0);   /* 2 granules */
+  cr_assert_eq (dbm_tracker_record (t, 100 * MiB, 512, &err), 0);     /* last, partial */
+  cr_assert_eq (dbm_tracker_extents (t, "b", 0, 100 * MiB + 512, 8, ext, &n, &next, &err), 0);
+  cr_assert_eq (n, 2);
+  cr_assert_eq (ext[0].offset, 65536);
+  cr_assert_eq (ext[0].length, 3 * 65536);
+  cr_assert_eq (ext[1].offset, 100 * MiB);
+  cr_assert_eq (ext[1].length, 512);
+  cr_assert_eq (next, 100 * MiB + 512);
+  /* clipped to the requested range */
+  cr_assert_eq (dbm_tracker_extents (t, "b", 65536 * 2, 100, 8, ext, &n, &next, &err), 0);
+  cr_assert_eq (n, 1);
+  cr_assert_eq (ext[0].offset, 131072);
+  cr_assert_eq (ext[0].length, 100);
+  /* bounded reply */
+  cr_assert_eq (dbm_tracker_extents (t, "b", 0, 100 * MiB + 512, 1, ext, &n, &next, &err), 0);
+  cr_assert_eq (n, 1);
+  cr_assert_eq (next, 100 * MiB);
+  /* bad requests */
+  cr_assert_eq (dbm_tracker_extents (t, "nope", 0, 1, 8, ext, &n, &next, &err), -1);
+  cr_assert_eq (err.errnum, ENOENT);
+  cr_assert_eq (dbm_tracker_extents (t, "b", 100 * MiB, 1 * MiB, 8, ext, &n, &next, &err), -1);
+  cr_assert_eq (err.errnum, EINVAL);
+
+  struct dbm_bitmap_info *info;
+  cr_assert_eq (dbm_tracker_list (t, &info, &n, &err), 0);
+  cr_assert_eq (n, 1);
+  cr_assert_eq (info[0].dirty_bytes, 3 * 65536 + 512);
+  free (info);
+  cr_assert_eq (dbm_tracker_close (t, true, &err), 0, "%s", err.msg);
+
+  /* clean reopen: exact bits, no recovery */
+  t = topen (100 * MiB + 512, 4 * MiB);
+  struct dbm_tracker_stats s;
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_CLEAN);
+  cr_assert_eq (dbm_tracker_list (t, &info, &n, &err), 0);
+  cr_assert_eq (info[0].dirty_bytes, 3 * 65536 + 512);
+  free (info);
+  dbm_tracker_close (t, true, &err);
+}
+
+Test (tracker, disable_enable_clear_merge_remove)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_tracker *t = topen (64 * MiB, MiB);
+  struct dbm_bitmap_info *info;
+  size_t n;
+
+  cr_assert_eq (dbm_tracker_add (t, "a", 65536, true, &err), 0);
+  cr_assert_eq (dbm_tracker_add (t, "c", 1 << 20, false, &err), 0);
+  cr_assert_eq (dbm_tracker_record (t, 0, 4096, &err), 0);
+  cr_assert_eq (dbm_tracker_set_enabled (t, "a", false, &err), 0);
+  cr_assert_eq (dbm_tracker_record (t, 10 * MiB, 4096, &err), 0);    /* nobody records */
+  cr_assert_eq (dbm_tracker_merge (t, "a", "c", &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_list (t, &info, &n, &err), 0);
+  cr_assert_eq (info[0].dirty_bytes, 65536);
+  cr_assert_eq (info[1].dirty_bytes, MiB, "coarser dst: whole granule");
+  cr_assert (!info[0].enabled);
+  free (info);
+  cr_assert_eq (dbm_tracker_set_enabled (t, "c", true, &err), 0);
+  cr_assert_eq (dbm_tracker_record (t, 20 * MiB + 5, 1, &err), 0);
+  cr_assert_eq (dbm_tracker_clear (t, "a", &err), 0);
+  cr_assert_eq (dbm_tracker_list (t, &info, &n, &err), 0);
+  cr_assert_eq (info[0].dirty_bytes, 0);
+  cr_assert_eq (info[1].dirty_bytes, 2 * MiB);
+  free (info);
+  cr_assert_eq (dbm_tracker_remove (t, "a", &err), 0);
+  cr_assert_eq (dbm_tracker_remove (t, "a", &err), -1);
+  cr_assert_eq (err.errnum, ENOENT);
+  cr_assert_eq (dbm_tracker_merge (t, "c", "zz", &err), -1);
+  cr_assert_eq (err.errnum, ENOENT);
+  cr_assert_eq (dbm_tracker_list (t, &info, &n, &err), 0);
+  cr_assert_eq (n, 1);
+  cr_assert_str_eq (info[0].name, "c");
+  free (info);
+  dbm_tracker_close (t, true, &err);
+}
+
+/* Unclean close after a checkpoint: writes since then come back through the
+ * journal (over-reported to their regions); a disabled bitmap is exact. */
+Test (tracker, unclean_close_recovers_from_journal)
+{
+  struct cbw_err err = { 0 };
+  uint64_t size = 256 * MiB, region = 8 * MiB;
+  struct dbm_tracker *t = topen (size, region);
+  struct cbw_bitmap m;
+
+  cr_assert_eq (dbm_tracker_add (t, "on", 65536, true, &err), 0);
+  cr_assert_eq (dbm_tracker_add (t, "off", 65536, true, &err), 0);
+  cr_assert_eq (dbm_tracker_record (t, 0, 4096, &err), 0);
+  cr_assert_eq (dbm_tracker_set_enabled (t, "off", false, &err), 0);   /* saves */
+  cr_assert_eq (dbm_tracker_record (t, 100 * MiB + 7, 3, &err), 0);    /* region 12 */
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);               /* "crash" */
+
+  t = topen (size, region);
+  struct dbm_tracker_stats s;
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_JOURNAL);
+  extents_to_model (t, "on", 65536, &m);
+  cr_assert (cbw_bitmap_test (&m, 0));
+  cr_assert (cbw_bitmap_all_in_range (&m, 96 * MiB / 65536, region / 65536),
+             "whole region 12 dirty");
+  cr_assert_eq (cbw_bitmap_count (&m), 1 + region / 65536);
+  cbw_bitmap_free (&m);
+  extents_to_model (t, "off", 65536, &m);
+  cr_assert_eq (cbw_bitmap_count (&m), 1, "disabled bitmap not polluted");
+  cbw_bitmap_free (&m);
+  dbm_tracker_close (t, true, &err);
+}
+
+Test (tracker, unusable_journal_means_all_dirty)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_tracker *t = topen (32 * MiB, MiB);
+  struct dbm_bitmap_info *info;
+  size_t n;
+
+  cr_assert_eq (dbm_tracker_add (t, "b", 65536, true, &err), 0);
+  cr_assert_eq (dbm_tracker_record (t, 0, 1, &err), 0);
+  dbm_tracker_close (t, false, &err);
+  cr_assert_eq (truncate (jpath, 100), 0);
+  t = topen (32 * MiB, MiB);
+  struct dbm_tracker_stats s;
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_ALL_DIRTY);
+  cr_assert_eq (dbm_tracker_list (t, &info, &n, &err), 0);
+  cr_assert_eq (info[0].dirty_bytes, 32 * MiB);
+  free (info);
+  dbm_tracker_close (t, true, &err);
+  /* and a clean close leaves a usable store: no recovery next time */
+  t = topen (32 * MiB, MiB);
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_CLEAN);
+  dbm_tracker_close (t, true, &err);
+}
+
+Test (tracker, second_open_is_refused)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_tracker *t = topen (32 * MiB, MiB);
+  cr_assert_null (dbm_tracker_open (desc, jpath, 32 * MiB, MiB, NULL, &err));
+  cr_assert_eq (err.errnum, EBUSY, "%d %s", err.errnum, err.msg);
+  dbm_tracker_close (t, true, &err);
+}
+
+/* Many threads record random writes while another thread checkpoints in a
+ * loop; then an unclean close.  Every recorded write must be dirty after
+ * reopening, and the journal must have been shrunk by the checkpoints. */
+#define NTHREADS 4
+#define NWRITES 3000
+static struct dbm_tracker *ct;
+static uint64_t csize = 512 * MiB;
+static uint64_t wlog[NTHREADS][NWRITES][2];
+static volatile int stop_ckpt;
+
+static void *
+writer (void *arg)
+{
+  int id = (int) (intptr_t) arg;
+  unsigned seed = (unsigned) id * 7919u + 1;
+  struct cbw_err err = { 0 };
+
+  for (int i = 0; i < NWRITES; ++i) {
+    uint64_t len = 1 + (uint64_t) rand_r (&seed) % (256 * 1024);
+    uint64_t off = ((uint64_t) rand_r (&seed) << 16 ^ (uint64_t) rand_r (&seed)) % (csize - len);
+    /* cluster writes into a few regions most of the time */
+    if (rand_r (&seed) % 4)
+      off = off % (64 * MiB) + (uint64_t) (rand_r (&seed) % 3) * 128 * MiB;
+    wlog[id][i][0] = off;
+    wlog[id][i][1] = len;
+    cr_assert_eq (dbm_tracker_record (ct, off, len, &err), 0, "%s", err.msg);
+  }
+  return NULL;
+}
+
+static void *
+checkpointer (void *arg)
+{
+  struct cbw_err err = { 0 };
+  (void) arg;
+  while (!stop_ckpt) {
+    cr_assert_eq (dbm_tracker_checkpoint (ct, &err), 0, "%s", err.msg);
+    usleep (200);
+  }
+  return NULL;
+}
+
+Test (tracker, concurrent_record_and_checkpoint)
+{
+  struct cbw_err err = { 0 };
+  pthread_t w[NTHREADS], c;
+  struct cbw_bitmap m;
+  struct dbm_tracker_stats s;
+
+  ct = topen (csize, 16 * MiB);
+  cr_assert_eq (dbm_tracker_add (ct, "b", 65536, true, &err), 0);
+  cr_assert_eq (pthread_create (&c, NULL, checkpointer, NULL), 0);
+  for (int i = 0; i < NTHREADS; ++i)
+    cr_assert_eq (pthread_create (&w[i], NULL, writer, (void *) (intptr_t) i), 0);
+  for (int i = 0; i < NTHREADS; ++i)
+    pthread_join (w[i], NULL);
+  stop_ckpt = 1;
+  pthread_join (c, NULL);
+  dbm_tracker_stats (ct, &s);
+  cr_assert_gt (s.checkpoints, 0);
+  cr_assert_gt (s.journal_writes, 1);
+  dbm_tracker_close (ct, false, &err);
+
+  ct = topen (csize, 16 * MiB);
+  extents_to_model (ct, "b", 65536, &m);
+  for (int i = 0; i < NTHREADS; ++i)
+    for (int k = 0; k < NWRITES; ++k) {
+      uint64_t f = wlog[i][k][0] / 65536, l = (wlog[i][k][0] + wlog[i][k][1] - 1) / 65536;
+      cr_assert (cbw_bitmap_all_in_range (&m, f, l - f + 1),
+                 "write %d/%d at %llu+%llu not dirty", i, k,
+                 (unsigned long long) wlog[i][k][0], (unsigned long long) wlog[i][k][1]);
+    }
+  cbw_bitmap_free (&m);
+  dbm_tracker_close (ct, true, &err);
+}

@@ -1,0 +1,903 @@
+/* cbw — plugin/dirtybitmap/tracker.c: crash-safe recording of writes into
+ * named dirty bitmaps (see tracker.h; design: docs/design/dirty-bitmaps.md).
+ *
+ * Write-ahead rule.  A request may go down only after every region (default
+ * 64 MiB) it touches is set in the journal on disk ("guaranteed"), and its
+ * bits are set in every enabled in-memory bitmap.  The first write to a
+ * region pays one journal update + fdatasync (concurrent ones are coalesced
+ * into one update by the journal-writer protocol below); later writes to a
+ * marked region cost a read lock and an atomic OR per bitmap.
+ *
+ * Checkpoint (timer, flush kick, control commands, clean exit):
+ *   1. reset every region mark to 0 (writes to it now take the slow path,
+ *      which re-marks it without I/O while it is still guaranteed);
+ *   2. take bm_lock for writing (drains every write that tested a mark before
+ *      step 1) and copy the bitmaps;
+ *   3. save the copy (crash-atomic, durable) with state in-use;
+ *   4. rewrite the journal with only the regions marked again since step 1.
+ * A region leaves the journal only if no write recorded itself in it after
+ * the copy, so every write is in the durable bitmaps or its region is in the
+ * durable journal, at every instant.
+ *
+ * Two copies of every bitmap: live[] (in memory, written by the data path)
+ * and the store's (formats/bitmap_store, the save buffer).  The store is only
+ * touched under ckpt_lock, so it can be saved without blocking the data
+ * path; a checkpoint copies live[] into it under bm_lock first.
+ *
+ * Locks, in order (never held across I/O unless said):
+ *   ckpt_lock  serialises checkpoints and control mutations (control plane
+ *              only; held across the bitmap save, no I/O thread waits on it);
+ *   bm_lock    rwlock: read by writers while they test marks and set bits,
+ *              write by control ops and the checkpoint copy.  Guards the
+ *              live bitmaps (live[], nlive, n_enabled);
+ *   j_lock     guards marks (written under it; read lock-free with atomics),
+ *              guaranteed, jset, pending, writer_active and counters;
+ *              j_cond signals the end of a journal write.
+ *   t_lock     the timer thread's stop/kick flags.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include "bitmap.h"
+#include "bitmap_store.h"
+#include "cleanup.h"
+#include "journal.h"
+#include "powerloss.h"
+#include "tracker.h"
+
+struct live_bitmap {
+  char name[CBW_BITMAP_NAME_MAX + 1];
+  uint64_t granularity;
+  bool enabled;
+  enum cbw_bitmap_state state;        /* as last saved */
+  uint64_t generation;                /* as last saved */
+  struct cbw_bitmap bits;
+};
+
+struct dbm_tracker {
+  struct cbw_bitmap_store *st;        /* ckpt_lock */
+  char *journal_path;
+  uint64_t image_size, region_size, nregions;
+  size_t jbytes;                      /* ceil(nregions / 8) */
+  dbm_log_fn log;
+  enum dbm_recovery recovery;
+
+  pthread_mutex_t ckpt_lock;
+  pthread_rwlock_t bm_lock;
+  struct live_bitmap *live;           /* CBW_BITMAP_MAX_COUNT slots; bm_lock */
+  size_t nlive;                       /* bm_lock; same order as st->bitmaps */
+  unsigned n_enabled;                 /* enabled bitmaps; bm_lock */
+
+  pthread_mutex_t j_lock;
+  pthread_cond_t j_cond;
+  struct dbm_journal *journal;        /* used only by the active writer */
+  uint8_t *marks;                     /* one byte per region, atomics */
+  uint8_t *guaranteed;                /* bitsets of nregions bits, j_lock */
+  uint8_t *jset;
+  uint8_t *pending;
+  bool writer_active;
+  bool changed;                       /* something to checkpoint; j_lock */
+  uint64_t write_errors;              /* bumped on each failed journal write */
+  uint64_t journal_writes, checkpoints;
+
+  pthread_mutex_t t_lock;
+  pthread_cond_t t_cond;
+  pthread_t timer;
+  bool timer_running, timer_stop, kicked;
+  unsigned interval_s;
+};
+
+const char *
+dbm_recovery_name (enum dbm_recovery r)
+{
+  switch (r) {
+  case DBM_RECOVERED_CLEAN: return "clean";
+  case DBM_RECOVERED_JOURNAL: return "journal";
+  case DBM_RECOVERED_ALL_DIRTY: return "all-dirty";
+  }
+  return "?";
+}
+
+static inline bool bit_get (const uint8_t *b, uint64_t i) { return b[i / 8] >> (i % 8) & 1; }
+static inline void bit_set (uint8_t *b, uint64_t i) { b[i / 8] |= (uint8_t) (1u << (i % 8)); }
+
+static void
+tlog (struct dbm_tracker *t, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+static void
+tlog (struct dbm_tracker *t, const char *fmt, ...)
+{
+  char msg[1024];
+  va_list ap;
+
+  if (t->log == NULL)
+    return;
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  t->log (msg);
+}
+
+/* Set the granules of [off, off+len) bytes in bm (not atomic). */
+static void
+set_bytes (struct cbw_bitmap *bm, uint64_t gran, uint64_t off, uint64_t len)
+{
+  if (len == 0)
+    return;
+  uint64_t first = off / gran, last = (off + len - 1) / gran;
+  cbw_bitmap_set_range (bm, first, last - first + 1);
+}
+
+/* ---- journal writer protocol ------------------------------------------ */
+
+/* Called with j_lock held and !writer_active.  Writes base | pending as the
+ * new journal content, releasing j_lock during the I/O.  Returns with j_lock
+ * held; 0 or -1 + err. */
+static int
+journal_write_locked (struct dbm_tracker *t, const uint8_t *base, struct cbw_err *err)
+{
+  CLEANUP_FREE uint8_t *s = malloc (t->jbytes);
+  size_t i;
+  int r;
+
+  if (s == NULL)
+    return cbw_err_set (err, ENOMEM, "%s: out of memory", t->journal_path);
+  for (i = 0; i < t->jbytes; ++i) {
+    s[i] = base[i] | t->pending[i];
+    t->pending[i] = 0;
+    t->guaranteed[i] &= s[i];   /* while writing, disk has old or new */
+    t->jset[i] = s[i];
+  }
+  t->writer_active = true;
+  pthread_mutex_unlock (&t->j_lock);
+
+  r = dbm_journal_write (t->journal, s, err);
+
+  pthread_mutex_lock (&t->j_lock);
+  t->writer_active = false;
+  if (r == 0) {
+    memcpy (t->guaranteed, s, t->jbytes);
+    t->journal_writes++;
+  }
+  else
+    t->write_errors++;
+  pthread_cond_broadcast (&t->j_cond);
+  return r;
+}
+
+/* Slow path: make regions [r0, r1] guaranteed and mark them. */
+static int
+ensure_marked (struct dbm_tracker *t, uint64_t r0, uint64_t r1, struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->j_lock);
+  uint64_t r, errors0 = t->write_errors;
+
+  t->changed = true;
+  for (;;) {
+    bool missing = false;
+    for (r = r0; r <= r1; ++r)
+      if (!bit_get (t->guaranteed, r)) {
+        missing = true;
+        if (!(t->writer_active && bit_get (t->jset, r)))
+          bit_set (t->pending, r);
+      }
+    if (!missing) {
+      for (r = r0; r <= r1; ++r)
+        __atomic_store_n (&t->marks[r], 1, __ATOMIC_RELEASE);
+      return 0;
+    }
+    if (t->write_errors != errors0)
+      return cbw_err_set (err, EIO, "%s: journal update failed earlier, "
+                          "refusing the write (see previous error)", t->journal_path);
+    if (!t->writer_active) {
+      if (journal_write_locked (t, t->jset, err) < 0)
+        return -1;
+      continue;
+    }
+    pthread_cond_wait (&t->j_cond, &t->j_lock);
+  }
+}
+
+int
+dbm_tracker_record (struct dbm_tracker *t, uint64_t offset, uint64_t count,
+                    struct cbw_err *err)
+{
+  uint64_t r0, r1, r;
+  size_t i;
+
+  if (count == 0)
+    return 0;
+  if (offset >= t->image_size)
+    return 0;                      /* nbdkit never sends this; nothing to mark */
+  if (count > t->image_size - offset)
+    count = t->image_size - offset;
+  r0 = offset / t->region_size;
+  r1 = (offset + count - 1) / t->region_size;
+
+  for (;;) {
+    bool unmarked = false;
+
+    pthread_rwlock_rdlock (&t->bm_lock);
+    if (t->n_enabled == 0) {
+      pthread_rwlock_unlock (&t->bm_lock);
+      return 0;
+    }
+    for (r = r0; r <= r1; ++r)
+      if (!__atomic_load_n (&t->marks[r], __ATOMIC_ACQUIRE)) {
+        unmarked = true;
+        break;
+      }
+    if (!unmarked) {
+      for (i = 0; i < t->nlive; ++i) {
+        struct live_bitmap *b = &t->live[i];
+        if (!b->enabled)
+          continue;
+        uint64_t first = offset / b->granularity;
+        uint64_t last = (offset + count - 1) / b->granularity;
+        cbw_bitmap_set_range_atomic (&b->bits, first, last - first + 1);
+      }
+      pthread_rwlock_unlock (&t->bm_lock);
+      return 0;
+    }
+    pthread_rwlock_unlock (&t->bm_lock);
+    if (ensure_marked (t, r0, r1, err) < 0)
+      return -1;
+    /* re-test under the read lock: a checkpoint may have reset the marks */
+  }
+}
+
+/* ---- checkpoints ------------------------------------------------------- */
+
+/* dst := src for two maps of the same size (no allocation). */
+static void
+copy_bits (struct cbw_bitmap *dst, const struct cbw_bitmap *src)
+{
+  if (src->nwords == 0)
+    return;
+  memcpy (dst->words, src->words, src->nwords * sizeof (uint64_t));
+  memcpy (dst->summary, src->summary, (src->nwords + 63) / 64 * sizeof (uint64_t));
+}
+
+/* Called with ckpt_lock held. */
+static int
+checkpoint_locked (struct dbm_tracker *t, enum cbw_bitmap_state state,
+                   struct cbw_err *err)
+{
+  CLEANUP_FREE uint8_t *target = NULL;
+  uint64_t r;
+  size_t i;
+  int ret;
+
+  target = calloc (1, t->jbytes);
+  if (target == NULL)
+    return cbw_err_set (err, ENOMEM, "checkpoint: out of memory");
+
+  /* 1. reset marks */
+  pthread_mutex_lock (&t->j_lock);
+  t->changed = false;
+  for (r = 0; r < t->nregions; ++r)
+    __atomic_store_n (&t->marks[r], 0, __ATOMIC_SEQ_CST);
+  pthread_mutex_unlock (&t->j_lock);
+
+  /* 2. copy the live bitmaps into the store while no write is between its
+   *    mark test and its bit setting (memcpy only, no I/O) */
+  pthread_rwlock_wrlock (&t->bm_lock);
+  for (i = 0; i < t->nlive; ++i) {
+    struct cbw_stored_bitmap *d = &t->st->bitmaps[i];
+    copy_bits (&d->bits, &t->live[i].bits);
+    d->enabled = t->live[i].enabled;
+    d->state = state;
+  }
+  pthread_rwlock_unlock (&t->bm_lock);
+
+  /* 3. durable save (I/O; only ckpt_lock held) */
+  ret = cbw_bitmap_store_save (t->st, err);
+  if (ret == 0) {
+    pthread_rwlock_wrlock (&t->bm_lock);
+    for (i = 0; i < t->nlive; ++i) {
+      t->live[i].state = state;
+      t->live[i].generation = t->st->bitmaps[i].generation;
+    }
+    pthread_rwlock_unlock (&t->bm_lock);
+    ret = dbm_powerloss_store_saved (t->st->dir, t->journal_path, err);
+  }
+  if (ret < 0) {
+    pthread_mutex_lock (&t->j_lock);
+    t->changed = true;             /* try again next time */
+    pthread_mutex_unlock (&t->j_lock);
+    return -1;
+  }
+
+  /* 4. keep only regions marked since step 1 */
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->j_lock);
+  while (t->writer_active)
+    pthread_cond_wait (&t->j_cond, &t->j_lock);
+  for (r = 0; r < t->nregions; ++r)
+    if (__atomic_load_n (&t->marks[r], __ATOMIC_SEQ_CST))
+      bit_set (target, r);
+  if (memcmp (target, t->jset, t->jbytes) != 0 ||
+      memcmp (target, t->guaranteed, t->jbytes) != 0) {
+    if (journal_write_locked (t, target, err) < 0) {
+      t->changed = true;
+      return -1;
+    }
+  }
+  t->checkpoints++;
+  return 0;
+}
+
+int
+dbm_tracker_checkpoint (struct dbm_tracker *t, struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+  return checkpoint_locked (t, CBW_BITMAP_IN_USE, err);
+}
+
+static bool
+needs_checkpoint (struct dbm_tracker *t)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->j_lock);
+  size_t i;
+
+  if (t->changed)
+    return true;
+  for (i = 0; i < t->jbytes; ++i)
+    if (t->jset[i])
+      return true;
+  return false;
+}
+
+static void *
+timer_thread (void *arg)
+{
+  struct dbm_tracker *t = arg;
+  struct timespec last, now, until;
+
+  clock_gettime (CLOCK_MONOTONIC, &last);
+  pthread_mutex_lock (&t->t_lock);
+  while (!t->timer_stop) {
+    clock_gettime (CLOCK_MONOTONIC, &now);
+    until = last;
+    until.tv_sec += t->kicked ? 1 : (time_t) t->interval_s;
+    if (now.tv_sec < until.tv_sec ||
+        (now.tv_sec == until.tv_sec && now.tv_nsec < until.tv_nsec)) {
+      pthread_cond_timedwait (&t->t_cond, &t->t_lock, &until);
+      continue;
+    }
+    t->kicked = false;
+    pthread_mutex_unlock (&t->t_lock);
+    if (needs_checkpoint (t)) {
+      struct cbw_err err = { 0 };
+      if (dbm_tracker_checkpoint (t, &err) < 0)
+        tlog (t, "background checkpoint failed (will retry): %s", err.msg);
+    }
+    clock_gettime (CLOCK_MONOTONIC, &last);
+    pthread_mutex_lock (&t->t_lock);
+  }
+  pthread_mutex_unlock (&t->t_lock);
+  return NULL;
+}
+
+int
+dbm_tracker_start_timer (struct dbm_tracker *t, unsigned interval_s, struct cbw_err *err)
+{
+  int e;
+
+  if (t->timer_running)
+    return 0;
+  t->interval_s = interval_s ? interval_s : 1;
+  t->timer_stop = false;
+  e = pthread_create (&t->timer, NULL, timer_thread, t);
+  if (e != 0)
+    return cbw_err_set (err, e, "checkpoint thread: pthread_create: %s", strerror (e));
+  t->timer_running = true;
+  return 0;
+}
+
+void
+dbm_tracker_kick (struct dbm_tracker *t)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->t_lock);
+  if (!t->kicked) {
+    t->kicked = true;
+    pthread_cond_signal (&t->t_cond);
+  }
+}
+
+static void
+stop_timer (struct dbm_tracker *t)
+{
+  if (!t->timer_running)
+    return;
+  pthread_mutex_lock (&t->t_lock);
+  t->timer_stop = true;
+  pthread_cond_signal (&t->t_cond);
+  pthread_mutex_unlock (&t->t_lock);
+  pthread_join (t->timer, NULL);
+  t->timer_running = false;
+}
+
+/* ---- open / close ------------------------------------------------------- */
+
+static void
+tracker_free (struct dbm_tracker *t)
+{
+  if (t == NULL)
+    return;
+  dbm_journal_close (t->journal);
+  cbw_bitmap_store_close (t->st);
+  pthread_mutex_destroy (&t->ckpt_lock);
+  pthread_rwlock_destroy (&t->bm_lock);
+  pthread_mutex_destroy (&t->j_lock);
+  pthread_cond_destroy (&t->j_cond);
+  pthread_mutex_destroy (&t->t_lock);
+  pthread_cond_destroy (&t->t_cond);
+  if (t->live) {
+    for (size_t i = 0; i < t->nlive; ++i)
+      cbw_bitmap_free (&t->live[i].bits);
+    free (t->live);
+  }
+  free (t->marks);
+  free (t->guaranteed);
+  free (t->jset);
+  free (t->pending);
+  free (t->journal_path);
+  free (t);
+}
+
+/* After an unclean shutdown: OR the journal's regions into every enabled
+ * in-use bitmap; if the journal is unusable, set those bitmaps full. */
+static void
+recover (struct dbm_tracker *t)
+{
+  struct dbm_journal_state js;
+  struct cbw_err jerr = { 0 };
+  size_t i, need = 0;
+  uint64_t r;
+
+  for (i = 0; i < t->st->count; ++i)
+    if (t->st->bitmaps[i].state == CBW_BITMAP_IN_USE && t->st->bitmaps[i].enabled)
+      need++;
+  if (need == 0) {
+    t->recovery = DBM_RECOVERED_CLEAN;
+    return;
+  }
+  if (dbm_journal_read (t->journal_path, &js, &jerr) < 0) {
+    t->recovery = DBM_RECOVERED_ALL_DIRTY;
+    tlog (t, "WARNING: %s: unclean shutdown and the journal is unusable (%s): "
+          "marking %zu enabled bitmap(s) entirely dirty", t->st->descriptor_path,
+          jerr.msg, need);
+    for (i = 0; i < t->st->count; ++i) {
+      struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
+      if (b->state == CBW_BITMAP_IN_USE && b->enabled)
+        cbw_bitmap_set_range (&b->bits, 0, b->bits.nbits);
+    }
+    return;
+  }
+  t->recovery = DBM_RECOVERED_JOURNAL;
+  uint64_t nset = 0;
+  for (r = 0; r < js.nregions; ++r) {
+    if (!bit_get (js.bits, r))
+      continue;
+    nset++;
+    uint64_t off = r * js.region_size, len = js.region_size;
+    /* the journal may describe another size: clip to this image; a region
+     * past the end that could not have been written is ignored */
+    if (off >= t->image_size)
+      continue;
+    if (len > t->image_size - off)
+      len = t->image_size - off;
+    for (i = 0; i < t->st->count; ++i) {
+      struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
+      if (b->state == CBW_BITMAP_IN_USE && b->enabled)
+        set_bytes (&b->bits, b->granularity, off, len);
+    }
+  }
+  /* A journal for a smaller image cannot cover writes past its end. */
+  if (js.image_size < t->image_size) {
+    for (i = 0; i < t->st->count; ++i) {
+      struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
+      if (b->state == CBW_BITMAP_IN_USE && b->enabled)
+        set_bytes (&b->bits, b->granularity, js.image_size, t->image_size - js.image_size);
+    }
+  }
+  tlog (t, "%s: unclean shutdown: merged %" PRIu64 " journal region(s) of %" PRIu64
+        " bytes into %zu bitmap(s)", t->st->descriptor_path, nset, js.region_size, need);
+  dbm_journal_state_free (&js);
+}
+
+struct dbm_tracker *
+dbm_tracker_open (const char *descriptor, const char *journal_path,
+                  uint64_t image_size, uint64_t region_size, dbm_log_fn log,
+                  struct cbw_err *err)
+{
+  struct dbm_tracker *t;
+  pthread_rwlockattr_t ra;
+  size_t i;
+
+  t = calloc (1, sizeof *t);
+  if (t == NULL) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    return NULL;
+  }
+  pthread_mutex_init (&t->ckpt_lock, NULL);
+  pthread_rwlockattr_init (&ra);
+  /* writer preference: a checkpoint/control op must not starve under I/O */
+  pthread_rwlockattr_setkind_np (&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init (&t->bm_lock, &ra);
+  pthread_rwlockattr_destroy (&ra);
+  pthread_mutex_init (&t->j_lock, NULL);
+  pthread_cond_init (&t->j_cond, NULL);
+  pthread_mutex_init (&t->t_lock, NULL);
+  {
+    pthread_condattr_t ca;
+    pthread_condattr_init (&ca);
+    pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
+    pthread_cond_init (&t->t_cond, &ca);
+    pthread_condattr_destroy (&ca);
+  }
+  t->log = log;
+  t->image_size = image_size;
+  t->region_size = region_size;
+  t->nregions = dbm_journal_nregions (image_size, region_size);
+  if (t->nregions == 0) {
+    cbw_err_set (err, EINVAL, "region size %" PRIu64 " is invalid for image size %" PRIu64
+                 " (power of two, 1M..1T, at most %u regions)", region_size, image_size,
+                 8 * DBM_JOURNAL_MAX_BITMAP_BYTES);
+    goto fail;
+  }
+  t->jbytes = (size_t) ((t->nregions + 7) / 8);
+  t->journal_path = strdup (journal_path);
+  t->marks = calloc (t->nregions, 1);
+  t->guaranteed = calloc (t->jbytes, 1);
+  t->jset = calloc (t->jbytes, 1);
+  t->pending = calloc (t->jbytes, 1);
+  t->live = calloc (CBW_BITMAP_MAX_COUNT, sizeof *t->live);
+  if (!t->journal_path || !t->marks || !t->guaranteed || !t->jset || !t->pending || !t->live) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto fail;
+  }
+
+  t->st = cbw_bitmap_store_open (descriptor, image_size, err);
+  if (t->st == NULL)
+    goto fail;
+
+  recover (t);
+
+  /* Durably in-use (with recovered bits) before the journal is emptied and
+   * before any write can be recorded. */
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+    if (t->st->count > 0) {
+      for (i = 0; i < t->st->count; ++i)
+        t->st->bitmaps[i].state = CBW_BITMAP_IN_USE;
+      if (cbw_bitmap_store_save (t->st, err) < 0) {
+        cbw_err_prefix (err, "saving recovered bitmaps");
+        goto fail;
+      }
+      if (dbm_powerloss_store_saved (t->st->dir, journal_path, err) < 0)
+        goto fail;
+    }
+  }
+  for (i = 0; i < t->st->count; ++i) {
+    struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
+    struct live_bitmap *l = &t->live[i];
+    if (cbw_bitmap_copy (&l->bits, &b->bits) < 0) {
+      cbw_err_set (err, errno, "bitmap '%s': out of memory", b->name);
+      goto fail;
+    }
+    t->nlive++;
+    memcpy (l->name, b->name, sizeof l->name);
+    l->granularity = b->granularity;
+    l->enabled = b->enabled;
+    l->state = b->state;
+    l->generation = b->generation;
+    if (l->enabled)
+      t->n_enabled++;
+  }
+  t->journal = dbm_journal_create (journal_path, image_size, region_size, err);
+  if (t->journal == NULL)
+    goto fail;
+  return t;
+
+ fail:
+  tracker_free (t);
+  return NULL;
+}
+
+int
+dbm_tracker_close (struct dbm_tracker *t, bool clean, struct cbw_err *err)
+{
+  int ret = 0;
+
+  if (t == NULL)
+    return 0;
+  stop_timer (t);
+  if (clean) {
+    pthread_mutex_lock (&t->ckpt_lock);
+    if (t->st->count > 0 || t->st->generation > 0)
+      ret = checkpoint_locked (t, CBW_BITMAP_CLEAN, err);
+    if (ret == 0) {
+      /* every bitmap is clean on disk: the journal is not needed any more */
+      CLEANUP_FREE uint8_t *empty = calloc (1, t->jbytes);
+      pthread_mutex_lock (&t->j_lock);
+      if (empty == NULL)
+        ret = cbw_err_set (err, ENOMEM, "out of memory");
+      else if (memcmp (empty, t->jset, t->jbytes) != 0)
+        ret = journal_write_locked (t, empty, err);
+      pthread_mutex_unlock (&t->j_lock);
+    }
+    pthread_mutex_unlock (&t->ckpt_lock);
+  }
+  tracker_free (t);
+  return ret;
+}
+
+uint64_t dbm_tracker_image_size (const struct dbm_tracker *t) { return t->image_size; }
+
+/* ---- control operations -------------------------------------------------- */
+
+/* Index of a live bitmap (bm_lock held), or -1 + ENOENT. */
+static ssize_t
+find_or_err (struct dbm_tracker *t, const char *name, struct cbw_err *err)
+{
+  for (size_t i = 0; i < t->nlive; ++i)
+    if (strcmp (t->live[i].name, name) == 0)
+      return (ssize_t) i;
+  return cbw_err_set (err, ENOENT, "bitmap '%s' not found", name);
+}
+
+/* Checkpoint after a control mutation (ckpt_lock held). */
+static int
+persist (struct dbm_tracker *t, const char *what, struct cbw_err *err)
+{
+  if (checkpoint_locked (t, CBW_BITMAP_IN_USE, err) < 0) {
+    cbw_err_prefix (err, "%s applied in memory but not saved (retried by the next "
+                    "checkpoint)", what);
+    err->errnum = EIO;
+    return -1;
+  }
+  return 0;
+}
+
+int
+dbm_tracker_add (struct dbm_tracker *t, const char *name, uint64_t granularity,
+                 bool enabled, struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+  struct cbw_stored_bitmap *b;
+  struct live_bitmap l;
+
+  if (cbw_bitmap_name_valid (name, err) < 0 ||
+      cbw_bitmap_granularity_valid (granularity, err) < 0) {
+    err->errnum = EINVAL;
+    return -1;
+  }
+  /* the store is touched only under ckpt_lock: no bm_lock needed for it */
+  b = cbw_bitmap_store_add (t->st, name, granularity, enabled, err);
+  if (b == NULL)
+    return -1;
+  b->state = CBW_BITMAP_IN_USE;
+  memset (&l, 0, sizeof l);
+  if (cbw_bitmap_init (&l.bits, b->bits.nbits) < 0) {
+    int e = errno;
+    cbw_bitmap_store_remove (t->st, name, NULL);
+    return cbw_err_set (err, e, "bitmap '%s': cannot allocate %" PRIu64 " bits: %s",
+                        name, b->bits.nbits, strerror (e));
+  }
+  memcpy (l.name, b->name, sizeof l.name);
+  l.granularity = granularity;
+  l.enabled = enabled;
+  l.state = CBW_BITMAP_IN_USE;
+
+  pthread_rwlock_wrlock (&t->bm_lock);
+  t->live[t->nlive++] = l;
+  if (enabled)
+    t->n_enabled++;
+  pthread_rwlock_unlock (&t->bm_lock);
+  return persist (t, "add", err);
+}
+
+int
+dbm_tracker_remove (struct dbm_tracker *t, const char *name, struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+  struct cbw_bitmap gone;
+  ssize_t i;
+
+  pthread_rwlock_wrlock (&t->bm_lock);
+  i = find_or_err (t, name, err);
+  if (i < 0) {
+    pthread_rwlock_unlock (&t->bm_lock);
+    return -1;
+  }
+  gone = t->live[i].bits;
+  if (t->live[i].enabled)
+    t->n_enabled--;
+  memmove (&t->live[i], &t->live[i + 1], (t->nlive - (size_t) i - 1) * sizeof t->live[0]);
+  t->nlive--;
+  pthread_rwlock_unlock (&t->bm_lock);
+  cbw_bitmap_free (&gone);
+  if (cbw_bitmap_store_remove (t->st, name, err) < 0)
+    return -1;
+  return persist (t, "remove", err);
+}
+
+int
+dbm_tracker_clear (struct dbm_tracker *t, const char *name, struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+  ssize_t i;
+
+  pthread_rwlock_wrlock (&t->bm_lock);
+  i = find_or_err (t, name, err);
+  if (i >= 0)
+    cbw_bitmap_clear_all (&t->live[i].bits);
+  pthread_rwlock_unlock (&t->bm_lock);
+  if (i < 0)
+    return -1;
+  return persist (t, "clear", err);
+}
+
+int
+dbm_tracker_set_enabled (struct dbm_tracker *t, const char *name, bool enabled,
+                         struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+  ssize_t i;
+
+  pthread_rwlock_wrlock (&t->bm_lock);
+  i = find_or_err (t, name, err);
+  if (i >= 0 && t->live[i].enabled != enabled) {
+    t->live[i].enabled = enabled;
+    if (enabled) t->n_enabled++; else t->n_enabled--;
+  }
+  pthread_rwlock_unlock (&t->bm_lock);
+  if (i < 0)
+    return -1;
+  return persist (t, enabled ? "enable" : "disable", err);
+}
+
+int
+dbm_tracker_merge (struct dbm_tracker *t, const char *src, const char *dst,
+                   struct cbw_err *err)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+  ssize_t si, di = -1;
+  int r = 0;
+
+  pthread_rwlock_wrlock (&t->bm_lock);
+  si = find_or_err (t, src, err);
+  if (si >= 0)
+    di = find_or_err (t, dst, err);
+  if (si >= 0 && di >= 0 && si != di) {
+    struct live_bitmap *s = &t->live[si], *d = &t->live[di];
+    if (s->granularity == d->granularity)
+      r = cbw_bitmap_or (&d->bits, &s->bits);
+    else {
+      /* different granularities: every dst granule overlapping a dirty src
+       * granule becomes dirty (never under-reports) */
+      uint64_t from = 0, st0, cnt;
+      while (cbw_bitmap_next_extent (&s->bits, from, &st0, &cnt)) {
+        uint64_t off = st0 * s->granularity, len = cnt * s->granularity;
+        if (off < t->image_size) {
+          if (len > t->image_size - off)
+            len = t->image_size - off;
+          set_bytes (&d->bits, d->granularity, off, len);
+        }
+        from = st0 + cnt;
+      }
+    }
+  }
+  pthread_rwlock_unlock (&t->bm_lock);
+  if (si < 0 || di < 0)
+    return -1;
+  if (r < 0)
+    return cbw_err_set (err, EINVAL, "merge '%s' into '%s': bitmap sizes differ", src, dst);
+  return persist (t, "merge", err);
+}
+
+static uint64_t
+dirty_bytes (const struct live_bitmap *b, uint64_t image_size)
+{
+  uint64_t n = cbw_bitmap_count (&b->bits) * b->granularity;
+  /* the last granule may be partial */
+  if (b->bits.nbits > 0 && cbw_bitmap_test (&b->bits, b->bits.nbits - 1) &&
+      image_size % b->granularity)
+    n -= b->granularity - image_size % b->granularity;
+  return n;
+}
+
+int
+dbm_tracker_list (struct dbm_tracker *t, struct dbm_bitmap_info **out, size_t *n,
+                  struct cbw_err *err)
+{
+  size_t i;
+
+  pthread_rwlock_rdlock (&t->bm_lock);
+  *n = t->nlive;
+  *out = calloc (*n ? *n : 1, sizeof **out);
+  if (*out == NULL) {
+    pthread_rwlock_unlock (&t->bm_lock);
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  }
+  for (i = 0; i < *n; ++i) {
+    const struct live_bitmap *b = &t->live[i];
+    memcpy ((*out)[i].name, b->name, sizeof b->name);
+    (*out)[i].granularity = b->granularity;
+    (*out)[i].enabled = b->enabled;
+    (*out)[i].state = b->state;
+    (*out)[i].generation = b->generation;
+    (*out)[i].dirty_bytes = dirty_bytes (b, t->image_size);
+  }
+  pthread_rwlock_unlock (&t->bm_lock);
+  return 0;
+}
+
+int
+dbm_tracker_extents (struct dbm_tracker *t, const char *name, uint64_t offset,
+                     uint64_t length, size_t max, struct dbm_extent *out,
+                     size_t *n, uint64_t *next, struct cbw_err *err)
+{
+  struct live_bitmap *b;
+  uint64_t end, from, st0, cnt;
+  ssize_t i;
+
+  *n = 0;
+  if (offset > t->image_size || length > t->image_size - offset)
+    return cbw_err_set (err, EINVAL, "range [%" PRIu64 ", +%" PRIu64 ") is outside the "
+                        "image (%" PRIu64 " bytes)", offset, length, t->image_size);
+  end = offset + length;
+  *next = end;
+  pthread_rwlock_rdlock (&t->bm_lock);
+  i = find_or_err (t, name, err);
+  if (i < 0) {
+    pthread_rwlock_unlock (&t->bm_lock);
+    return -1;
+  }
+  b = &t->live[i];
+  from = offset / b->granularity;
+  while (from * b->granularity < end &&
+         cbw_bitmap_next_extent (&b->bits, from, &st0, &cnt)) {
+    uint64_t eo = st0 * b->granularity, el = cnt * b->granularity;
+    if (eo >= end)
+      break;
+    if (*n == max) {
+      *next = eo > offset ? eo : offset;
+      break;
+    }
+    if (eo < offset) { el -= offset - eo; eo = offset; }
+    if (el > end - eo) el = end - eo;
+    out[(*n)++] = (struct dbm_extent) { eo, el };
+    from = st0 + cnt;
+  }
+  pthread_rwlock_unlock (&t->bm_lock);
+  return 0;
+}
+
+void
+dbm_tracker_stats (struct dbm_tracker *t, struct dbm_tracker_stats *s)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->j_lock);
+  uint64_t r;
+
+  memset (s, 0, sizeof *s);
+  s->image_size = t->image_size;
+  s->region_size = t->region_size;
+  s->nregions = t->nregions;
+  for (r = 0; r < t->nregions; ++r)
+    if (bit_get (t->jset, r))
+      s->journal_regions++;
+  s->journal_writes = t->journal_writes;
+  s->checkpoints = t->checkpoints;
+  s->recovery = t->recovery;
+  s->descriptor = t->st->descriptor_path;
+  s->journal = t->journal_path;
+}

@@ -1,0 +1,151 @@
+/* cbw — server/cbwd.c: main() of cbwd, the cbw NBD server: parses the
+ * command line and config file, builds the exports, listens, and runs the
+ * libuv loop until SIGTERM/SIGINT, then closes connections (requests in
+ * flight finish first) and exits.
+ *
+ * Threads: the loop thread runs everything here; libuv's thread pool (sized
+ * from the exports' needs before the first request, UV_THREADPOOL_SIZE)
+ * runs export I/O (conn.c).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "server.h"
+
+static void
+usage (FILE *f)
+{
+  fprintf (f,
+"usage: cbwd [--config FILE] [--listen unix:PATH|tcp:HOST:PORT]...\n"
+"            [--export name=NAME,type=store|file|pit,KEY=VALUE...]...\n"
+"            [--max-connections N] [--handshake-timeout SECS] [--threads N]\n"
+"            [--pidfile FILE] [-v]\n"
+"export keys: path= size= limit= description= upstream= connections= release=on|off\n"
+"             bitmap=NAME:raw:PATH:GRANULARITY | NAME:extents:PATH | NAME:store:DESC[:STORED]\n"
+"see cbwd(8).\n");
+}
+
+static void
+on_signal (uv_signal_t *h, int sig)
+{
+  struct cbwd_server *srv = h->data;
+  cbwd_log ("signal %d: shutting down", sig);
+  uv_signal_stop (&srv->sigterm);
+  uv_signal_stop (&srv->sigint);
+  uv_close ((uv_handle_t *) &srv->sigterm, NULL);
+  uv_close ((uv_handle_t *) &srv->sigint, NULL);
+  cbwd_server_stop (srv);
+}
+
+int
+main (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "config", required_argument, 0, 'c' },
+    { "listen", required_argument, 0, 'l' },
+    { "export", required_argument, 0, 'e' },
+    { "max-connections", required_argument, 0, 'm' },
+    { "handshake-timeout", required_argument, 0, 't' },
+    { "threads", required_argument, 0, 'T' },
+    { "pidfile", required_argument, 0, 'p' },
+    { "verbose", no_argument, 0, 'v' },
+    { "help", no_argument, 0, 'h' },
+    { 0, 0, 0, 0 },
+  };
+  struct cbwd_server srv;
+  memset (&srv, 0, sizeof srv);
+  srv.limits.max_connections = 1024;
+  srv.limits.max_inflight = 64;
+  srv.limits.max_inflight_bytes = 64ULL * 1024 * 1024;
+  srv.limits.handshake_timeout_ms = 30000;
+  srv.loop = uv_default_loop ();
+  const char *config = NULL, *pidfile = NULL;
+  char **listens = calloc (argc, sizeof *listens);
+  char **exports = calloc (argc, sizeof *exports);
+  size_t nl = 0, ne = 0;
+  long threads = 0;
+  int c;
+  struct cbw_err err = { 0 };
+
+  signal (SIGPIPE, SIG_IGN);
+  while ((c = getopt_long (argc, argv, "c:l:e:vh", opts, NULL)) != -1) {
+    switch (c) {
+    case 'c': config = optarg; break;
+    case 'l': listens[nl++] = optarg; break;
+    case 'e': exports[ne++] = optarg; break;
+    case 'm': srv.limits.max_connections = atoi (optarg); break;
+    case 't': srv.limits.handshake_timeout_ms = atoi (optarg) * 1000; break;
+    case 'T': threads = atol (optarg); break;
+    case 'p': pidfile = optarg; break;
+    case 'v': srv.verbose++; break;
+    case 'h': usage (stdout); return 0;
+    default: usage (stderr); return 2;
+    }
+  }
+  if (optind != argc) { usage (stderr); return 2; }
+
+  for (size_t i = 0; i < ne; i++) {
+    struct cbwd_export_spec s;
+    struct cbwd_export *e = NULL;
+    if (cbwd_parse_export_kv (exports[i], &s, &err) == 0)
+      e = cbwd_build_export (&s, &err);
+    cbwd_export_spec_free (&s);
+    if (!e || cbwd_add_export (&srv, e, &err) == -1) {
+      cbwd_log ("%s", err.msg);
+      if (e) cbwd_export_free (e);
+      return 1;
+    }
+  }
+  if (config && cbwd_load_config (config, &srv, &err) == -1) {
+    cbwd_log ("%s", err.msg);
+    return 1;
+  }
+  if (srv.exports.n == 0) {
+    cbwd_log ("no exports configured (--export or --config)");
+    return 1;
+  }
+  /* Thread pool: enough for the upstream pools plus local file I/O.  Must be
+   * set before libuv starts its pool (first uv_queue_work). */
+  if (threads <= 0) threads = 8;
+  if (threads > 128) threads = 128;
+  char tbuf[16];
+  snprintf (tbuf, sizeof tbuf, "%ld", threads);
+  setenv ("UV_THREADPOOL_SIZE", tbuf, 0);
+
+  for (size_t i = 0; i < nl; i++)
+    if (cbwd_listen (&srv, listens[i]) == -1)
+      return 1;
+  if (srv.nlisteners == 0) {
+    cbwd_log ("nothing to listen on (--listen)");
+    return 1;
+  }
+  free (listens);
+  free (exports);
+  uv_signal_init (srv.loop, &srv.sigterm);
+  uv_signal_init (srv.loop, &srv.sigint);
+  srv.sigterm.data = srv.sigint.data = &srv;
+  uv_signal_start (&srv.sigterm, on_signal, SIGTERM);
+  uv_signal_start (&srv.sigint, on_signal, SIGINT);
+  if (pidfile) {
+    FILE *f = fopen (pidfile, "w");
+    if (!f || fprintf (f, "%d\n", (int) getpid ()) < 0 || fclose (f) != 0) {
+      cbwd_log ("pidfile %s: %m", pidfile);
+      return 1;
+    }
+  }
+  cbwd_log ("serving %zu export(s)", srv.exports.n);
+  uv_run (srv.loop, UV_RUN_DEFAULT);
+  for (size_t i = 0; i < srv.exports.n; i++)
+    cbwd_export_free (srv.exports.v[i]);
+  free (srv.exports.v);
+  uv_loop_close (srv.loop);
+  if (pidfile) unlink (pidfile);
+  cbwd_log ("exited");
+  return 0;
+}

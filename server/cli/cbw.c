@@ -1,0 +1,523 @@
+/* cbw — server/cli/cbw.c: `cbw`, the command-line client of cbwd's control
+ * API (virsh-like: `cbw disk add`, `cbw checkpoint create`, `cbw backup
+ * begin`, ...).  Man page: docs/cbw.1.md.
+ *
+ * Each subcommand is one row of `subs[]`: the control command it sends,
+ * its positional argument and its options with their JSON types, so the CLI
+ * never invents semantics of its own; cbwd validates again.  Output is
+ * human-readable by default and the raw "return" object with --json.
+ * Exit codes (stable, for scripts): 0 success, 1 the command failed (cbwd
+ * answered with an error), 2 usage error (nothing was sent), 3 cannot
+ * connect to cbwd or the connection broke.
+ *
+ * Locking: single-threaded.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+
+#include "cbw_err.h"
+#include "control.h"
+
+#define EXIT_CMD 1
+#define EXIT_USAGE 2
+#define EXIT_CONNECT 3
+#define DEFAULT_SOCKET "/run/cbwd/control.sock"
+
+enum opt_type { O_STR, O_UINT, O_BOOL, O_LIST, O_INCR, O_FULL };
+
+struct opt {
+  const char *flag;       /* "--file" */
+  const char *key;        /* JSON argument */
+  enum opt_type type;
+  const char *help;
+};
+
+typedef void (*printer) (struct json_object *ret);
+
+struct sub {
+  const char *group, *verb;
+  const char *command;
+  const char *positional;     /* JSON key of the one positional argument */
+  bool pos_required;
+  const char *pos_name;       /* for help: NAME */
+  struct opt opts[10];
+  const char *help;
+  printer print;
+};
+
+static bool json_out;
+
+/* ---- printers ---- */
+
+static const char *
+jstr (struct json_object *o, const char *k, const char *dflt)
+{
+  struct json_object *v;
+  if (o && json_object_object_get_ex (o, k, &v) && v &&
+      !json_object_is_type (v, json_type_null))
+    return json_object_get_string (v);
+  return dflt;
+}
+
+static int64_t
+jint (struct json_object *o, const char *k)
+{
+  struct json_object *v;
+  if (o && json_object_object_get_ex (o, k, &v) && v)
+    return json_object_get_int64 (v);
+  return 0;
+}
+
+static struct json_object *
+jget (struct json_object *o, const char *k)
+{
+  struct json_object *v = NULL;
+  if (o)
+    json_object_object_get_ex (o, k, &v);
+  return v;
+}
+
+static void
+human_size (uint64_t n, char *buf, size_t len)
+{
+  const char *u[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB" };
+  double v = (double) n;
+  int i = 0;
+  while (v >= 1024 && i < 5) { v /= 1024; i++; }
+  if (i == 0)
+    snprintf (buf, len, "%" PRIu64 " B", n);
+  else
+    snprintf (buf, len, "%.1f %s", v, u[i]);
+}
+
+static void
+print_kv (struct json_object *ret)
+{
+  json_object_object_foreach (ret, k, v)
+    printf ("%-12s %s\n", k, v ? json_object_get_string (v) : "-");
+}
+
+static void
+print_disk (struct json_object *d)
+{
+  printf ("disk %s: %s, %s\n  nbd: %s\n", jstr (d, "name", "?"), jstr (d, "state", "?"),
+          jstr (d, "file", "?"), jstr (d, "uri", "?"));
+}
+
+static void
+print_disks (struct json_object *ret)
+{
+  struct json_object *a = jget (ret, "disks");
+  size_t n = a ? json_object_array_length (a) : 0;
+  if (n == 0) {
+    printf ("no disks\n");
+    return;
+  }
+  printf ("%-16s %-8s %-8s %10s  %s\n", "NAME", "STATE", "PID", "SIZE", "FILE");
+  for (size_t i = 0; i < n; i++) {
+    struct json_object *d = json_object_array_get_idx (a, i);
+    char sz[32];
+    human_size ((uint64_t) jint (d, "size"), sz, sizeof sz);
+    printf ("%-16s %-8s %-8" PRId64 " %10s  %s\n", jstr (d, "name", "?"),
+            jstr (d, "state", "?"), jint (d, "pid"), sz, jstr (d, "file", "?"));
+  }
+}
+
+static void
+print_cps (struct json_object *ret)
+{
+  struct json_object *a = jget (ret, "checkpoints");
+  size_t n = a ? json_object_array_length (a) : 0;
+  if (n == 0) {
+    printf ("no checkpoints\n");
+    return;
+  }
+  printf ("%-20s %-20s %s\n", "NAME", "CREATED (UTC)", "DISKS");
+  for (size_t i = 0; i < n; i++) {
+    struct json_object *c = json_object_array_get_idx (a, i), *d = jget (c, "disks");
+    char when[32];
+    time_t t = (time_t) jint (c, "created");
+    struct tm tm;
+    gmtime_r (&t, &tm);
+    strftime (when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+    printf ("%-20s %-20s ", jstr (c, "name", "?"), when);
+    for (size_t j = 0; d && j < json_object_array_length (d); j++)
+      printf ("%s%s", j ? "," : "", json_object_get_string (json_object_array_get_idx (d, j)));
+    printf ("%s\n", json_object_get_boolean (jget (c, "pending")) ? " (pending)" : "");
+  }
+}
+
+static void
+print_backup (struct json_object *ret)
+{
+  printf ("backup %s: mode %s", jstr (ret, "id", "?"), jstr (ret, "mode", "?"));
+  const char *since = jstr (ret, "since", "");
+  const char *cp = jstr (ret, "checkpoint", "");
+  if (since[0]) printf (", since checkpoint %s", since);
+  if (cp[0]) printf (", created checkpoint %s", cp);
+  printf ("\n");
+  struct json_object *a = jget (ret, "disks");
+  for (size_t i = 0; a && i < json_object_array_length (a); i++) {
+    struct json_object *d = json_object_array_get_idx (a, i);
+    printf ("  %-16s %s\n", jstr (d, "name", "?"), jstr (d, "pit-uri", "-"));
+    if (jstr (d, "bitmap", NULL))
+      printf ("  %-16s dirty bitmap: %s\n", "", jstr (d, "bitmap", ""));
+    struct json_object *s = jget (d, "session");
+    if (s)
+      printf ("  %-16s session: %s\n", "",
+              json_object_to_json_string_ext (s, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+    if (jstr (d, "session-error", NULL))
+      printf ("  %-16s session error: %s\n", "", jstr (d, "session-error", ""));
+  }
+}
+
+static void
+print_events (struct json_object *ret)
+{
+  struct json_object *a = jget (ret, "events");
+  for (size_t i = 0; a && i < json_object_array_length (a); i++) {
+    struct json_object *e = json_object_array_get_idx (a, i);
+    char when[32];
+    time_t t = (time_t) jint (e, "time");
+    struct tm tm;
+    gmtime_r (&t, &tm);
+    strftime (when, sizeof when, "%H:%M:%S", &tm);
+    printf ("%6" PRId64 " %s %-20s %s\n", jint (e, "seq"), when, jstr (e, "event", "?"),
+            json_object_to_json_string_ext (jget (e, "data"), JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+  }
+  if (json_object_get_boolean (jget (ret, "lost")))
+    printf ("(older events were dropped)\n");
+}
+
+static void
+print_created (struct json_object *ret)
+{
+  printf ("checkpoint %s created\n", jstr (ret, "name", "?"));
+}
+
+/* ---- the subcommand table ---- */
+
+static const struct sub subs[] = {
+  { "status", NULL, "status", NULL, false, NULL, { { NULL } },
+    "show the daemon's summary", print_kv },
+  { "disk", "add", "disk-add", "name", true, "NAME",
+    { { "--file", "file", O_STR, "image file or block device (required)" },
+      { "--granularity", "granularity", O_UINT, "dirty bitmap granularity in bytes" },
+      { NULL } },
+    "add a disk and start serving it", print_disk },
+  { "disk", "list", "disk-list", NULL, false, NULL, { { NULL } },
+    "list disks and their state", print_disks },
+  { "disk", "remove", "disk-remove", "name", true, "NAME", { { NULL } },
+    "stop serving a disk and forget it", NULL },
+  { "disk", "start", "disk-start", "name", true, "NAME", { { NULL } },
+    "start a stopped or dead disk's nbdkit", print_disk },
+  { "disk", "stop", "disk-stop", "name", true, "NAME", { { NULL } },
+    "stop a disk's nbdkit", NULL },
+  { "checkpoint", "create", "checkpoint-create", "name", true, "NAME",
+    { { "--disk", "disks", O_LIST, "a disk of the set (repeat; default all)" }, { NULL } },
+    "create a checkpoint atomically across disks", print_created },
+  { "checkpoint", "list", "checkpoint-list", NULL, false, NULL,
+    { { "--disk", "disk", O_STR, "only checkpoints covering this disk" }, { NULL } },
+    "list checkpoints, oldest first", print_cps },
+  { "checkpoint", "delete", "checkpoint-delete", "name", true, "NAME", { { NULL } },
+    "delete a checkpoint (its bitmap merges into its neighbour)", NULL },
+  { "backup", "begin", "backup-begin", NULL, false, NULL,
+    { { "--id", "id", O_STR, "backup id (default backup)" },
+      { "--disk", "disks", O_LIST, "a disk of the set (repeat; default all)" },
+      { "--full", "mode", O_FULL, "full backup (default)" },
+      { "--incremental", "since", O_INCR, "CHECKPOINT: only blocks changed since it" },
+      { "--mode", "mode", O_STR, "full | incremental | none" },
+      { "--checkpoint", "checkpoint", O_STR, "create this checkpoint at the point in time" },
+      { "--freeze-hook", "freeze-hook", O_STR, "command run with freeze / thaw" },
+      { "--freeze-timeout", "freeze-timeout", O_UINT, "seconds (default 10)" },
+      { "--freeze-required", "freeze-required", O_BOOL, "fail if the guest does not freeze" },
+      { NULL } },
+    "begin a pull backup with one point in time", print_backup },
+  { "backup", "end", "backup-end", NULL, false, NULL,
+    { { "--id", "id", O_STR, "backup id (default: the running one)" }, { NULL } },
+    "end the running backup", NULL },
+  { "backup", "status", "backup-status", NULL, false, NULL, { { NULL } },
+    "show the running backup", print_backup },
+  { "event", "list", "event-list", NULL, false, NULL,
+    { { "--since", "since", O_UINT, "only events after this sequence number" }, { NULL } },
+    "show recent events", print_events },
+  { NULL }
+};
+
+static void
+usage (FILE *fp)
+{
+  fprintf (fp, "usage: cbw [-c SOCKET] [--json] COMMAND [SUBCOMMAND] [ARGS]\n\n"
+           "  -c, --connect SOCKET  cbwd control socket (default $CBW_SOCKET or %s)\n"
+           "  --json                print cbwd's reply as JSON\n"
+           "  -h, --help            this help; `cbw COMMAND --help` for one command\n\n"
+           "commands:\n", DEFAULT_SOCKET);
+  for (const struct sub *s = subs; s->group; s++) {
+    char head[64];
+    snprintf (head, sizeof head, "%s%s%s%s%s", s->group, s->verb ? " " : "",
+              s->verb ? s->verb : "", s->pos_name ? " " : "", s->pos_name ? s->pos_name : "");
+    fprintf (fp, "  %-28s %s\n", head, s->help);
+  }
+  fprintf (fp, "  %-28s %s\n", "raw COMMAND [JSON]", "send any control command");
+  fprintf (fp, "\nexit status: 0 ok, 1 command failed, 2 usage error, 3 cannot connect\n");
+}
+
+static void
+sub_usage (FILE *fp, const struct sub *s)
+{
+  fprintf (fp, "usage: cbw %s%s%s%s%s [OPTIONS]\n  %s\n", s->group, s->verb ? " " : "",
+           s->verb ? s->verb : "", s->pos_name ? " " : "", s->pos_name ? s->pos_name : "",
+           s->help);
+  for (const struct opt *o = s->opts; o->flag; o++)
+    fprintf (fp, "  %-20s %s%s\n", o->flag,
+             o->type == O_BOOL || o->type == O_FULL ? "" : "VALUE  ", o->help);
+}
+
+static int
+usage_error (const char *fmt, const char *a, const char *b)
+{
+  fprintf (stderr, "cbw: ");
+  fprintf (stderr, fmt, a, b);
+  fprintf (stderr, "\n(try `cbw --help`)\n");
+  return EXIT_USAGE;
+}
+
+static bool
+parse_uint (const char *s, int64_t *out)
+{
+  char *end;
+  errno = 0;
+  if (s[0] < '0' || s[0] > '9')
+    return false;
+  unsigned long long v = strtoull (s, &end, 10);
+  if (errno || *end || v > INT64_MAX)
+    return false;
+  *out = (int64_t) v;
+  return true;
+}
+
+/* Build the arguments of subcommand s from argv[i..]; EXIT_USAGE on error. */
+static int
+build_args (const struct sub *s, int argc, char **argv, int i, struct json_object *args)
+{
+  bool have_pos = false;
+  for (; i < argc; i++) {
+    const char *a = argv[i];
+    if (strcmp (a, "-h") == 0 || strcmp (a, "--help") == 0) {
+      sub_usage (stdout, s);
+      exit (0);
+    }
+    if (a[0] == '-' && a[1] == '-') {
+      const struct opt *o;
+      const char *val = NULL;
+      char flag[64];
+      const char *eq = strchr (a, '=');
+      snprintf (flag, sizeof flag, "%.*s", eq ? (int) (eq - a) : (int) strlen (a), a);
+      for (o = s->opts; o->flag; o++)
+        if (strcmp (o->flag, flag) == 0)
+          break;
+      if (o->flag == NULL)
+        return usage_error ("unknown option %s for `%s`", flag, s->command);
+      if (o->type == O_BOOL || o->type == O_FULL) {
+        if (eq)
+          return usage_error ("option %s takes no value%s", flag, "");
+      }
+      else {
+        if (eq)
+          val = eq + 1;
+        else if (i + 1 < argc)
+          val = argv[++i];
+        else
+          return usage_error ("option %s needs a value%s", flag, "");
+      }
+      int64_t n;
+      struct json_object *list;
+      switch (o->type) {
+      case O_STR:
+        if (json_object_object_get_ex (args, o->key, NULL))
+          return usage_error ("%s given twice (or conflicts with another option)%s", flag, "");
+        json_object_object_add (args, o->key, json_object_new_string (val));
+        break;
+      case O_UINT:
+        if (!parse_uint (val, &n))
+          return usage_error ("%s: \"%s\" is not a non-negative integer", flag, val);
+        json_object_object_add (args, o->key, json_object_new_int64 (n));
+        break;
+      case O_BOOL:
+        json_object_object_add (args, o->key, json_object_new_boolean (true));
+        break;
+      case O_LIST:
+        if (!json_object_object_get_ex (args, o->key, &list)) {
+          list = json_object_new_array ();
+          json_object_object_add (args, o->key, list);
+        }
+        json_object_array_add (list, json_object_new_string (val));
+        break;
+      case O_FULL:
+      case O_INCR:
+        if (json_object_object_get_ex (args, "mode", NULL))
+          return usage_error ("%s conflicts with another mode option%s", flag, "");
+        json_object_object_add (args, "mode",
+                                json_object_new_string (o->type == O_FULL ? "full"
+                                                        : "incremental"));
+        if (o->type == O_INCR)
+          json_object_object_add (args, "since", json_object_new_string (val));
+        break;
+      }
+    }
+    else if (a[0] == '-' && a[1] != '\0')
+      return usage_error ("unknown option %s for `%s`", a, s->command);
+    else if (s->positional && !have_pos) {
+      json_object_object_add (args, s->positional, json_object_new_string (a));
+      have_pos = true;
+    }
+    else
+      return usage_error ("unexpected argument \"%s\" for `%s`", a, s->command);
+  }
+  if (s->pos_required && !have_pos)
+    return usage_error ("`%s` needs a %s", s->command, s->pos_name);
+  /* Required options (the ones whose help says so). */
+  for (const struct opt *o = s->opts; o->flag; o++)
+    if (strstr (o->help, "(required)") && !json_object_object_get_ex (args, o->key, NULL))
+      return usage_error ("`%s` needs %s", s->command, o->flag);
+  return 0;
+}
+
+static int
+run (const char *sock, const char *command, struct json_object *args, printer print)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_ctl_client *c = cbw_ctl_client_connect (sock, &err);
+  if (c == NULL) {
+    json_object_put (args);
+    fprintf (stderr, "cbw: cannot connect to cbwd: %s\n", err.msg);
+    return EXIT_CONNECT;
+  }
+  struct json_object *reply = cbw_ctl_client_call (c, command, args, &err);
+  cbw_ctl_client_close (c);
+  if (reply == NULL) {
+    fprintf (stderr, "cbw: connection to cbwd failed: %s\n", err.msg);
+    return EXIT_CONNECT;
+  }
+  struct json_object *ret, *e;
+  int rc;
+  if (json_object_object_get_ex (reply, "return", &ret)) {
+    if (json_out)
+      printf ("%s\n", json_object_to_json_string_ext (ret, JSON_C_TO_STRING_PRETTY |
+                                                      JSON_C_TO_STRING_SPACED | JSON_C_TO_STRING_NOSLASHESCAPE));
+    else if (print)
+      print (ret);
+    rc = 0;
+  }
+  else if (json_object_object_get_ex (reply, "error", &e)) {
+    if (json_out)
+      printf ("%s\n", json_object_to_json_string_ext (reply, JSON_C_TO_STRING_PRETTY |
+                                                      JSON_C_TO_STRING_SPACED | JSON_C_TO_STRING_NOSLASHESCAPE));
+    fprintf (stderr, "cbw: error: %s: %s\n", jstr (e, "class", "?"), jstr (e, "desc", "?"));
+    rc = EXIT_CMD;
+  }
+  else {
+    fprintf (stderr, "cbw: malformed reply from cbwd\n");
+    rc = EXIT_CONNECT;
+  }
+  json_object_put (reply);
+  return rc;
+}
+
+int
+main (int argc, char **argv)
+{
+  const char *sock = getenv ("CBW_SOCKET");
+  int i = 1;
+
+  for (; i < argc && argv[i][0] == '-'; i++) {
+    if (strcmp (argv[i], "--json") == 0)
+      json_out = true;
+    else if (strcmp (argv[i], "-c") == 0 || strcmp (argv[i], "--connect") == 0) {
+      if (++i >= argc)
+        return usage_error ("%s needs a socket path%s", argv[i - 1], "");
+      sock = argv[i];
+    }
+    else if (strncmp (argv[i], "--connect=", 10) == 0)
+      sock = argv[i] + 10;
+    else if (strcmp (argv[i], "-h") == 0 || strcmp (argv[i], "--help") == 0) {
+      usage (stdout);
+      return 0;
+    }
+    else
+      return usage_error ("unknown option %s%s", argv[i], "");
+  }
+  if (sock == NULL || sock[0] == '\0')
+    sock = DEFAULT_SOCKET;
+  if (i >= argc) {
+    usage (stderr);
+    return EXIT_USAGE;
+  }
+  const char *group = argv[i++];
+  if (strcmp (group, "help") == 0) {
+    usage (stdout);
+    return 0;
+  }
+  if (strcmp (group, "raw") == 0) {
+    if (i >= argc || i + 2 < argc)
+      return usage_error ("usage: cbw raw COMMAND [JSON-ARGUMENTS]%s%s", "", "");
+    struct json_object *args = NULL;
+    if (i + 1 < argc) {
+      args = json_tokener_parse (argv[i + 1]);
+      if (args == NULL || !json_object_is_type (args, json_type_object)) {
+        json_object_put (args);
+        return usage_error ("raw: arguments must be a JSON object: %s%s", argv[i + 1], "");
+      }
+    }
+    json_out = true;
+    return run (sock, argv[i], args, NULL);
+  }
+  if (strcmp (group, "events") == 0)
+    group = "event";
+
+  bool group_known = false;
+  const struct sub *s = NULL;
+  for (const struct sub *t = subs; t->group; t++) {
+    if (strcmp (t->group, group) != 0)
+      continue;
+    group_known = true;
+    if (t->verb == NULL) {
+      s = t;
+      break;
+    }
+    if (i < argc && strcmp (t->verb, argv[i]) == 0) {
+      s = t;
+      i++;
+      break;
+    }
+  }
+  if (!group_known)
+    return usage_error ("unknown command \"%s\"%s", group, "");
+  if (s == NULL) {
+    if (i < argc && (strcmp (argv[i], "--help") == 0 || strcmp (argv[i], "-h") == 0)) {
+      for (const struct sub *t = subs; t->group; t++)
+        if (strcmp (t->group, group) == 0)
+          sub_usage (stdout, t);
+      return 0;
+    }
+    return usage_error ("`%s` needs a subcommand (%s)", group,
+                        strcmp (group, "disk") == 0 ? "add, list, remove, start, stop"
+                        : strcmp (group, "checkpoint") == 0 ? "create, list, delete"
+                        : strcmp (group, "backup") == 0 ? "begin, end, status" : "list");
+  }
+  struct json_object *args = json_object_new_object ();
+  int r = build_args (s, argc, argv, i, args);
+  if (r != 0) {
+    json_object_put (args);
+    return r;
+  }
+  return run (sock, s->command, args, s->print);
+}

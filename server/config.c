@@ -1,0 +1,368 @@
+/* cbw — server/config.c: --export specs and the JSON config file (see
+ * config.h and docs/cbwd.8.md for the keys).  Everything is validated here:
+ * unknown keys, bad numbers, missing required keys, duplicate export names
+ * are errors that name the key and the export.  Start-up only; no locking.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <json-c/json.h>
+
+#include "cleanup.h"
+#include "config.h"
+#include "fileutil.h"
+
+int
+cbwd_parse_size (const char *str, uint64_t *out)
+{
+  char *end;
+  if (!str || !isdigit ((unsigned char) str[0])) return -1;
+  errno = 0;
+  unsigned long long v = strtoull (str, &end, 10);
+  if (errno) return -1;
+  unsigned shift = 0;
+  switch (*end) {
+  case 0: break;
+  case 'k': case 'K': shift = 10; end++; break;
+  case 'm': case 'M': shift = 20; end++; break;
+  case 'g': case 'G': shift = 30; end++; break;
+  case 't': case 'T': shift = 40; end++; break;
+  default: return -1;
+  }
+  if (*end == 'i' || *end == 'B') { if (*end == 'i') end++; if (*end == 'B') end++; }
+  if (*end) return -1;
+  if (shift && v > (UINT64_MAX >> shift)) return -1;
+  *out = (uint64_t) v << shift;
+  return 0;
+}
+
+void
+cbwd_export_spec_free (struct cbwd_export_spec *s)
+{
+  free (s->name); free (s->type); free (s->path); free (s->description);
+  free (s->upstream);
+  for (size_t i = 0; i < s->nbitmaps; i++) {
+    free (s->bitmaps[i].name); free (s->bitmaps[i].source);
+    free (s->bitmaps[i].path); free (s->bitmaps[i].stored);
+  }
+  memset (s, 0, sizeof *s);
+}
+
+static int
+set_str (char **dst, const char *v, const char *key, struct cbw_err *err)
+{
+  if (*dst)
+    return cbw_err_set (err, EINVAL, "key '%s' given twice", key);
+  *dst = strdup (v);
+  return *dst ? 0 : cbw_err_set (err, ENOMEM, "out of memory");
+}
+
+/* NAME:raw:PATH:GRAN | NAME:extents:PATH | NAME:store:DESCRIPTOR[:STORED] */
+static int
+parse_bitmap_kv (const char *v, struct cbwd_export_spec *s, struct cbw_err *err)
+{
+  if (s->nbitmaps >= CBWD_MAX_BITMAPS)
+    return cbw_err_set (err, EINVAL, "too many bitmaps (max %d)", CBWD_MAX_BITMAPS);
+  CLEANUP_FREE char *copy = strdup (v);
+  if (!copy) return cbw_err_set (err, ENOMEM, "out of memory");
+  char *parts[4] = { 0 };
+  size_t np = 0;
+  char *save = NULL;
+  for (char *t = strtok_r (copy, ":", &save); t && np < 4; t = strtok_r (NULL, ":", &save))
+    parts[np++] = t;
+  if (np < 3)
+    return cbw_err_set (err, EINVAL, "bitmap=%s: expected NAME:SOURCE:PATH[:...]", v);
+  struct cbwd_bitmap_spec *b = &s->bitmaps[s->nbitmaps];
+  memset (b, 0, sizeof *b);
+  b->name = strdup (parts[0]);
+  b->source = strdup (parts[1]);
+  b->path = strdup (parts[2]);
+  s->nbitmaps++;
+  if (!b->name || !b->source || !b->path) return cbw_err_set (err, ENOMEM, "out of memory");
+  if (strcmp (parts[1], "raw") == 0) {
+    b->granularity = 65536;
+    if (np == 4 && cbwd_parse_size (parts[3], &b->granularity) == -1)
+      return cbw_err_set (err, EINVAL, "bitmap=%s: bad granularity", v);
+  }
+  else if (strcmp (parts[1], "store") == 0) {
+    if (np == 4 && !(b->stored = strdup (parts[3])))
+      return cbw_err_set (err, ENOMEM, "out of memory");
+  }
+  else if (strcmp (parts[1], "extents") != 0 || np != 3)
+    return cbw_err_set (err, EINVAL, "bitmap=%s: source must be raw, extents or store", v);
+  return 0;
+}
+
+int
+cbwd_parse_export_kv (const char *kv, struct cbwd_export_spec *s, struct cbw_err *err)
+{
+  memset (s, 0, sizeof *s);
+  s->release = -1;
+  CLEANUP_FREE char *copy = strdup (kv);
+  if (!copy) return cbw_err_set (err, ENOMEM, "out of memory");
+  char *save = NULL;
+  for (char *t = strtok_r (copy, ",", &save); t; t = strtok_r (NULL, ",", &save)) {
+    char *eq = strchr (t, '=');
+    if (!eq)
+      return cbw_err_set (err, EINVAL, "--export %s: '%s' is not KEY=VALUE", kv, t);
+    *eq = 0;
+    const char *k = t, *v = eq + 1;
+    int r = 0;
+    if (strcmp (k, "name") == 0) r = set_str (&s->name, v, k, err);
+    else if (strcmp (k, "type") == 0) r = set_str (&s->type, v, k, err);
+    else if (strcmp (k, "path") == 0) r = set_str (&s->path, v, k, err);
+    else if (strcmp (k, "description") == 0) r = set_str (&s->description, v, k, err);
+    else if (strcmp (k, "upstream") == 0) r = set_str (&s->upstream, v, k, err);
+    else if (strcmp (k, "size") == 0) {
+      if (cbwd_parse_size (v, &s->size) == -1) r = cbw_err_set (err, EINVAL, "bad size '%s'", v);
+    }
+    else if (strcmp (k, "limit") == 0) {
+      if (cbwd_parse_size (v, &s->limit) == -1) r = cbw_err_set (err, EINVAL, "bad limit '%s'", v);
+    }
+    else if (strcmp (k, "connections") == 0) {
+      uint64_t n;
+      if (cbwd_parse_size (v, &n) == -1 || n < 1 || n > 64)
+        r = cbw_err_set (err, EINVAL, "connections must be 1..64");
+      else s->connections = (unsigned) n;
+    }
+    else if (strcmp (k, "release") == 0) {
+      if (strcmp (v, "on") == 0 || strcmp (v, "true") == 0) s->release = 1;
+      else if (strcmp (v, "off") == 0 || strcmp (v, "false") == 0) s->release = 0;
+      else r = cbw_err_set (err, EINVAL, "release must be on or off");
+    }
+    else if (strcmp (k, "bitmap") == 0) r = parse_bitmap_kv (v, s, err);
+    else r = cbw_err_set (err, EINVAL, "unknown key '%s'", k);
+    if (r == -1)
+      return cbw_err_prefix (err, "--export %s", kv);
+  }
+  return 0;
+}
+
+struct cbwd_export *
+cbwd_build_export (const struct cbwd_export_spec *s, struct cbw_err *err)
+{
+  struct cbwd_export *e = NULL;
+  if (!s->name) { cbw_err_set (err, EINVAL, "export without a name"); return NULL; }
+  if (strlen (s->name) > 4096) { cbw_err_set (err, EINVAL, "export name too long"); return NULL; }
+  if (!s->type) { cbw_err_set (err, EINVAL, "export '%s': no type", s->name); return NULL; }
+  bool is_store = strcmp (s->type, "store") == 0, is_file = strcmp (s->type, "file") == 0;
+  if (is_store || is_file) {
+    if (!s->path) { cbw_err_set (err, EINVAL, "export '%s': type %s needs path=", s->name, s->type); return NULL; }
+    if (is_file && s->limit) { cbw_err_set (err, EINVAL, "export '%s': limit= is for stores", s->name); return NULL; }
+    struct cbwd_store_opts o = { .path = s->path, .size = s->size, .limit = s->limit,
+                                 .readonly = is_file, .create = is_store };
+    e = cbwd_export_file_new (s->name, &o, err);
+  }
+  else if (strcmp (s->type, "pit") == 0) {
+    if (!s->upstream) { cbw_err_set (err, EINVAL, "export '%s': type pit needs upstream=", s->name); return NULL; }
+    struct cbwd_pit_opts o = { .upstream = s->upstream,
+                               .connections = s->connections ? s->connections : 4,
+                               .release = s->release == 1 };
+    e = cbwd_export_pit_new (s->name, &o, err);
+  }
+  else if (strcmp (s->type, "memory") == 0) {
+    e = cbwd_export_memory_new (s->name, s->size, false, err);
+  }
+  else {
+    cbw_err_set (err, EINVAL, "export '%s': unknown type '%s' (store, file, pit)", s->name, s->type);
+    return NULL;
+  }
+  if (!e) return NULL;
+  if (s->description && !(e->description = strdup (s->description))) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    goto fail;
+  }
+  for (size_t i = 0; i < s->nbitmaps; i++) {
+    const struct cbwd_bitmap_spec *b = &s->bitmaps[i];
+    struct cbwd_meta m;
+    int r;
+    if (strcmp (b->source, "raw") == 0)
+      r = cbwd_meta_bitmap_from_raw (&m, b->name, b->path, b->granularity, e->size, err);
+    else if (strcmp (b->source, "extents") == 0)
+      r = cbwd_meta_bitmap_from_extents (&m, b->name, b->path, e->size, err);
+    else if (strcmp (b->source, "store") == 0)
+      r = cbwd_meta_bitmap_from_store (&m, b->name, b->path, b->stored ? b->stored : b->name,
+                                       e->size, err);
+    else
+      r = cbw_err_set (err, EINVAL, "bitmap '%s': unknown source '%s'", b->name, b->source);
+    if (r == -1) goto fail;
+    if (cbwd_export_add_meta (e, &m, err) == -1) { m.free (&m); goto fail; }
+  }
+  return e;
+ fail:
+  cbw_err_prefix (err, "export '%s'", s->name);
+  cbwd_export_free (e);
+  return NULL;
+}
+
+int
+cbwd_add_export (struct cbwd_server *srv, struct cbwd_export *e, struct cbw_err *err)
+{
+  for (size_t i = 0; i < srv->exports.n; i++)
+    if (strcmp (srv->exports.v[i]->name, e->name) == 0)
+      return cbw_err_set (err, EEXIST, "export '%s' defined twice", e->name);
+  struct cbwd_export **v = realloc (srv->exports.v, (srv->exports.n + 1) * sizeof *v);
+  if (!v) return cbw_err_set (err, ENOMEM, "out of memory");
+  srv->exports.v = v;
+  v[srv->exports.n++] = e;
+  return 0;
+}
+
+/* JSON helpers. */
+static int
+jstr (struct json_object *o, const char *key, char **out, bool required,
+      const char *ctx, struct cbw_err *err)
+{
+  struct json_object *v;
+  if (!json_object_object_get_ex (o, key, &v)) {
+    if (required) return cbw_err_set (err, EINVAL, "%s: missing \"%s\"", ctx, key);
+    return 0;
+  }
+  if (!json_object_is_type (v, json_type_string))
+    return cbw_err_set (err, EINVAL, "%s: \"%s\" must be a string", ctx, key);
+  *out = strdup (json_object_get_string (v));
+  return *out ? 0 : cbw_err_set (err, ENOMEM, "out of memory");
+}
+
+static int
+jsize (struct json_object *o, const char *key, uint64_t *out, const char *ctx,
+       struct cbw_err *err)
+{
+  struct json_object *v;
+  if (!json_object_object_get_ex (o, key, &v)) return 0;
+  if (json_object_is_type (v, json_type_int) && json_object_get_int64 (v) >= 0) {
+    *out = (uint64_t) json_object_get_int64 (v);
+    return 0;
+  }
+  if (json_object_is_type (v, json_type_string) &&
+      cbwd_parse_size (json_object_get_string (v), out) == 0)
+    return 0;
+  return cbw_err_set (err, EINVAL, "%s: \"%s\" must be a size", ctx, key);
+}
+
+static int
+check_keys (struct json_object *o, const char *const *allowed, const char *ctx,
+            struct cbw_err *err)
+{
+  json_object_object_foreach (o, k, v) {
+    (void) v;
+    bool ok = false;
+    for (size_t i = 0; allowed[i]; i++)
+      if (strcmp (allowed[i], k) == 0) ok = true;
+    if (!ok) return cbw_err_set (err, EINVAL, "%s: unknown key \"%s\"", ctx, k);
+  }
+  return 0;
+}
+
+static int
+json_export (struct json_object *o, struct cbwd_export_spec *s, struct cbw_err *err)
+{
+  static const char *const keys[] = { "name", "type", "path", "description", "upstream",
+    "size", "limit", "connections", "release", "bitmaps", NULL };
+  static const char *const bkeys[] = { "name", "source", "path", "granularity", "bitmap", NULL };
+  memset (s, 0, sizeof *s);
+  s->release = -1;
+  if (!json_object_is_type (o, json_type_object))
+    return cbw_err_set (err, EINVAL, "exports[]: must be objects");
+  if (check_keys (o, keys, "export", err) == -1 ||
+      jstr (o, "name", &s->name, true, "export", err) == -1 ||
+      jstr (o, "type", &s->type, true, s->name, err) == -1 ||
+      jstr (o, "path", &s->path, false, s->name, err) == -1 ||
+      jstr (o, "description", &s->description, false, s->name, err) == -1 ||
+      jstr (o, "upstream", &s->upstream, false, s->name, err) == -1 ||
+      jsize (o, "size", &s->size, s->name, err) == -1 ||
+      jsize (o, "limit", &s->limit, s->name, err) == -1)
+    return -1;
+  uint64_t n = 0;
+  if (jsize (o, "connections", &n, s->name, err) == -1) return -1;
+  if (n > 64) return cbw_err_set (err, EINVAL, "%s: connections must be 1..64", s->name);
+  s->connections = (unsigned) n;
+  struct json_object *v;
+  if (json_object_object_get_ex (o, "release", &v))
+    s->release = json_object_get_boolean (v);
+  if (json_object_object_get_ex (o, "bitmaps", &v)) {
+    if (!json_object_is_type (v, json_type_array))
+      return cbw_err_set (err, EINVAL, "%s: \"bitmaps\" must be an array", s->name);
+    size_t nb = json_object_array_length (v);
+    if (nb > CBWD_MAX_BITMAPS)
+      return cbw_err_set (err, EINVAL, "%s: too many bitmaps", s->name);
+    for (size_t i = 0; i < nb; i++) {
+      struct json_object *b = json_object_array_get_idx (v, i);
+      struct cbwd_bitmap_spec *bs = &s->bitmaps[s->nbitmaps++];
+      if (!json_object_is_type (b, json_type_object))
+        return cbw_err_set (err, EINVAL, "%s: bitmaps[] must be objects", s->name);
+      if (check_keys (b, bkeys, s->name, err) == -1 ||
+          jstr (b, "name", &bs->name, true, s->name, err) == -1 ||
+          jstr (b, "source", &bs->source, true, s->name, err) == -1 ||
+          jstr (b, "path", &bs->path, true, s->name, err) == -1 ||
+          jstr (b, "bitmap", &bs->stored, false, s->name, err) == -1)
+        return -1;
+      bs->granularity = 65536;
+      if (jsize (b, "granularity", &bs->granularity, s->name, err) == -1)
+        return -1;
+    }
+  }
+  return 0;
+}
+
+int
+cbwd_load_config (const char *path, struct cbwd_server *srv, struct cbw_err *err)
+{
+  CLEANUP_FREE char *buf = NULL;
+  size_t len;
+  if (cbw_read_file (path, 16 * 1024 * 1024, &buf, &len, err) == -1)
+    return -1;
+  enum json_tokener_error jerr;
+  struct json_object *root = json_tokener_parse_verbose (buf, &jerr);
+  if (!root)
+    return cbw_err_set (err, EINVAL, "%s: %s", path, json_tokener_error_desc (jerr));
+  int ret = -1;
+  static const char *const keys[] = { "listen", "exports", "max-connections",
+                                      "handshake-timeout", NULL };
+  if (!json_object_is_type (root, json_type_object)) {
+    cbw_err_set (err, EINVAL, "%s: not a JSON object", path);
+    goto out;
+  }
+  if (check_keys (root, keys, path, err) == -1) goto out;
+  struct json_object *v;
+  if (json_object_object_get_ex (root, "max-connections", &v))
+    srv->limits.max_connections = json_object_get_int (v);
+  if (json_object_object_get_ex (root, "handshake-timeout", &v))
+    srv->limits.handshake_timeout_ms = json_object_get_int (v) * 1000;
+  if (json_object_object_get_ex (root, "listen", &v)) {
+    if (!json_object_is_type (v, json_type_array)) {
+      cbw_err_set (err, EINVAL, "%s: \"listen\" must be an array of strings", path);
+      goto out;
+    }
+    for (size_t i = 0; i < json_object_array_length (v); i++) {
+      struct json_object *l = json_object_array_get_idx (v, i);
+      if (!json_object_is_type (l, json_type_string) ||
+          cbwd_listen (srv, json_object_get_string (l)) == -1) {
+        cbw_err_set (err, EINVAL, "%s: bad listen entry %zu", path, i);
+        goto out;
+      }
+    }
+  }
+  if (json_object_object_get_ex (root, "exports", &v)) {
+    if (!json_object_is_type (v, json_type_array)) {
+      cbw_err_set (err, EINVAL, "%s: \"exports\" must be an array", path);
+      goto out;
+    }
+    for (size_t i = 0; i < json_object_array_length (v); i++) {
+      struct cbwd_export_spec s;
+      int r = json_export (json_object_array_get_idx (v, i), &s, err);
+      struct cbwd_export *e = r == 0 ? cbwd_build_export (&s, err) : NULL;
+      cbwd_export_spec_free (&s);
+      if (!e) { cbw_err_prefix (err, "%s", path); goto out; }
+      if (cbwd_add_export (srv, e, err) == -1) { cbwd_export_free (e); goto out; }
+    }
+  }
+  ret = 0;
+ out:
+  json_object_put (root);
+  return ret;
+}

@@ -1,0 +1,48 @@
+/* cbw — server/config.h: cbwd's configuration: --export KEY=VALUE,... specs
+ * and the JSON config file, both turned into the same struct cbwd_export_spec
+ * and built by one function, so the two front ends cannot drift apart.
+ * Start-up only (single thread).
+ */
+#ifndef CBWD_CONFIG_H
+#define CBWD_CONFIG_H
+
+#include <stdint.h>
+
+#include "cbw_err.h"
+#include "export.h"
+#include "server.h"
+
+#define CBWD_MAX_BITMAPS 64
+
+struct cbwd_bitmap_spec {
+  char *name;                 /* context is qemu:dirty-bitmap:NAME */
+  char *source;               /* raw | extents | store */
+  char *path;                 /* raw/extents file, or store descriptor */
+  char *stored;               /* store: bitmap name inside the store (default NAME) */
+  uint64_t granularity;       /* raw */
+};
+
+struct cbwd_export_spec {
+  char *name, *type, *path, *description, *upstream;
+  uint64_t size, limit;
+  unsigned connections;
+  int release;                /* pit: forward TRIM upstream */
+  size_t nbitmaps;
+  struct cbwd_bitmap_spec bitmaps[CBWD_MAX_BITMAPS];
+};
+
+void cbwd_export_spec_free (struct cbwd_export_spec *s);
+/* "name=disk,type=file,path=disk.img,bitmap=NAME:raw:PATH:GRAN,..." */
+int cbwd_parse_export_kv (const char *kv, struct cbwd_export_spec *s,
+                          struct cbw_err *err);
+/* Size with optional K/M/G/T suffix (powers of 1024). */
+int cbwd_parse_size (const char *str, uint64_t *out);
+struct cbwd_export *cbwd_build_export (const struct cbwd_export_spec *s,
+                                       struct cbw_err *err);
+/* Load a JSON config: listeners are added to srv, exports appended. */
+int cbwd_load_config (const char *path, struct cbwd_server *srv,
+                      struct cbw_err *err);
+int cbwd_add_export (struct cbwd_server *srv, struct cbwd_export *e,
+                     struct cbw_err *err);
+
+#endif

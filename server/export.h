@@ -1,0 +1,156 @@
+/* cbw — server/export.h: what cbwd serves.  One struct cbwd_export per export
+ * name, one backend vtable (struct cbwd_export_ops) per export type:
+ *   store  export_file.c  writable sparse raw file, backup target, size limit
+ *   file   export_file.c  read-only raw file (stopped disk) + its bitmaps
+ *   pit    export_pit.c   read-only proxy to the cbw filter's PIT export
+ * and a list of meta contexts (struct cbwd_meta) each export offers:
+ *   base:allocation       from the backend's block_status
+ *   qemu:allocation-depth meta_depth.c
+ *   qemu:dirty-bitmap:N   meta_bitmap.c (frozen bitmaps attached to the export)
+ *
+ * Threads: export ops and meta extents() run on libuv's thread pool, many at a
+ * time, never on the event loop.  Each backend documents its own locking; a
+ * backend never holds a lock across I/O.  The export list itself is built at
+ * start-up and immutable afterwards (runtime add/remove is for the
+ * orchestrator and will need a reference count on struct cbwd_export).
+ *
+ * Errors: ops return 0, or -1 with *err filled (errnum is what the client gets
+ * on the wire, msg goes into the structured error reply and the log).
+ */
+#ifndef CBWD_EXPORT_H
+#define CBWD_EXPORT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cbw_err.h"
+
+/* An extent list as it goes on the wire: consecutive (length, flags) pairs
+ * starting at .offset.  Lengths are u32 on the wire; adders split longer runs.
+ * Adders merge runs with equal flags and stop (return 1) when .max
+ * descriptors are stored or .limit bytes are covered. */
+struct cbwd_extent { uint32_t length; uint32_t flags; };
+struct cbwd_extents {
+  uint64_t offset;       /* first byte described */
+  uint64_t covered;      /* bytes described so far */
+  uint64_t limit;        /* stop after this many bytes */
+  size_t max;            /* stop after this many descriptors */
+  size_t n, cap;
+  struct cbwd_extent *e;
+};
+void cbwd_extents_init (struct cbwd_extents *x, uint64_t offset, uint64_t limit, size_t max);
+void cbwd_extents_free (struct cbwd_extents *x);
+/* Append a run; 0 = keep going, 1 = full (stop), -1 = ENOMEM. */
+int cbwd_extents_add (struct cbwd_extents *x, uint64_t length, uint32_t flags);
+
+/* Hole ranges found while reading (for OFFSET_HOLE chunks), sorted,
+ * relative to the read offset. */
+struct cbwd_holes {
+  size_t n, cap;
+  struct { uint32_t off, len; } *h;
+};
+int cbwd_holes_add (struct cbwd_holes *h, uint32_t off, uint32_t len);
+void cbwd_holes_free (struct cbwd_holes *h);
+
+struct cbwd_export;
+
+struct cbwd_export_ops {
+  const char *type;
+  /* holes may be NULL (caller does not care); a backend that knows cheaply
+   * which parts are holes records them (buf holds zeros there). */
+  int (*pread) (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off,
+                struct cbwd_holes *holes, struct cbw_err *err);
+  int (*pwrite) (struct cbwd_export *e, const void *buf, uint32_t len,
+                 uint64_t off, bool fua, struct cbw_err *err);
+  int (*zero) (struct cbwd_export *e, uint32_t len, uint64_t off, bool may_trim,
+               bool fast, bool fua, struct cbw_err *err);
+  int (*trim) (struct cbwd_export *e, uint32_t len, uint64_t off, bool fua,
+               struct cbw_err *err);
+  int (*flush) (struct cbwd_export *e, struct cbw_err *err);
+  int (*cache) (struct cbwd_export *e, uint32_t len, uint64_t off,
+                struct cbw_err *err);
+  /* base:allocation: NBD_STATE_HOLE / NBD_STATE_ZERO flags. */
+  int (*block_status) (struct cbwd_export *e, uint64_t off, struct cbwd_extents *x,
+                       struct cbw_err *err);
+  void (*close) (struct cbwd_export *e);
+};
+
+struct cbwd_meta {
+  char *name;                       /* full context name */
+  /* Fill x from x->offset; runs on the thread pool. */
+  int (*extents) (struct cbwd_export *e, struct cbwd_meta *m,
+                  struct cbwd_extents *x, struct cbw_err *err);
+  void (*free) (struct cbwd_meta *m);
+  void *data;
+};
+
+struct cbwd_export {
+  char *name;
+  char *description;                /* may be NULL */
+  uint64_t size;
+  uint16_t eflags;                  /* NBD transmission flags (without DF) */
+  const struct cbwd_export_ops *ops;
+  void *priv;                       /* backend state */
+  size_t nmetas;
+  struct cbwd_meta *metas;          /* context id = index */
+};
+
+/* Meta context providers.  name is the full context name. */
+int cbwd_export_add_meta (struct cbwd_export *e, const struct cbwd_meta *m,
+                          struct cbw_err *err);
+int cbwd_meta_base_init (struct cbwd_meta *m);
+int cbwd_meta_depth_init (struct cbwd_meta *m);
+/* Frozen dirty bitmaps (meta_bitmap.c).  Sources:
+ *   raw:   little-endian bit array, bit i = granule i (formats/bitmap.h layout)
+ *   extents: text file, one "OFFSET LENGTH" dirty range per line
+ *   store: bitmap store descriptor (formats/bitmap_store.h) + stored name   */
+int cbwd_meta_bitmap_from_raw (struct cbwd_meta *m, const char *name,
+                               const char *path, uint64_t granularity,
+                               uint64_t export_size, struct cbw_err *err);
+int cbwd_meta_bitmap_from_extents (struct cbwd_meta *m, const char *name,
+                                   const char *path, uint64_t export_size,
+                                   struct cbw_err *err);
+int cbwd_meta_bitmap_from_store (struct cbwd_meta *m, const char *name,
+                                 const char *descriptor, const char *stored_name,
+                                 uint64_t export_size, struct cbw_err *err);
+/* In-memory dirty ranges (tests, fuzzing): sorted, merged copy is made. */
+int cbwd_meta_bitmap_from_ranges (struct cbwd_meta *m, const char *name,
+                                  const uint64_t (*ranges)[2], size_t n,
+                                  uint64_t export_size, struct cbw_err *err);
+
+/* Backends.  Each returns a new export or NULL with *err filled. */
+struct cbwd_store_opts {
+  const char *path;
+  uint64_t size;          /* 0: use the existing file's size */
+  uint64_t limit;         /* bytes allocated; 0 = no limit */
+  bool readonly;          /* true for type=file */
+  bool create;            /* create/extend the file (store) */
+};
+struct cbwd_export *cbwd_export_file_new (const char *name,
+                                          const struct cbwd_store_opts *o,
+                                          struct cbw_err *err);
+struct cbwd_pit_opts {
+  const char *upstream;   /* NBD URI of the cbw filter's PIT export */
+  unsigned connections;   /* pool size */
+  bool release;           /* accept TRIM and forward it upstream */
+};
+struct cbwd_export *cbwd_export_pit_new (const char *name,
+                                         const struct cbwd_pit_opts *o,
+                                         struct cbw_err *err);
+/* An in-memory export (tests and fuzzing only; not reachable from config
+ * except type=memory which is documented as a test aid). */
+struct cbwd_export *cbwd_export_memory_new (const char *name, uint64_t size,
+                                            bool readonly, struct cbw_err *err);
+
+void cbwd_export_free (struct cbwd_export *e);
+
+/* The export list (immutable after start-up). */
+struct cbwd_exports {
+  size_t n;
+  struct cbwd_export **v;
+};
+struct cbwd_export *cbwd_exports_find (const struct cbwd_exports *l,
+                                       const char *name, size_t len);
+
+#endif

@@ -1,0 +1,517 @@
+/* cbw — server/orch/backup.c: pull backups across a set of disks with one
+ * point in time.
+ *
+ * begin (each step named in errors: "backup-begin failed at step S"):
+ *   prepare  per disk a sparse backup store (the cbw session's target):
+ *            cbwd's store export if cbwd offers one, else a file served by
+ *            an `nbdkit file` we start; the backup record is saved with
+ *            pending={backup-begin,ID} before any module is touched
+ *   quiesce  every disk (cbw filter: writes drained and held)
+ *   freeze   optional guest freeze hook
+ *   bitmap   incremental: bitmap backup-DISK (disabled) = union of the
+ *            checkpoint bitmaps since the base checkpoint (plan.c)
+ *   begin    cbw session per disk (the point in time)
+ *   checkpoint  optional new checkpoint: bitmap rotation as in checkpoint.c
+ *   thaw, resume
+ *   export   cbwd PIT export per disk with qemu:dirty-bitmap:backup-DISK,
+ *            else the cbw filter's own "pit" export of the disk's nbdkit
+ * Any failure before "export" undoes everything in reverse (rollback is
+ * idempotent and is also what recovery does with a pending backup-begin).
+ *
+ * end: pending={backup-end,ID}; remove exports, end sessions, remove the
+ * backup bitmaps, stop the stores and delete their files; clear.  Idempotent
+ * too, so recovery redoes it.  A reader that disconnects mid-backup simply
+ * reconnects: nothing is tied to its connection.
+ *
+ * Locking: runs as the busy owner; o->lock only around state changes.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "orch_internal.h"
+
+/* Extent list limit for a session's needed ranges (control lines are at
+ * most 1 MiB; ~20 bytes per extent). */
+#define ORCH_SESSION_EXTENTS_MAX 16384
+
+static struct orch_disk *
+disk_by_name (struct cbw_orch *o, const char *name)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  return orch_find_disk (&o->st, name);
+}
+
+/* Does /proc/PID/cmdline contain the argument `needle` (pid-reuse guard)? */
+static bool
+pid_has_arg (int64_t pid, const char *needle)
+{
+  char path[64], buf[8192];
+  snprintf (path, sizeof path, "/proc/%lld/cmdline", (long long) pid);
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return false;
+  ssize_t n = read (fd, buf, sizeof buf - 1);
+  close (fd);
+  if (n <= 0)
+    return false;
+  buf[n] = '\0';
+  for (ssize_t i = 0; i < n; i += (ssize_t) strlen (buf + i) + 1)
+    if (strstr (buf + i, needle))
+      return true;
+  return false;
+}
+
+static int
+start_store (struct cbw_orch *o, const char *id, struct orch_disk *d,
+             struct orch_backup_disk *bd, struct cbw_err *err)
+{
+  CLEANUP_FREE char *dir = orch_strdup_printf ("%s/backups", o->state_dir);
+  CLEANUP_FREE char *bdir = orch_strdup_printf ("%s/backups/%s", o->state_dir, id);
+  if (!dir || !bdir)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  if ((mkdir (dir, 0700) < 0 && errno != EEXIST) ||
+      (mkdir (bdir, 0700) < 0 && errno != EEXIST))
+    return cbw_err_set (err, errno, "%s: mkdir: %s", bdir, strerror (errno));
+  bd->store_path = orch_strdup_printf ("%s/%s.store", bdir, d->name);
+  if (bd->store_path == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  if (d->size == 0)
+    return cbw_err_set (err, EIO, "disk %s: size unknown", d->name);
+  int fd = open (bd->store_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0)
+    return cbw_err_set (err, errno, "%s: %s", bd->store_path, strerror (errno));
+  if (ftruncate (fd, (off_t) d->size) < 0) {
+    int e = errno;
+    close (fd);
+    return cbw_err_set (err, e, "%s: ftruncate: %s", bd->store_path, strerror (e));
+  }
+  close (fd);
+
+  if (o->exports && o->exports->add_store_export) {
+    char uri[512];
+    CLEANUP_FREE char *name = orch_strdup_printf ("store-%s-%s", id, d->name);
+    if (name == NULL)
+      return cbw_err_set (err, ENOMEM, "out of memory");
+    if (o->exports->add_store_export (o->exports->opaque, name, bd->store_path,
+                                      d->size, 0, uri, sizeof uri, err) < 0)
+      return -1;
+    bd->store_sock = strdup (uri);
+    return bd->store_sock ? 0 : cbw_err_set (err, ENOMEM, "out of memory");
+  }
+  bd->store_sock = orch_strdup_printf ("%s.sock", bd->store_path);
+  CLEANUP_FREE char *log = orch_strdup_printf ("%s.log", bd->store_path);
+  CLEANUP_FREE char *filearg = orch_strdup_printf ("file=%s", bd->store_path);
+  if (!bd->store_sock || !log || !filearg)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  char *argv[48];
+  size_t n = 0;
+  for (size_t i = 0; o->nbdkit_argv[i] && n < 40; i++)
+    argv[n++] = o->nbdkit_argv[i];
+  argv[n++] = (char *) "-f";
+  argv[n++] = (char *) "-U";
+  argv[n++] = bd->store_sock;
+  argv[n++] = (char *) "file";
+  argv[n++] = filearg;
+  argv[n] = NULL;
+  unlink (bd->store_sock);
+  int pidfd;
+  pid_t pid = orch_spawn_detached (argv, log, &pidfd, err);
+  if (pid < 0)
+    return -1;
+  if (orch_wait_socket (bd->store_sock, pidfd, o->start_timeout, err) < 0) {
+    orch_kill_wait (pid, pidfd);
+    close (pidfd);
+    return cbw_err_prefix (err, "backup store of disk %s", d->name);
+  }
+  close (pidfd);
+  bd->store_pid = pid;
+  return 0;
+}
+
+static char *
+store_uri (const struct orch_backup_disk *bd)
+{
+  if (strncmp (bd->store_sock, "nbd", 3) == 0)
+    return strdup (bd->store_sock);
+  return orch_strdup_printf ("nbd+unix:///?socket=%s", bd->store_sock);
+}
+
+/* Undo everything of backup b (idempotent; errors collected, not fatal, so
+ * that a half-dead disk does not keep the rest alive). */
+static int
+teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
+          struct cbw_err *err)
+{
+  int ret = 0;
+  struct cbw_err e = { 0 };
+  for (size_t i = 0; i < b->ndisks; i++) {
+    struct orch_backup_disk *bd = &b->disks[i];
+    struct orch_disk *d = disk_by_name (o, bd->name);
+    if (bd->export_name && o->exports && o->exports->remove_export &&
+        o->exports->remove_export (o->exports->opaque, bd->export_name, &e) < 0) {
+      /* an export that is gone already is fine */
+    }
+    if (d && orch_disk_running (o, d)) {
+      char cls[32];
+      struct json_object *r = orch_mod_call (d->ctl_cbw, "end", NULL, cls, sizeof cls, &e);
+      if (r)
+        json_object_put (r);
+      else if (strcmp (cls, "NotFound") != 0 && ret == 0) {
+        *err = e;
+        ret = -1;
+      }
+      if (bd->bitmap && orch_bm_remove (d, bd->bitmap, true, &e) < 0 && ret == 0) {
+        *err = e;
+        ret = -1;
+      }
+    }
+    if (bd->store_pid > 0) {
+      if (pid_has_arg (bd->store_pid, bd->store_path))
+        orch_kill_wait ((pid_t) bd->store_pid, -1);
+      bd->store_pid = 0;
+    }
+    if (bd->store_path) {
+      unlink (bd->store_path);
+      CLEANUP_FREE char *s = orch_strdup_printf ("%s.sock", bd->store_path);
+      CLEANUP_FREE char *l = orch_strdup_printf ("%s.log", bd->store_path);
+      if (s) unlink (s);
+      if (l) unlink (l);
+    }
+  }
+  CLEANUP_FREE char *bdir = orch_strdup_printf ("%s/backups/%s", o->state_dir, b->id);
+  if (bdir)
+    rmdir (bdir);
+  if (undo_checkpoint && b->checkpoint[0] && orch_cp_undo (o, b->checkpoint, &e) < 0 &&
+      ret == 0) {
+    *err = e;
+    ret = -1;
+  }
+  return ret;
+}
+
+static void
+drop_backup (struct cbw_orch *o)
+{
+  struct orch_backup *b;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    b = o->st.backup;
+    o->st.backup = NULL;
+    o->st.pending.op[0] = '\0';
+    o->st.pending.name[0] = '\0';
+  }
+  orch_backup_free (b);
+}
+
+int
+orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
+                   struct json_object **ret, struct cbw_err *err)
+{
+  const char *step = "validate";
+  size_t quiesced = 0;
+  bool frozen = false;
+  struct orch_backup *b = NULL;
+  const char *id = r->id && r->id[0] ? r->id : "backup";
+  const char *mode = r->mode && r->mode[0] ? r->mode : "full";
+
+  if (!orch_valid_name (id))
+    return cbw_err_set (err, EINVAL, "invalid backup id \"%.80s\"", id);
+  if (strcmp (mode, "full") && strcmp (mode, "incremental") && strcmp (mode, "none"))
+    return cbw_err_set (err, EINVAL, "mode must be full, incremental or none, not \"%.40s\"",
+                        mode);
+  if (strcmp (mode, "incremental") == 0 && (r->since == NULL || r->since[0] == '\0'))
+    return cbw_err_set (err, EINVAL, "an incremental backup needs \"since\" (a checkpoint)");
+  if (strcmp (mode, "incremental") != 0 && r->since && r->since[0])
+    return cbw_err_set (err, EINVAL, "\"since\" only makes sense with mode incremental");
+  if (r->checkpoint && r->checkpoint[0]) {
+    if (!orch_valid_name (r->checkpoint))
+      return cbw_err_set (err, EINVAL, "invalid checkpoint name \"%.80s\"", r->checkpoint);
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    if (orch_find_cp (&o->st, r->checkpoint))
+      return cbw_err_set (err, EEXIST, "checkpoint %s already exists", r->checkpoint);
+  }
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    if (o->st.backup)
+      return cbw_err_set (err, EBUSY, "backup %s is running (end it first)",
+                          o->st.backup->id);
+  }
+  if (orch_check_disks (o, r->disks, r->ndisks, err) < 0)
+    return -1;
+  /* Incremental: every disk must be covered by the base checkpoint. */
+  size_t *idx = calloc (o->st.ncps + 1, sizeof *idx);
+  if (idx == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  if (strcmp (mode, "incremental") == 0)
+    for (size_t i = 0; i < r->ndisks; i++)
+      if (orch_plan_since (&o->st, r->disks[i], r->since, idx, err) < 0) {
+        free (idx);
+        return -1;
+      }
+
+  b = calloc (1, sizeof *b);
+  if (b == NULL || (b->disks = calloc (r->ndisks, sizeof *b->disks)) == NULL) {
+    free (b);
+    free (idx);
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  }
+  snprintf (b->id, sizeof b->id, "%s", id);
+  snprintf (b->mode, sizeof b->mode, "%s", mode);
+  snprintf (b->since, sizeof b->since, "%s", r->since ? r->since : "");
+  snprintf (b->checkpoint, sizeof b->checkpoint, "%s", r->checkpoint ? r->checkpoint : "");
+  b->started = (int64_t) time (NULL);
+  b->ndisks = r->ndisks;
+  for (size_t i = 0; i < r->ndisks; i++)
+    snprintf (b->disks[i].name, sizeof b->disks[i].name, "%s", r->disks[i]);
+
+  step = "prepare";
+  for (size_t i = 0; i < r->ndisks; i++) {
+    struct orch_disk *d = disk_by_name (o, r->disks[i]);
+    if (start_store (o, id, d, &b->disks[i], err) < 0)
+      goto fail_unrecorded;
+    if (strcmp (mode, "incremental") == 0)
+      b->disks[i].bitmap = orch_strdup_printf ("backup-%s", d->name);
+  }
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    o->st.backup = b;
+  }
+  if (b->checkpoint[0]) {
+    if (orch_cp_prepare (o, b->checkpoint, r->disks, r->ndisks, "backup-begin", id, err) < 0) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+      o->st.backup = NULL;
+      goto fail_unrecorded;
+    }
+  }
+  else {
+    orch_set_pending (o, "backup-begin", id);
+    if (orch_state_save (o, err) < 0) {
+      drop_backup (o);
+      b = NULL;
+      goto fail_unrecorded;
+    }
+  }
+
+  orch_crash_point ("backup-begin:recorded");
+  step = "quiesce";
+  if (orch_quiesce (o, r->disks, r->ndisks, &quiesced, err) < 0)
+    goto fail;
+  step = "freeze";
+  if (r->freeze.hook && r->freeze.hook[0]) {
+    struct cbw_err fe = { 0 };
+    if (orch_guest_run (&r->freeze, "freeze", &fe) < 0) {
+      if (r->freeze.required) {
+        *err = fe;
+        goto fail;
+      }
+      struct json_object *data = json_object_new_object ();
+      json_object_object_add (data, "backup", json_object_new_string (id));
+      json_object_object_add (data, "error", json_object_new_string (fe.msg));
+      json_object_object_add (data, "consistency", json_object_new_string ("crash"));
+      orch_event (o, "freeze-failed", data);
+      /* the hook may have frozen part of the guest: thaw anyway */
+      orch_guest_run (&r->freeze, "thaw", &fe);
+    }
+    else
+      frozen = true;
+  }
+  for (size_t i = 0; i < r->ndisks; i++) {
+    struct orch_disk *d = disk_by_name (o, r->disks[i]);
+    struct orch_backup_disk *bd = &b->disks[i];
+    if (bd->bitmap) {
+      step = "bitmap";
+      ssize_t n = orch_plan_since (&o->st, d->name, r->since, idx, err);
+      if (n < 0 || orch_bm_remove (d, bd->bitmap, true, err) < 0 ||
+          orch_bm_add (d, bd->bitmap, false, err) < 0)
+        goto fail;
+      for (ssize_t k = 0; k < n; k++) {
+        char bm[ORCH_NAME_MAX + 8];
+        orch_cp_bitmap (o->st.cps[idx[k]].name, bm, sizeof bm);
+        /* the checkpoint being created now is not part of "since" */
+        if (b->checkpoint[0] && strcmp (o->st.cps[idx[k]].name, b->checkpoint) == 0)
+          continue;
+        if (orch_bm_merge (d, bm, bd->bitmap, err) < 0)
+          goto fail;
+      }
+    }
+    step = "begin";
+    CLEANUP_FREE char *uri = store_uri (bd);
+    struct json_object *a = json_object_new_object ();
+    json_object_object_add (a, "target", json_object_new_string (uri));
+    if (bd->bitmap) {
+      /* The session protects only the blocks the incremental reader needs:
+       * we pass them as an extent list read from the dirtybitmap filter
+       * (the bitmap is frozen: disabled, and we are quiesced). */
+      uint64_t dirty;
+      struct json_object *ext = orch_bm_extents (d, bd->bitmap, d->size, ORCH_SESSION_EXTENTS_MAX,
+                                                 &dirty, err);
+      if (ext == NULL) {
+        json_object_put (a);
+        cbw_err_prefix (err, "disk %s", d->name);
+        goto fail;
+      }
+      json_object_object_add (a, "extents", ext);
+    }
+    struct json_object *rr = orch_mod_call (d->ctl_cbw, "begin", a, NULL, 0, err);
+    if (rr == NULL) {
+      cbw_err_prefix (err, "disk %s", d->name);
+      goto fail;
+    }
+    json_object_put (rr);
+  }
+  orch_crash_point ("backup-begin:begun");
+  if (b->checkpoint[0]) {
+    step = "checkpoint";
+    if (orch_cp_rotate (o, b->checkpoint, r->disks, r->ndisks, err) < 0)
+      goto fail;
+  }
+  if (frozen) {
+    step = "thaw";
+    struct cbw_err te = { 0 };
+    frozen = false;
+    if (orch_guest_run (&r->freeze, "thaw", &te) < 0) {
+      struct json_object *data = json_object_new_object ();
+      json_object_object_add (data, "backup", json_object_new_string (id));
+      json_object_object_add (data, "error", json_object_new_string (te.msg));
+      orch_event (o, "thaw-failed", data);
+    }
+  }
+  step = "resume";
+  orch_resume (o, r->disks, quiesced);
+  quiesced = 0;
+
+  orch_crash_point ("backup-begin:resumed");
+  step = "export";
+  for (size_t i = 0; i < r->ndisks; i++) {
+    struct orch_disk *d = disk_by_name (o, r->disks[i]);
+    struct orch_backup_disk *bd = &b->disks[i];
+    CLEANUP_FREE char *upstream = orch_strdup_printf ("nbd+unix:///pit?socket=%s",
+                                                      d->nbd_sock);
+    if (upstream == NULL) {
+      cbw_err_set (err, ENOMEM, "out of memory");
+      goto fail;
+    }
+    if (o->exports && o->exports->add_pit_export) {
+      CLEANUP_FREE char *ctx = orch_strdup_printf ("backup-%s", d->name);
+      bd->export_name = strdup (d->name);
+      if (!ctx || !bd->export_name) {
+        cbw_err_set (err, ENOMEM, "out of memory");
+        goto fail;
+      }
+      char uri[512];
+      if (o->exports->add_pit_export (o->exports->opaque, bd->export_name, upstream,
+                                      d->ctl_bitmap, bd->bitmap, ctx, uri, sizeof uri,
+                                      err) < 0)
+        goto fail;
+      bd->pit_uri = strdup (uri);
+    }
+    else
+      bd->pit_uri = strdup (upstream);
+    if (bd->pit_uri == NULL) {
+      cbw_err_set (err, ENOMEM, "out of memory");
+      goto fail;
+    }
+  }
+  orch_set_pending (o, NULL, NULL);
+  if (orch_state_save (o, err) < 0) {
+    step = "save";
+    goto fail;
+  }
+  free (idx);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    *ret = orch_backup_to_json (b);
+  }
+  struct json_object *data = json_object_new_object ();
+  json_object_object_add (data, "backup", json_object_new_string (id));
+  orch_event (o, "backup-begun", data);
+  return 0;
+
+ fail:;
+  {
+    struct cbw_err e2 = { 0 };
+    if (frozen)
+      orch_guest_run (&r->freeze, "thaw", &e2);
+    orch_resume (o, r->disks, quiesced);
+    int t = teardown (o, b, true, &e2);
+    if (t == 0) {
+      drop_backup (o);
+      orch_state_save (o, &e2);
+    }
+    char msg[CBW_ERR_MSG_MAX];
+    memcpy (msg, err->msg, sizeof msg);
+    cbw_err_set (err, err->errnum, "backup-begin failed at step %s: %s%s%s",
+                 step, msg, t < 0 ? "; rollback incomplete (retried at the "
+                 "next backup command or restart): " : "", t < 0 ? e2.msg : "");
+    free (idx);
+    struct json_object *data = json_object_new_object ();
+    json_object_object_add (data, "backup", json_object_new_string (id));
+    json_object_object_add (data, "step", json_object_new_string (step));
+    orch_event (o, "backup-failed", data);
+    return -1;
+  }
+
+ fail_unrecorded:;
+  {
+    struct cbw_err e2 = { 0 };
+    if (b) {
+      teardown (o, b, false, &e2);
+      orch_backup_free (b);
+    }
+    free (idx);
+    return cbw_err_prefix (err, "backup-begin failed at step %s", step);
+  }
+}
+
+int
+orch_backup_end (struct cbw_orch *o, const char *id, struct cbw_err *err)
+{
+  struct orch_backup *b;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    b = o->st.backup;
+    if (b == NULL)
+      return cbw_err_set (err, ENOENT, "no backup is running");
+    if (id && id[0] && strcmp (id, b->id) != 0)
+      return cbw_err_set (err, ENOENT, "no backup named %s (running: %s)", id, b->id);
+  }
+  orch_set_pending (o, "backup-end", b->id);
+  if (orch_state_save (o, err) < 0)
+    return -1;
+  orch_crash_point ("backup-end:recorded");
+  char bid[ORCH_NAME_MAX + 1];
+  snprintf (bid, sizeof bid, "%s", b->id);
+  if (teardown (o, b, false, err) < 0)
+    return cbw_err_prefix (err, "ending backup %s (partly done; retried at the next "
+                           "backup command or restart)", bid);
+  drop_backup (o);
+  if (orch_state_save (o, err) < 0)
+    return -1;
+  struct json_object *data = json_object_new_object ();
+  json_object_object_add (data, "backup", json_object_new_string (bid));
+  orch_event (o, "backup-ended", data);
+  return 0;
+}
+
+int
+orch_backup_reconcile (struct cbw_orch *o, struct cbw_err *err)
+{
+  struct orch_backup *b;
+  bool begin;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    b = o->st.backup;
+    begin = strcmp (o->st.pending.op, "backup-begin") == 0;
+  }
+  if (b && teardown (o, b, begin, err) < 0)
+    return -1;
+  drop_backup (o);
+  return orch_state_save (o, err);
+}

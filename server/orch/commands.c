@@ -1,0 +1,690 @@
+/* cbw — server/orch/commands.c: cbwd's control API, one table.
+ *
+ * cbw_orch_ctl_table is the single source of truth for the commands, their
+ * typed arguments, dispatch and documentation: common/control validates a
+ * request against it before a handler runs, `cbwd-orch --control-docs`
+ * renders docs/control/cbwd.md from it (a test checks they match) and the
+ * `cbw` CLI maps its subcommands onto these names.
+ *
+ * Handlers run on the control server's single thread, one request at a
+ * time.  Mutating commands take the orchestrator's `busy` flag (Busy error
+ * if another operation runs, e.g. from cbwd's own main) and first finish an
+ * operation a crash interrupted.  Errors map errno to an error class:
+ * EINVAL->InvalidParameter, ENOENT->NotFound, EEXIST->Exists,
+ * EBUSY->Busy, ETIMEDOUT->Timeout, EIO->IOError, else GenericError.
+ *
+ * Locking: handlers read shared state under o->lock (see orch_internal.h)
+ * and never hold it across I/O.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "fileutil.h"
+#include "orch_internal.h"
+
+#define ORCH_DISKS_MAX 256
+
+static int
+fail_err (struct cbw_ctl_reply *r, const struct cbw_err *e)
+{
+  enum cbw_ctl_error_class c;
+  switch (e->errnum) {
+  case EINVAL: case ENAMETOOLONG: c = CBW_CTL_INVALID_PARAMETER; break;
+  case ENOENT: c = CBW_CTL_NOT_FOUND; break;
+  case EEXIST: c = CBW_CTL_EXISTS; break;
+  case EBUSY: case EADDRINUSE: c = CBW_CTL_BUSY; break;
+  case ETIMEDOUT: c = CBW_CTL_TIMEOUT; break;
+  case EIO: c = CBW_CTL_IO_ERROR; break;
+  default: c = CBW_CTL_GENERIC_ERROR; break;
+  }
+  return cbw_ctl_fail (r, c, "%s", e->msg);
+}
+
+/* Busy + recovery of an interrupted operation. */
+static int
+enter (struct cbw_orch *o, struct cbw_ctl_reply *r, bool recover)
+{
+  struct cbw_err e = { 0 };
+  if (orch_begin_busy (o, &e) < 0)
+    return fail_err (r, &e);
+  if (recover && orch_reconcile (o, &e) < 0) {
+    orch_end_busy (o);
+    return cbw_ctl_fail (r, CBW_CTL_BUSY, "an interrupted operation could not be "
+                         "finished yet: %s", e.msg);
+  }
+  return 0;
+}
+
+/* Disk names from an optional array argument; all disks if absent. */
+static char **
+disk_names (struct cbw_orch *o, struct json_object *args, const char *key,
+            size_t *n, struct cbw_ctl_reply *r)
+{
+  struct json_object *a;
+  char **v;
+  *n = 0;
+  if (json_object_object_get_ex (args, key, &a)) {
+    size_t len = json_object_array_length (a);
+    if (len == 0 || len > ORCH_DISKS_MAX) {
+      cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "'%s' must list 1 to %d disks",
+                    key, ORCH_DISKS_MAX);
+      return NULL;
+    }
+    v = calloc (len, sizeof *v);
+    if (v == NULL) { cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory"); return NULL; }
+    for (size_t i = 0; i < len; i++) {
+      struct json_object *e = json_object_array_get_idx (a, i);
+      if (!json_object_is_type (e, json_type_string)) {
+        cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "'%s'[%zu] must be a string", key, i);
+        for (size_t j = 0; j < i; j++) free (v[j]);
+        free (v);
+        return NULL;
+      }
+      v[i] = strdup (json_object_get_string (e));
+      (*n)++;
+    }
+    return v;
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  if (o->st.ndisks == 0) {
+    cbw_ctl_fail (r, CBW_CTL_NOT_FOUND, "no disks (add one with disk-add)");
+    return NULL;
+  }
+  v = calloc (o->st.ndisks, sizeof *v);
+  if (v == NULL) { cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory"); return NULL; }
+  for (size_t i = 0; i < o->st.ndisks; i++)
+    v[(*n)++] = strdup (o->st.disks[i]->name);
+  return v;
+}
+
+static void
+free_names (char **v, size_t n)
+{
+  for (size_t i = 0; i < n; i++) free (v[i]);
+  free (v);
+}
+
+static struct json_object *
+disk_json (struct orch_disk *d)
+{
+  struct json_object *j = json_object_new_object ();
+  json_object_object_add (j, "name", json_object_new_string (d->name));
+  json_object_object_add (j, "file", json_object_new_string (d->file));
+  json_object_object_add (j, "state", json_object_new_string (orch_disk_run_name (d->run)));
+  json_object_object_add (j, "pid", json_object_new_int64 (d->pid > 0 ? d->pid : 0));
+  json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
+  json_object_object_add (j, "granularity", json_object_new_int64 ((int64_t) d->granularity));
+  CLEANUP_FREE char *uri = orch_strdup_printf ("nbd+unix:///?socket=%s", d->nbd_sock);
+  json_object_object_add (j, "uri", json_object_new_string (uri ? uri : ""));
+  json_object_object_add (j, "socket", json_object_new_string (d->nbd_sock));
+  struct json_object *ctl = json_object_new_object ();
+  json_object_object_add (ctl, "chain", json_object_new_string (d->ctl_chain));
+  json_object_object_add (ctl, "cbw", json_object_new_string (d->ctl_cbw));
+  json_object_object_add (ctl, "dirtybitmap", json_object_new_string (d->ctl_bitmap));
+  json_object_object_add (j, "control", ctl);
+  json_object_object_add (j, "log", json_object_new_string (d->log_path));
+  if (d->exit_status >= 0)
+    json_object_object_add (j, "wait-status", json_object_new_int (d->exit_status));
+  return j;
+}
+
+/* ---- handlers ---- */
+
+static int
+h_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  (void) args;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "state-dir", json_object_new_string (o->state_dir));
+  json_object_object_add (r->ret, "disks", json_object_new_int ((int) o->st.ndisks));
+  json_object_object_add (r->ret, "checkpoints", json_object_new_int ((int) o->st.ncps));
+  json_object_object_add (r->ret, "backup",
+                          o->st.backup ? json_object_new_string (o->st.backup->id) : NULL);
+  json_object_object_add (r->ret, "pending",
+                          o->st.pending.op[0] ? json_object_new_string (o->st.pending.op) : NULL);
+  json_object_object_add (r->ret, "busy", json_object_new_boolean (o->busy));
+  json_object_object_add (r->ret, "generation", json_object_new_int64 ((int64_t) o->st.generation));
+  json_object_object_add (r->ret, "last-event", json_object_new_int64 ((int64_t) o->next_seq));
+  return 0;
+}
+
+static int
+h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", NULL);
+  const char *file = cbw_ctl_arg_str (args, "file", NULL);
+  long long gran = cbw_ctl_arg_int (args, "granularity", 65536);
+  struct stat sb;
+
+  if (!orch_valid_name (name))
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "invalid disk name \"%.80s\" "
+                         "(want [A-Za-z0-9_.-]{1,%d}, not starting with . or -)",
+                         name, ORCH_NAME_MAX);
+  if (gran < 512 || gran > (1LL << 31) || (gran & (gran - 1)) != 0)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "granularity %lld must be a "
+                         "power of two from 512 to 2147483648", gran);
+  CLEANUP_FREE char *path = realpath (file, NULL);
+  if (path == NULL)
+    return cbw_ctl_fail (r, CBW_CTL_NOT_FOUND, "%s: %s", file, strerror (errno));
+  if (stat (path, &sb) < 0 || !(S_ISREG (sb.st_mode) || S_ISBLK (sb.st_mode)))
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "%s: not a regular file or "
+                         "block device", path);
+  if (enter (o, r, false) < 0)
+    return -1;
+  struct orch_disk *d = NULL;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    if (orch_find_disk (&o->st, name)) {
+      o->busy = false;
+      return cbw_ctl_fail (r, CBW_CTL_EXISTS, "disk %s already exists", name);
+    }
+    for (size_t i = 0; i < o->st.ndisks; i++)
+      if (strcmp (o->st.disks[i]->file, path) == 0) {
+        o->busy = false;
+        return cbw_ctl_fail (r, CBW_CTL_EXISTS, "%s is already served as disk %s",
+                             path, o->st.disks[i]->name);
+      }
+    if (o->st.ndisks >= ORCH_DISKS_MAX) {
+      o->busy = false;
+      return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "too many disks (limit %d)",
+                           ORCH_DISKS_MAX);
+    }
+    struct orch_disk **nd = realloc (o->st.disks, (o->st.ndisks + 1) * sizeof *nd);
+    d = orch_disk_new (o->state_dir, name, path, (uint64_t) gran);
+    if (nd == NULL || d == NULL) {
+      if (nd) o->st.disks = nd;
+      orch_disk_free (d);
+      o->busy = false;
+      return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory");
+    }
+    o->st.disks = nd;
+    o->st.disks[o->st.ndisks++] = d;
+  }
+  /* Saved before nbdkit starts: after a crash the disk is known (dead),
+   * never an unknown orphan. */
+  if (orch_state_save (o, &e) < 0 || orch_disk_start (o, d, &e) < 0 ||
+      orch_state_save (o, &e) < 0) {
+    struct cbw_err e2 = { 0 };
+    orch_disk_stop (o, d, &e2);
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+      o->st.ndisks--;          /* d is the last one: only the busy owner adds */
+    }
+    orch_state_save (o, &e2);
+    orch_disk_free (d);
+    orch_end_busy (o);
+    return fail_err (r, &e);
+  }
+  struct json_object *ev = json_object_new_object ();
+  json_object_object_add (ev, "disk", json_object_new_string (name));
+  orch_event (o, "disk-added", ev);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    r->ret = disk_json (d);
+  }
+  orch_end_busy (o);
+  return 0;
+}
+
+static struct orch_disk *
+find_disk_or_fail (struct cbw_orch *o, const char *name, struct cbw_ctl_reply *r)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  struct orch_disk *d = orch_find_disk (&o->st, name);
+  if (d == NULL)
+    cbw_ctl_fail (r, CBW_CTL_NOT_FOUND, "no disk named %.80s", name);
+  return d;
+}
+
+static bool
+disk_in_backup (struct cbw_orch *o, const char *name)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  if (o->st.backup)
+    for (size_t i = 0; i < o->st.backup->ndisks; i++)
+      if (strcmp (o->st.backup->disks[i].name, name) == 0)
+        return true;
+  return false;
+}
+
+static int
+h_disk_remove (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  if (enter (o, r, false) < 0)
+    return -1;
+  struct orch_disk *d = find_disk_or_fail (o, name, r);
+  if (d == NULL) {
+    orch_end_busy (o);
+    return -1;
+  }
+  if (disk_in_backup (o, name)) {
+    orch_end_busy (o);
+    return cbw_ctl_fail (r, CBW_CTL_BUSY, "disk %s is part of the running backup "
+                         "(end it first)", name);
+  }
+  orch_disk_stop (o, d, &e);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    /* Forget the disk in every checkpoint; drop checkpoints left empty. */
+    for (size_t i = 0; i < o->st.ncps;) {
+      struct orch_checkpoint *c = &o->st.cps[i];
+      for (size_t j = 0; j < c->ndisks; j++)
+        if (strcmp (c->disks[j], name) == 0) {
+          free (c->disks[j]);
+          memmove (&c->disks[j], &c->disks[j + 1], (c->ndisks - j - 1) * sizeof *c->disks);
+          c->ndisks--;
+          break;
+        }
+      if (c->ndisks == 0) {
+        orch_cp_clear (c);
+        memmove (c, c + 1, (o->st.ncps - i - 1) * sizeof *c);
+        o->st.ncps--;
+      }
+      else
+        i++;
+    }
+    for (size_t i = 0; i < o->st.ndisks; i++)
+      if (o->st.disks[i] == d) {
+        memmove (&o->st.disks[i], &o->st.disks[i + 1],
+                 (o->st.ndisks - i - 1) * sizeof d);
+        o->st.ndisks--;
+        break;
+      }
+  }
+  orch_supervisor_kick (o);
+  int s = orch_state_save (o, &e);
+  /* The disk's directory goes with it: sockets, log, its bitmaps. */
+  orch_rm_rf (d->dir);
+  struct json_object *ev = json_object_new_object ();
+  json_object_object_add (ev, "disk", json_object_new_string (name));
+  orch_event (o, "disk-removed", ev);
+  orch_disk_free (d);
+  orch_end_busy (o);
+  return s < 0 ? fail_err (r, &e) : 0;
+}
+
+static int
+h_disk_start (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  if (enter (o, r, false) < 0)
+    return -1;
+  struct orch_disk *d = find_disk_or_fail (o, name, r);
+  int ret = -1;
+  if (d == NULL)
+    goto out;
+  if (orch_disk_running (o, d)) {
+    cbw_ctl_fail (r, CBW_CTL_EXISTS, "disk %s is already running", name);
+    goto out;
+  }
+  if (orch_disk_start (o, d, &e) < 0 || orch_state_save (o, &e) < 0) {
+    fail_err (r, &e);
+    goto out;
+  }
+  struct json_object *ev = json_object_new_object ();
+  json_object_object_add (ev, "disk", json_object_new_string (name));
+  orch_event (o, "disk-started", ev);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    r->ret = disk_json (d);
+  }
+  ret = 0;
+ out:
+  orch_end_busy (o);
+  return ret;
+}
+
+static int
+h_disk_stop (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  if (enter (o, r, false) < 0)
+    return -1;
+  struct orch_disk *d = find_disk_or_fail (o, name, r);
+  int ret = -1;
+  if (d == NULL)
+    goto out;
+  if (disk_in_backup (o, name)) {
+    cbw_ctl_fail (r, CBW_CTL_BUSY, "disk %s is part of the running backup", name);
+    goto out;
+  }
+  orch_disk_stop (o, d, &e);
+  if (orch_state_save (o, &e) < 0) {
+    fail_err (r, &e);
+    goto out;
+  }
+  struct json_object *ev = json_object_new_object ();
+  json_object_object_add (ev, "disk", json_object_new_string (name));
+  orch_event (o, "disk-stopped", ev);
+  ret = 0;
+ out:
+  orch_end_busy (o);
+  return ret;
+}
+
+static int
+h_disk_list (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  (void) args;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  struct json_object *a = json_object_new_array ();
+  for (size_t i = 0; i < o->st.ndisks; i++)
+    json_object_array_add (a, disk_json (o->st.disks[i]));
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "disks", a);
+  return 0;
+}
+
+static int
+h_cp_create (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  size_t n;
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  if (!orch_valid_name (name))
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "invalid checkpoint name "
+                         "\"%.80s\"", name);
+  char **disks = disk_names (o, args, "disks", &n, r);
+  if (disks == NULL)
+    return -1;
+  if (enter (o, r, true) < 0) {
+    free_names (disks, n);
+    return -1;
+  }
+  int ret = orch_checkpoint_create (o, name, disks, n, &e);
+  free_names (disks, n);
+  orch_end_busy (o);
+  if (ret < 0)
+    return fail_err (r, &e);
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "name", json_object_new_string (name));
+  return 0;
+}
+
+static int
+h_cp_delete (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  if (enter (o, r, true) < 0)
+    return -1;
+  int ret = orch_checkpoint_delete (o, name, &e);
+  orch_end_busy (o);
+  return ret < 0 ? fail_err (r, &e) : 0;
+}
+
+static int
+h_cp_list (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  const char *disk = cbw_ctl_arg_str (args, "disk", NULL);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  if (disk && !orch_find_disk (&o->st, disk))
+    return cbw_ctl_fail (r, CBW_CTL_NOT_FOUND, "no disk named %.80s", disk);
+  struct json_object *a = json_object_new_array ();
+  for (size_t i = 0; i < o->st.ncps; i++) {
+    struct orch_checkpoint *c = &o->st.cps[i];
+    if (disk && !orch_cp_has_disk (c, disk))
+      continue;
+    struct json_object *j = json_object_new_object ();
+    json_object_object_add (j, "name", json_object_new_string (c->name));
+    json_object_object_add (j, "created", json_object_new_int64 (c->created));
+    struct json_object *d = json_object_new_array ();
+    for (size_t k = 0; k < c->ndisks; k++) {
+      json_object_array_add (d, json_object_new_string (c->disks[k]));
+    }
+    json_object_object_add (j, "disks", d);
+    char bm[ORCH_NAME_MAX + 8];
+    orch_cp_bitmap (c->name, bm, sizeof bm);
+    json_object_object_add (j, "bitmap", json_object_new_string (bm));
+    bool pending = strcmp (o->st.pending.name, c->name) == 0 && o->st.pending.op[0];
+    json_object_object_add (j, "pending", json_object_new_boolean (pending));
+    json_object_array_add (a, j);
+  }
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "checkpoints", a);
+  return 0;
+}
+
+static int
+h_backup_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  size_t n;
+  long long tmo = cbw_ctl_arg_int (args, "freeze-timeout", 10);
+  if (tmo <= 0 || tmo > 3600)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER,
+                         "freeze-timeout must be 1..3600 seconds");
+  CLEANUP_FREE char *hooklog = orch_strdup_printf ("%s/hook.log", o->state_dir);
+  struct orch_backup_req req = {
+    .id = cbw_ctl_arg_str (args, "id", "backup"),
+    .mode = cbw_ctl_arg_str (args, "mode", "full"),
+    .since = cbw_ctl_arg_str (args, "since", NULL),
+    .checkpoint = cbw_ctl_arg_str (args, "checkpoint", NULL),
+    .freeze = {
+      .hook = cbw_ctl_arg_str (args, "freeze-hook", NULL),
+      .timeout = (double) tmo,
+      .required = cbw_ctl_arg_bool (args, "freeze-required", false),
+      .log = hooklog,
+    },
+  };
+  req.disks = disk_names (o, args, "disks", &n, r);
+  if (req.disks == NULL)
+    return -1;
+  req.ndisks = n;
+  if (enter (o, r, true) < 0) {
+    free_names (req.disks, n);
+    return -1;
+  }
+  int ret = orch_backup_begin (o, &req, &r->ret, &e);
+  free_names (req.disks, n);
+  orch_end_busy (o);
+  return ret < 0 ? fail_err (r, &e) : 0;
+}
+
+static int
+h_backup_end (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  if (enter (o, r, true) < 0)
+    return -1;
+  int ret = orch_backup_end (o, cbw_ctl_arg_str (args, "id", NULL), &e);
+  orch_end_busy (o);
+  return ret < 0 ? fail_err (r, &e) : 0;
+}
+
+static int
+h_backup_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct json_object *j;
+  size_t n;
+  char socks[ORCH_DISKS_MAX][256];
+  (void) args;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    if (o->st.backup == NULL)
+      return cbw_ctl_fail (r, CBW_CTL_NOT_FOUND, "no backup is running");
+    j = orch_backup_to_json (o->st.backup);
+    n = o->st.backup->ndisks;
+    for (size_t i = 0; i < n && i < ORCH_DISKS_MAX; i++) {
+      struct orch_disk *d = orch_find_disk (&o->st, o->st.backup->disks[i].name);
+      snprintf (socks[i], sizeof socks[i], "%s", d ? d->ctl_cbw : "");
+    }
+  }
+  /* Per-disk session status from the cbw filters, unlocked. */
+  struct json_object *disks;
+  json_object_object_get_ex (j, "disks", &disks);
+  for (size_t i = 0; i < n && i < ORCH_DISKS_MAX; i++) {
+    struct cbw_err e = { 0 };
+    struct json_object *st = orch_mod_call (socks[i], "status", NULL, NULL, 0, &e);
+    struct json_object *dj = json_object_array_get_idx (disks, i);
+    if (st)
+      json_object_object_add (dj, "session", st);
+    else
+      json_object_object_add (dj, "session-error", json_object_new_string (e.msg));
+  }
+  r->ret = j;
+  return 0;
+}
+
+static int
+h_event_list (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  uint64_t since = (uint64_t) cbw_ctl_arg_int (args, "since", 0);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  struct json_object *a = json_object_new_array ();
+  uint64_t first = o->next_seq > ORCH_EVENTS_MAX ? o->next_seq - ORCH_EVENTS_MAX + 1 : 1;
+  for (uint64_t s = since + 1 > first ? since + 1 : first; s <= o->next_seq; s++) {
+    struct orch_event *ev = &o->events[s % ORCH_EVENTS_MAX];
+    if (ev->seq == s && ev->json)
+      json_object_array_add (a, json_tokener_parse (ev->json));
+  }
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "events", a);
+  json_object_object_add (r->ret, "last", json_object_new_int64 ((int64_t) o->next_seq));
+  json_object_object_add (r->ret, "lost", json_object_new_boolean (since + 1 < first &&
+                                                                   o->next_seq > 0));
+  return 0;
+}
+
+/* ---- the table ---- */
+
+static const struct cbw_ctl_arg no_args[] = { { NULL } };
+static const struct cbw_ctl_arg name_arg[] = {
+  { "name", CBW_ARG_STRING, true, "the object's name" },
+  { NULL }
+};
+static const struct cbw_ctl_arg disk_add_args[] = {
+  { "name", CBW_ARG_STRING, true, "disk name, `[A-Za-z0-9_.-]{1,64}`, not starting with `.` or `-`" },
+  { "file", CBW_ARG_STRING, true, "image: a raw file or block device (made absolute)" },
+  { "granularity", CBW_ARG_UINT, false, "dirty bitmap granularity in bytes, power of two, "
+    "512..2 GiB (default 65536)" },
+  { NULL }
+};
+static const struct cbw_ctl_arg cp_create_args[] = {
+  { "name", CBW_ARG_STRING, true, "checkpoint name (same rules as disk names)" },
+  { "disks", CBW_ARG_ARRAY, false, "disk names (strings); default: every disk" },
+  { NULL }
+};
+static const struct cbw_ctl_arg cp_list_args[] = {
+  { "disk", CBW_ARG_STRING, false, "only checkpoints covering this disk" },
+  { NULL }
+};
+static const struct cbw_ctl_arg backup_begin_args[] = {
+  { "id", CBW_ARG_STRING, false, "backup id (default `backup`)" },
+  { "disks", CBW_ARG_ARRAY, false, "disk names (strings); default: every disk" },
+  { "mode", CBW_ARG_STRING, false, "`full` (default), `incremental` (needs `since`) or "
+    "`none` (copy-before-write only)" },
+  { "since", CBW_ARG_STRING, false, "incremental: the base checkpoint; any earlier "
+    "checkpoint works (differential = since the checkpoint of the last full backup)" },
+  { "checkpoint", CBW_ARG_STRING, false, "create this checkpoint at the backup's point in time" },
+  { "freeze-hook", CBW_ARG_STRING, false, "command run as `HOOK freeze` / `HOOK thaw` "
+    "around the point in time (exit 0 = success)" },
+  { "freeze-timeout", CBW_ARG_UINT, false, "seconds to wait for the hook (default 10)" },
+  { "freeze-required", CBW_ARG_BOOL, false, "fail the backup if the freeze fails "
+    "(default false: proceed crash-consistent and emit `freeze-failed`)" },
+  { NULL }
+};
+static const struct cbw_ctl_arg backup_end_args[] = {
+  { "id", CBW_ARG_STRING, false, "backup id (default: the running backup)" },
+  { NULL }
+};
+static const struct cbw_ctl_arg event_args[] = {
+  { "since", CBW_ARG_UINT, false, "return events with a sequence number above this (default 0)" },
+  { NULL }
+};
+
+static const struct cbw_ctl_command commands[] = {
+  { "status", h_status, no_args,
+    "Summary of the daemon: state directory, counts, running backup, pending "
+    "(interrupted) operation.",
+    "`{\"state-dir\", \"disks\", \"checkpoints\", \"backup\": ID|null, \"pending\": OP|null, "
+    "\"busy\", \"generation\", \"last-event\"}`" },
+  { "disk-add", h_disk_add, disk_add_args,
+    "Add a disk and start its nbdkit (chain plugin + cbw filter + dirtybitmap filter) on "
+    "a Unix socket under the state directory. The disk is recorded in the state file "
+    "before nbdkit starts. Errors: `Exists` (name or image already used), `NotFound` "
+    "(image missing), `InvalidParameter`, or the nbdkit start failure with the last line "
+    "of its log.",
+    "the disk, as in `disk-list`" },
+  { "disk-remove", h_disk_remove, name_arg,
+    "Stop the disk's nbdkit and forget the disk (and its place in checkpoints; a "
+    "checkpoint left without disks is dropped) with its directory in the state "
+    "directory (sockets, log, dirty bitmaps). Refused (`Busy`) while it is part of "
+    "the running backup. The image is left in place.",
+    NULL },
+  { "disk-start", h_disk_start, name_arg,
+    "Start the nbdkit of a stopped or dead disk (cbwd never restarts one by itself).",
+    "the disk, as in `disk-list`" },
+  { "disk-stop", h_disk_stop, name_arg,
+    "Stop the disk's nbdkit (clients are disconnected). Refused while it is part of the "
+    "running backup.",
+    NULL },
+  { "disk-list", h_disk_list, no_args,
+    "List disks with their run state (`running`, `stopped`, `dead`: an nbdkit that "
+    "exited unasked; see also the `disk-dead` event).",
+    "`{\"disks\": [{\"name\", \"file\", \"state\", \"pid\", \"size\", \"granularity\", "
+    "\"uri\", \"socket\", \"control\": {\"chain\", \"cbw\", \"dirtybitmap\"}, \"log\", "
+    "\"wait-status\"?}]}`" },
+  { "checkpoint-create", h_cp_create, cp_create_args,
+    "Create a checkpoint atomically across a set of disks: quiesce all, start the new "
+    "interval's bitmap `cp-NAME` and freeze the previous one on each disk, record, "
+    "resume. On failure everything is rolled back and the error names the step.",
+    "`{\"name\"}`" },
+  { "checkpoint-list", h_cp_list, cp_list_args,
+    "List checkpoints, oldest first.",
+    "`{\"checkpoints\": [{\"name\", \"created\", \"disks\", \"bitmap\", \"pending\"}]}`" },
+  { "checkpoint-delete", h_cp_delete, name_arg,
+    "Delete a checkpoint: on each of its disks its bitmap is merged into the previous "
+    "checkpoint's bitmap (so incrementals since older checkpoints stay exact), then removed.",
+    NULL },
+  { "backup-begin", h_backup_begin, backup_begin_args,
+    "Begin a pull backup of a set of disks at one point in time: quiesce all, optional "
+    "guest freeze, per disk a copy-before-write session (and for `incremental` the bitmap "
+    "`backup-DISK` = changes since `since`), optional new checkpoint, thaw, resume, then "
+    "one point-in-time export per disk. Any failure rolls everything back; the error "
+    "says `backup-begin failed at step S`.",
+    "`{\"id\", \"mode\", \"since\", \"checkpoint\", \"started\", \"disks\": [{\"name\", "
+    "\"pit-uri\", \"bitmap\", \"store-path\", \"store-socket\", \"store-pid\", \"export\"}]}`" },
+  { "backup-end", h_backup_end, backup_end_args,
+    "End the running backup: remove its exports, end the sessions, drop the backup "
+    "bitmaps and stores. Checkpoints created with it stay.",
+    NULL },
+  { "backup-status", h_backup_status, no_args,
+    "The running backup, with each disk's copy-before-write session status.",
+    "as `backup-begin`, plus per disk `session` (the cbw filter's `status`) or "
+    "`session-error`" },
+  { "event-list", h_event_list, event_args,
+    "Events after sequence number `since` (the last 256 are kept): `started`, "
+    "`disk-added`, `disk-removed`, `disk-started`, `disk-stopped`, `disk-dead`, "
+    "`checkpoint-created`, `checkpoint-deleted`, `backup-begun`, `backup-ended`, "
+    "`backup-failed`, `freeze-failed`, `thaw-failed`, `resume-failed`, `recovered`.",
+    "`{\"events\": [{\"seq\", \"time\", \"event\", \"data\"}], \"last\": SEQ, "
+    "\"lost\": bool}`" },
+  { NULL }
+};
+
+const struct cbw_ctl_table cbw_orch_ctl_table = { "cbwd", commands };

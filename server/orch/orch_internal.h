@@ -1,0 +1,279 @@
+/* cbw — server/orch/orch_internal.h: the orchestrator's data model, shared by
+ * the files of server/orch/ (not installed, not for cbwd's other parts).
+ *
+ * Persistent model (struct orch_state, saved as ONE crash-atomic JSON file
+ * STATE_DIR/cbwd-state.json by state.c): disks (name, image, granularity,
+ * nbdkit pid), checkpoints in creation order, the active backup, and the
+ * "pending" record of a multi-step operation in progress (written before its
+ * first side effect, cleared with its last), so that after a crash the
+ * operation is rolled forward or back (orch.c: reconcile).
+ *
+ * Locking: struct cbw_orch.lock guards every field of the state and of the
+ * disks, and the event ring.  Two threads use them: the control thread
+ * (commands, one at a time) and the supervisor thread (marks a disk dead).
+ * A command takes the lock only to read or update memory, never across I/O
+ * (module control calls, spawning, fsync): it marks the orchestrator `busy`
+ * under the lock, does its I/O unlocked, and updates memory under the lock.
+ * Only the busy owner changes the disk list, checkpoints, backup or pending;
+ * the supervisor only changes a disk's run-time fields (state, exit status).
+ */
+#ifndef CBW_ORCH_INTERNAL_H
+#define CBW_ORCH_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <json-c/json.h>
+
+#include "cbw_err.h"
+#include "control.h"
+#include "orch.h"
+
+#define ORCH_NAME_MAX 64          /* disk/checkpoint names: [A-Za-z0-9_.-]{1,64} */
+#define ORCH_STATE_FILE "cbwd-state.json"
+#define ORCH_STATE_MAX (16 * 1024 * 1024)
+#define ORCH_STATE_FORMAT "cbwd-state"
+#define ORCH_STATE_VERSION 1
+#define ORCH_EVENTS_MAX 256
+
+enum orch_disk_run {
+  ORCH_DISK_STOPPED = 0,        /* not started (yet) by this cbwd */
+  ORCH_DISK_RUNNING,
+  ORCH_DISK_DEAD,               /* nbdkit exited or was killed: reported, not restarted */
+};
+
+struct orch_disk {
+  /* persistent */
+  char name[ORCH_NAME_MAX + 1];
+  char *file;                   /* image path (absolute) */
+  uint64_t granularity;         /* dirty bitmap granularity, bytes */
+  int64_t pid;                  /* nbdkit pid, 0 if none */
+  /* derived paths under STATE_DIR/disks/NAME/ */
+  char *dir, *nbd_sock, *ctl_chain, *ctl_cbw, *ctl_bitmap, *log_path;
+  char *bitmaps;                /* dirtybitmap descriptor DISKDIR/bitmaps.json */
+  /* run time */
+  enum orch_disk_run run;
+  int pidfd;                    /* -1 if none */
+  bool is_child;                /* spawned by this process (reap with waitpid) */
+  int exit_status;              /* wait status if known, -1 otherwise */
+  uint64_t size;                /* bytes, 0 if unknown */
+};
+
+struct orch_checkpoint {
+  char name[ORCH_NAME_MAX + 1];
+  int64_t created;              /* unix time */
+  size_t ndisks;
+  char **disks;                 /* names of the disks it covers */
+};
+
+struct orch_backup_disk {
+  char name[ORCH_NAME_MAX + 1];
+  char *pit_uri;                /* where a reader reads the point in time */
+  char *bitmap;                 /* "backup-NAME" bitmap in the disk's dirtybitmap
+                                   filter, NULL for full/none backups */
+  char *store_path;             /* sparse backup target file */
+  char *store_sock;             /* its NBD socket when served by our own nbdkit */
+  int64_t store_pid;            /* that nbdkit, 0 if cbwd serves the store */
+  char *export_name;            /* cbwd export name, NULL when cbwd has no exports */
+};
+
+struct orch_backup {
+  char id[ORCH_NAME_MAX + 1];
+  char mode[16];                /* full | incremental | none */
+  char since[ORCH_NAME_MAX + 1];      /* incremental base checkpoint or "" */
+  char checkpoint[ORCH_NAME_MAX + 1]; /* checkpoint created with it or "" */
+  int64_t started;
+  size_t ndisks;
+  struct orch_backup_disk *disks;
+};
+
+struct orch_pending {
+  char op[32];                  /* "" = none; "checkpoint-create", "checkpoint-delete",
+                                   "backup-begin", "backup-end" */
+  char name[ORCH_NAME_MAX + 1]; /* checkpoint name or backup id */
+  char prev[ORCH_NAME_MAX + 1]; /* checkpoint-create: JSON-less hint, unused = "" */
+};
+
+struct orch_state {
+  uint64_t generation;
+  size_t ndisks;
+  struct orch_disk **disks;
+  size_t ncps;
+  struct orch_checkpoint *cps;  /* creation order */
+  struct orch_backup *backup;   /* NULL = no backup */
+  struct orch_pending pending;
+};
+
+struct orch_event {
+  uint64_t seq;
+  int64_t time;
+  char *json;                   /* {"event":..., "data":{...}} */
+};
+
+struct cbw_orch {
+  pthread_mutex_t lock;
+  bool busy;
+  char *state_dir, *state_path, *ctl_path, *module_dir;
+  char **nbdkit_argv;           /* prefix words, NULL terminated */
+  double start_timeout;
+  bool file_plugin;             /* cfg.plugin == "file" */
+  const struct cbw_orch_exports *exports;
+  int lock_fd;
+  struct orch_state st;
+  /* events */
+  uint64_t next_seq;
+  struct orch_event events[ORCH_EVENTS_MAX];
+  /* supervisor */
+  pthread_t sup_thread;
+  bool sup_started;
+  int sup_wakefd;
+  bool sup_stop;
+  struct cbw_ctl_server *ctl;
+};
+
+/* ---- names ---- */
+bool orch_valid_name (const char *s);
+
+/* ---- state.c ---- */
+struct json_object *orch_state_to_json (const struct orch_state *st);
+int orch_state_from_json (const char *text, size_t len, const char *what,
+                          struct orch_state *st, struct cbw_err *err);
+void orch_state_free (struct orch_state *st);
+/* Save o->st (taking o->lock to snapshot it) to STATE_DIR/cbwd-state.json. */
+int orch_state_save (struct cbw_orch *o, struct cbw_err *err);
+int orch_state_load (struct cbw_orch *o, struct cbw_err *err);
+struct orch_disk *orch_disk_new (const char *state_dir, const char *name,
+                                 const char *file, uint64_t gran);
+void orch_disk_free (struct orch_disk *d);
+struct orch_disk *orch_find_disk (const struct orch_state *st, const char *name);
+struct orch_checkpoint *orch_find_cp (const struct orch_state *st, const char *name);
+void orch_backup_free (struct orch_backup *b);
+void orch_cp_clear (struct orch_checkpoint *c);
+
+/* ---- plan.c: pure checkpoint arithmetic (unit tested) ---- */
+/* The bitmap that records writes after checkpoint `cp` on a disk. */
+void orch_cp_bitmap (const char *cp, char *buf, size_t len);
+bool orch_cp_has_disk (const struct orch_checkpoint *c, const char *disk);
+/* Index of the latest checkpoint covering disk, or -1. */
+ssize_t orch_latest_cp (const struct orch_state *st, const char *disk);
+/* Indexes of checkpoints covering disk from `since` to the latest (the
+ * bitmaps whose union is "changed since since").  Returns count, or -1 with
+ * *err if since does not exist or does not cover disk. idx has st->ncps room. */
+ssize_t orch_plan_since (const struct orch_state *st, const char *disk,
+                         const char *since, size_t *idx, struct cbw_err *err);
+/* Deleting checkpoint `ci` on disk: the neighbour whose bitmap absorbs it
+ * (the previous checkpoint covering disk) or -1 if none. */
+ssize_t orch_plan_delete_into (const struct orch_state *st, size_t ci,
+                               const char *disk);
+
+/* ---- events (orch.c) ---- */
+void orch_event (struct cbw_orch *o, const char *type, struct json_object *data);
+void orch_event_locked (struct cbw_orch *o, const char *type,
+                        struct json_object *data);
+
+/* ---- modctl.c: calls to the modules' control sockets ---- */
+/* Call command on a module control socket; returns the "return" object
+ * (caller puts) or NULL with *err naming the socket, command and the
+ * module's error class + desc.  *cls (if non-NULL) gets the module's error
+ * class name ("" on transport errors). */
+struct json_object *orch_mod_call (const char *sock, const char *command,
+                                   struct json_object *args, char *cls,
+                                   size_t cls_len, struct cbw_err *err);
+
+/* ---- disk.c ---- */
+int orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err);
+int orch_disk_stop (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err);
+/* At startup: adopt a still-running nbdkit of a previous cbwd or mark dead. */
+void orch_disk_adopt (struct cbw_orch *o, struct orch_disk *d);
+int orch_supervisor_start (struct cbw_orch *o, struct cbw_err *err);
+void orch_supervisor_stop (struct cbw_orch *o);
+void orch_supervisor_kick (struct cbw_orch *o);
+bool orch_disk_running (struct cbw_orch *o, struct orch_disk *d);
+const char *orch_disk_run_name (enum orch_disk_run r);
+/* Start a helper process (argv) with stdout/stderr to log; pid or -1. */
+pid_t orch_spawn (char *const argv[], const char *log_path, struct cbw_err *err);
+/* Start a long-lived helper detached (not our child, survives cbwd); its
+ * pid, and a pidfd for it in *pidfd_out. */
+pid_t orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_out,
+                           struct cbw_err *err);
+/* Wait until a Unix socket accepts connections, failing early when the
+ * process behind pidfd (if >= 0) exits. */
+int orch_wait_socket (const char *path, int pidfd, double timeout, struct cbw_err *err);
+/* SIGTERM, wait up to 5 s, SIGKILL; pidfd -1 = open one now. */
+void orch_kill_wait (pid_t pid, int pidfd);
+
+/* ---- checkpoint.c ---- */
+int orch_checkpoint_create (struct cbw_orch *o, const char *name,
+                            char **disks, size_t ndisks, struct cbw_err *err);
+int orch_checkpoint_delete (struct cbw_orch *o, const char *name, struct cbw_err *err);
+/* Inside a quiesced window: rotate bitmaps of new checkpoint on disks. */
+int orch_cp_rotate (struct cbw_orch *o, const char *name, char **disks,
+                    size_t ndisks, struct cbw_err *err);
+/* Finish (roll forward or back) an interrupted checkpoint-create/-delete. */
+int orch_cp_reconcile (struct cbw_orch *o, const char *op, const char *name,
+                       struct cbw_err *err);
+int orch_reconcile (struct cbw_orch *o, struct cbw_err *err);
+/* Record checkpoint `name` on disks with pending={op,name} and save. */
+int orch_cp_prepare (struct cbw_orch *o, const char *name, char **disks,
+                     size_t n, const char *op, const char *pending_name,
+                     struct cbw_err *err);
+/* Undo a recorded, maybe partly rotated checkpoint (state not saved). */
+int orch_cp_undo (struct cbw_orch *o, const char *name, struct cbw_err *err);
+int orch_cp_rotate_finish (struct cbw_orch *o, const char *name, struct cbw_err *err);
+/* A disk set is non-empty, known, running, without duplicates. */
+int orch_check_disks (struct cbw_orch *o, char **disks, size_t n, struct cbw_err *err);
+void orch_set_pending (struct cbw_orch *o, const char *op, const char *name);
+/* dirtybitmap filter primitives on one disk (checkpoint.c) */
+int orch_bm_add (struct orch_disk *d, const char *bm, bool enabled, struct cbw_err *err);
+int orch_bm_remove (struct orch_disk *d, const char *bm, bool missing_ok, struct cbw_err *err);
+int orch_bm_enable (struct orch_disk *d, const char *bm, bool on, struct cbw_err *err);
+int orch_bm_merge (struct orch_disk *d, const char *src, const char *dst, struct cbw_err *err);
+/* Dirty extents of bitmap bm as a JSON array [[offset,length],...] of at
+ * most max entries (neighbours joined if needed: a superset, never less);
+ * *dirty_bytes = exact dirty bytes.  NULL with *err on failure. */
+struct json_object *orch_bm_extents (struct orch_disk *d, const char *bm, uint64_t size,
+                                     size_t max, uint64_t *dirty_bytes, struct cbw_err *err);
+/* 1 exists, 0 not, -1 error */
+int orch_bm_exists (struct orch_disk *d, const char *bm, struct cbw_err *err);
+int orch_quiesce (struct cbw_orch *o, char **disks, size_t n, size_t *done,
+                  struct cbw_err *err);
+void orch_resume (struct cbw_orch *o, char **disks, size_t n);
+
+/* ---- guest.c ---- */
+struct orch_freeze {
+  const char *hook;             /* command run as `HOOK freeze` / `HOOK thaw` */
+  double timeout;               /* seconds */
+  bool required;                /* freeze failure fails the backup */
+  const char *log;              /* hook output, NULL = /dev/null */
+};
+int orch_guest_run (const struct orch_freeze *f, const char *phase, struct cbw_err *err);
+
+/* ---- backup.c ---- */
+struct orch_backup_req {
+  const char *id;
+  char **disks; size_t ndisks;
+  const char *mode;
+  const char *since;
+  const char *checkpoint;
+  struct orch_freeze freeze;
+};
+int orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
+                       struct json_object **ret, struct cbw_err *err);
+int orch_backup_end (struct cbw_orch *o, const char *id, struct cbw_err *err);
+int orch_backup_reconcile (struct cbw_orch *o, struct cbw_err *err);
+struct json_object *orch_backup_to_json (const struct orch_backup *b);
+
+/* Test hook: when the environment variable CBW_ORCH_CRASH_AT equals
+ * `point`, exit at once with status 99 and no cleanup (a kill -9 at a
+ * chosen step; the crash tests in client-tests/backup use it). */
+void orch_crash_point (const char *point);
+
+/* helpers */
+void orch_rm_rf (const char *dir);
+char *orch_strdup_printf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+int orch_begin_busy (struct cbw_orch *o, struct cbw_err *err);
+void orch_end_busy (struct cbw_orch *o);
+
+#endif

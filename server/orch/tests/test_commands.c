@@ -1,0 +1,239 @@
+/* cbw — server/orch/tests/test_commands.c: cbwd's control API without
+ * nbdkit: every bad request gets the right error class and a message naming
+ * the problem, and changes nothing (the state file's bytes are compared);
+ * state directory locking; a corrupt state file refuses to start; the
+ * committed docs/control/cbwd.md matches the table.
+ * No locking concerns: requests go through cbw_ctl_dispatch_line on the
+ * test thread (the supervisor thread runs but has nothing to watch).
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fileutil.h"
+#include "orch_internal.h"
+
+static char dir[64];
+static struct cbw_orch *orch;
+
+static void
+rm_rf (const char *d)
+{
+  char cmd[128];
+  snprintf (cmd, sizeof cmd, "rm -rf '%s'", d);
+  cr_assert_eq (system (cmd), 0);
+}
+
+static void
+setup (void)
+{
+  struct cbw_err err = { 0 };
+  strcpy (dir, "/tmp/cbw-orch-test.XXXXXX");
+  cr_assert_not_null (mkdtemp (dir));
+  char mods[96];
+  snprintf (mods, sizeof mods, "%s/no-modules", dir);
+  mkdir (mods, 0700);
+  struct cbw_orch_config cfg = { .state_dir = dir, .module_dir = mods, .start_timeout = 5 };
+  orch = cbw_orch_open (&cfg, &err);
+  cr_assert_not_null (orch, "%s", err.msg);
+}
+
+static void
+teardown (void)
+{
+  cbw_orch_close (orch, true);
+  rm_rf (dir);
+}
+
+static struct json_object *
+call (const char *line)
+{
+  char *r = cbw_ctl_dispatch_line (&cbw_orch_ctl_table, orch, line, strlen (line));
+  cr_assert_not_null (r);
+  struct json_object *j = json_tokener_parse (r);
+  cr_assert_not_null (j, "unparsable reply %s", r);
+  free (r);
+  return j;
+}
+
+static char *
+state_bytes (void)
+{
+  char p[128], *buf = NULL;
+  size_t len;
+  struct cbw_err err = { 0 };
+  snprintf (p, sizeof p, "%s/%s", dir, ORCH_STATE_FILE);
+  if (cbw_read_file (p, 1 << 20, &buf, &len, &err) < 0)
+    return strdup ("(none)");
+  return buf;
+}
+
+static void
+expect_error (const char *line, const char *cls, const char *needle)
+{
+  char *before = state_bytes ();
+  struct json_object *j = call (line), *e, *c, *d;
+  cr_assert (json_object_object_get_ex (j, "error", &e), "no error for %s: %s", line,
+             json_object_to_json_string (j));
+  json_object_object_get_ex (e, "class", &c);
+  json_object_object_get_ex (e, "desc", &d);
+  cr_assert_str_eq (json_object_get_string (c), cls, "for %s: %s", line,
+                    json_object_get_string (d));
+  cr_assert (strstr (json_object_get_string (d), needle) != NULL,
+             "for %s: expected \"%s\" in \"%s\"", line, needle, json_object_get_string (d));
+  json_object_put (j);
+  char *after = state_bytes ();
+  cr_assert_str_eq (before, after, "state changed by a failed request %s", line);
+  free (before); free (after);
+}
+
+static struct json_object *
+expect_ok (const char *line)
+{
+  struct json_object *j = call (line), *r;
+  cr_assert (json_object_object_get_ex (j, "return", &r), "error for %s: %s", line,
+             json_object_to_json_string (j));
+  json_object_get (r);
+  json_object_put (j);
+  return r;
+}
+
+TestSuite (cmds, .init = setup, .fini = teardown);
+
+Test (cmds, bad_requests)
+{
+  expect_error ("{\"execute\":\"no-such\"}", "CommandNotFound", "no-such");
+  expect_error ("not json", "ParseError", "invalid JSON");
+  expect_error ("{\"execute\":\"disk-add\"}", "InvalidParameter", "name");
+  expect_error ("{\"execute\":\"disk-add\",\"arguments\":{\"name\":\"a\"}}",
+                "InvalidParameter", "file");
+  expect_error ("{\"execute\":\"disk-add\",\"arguments\":{\"name\":\"a\",\"file\":\"/x\","
+                "\"bogus\":1}}", "InvalidParameter", "bogus");
+  expect_error ("{\"execute\":\"disk-add\",\"arguments\":{\"name\":5,\"file\":\"/x\"}}",
+                "InvalidParameter", "name");
+  expect_error ("{\"execute\":\"disk-add\",\"arguments\":{\"name\":\"../etc\",\"file\":\"/etc/hostname\"}}",
+                "InvalidParameter", "invalid disk name");
+  expect_error ("{\"execute\":\"disk-add\",\"arguments\":{\"name\":\"a\",\"file\":\"/nonexistent/x.img\"}}",
+                "NotFound", "/nonexistent/x.img");
+  expect_error ("{\"execute\":\"disk-add\",\"arguments\":{\"name\":\"a\",\"file\":\"/tmp\"}}",
+                "InvalidParameter", "not a regular file");
+  expect_error ("{\"execute\":\"disk-add\",\"arguments\":{\"name\":\"a\",\"file\":\"/etc/hostname\","
+                "\"granularity\":1000}}", "InvalidParameter", "power of two");
+  expect_error ("{\"execute\":\"disk-add\",\"arguments\":{\"name\":\"a\",\"file\":\"/etc/hostname\","
+                "\"granularity\":-4096}}", "InvalidParameter", "granularity");
+  expect_error ("{\"execute\":\"disk-remove\",\"arguments\":{\"name\":\"zz\"}}", "NotFound", "zz");
+  expect_error ("{\"execute\":\"disk-start\",\"arguments\":{\"name\":\"zz\"}}", "NotFound", "zz");
+  expect_error ("{\"execute\":\"checkpoint-create\",\"arguments\":{\"name\":\"c1\"}}",
+                "NotFound", "no disks");
+  expect_error ("{\"execute\":\"checkpoint-create\",\"arguments\":{\"name\":\"c 1\"}}",
+                "InvalidParameter", "invalid checkpoint name");
+  expect_error ("{\"execute\":\"checkpoint-create\",\"arguments\":{\"name\":\"c1\",\"disks\":[1]}}",
+                "InvalidParameter", "must be a string");
+  expect_error ("{\"execute\":\"checkpoint-create\",\"arguments\":{\"name\":\"c1\",\"disks\":[]}}",
+                "InvalidParameter", "1 to");
+  expect_error ("{\"execute\":\"checkpoint-create\",\"arguments\":{\"name\":\"c1\",\"disks\":[\"x\"]}}",
+                "NotFound", "no disk named x");
+  expect_error ("{\"execute\":\"checkpoint-delete\",\"arguments\":{\"name\":\"c1\"}}",
+                "NotFound", "c1");
+  expect_error ("{\"execute\":\"checkpoint-list\",\"arguments\":{\"disk\":\"q\"}}",
+                "NotFound", "q");
+  expect_error ("{\"execute\":\"backup-begin\",\"arguments\":{\"disks\":[\"x\"],\"mode\":\"weird\"}}",
+                "InvalidParameter", "mode");
+  expect_error ("{\"execute\":\"backup-begin\",\"arguments\":{\"disks\":[\"x\"],\"mode\":\"incremental\"}}",
+                "InvalidParameter", "since");
+  expect_error ("{\"execute\":\"backup-begin\",\"arguments\":{\"disks\":[\"x\"],\"since\":\"c\"}}",
+                "InvalidParameter", "only makes sense");
+  expect_error ("{\"execute\":\"backup-begin\",\"arguments\":{\"disks\":[\"x\"],\"freeze-timeout\":0}}",
+                "InvalidParameter", "freeze-timeout");
+  expect_error ("{\"execute\":\"backup-begin\",\"arguments\":{\"disks\":[\"x\",\"x\"]}}",
+                "InvalidParameter", "twice");
+  expect_error ("{\"execute\":\"backup-begin\",\"arguments\":{\"disks\":[\"x\"]}}",
+                "NotFound", "no disk named x");
+  expect_error ("{\"execute\":\"backup-end\"}", "NotFound", "no backup");
+  expect_error ("{\"execute\":\"backup-status\"}", "NotFound", "no backup");
+  expect_error ("{\"execute\":\"event-list\",\"arguments\":{\"since\":\"x\"}}",
+                "InvalidParameter", "since");
+}
+
+Test (cmds, status_and_events)
+{
+  struct json_object *r = expect_ok ("{\"execute\":\"status\"}"), *v;
+  cr_assert (json_object_object_get_ex (r, "disks", &v));
+  cr_assert_eq (json_object_get_int (v), 0);
+  json_object_put (r);
+  r = expect_ok ("{\"execute\":\"event-list\"}");
+  cr_assert (json_object_object_get_ex (r, "events", &v));
+  cr_assert_geq (json_object_array_length (v), 1);
+  struct json_object *e = json_object_array_get_idx (v, 0), *name;
+  json_object_object_get_ex (e, "event", &name);
+  cr_assert_str_eq (json_object_get_string (name), "started");
+  json_object_put (r);
+  r = expect_ok ("{\"execute\":\"event-list\",\"arguments\":{\"since\":1000}}");
+  cr_assert (json_object_object_get_ex (r, "events", &v));
+  cr_assert_eq (json_object_array_length (v), 0);
+  json_object_put (r);
+}
+
+Test (cmds, disk_add_without_modules_changes_nothing)
+{
+  char img[128];
+  snprintf (img, sizeof img, "%s/a.img", dir);
+  FILE *f = fopen (img, "w");
+  cr_assert_not_null (f);
+  fclose (f);
+  char line[512];
+  snprintf (line, sizeof line, "{\"execute\":\"disk-add\",\"arguments\":{\"name\":\"a\","
+            "\"file\":\"%s\"}}", img);
+  struct json_object *j = call (line), *e;
+  cr_assert (json_object_object_get_ex (j, "error", &e));
+  cr_assert (strstr (json_object_to_json_string (e), "is it built?") != NULL,
+             "%s", json_object_to_json_string (e));
+  json_object_put (j);
+  struct json_object *r = expect_ok ("{\"execute\":\"disk-list\"}"), *d;
+  json_object_object_get_ex (r, "disks", &d);
+  cr_assert_eq (json_object_array_length (d), 0);
+  json_object_put (r);
+}
+
+Test (cmds, second_daemon_is_refused)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_orch_config cfg = { .state_dir = dir };
+  struct cbw_orch *o2 = cbw_orch_open (&cfg, &err);
+  cr_assert_null (o2);
+  cr_assert_eq (err.errnum, EBUSY);
+  cr_assert (strstr (err.msg, "in use by another cbwd") != NULL, "%s", err.msg);
+}
+
+Test (startup, corrupt_state_refused)
+{
+  char d[] = "/tmp/cbw-orch-test.XXXXXX", p[128];
+  cr_assert_not_null (mkdtemp (d));
+  snprintf (p, sizeof p, "%s/%s", d, ORCH_STATE_FILE);
+  FILE *f = fopen (p, "w");
+  fputs ("{\"format\":\"cbwd-state\",\"version\":1,\"body\":{},\"checksum\":\"xxh64:0\"}", f);
+  fclose (f);
+  struct cbw_err err = { 0 };
+  struct cbw_orch_config cfg = { .state_dir = d };
+  cr_assert_null (cbw_orch_open (&cfg, &err));
+  cr_assert (strstr (err.msg, p) && strstr (err.msg, "bad checksum"), "%s", err.msg);
+  rm_rf (d);
+}
+
+Test (docs, committed_reference_matches_table)
+{
+  char *md = cbw_ctl_docs_markdown (&cbw_orch_ctl_table), *file = NULL;
+  size_t len;
+  struct cbw_err err = { 0 };
+  cr_assert_not_null (md);
+  cr_assert_eq (cbw_read_file (CBW_SRC_DIR "/docs/control/cbwd.md", 1 << 20, &file, &len,
+                               &err), 0, "%s", err.msg);
+  cr_assert_str_eq (file, md, "docs/control/cbwd.md is stale: regenerate with "
+                    "`cbwd-orch --control-docs > docs/control/cbwd.md`");
+  free (md);
+  free (file);
+}
