@@ -252,7 +252,6 @@ write_data_file (const char *path, const struct cbw_stored_bitmap *b,
 {
   uint64_t len = cbw_bitmap_serialized_size (&b->bits);
   unsigned char hdr[DATA_OFFSET];
-  CLEANUP_FREE unsigned char *data = NULL;
   CLEANUP_CLOSE int fd = -1;
   const unsigned char *src;
 
@@ -260,7 +259,8 @@ write_data_file (const char *path, const struct cbw_stored_bitmap *b,
   /* The in-memory words are already the on-disk byte order. */
   src = (const unsigned char *) b->bits.words;
 #else
-  data = malloc (len ? len : 1);
+  CLEANUP_FREE unsigned char *data = malloc (len ? len : 1);
+
   if (data == NULL)
     return cbw_err_set (err, ENOMEM, "%s: out of memory", path);
   cbw_bitmap_serialize (&b->bits, data);

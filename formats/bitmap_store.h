@@ -83,7 +83,12 @@ void cbw_bitmap_store_close (struct cbw_bitmap_store *st);
  * as they are in memory now. */
 int cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err);
 
-/* In-memory edits (call save to persist). */
+/* In-memory edits (call save to persist).  Returned pointers stay valid
+ * across add (fixed-capacity array of CBW_BITMAP_MAX_COUNT); remove shifts
+ * the later entries down (creation order is kept), so re-find after it.
+ * add: EINVAL bad name/granularity, EEXIST name taken, ENOSPC store full;
+ * the new bitmap is all clear, state clean, generation 0 (never saved).
+ * remove: ENOENT if there is no such bitmap. */
 struct cbw_stored_bitmap *cbw_bitmap_store_find (struct cbw_bitmap_store *st,
                                                  const char *name);
 struct cbw_stored_bitmap *cbw_bitmap_store_add (struct cbw_bitmap_store *st,

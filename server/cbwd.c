@@ -127,6 +127,10 @@ main (int argc, char **argv)
   }
   free (listens);
   free (exports);
+  if (cbwd_admin_init (&srv) == -1) {
+    cbwd_log ("cannot set up the admin channel");
+    return 1;
+  }
   uv_signal_init (srv.loop, &srv.sigterm);
   uv_signal_init (srv.loop, &srv.sigint);
   srv.sigterm.data = srv.sigint.data = &srv;
@@ -142,7 +146,8 @@ main (int argc, char **argv)
   cbwd_log ("serving %zu export(s)", srv.exports.n);
   uv_run (srv.loop, UV_RUN_DEFAULT);
   for (size_t i = 0; i < srv.exports.n; i++)
-    cbwd_export_free (srv.exports.v[i]);
+    cbwd_export_unref (srv.exports.v[i]);
+  free (srv.first_listen);
   free (srv.exports.v);
   uv_loop_close (srv.loop);
   if (pidfile) unlink (pidfile);

@@ -88,12 +88,12 @@ parse_bitmap_kv (const char *v, struct cbwd_export_spec *s, struct cbw_err *err)
     if (np == 4 && cbwd_parse_size (parts[3], &b->granularity) == -1)
       return cbw_err_set (err, EINVAL, "bitmap=%s: bad granularity", v);
   }
-  else if (strcmp (parts[1], "store") == 0) {
+  else if (strcmp (parts[1], "store") == 0 || strcmp (parts[1], "ctl") == 0) {
     if (np == 4 && !(b->stored = strdup (parts[3])))
       return cbw_err_set (err, ENOMEM, "out of memory");
   }
   else if (strcmp (parts[1], "extents") != 0 || np != 3)
-    return cbw_err_set (err, EINVAL, "bitmap=%s: source must be raw, extents or store", v);
+    return cbw_err_set (err, EINVAL, "bitmap=%s: source must be raw, extents, store or ctl", v);
   return 0;
 }
 
@@ -184,6 +184,9 @@ cbwd_build_export (const struct cbwd_export_spec *s, struct cbw_err *err)
       r = cbwd_meta_bitmap_from_raw (&m, b->name, b->path, b->granularity, e->size, err);
     else if (strcmp (b->source, "extents") == 0)
       r = cbwd_meta_bitmap_from_extents (&m, b->name, b->path, e->size, err);
+    else if (strcmp (b->source, "ctl") == 0)
+      r = cbwd_meta_bitmap_from_ctl (&m, b->name, b->path, b->stored ? b->stored : b->name,
+                                     e->size, err);
     else if (strcmp (b->source, "store") == 0)
       r = cbwd_meta_bitmap_from_store (&m, b->name, b->path, b->stored ? b->stored : b->name,
                                        e->size, err);

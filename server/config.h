@@ -42,7 +42,10 @@ struct cbwd_export *cbwd_build_export (const struct cbwd_export_spec *s,
 /* Load a JSON config: listeners are added to srv, exports appended. */
 int cbwd_load_config (const char *path, struct cbwd_server *srv,
                       struct cbw_err *err);
+/* Append to the export list: start-up or the loop thread only (from other
+ * threads use cbwd_server_add_export()). */
 int cbwd_add_export (struct cbwd_server *srv, struct cbwd_export *e,
                      struct cbw_err *err);
+#define cbwd_add_export_loop cbwd_add_export
 
 #endif

@@ -34,6 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "config.h"
 #include "nbd_proto.h"
 #include "nbd_session.h"
 #include "server.h"
@@ -620,10 +621,128 @@ cbwd_listen (struct cbwd_server *srv, const char *spec)
   if (nl) srv->listeners = nl;
   if (np) srv->unix_paths = np;
   if (!nl || !np) { free (upath); return -1; }
+  if (!srv->first_listen) srv->first_listen = strdup (spec);
   srv->listeners[srv->nlisteners] = s;
   srv->unix_paths[srv->nlisteners] = upath;
   srv->nlisteners++;
   return 0;
+}
+
+/* ---- admin API ---- */
+struct cbwd_admin_op {
+  struct cbwd_admin_op *next;
+  bool add;
+  struct cbwd_export *e;          /* add */
+  const char *name;               /* remove */
+  struct cbw_err *err;
+  int ret;
+  bool done;
+};
+
+static void
+admin_run (struct cbwd_server *srv, struct cbwd_admin_op *op)
+{
+  if (op->add) {
+    op->ret = cbwd_add_export_loop (srv, op->e, op->err);
+    if (op->ret == 0)
+      cbwd_log ("export '%s' (%s) added", op->e->name, op->e->ops->type);
+    return;
+  }
+  size_t i;
+  for (i = 0; i < srv->exports.n; i++)
+    if (strcmp (srv->exports.v[i]->name, op->name) == 0) break;
+  if (i == srv->exports.n) {
+    op->ret = cbw_err_set (op->err, ENOENT, "no export named '%s'", op->name);
+    return;
+  }
+  struct cbwd_export *e = srv->exports.v[i];
+  memmove (&srv->exports.v[i], &srv->exports.v[i + 1],
+           (srv->exports.n - i - 1) * sizeof *srv->exports.v);
+  srv->exports.n--;
+  for (struct cbwd_conn *c = srv->conns; c; c = c->next)
+    if (c->sess.exp == e || c->sess.meta_export == e) {
+      c->closing = true;
+      if (c->reading) { uv_read_stop (&c->h.stream); c->reading = false; }
+      conn_maybe_close (c);
+    }
+  cbwd_log ("export '%s' removed", e->name);
+  cbwd_export_unref (e);
+  op->ret = 0;
+}
+
+static void
+admin_cb (uv_async_t *a)
+{
+  struct cbwd_server *srv = a->data;
+  pthread_mutex_lock (&srv->admin_lock);
+  struct cbwd_admin_op *q = srv->admin_q;
+  srv->admin_q = NULL;
+  pthread_mutex_unlock (&srv->admin_lock);
+  /* Run outside the lock: callers only wait on their own op's done flag. */
+  for (struct cbwd_admin_op *op = q, *next; op; op = next) {
+    next = op->next;
+    admin_run (srv, op);
+    pthread_mutex_lock (&srv->admin_lock);
+    op->done = true;
+    pthread_cond_broadcast (&srv->admin_cond);
+    pthread_mutex_unlock (&srv->admin_lock);
+  }
+}
+
+int
+cbwd_admin_init (struct cbwd_server *srv)
+{
+  pthread_mutex_init (&srv->admin_lock, NULL);
+  pthread_cond_init (&srv->admin_cond, NULL);
+  srv->admin.data = srv;
+  return uv_async_init (srv->loop, &srv->admin, admin_cb) == 0 ? 0 : -1;
+}
+
+static int
+admin_call (struct cbwd_server *srv, struct cbwd_admin_op *op)
+{
+  pthread_mutex_lock (&srv->admin_lock);
+  if (srv->admin_closed) {
+    pthread_mutex_unlock (&srv->admin_lock);
+    return cbw_err_set (op->err, ESHUTDOWN, "cbwd is shutting down");
+  }
+  op->next = srv->admin_q;
+  srv->admin_q = op;
+  uv_async_send (&srv->admin);
+  while (!op->done)
+    pthread_cond_wait (&srv->admin_cond, &srv->admin_lock);
+  pthread_mutex_unlock (&srv->admin_lock);
+  return op->ret;
+}
+
+int
+cbwd_server_add_export (struct cbwd_server *srv, struct cbwd_export *e,
+                        struct cbw_err *err)
+{
+  struct cbwd_admin_op op = { .add = true, .e = e, .err = err };
+  return admin_call (srv, &op);
+}
+
+int
+cbwd_server_remove_export (struct cbwd_server *srv, const char *name,
+                           struct cbw_err *err)
+{
+  struct cbwd_admin_op op = { .add = false, .name = name, .err = err };
+  return admin_call (srv, &op);
+}
+
+char *
+cbwd_server_uri (struct cbwd_server *srv, const char *name)
+{
+  char *u = NULL;
+  const char *l = srv->first_listen;
+  if (!l) return NULL;
+  if (strncmp (l, "unix:", 5) == 0) {
+    if (asprintf (&u, "nbd+unix:///%s?socket=%s", name, l + 5) == -1) u = NULL;
+  }
+  else if (asprintf (&u, "nbd://%s/%s", l + 4, name) == -1)
+    u = NULL;
+  return u;
 }
 
 void
@@ -631,6 +750,17 @@ cbwd_server_stop (struct cbwd_server *srv)
 {
   if (srv->stopping) return;
   srv->stopping = true;
+  /* Fail queued and future admin calls; close the async handle. */
+  pthread_mutex_lock (&srv->admin_lock);
+  srv->admin_closed = true;
+  for (struct cbwd_admin_op *op = srv->admin_q; op; op = op->next) {
+    op->ret = cbw_err_set (op->err, ESHUTDOWN, "cbwd is shutting down");
+    op->done = true;
+  }
+  srv->admin_q = NULL;
+  pthread_cond_broadcast (&srv->admin_cond);
+  pthread_mutex_unlock (&srv->admin_lock);
+  uv_close ((uv_handle_t *) &srv->admin, NULL);
   for (size_t i = 0; i < srv->nlisteners; i++) {
     uv_close ((uv_handle_t *) srv->listeners[i], reject_closed);
     if (srv->unix_paths[i]) unlink (srv->unix_paths[i]);

@@ -202,6 +202,19 @@ cbwd_export_free (struct cbwd_export *e)
   free (e);
 }
 
+void
+cbwd_export_ref (struct cbwd_export *e)
+{
+  if (e) e->refs++;
+}
+
+void
+cbwd_export_unref (struct cbwd_export *e)
+{
+  if (e && --e->refs == 0)
+    cbwd_export_free (e);
+}
+
 /* ---- memory backend (tests/fuzzing) ---- */
 struct mem_priv {
   pthread_mutex_t lock;        /* guards data (memcpy only) */
@@ -319,6 +332,7 @@ cbwd_export_memory_new (const char *name, uint64_t size, bool readonly,
     return NULL;
   }
   pthread_mutex_init (&p->lock, NULL);
+  e->refs = 1;
   e->priv = p;
   e->ops = &mem_ops;
   e->size = size;

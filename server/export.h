@@ -86,6 +86,7 @@ struct cbwd_meta {
 };
 
 struct cbwd_export {
+  unsigned refs;                    /* loop thread only: export list + sessions */
   char *name;
   char *description;                /* may be NULL */
   uint64_t size;
@@ -104,7 +105,8 @@ int cbwd_meta_depth_init (struct cbwd_meta *m);
 /* Frozen dirty bitmaps (meta_bitmap.c).  Sources:
  *   raw:   little-endian bit array, bit i = granule i (formats/bitmap.h layout)
  *   extents: text file, one "OFFSET LENGTH" dirty range per line
- *   store: bitmap store descriptor (formats/bitmap_store.h) + stored name   */
+ *   store: bitmap store descriptor (formats/bitmap_store.h) + stored name
+ *   ctl:   a dirtybitmap filter's control socket + bitmap name (read once) */
 int cbwd_meta_bitmap_from_raw (struct cbwd_meta *m, const char *name,
                                const char *path, uint64_t granularity,
                                uint64_t export_size, struct cbw_err *err);
@@ -114,6 +116,9 @@ int cbwd_meta_bitmap_from_extents (struct cbwd_meta *m, const char *name,
 int cbwd_meta_bitmap_from_store (struct cbwd_meta *m, const char *name,
                                  const char *descriptor, const char *stored_name,
                                  uint64_t export_size, struct cbw_err *err);
+int cbwd_meta_bitmap_from_ctl (struct cbwd_meta *m, const char *name,
+                               const char *ctl_path, const char *stored_name,
+                               uint64_t export_size, struct cbw_err *err);
 /* In-memory dirty ranges (tests, fuzzing): sorted, merged copy is made. */
 int cbwd_meta_bitmap_from_ranges (struct cbwd_meta *m, const char *name,
                                   const uint64_t (*ranges)[2], size_t n,
@@ -144,6 +149,11 @@ struct cbwd_export *cbwd_export_memory_new (const char *name, uint64_t size,
                                             bool readonly, struct cbw_err *err);
 
 void cbwd_export_free (struct cbwd_export *e);
+/* Reference counting (loop thread only): the export list holds one (the
+ * constructors return refs = 1), every session using the export for
+ * transmission or meta-context selection holds one.  The last unref frees. */
+void cbwd_export_ref (struct cbwd_export *e);
+void cbwd_export_unref (struct cbwd_export *e);
 
 /* The export list (immutable after start-up). */
 struct cbwd_exports {

@@ -333,6 +333,7 @@ cbwd_export_file_new (const char *name, const struct cbwd_store_opts *o,
   }
   p->fd = -1;
   pthread_mutex_init (&p->lock, NULL);
+  e->refs = 1;
   e->priv = p;
   e->ops = o->readonly ? &file_ops : &store_ops;
   p->readonly = o->readonly;

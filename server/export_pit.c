@@ -384,6 +384,7 @@ cbwd_export_pit_new (const char *name, const struct cbwd_pit_opts *o,
   p->release = o->release;
   pthread_mutex_init (&p->lock, NULL);
   pthread_cond_init (&p->cond, NULL);
+  e->refs = 1;
   e->priv = p;
   e->ops = &pit_ops;
   /* First connection now: size and capabilities of the upstream. */

@@ -10,7 +10,10 @@
  *            ('#' comments allowed) — what orchestration can write from the
  *            dirtybitmap filter's `extents` control command;
  *   store    a bitmap store descriptor (formats/bitmap_store.h), compiled in
- *            when the formats library is part of the build.
+ *            when the formats library is part of the build;
+ *   ctl      a bitmap of a running dirtybitmap filter, read once through its
+ *            control socket (`extents` command, paged) when the export is
+ *            created — the orchestrator freezes the bitmap first.
  *
  * Locking: none needed; the range array is immutable after load and read
  * concurrently by worker threads.
@@ -27,6 +30,9 @@
 #include "nbd_proto.h"
 #ifdef CBWD_HAVE_BITMAP_STORE
 #include "bitmap_store.h"
+#endif
+#ifdef CBWD_HAVE_CONTROL
+#include "control.h"
 #endif
 
 #define QEMU_DIRTY_PREFIX "qemu:dirty-bitmap:"
@@ -276,5 +282,76 @@ cbwd_meta_bitmap_from_store (struct cbwd_meta *m, const char *name,
   (void) m; (void) stored_name; (void) export_size;
   return cbw_err_set (err, ENOTSUP, "bitmap '%s': %s: this cbwd was built without "
                       "the bitmap store library", name, descriptor);
+#endif
+}
+
+int
+cbwd_meta_bitmap_from_ctl (struct cbwd_meta *m, const char *name,
+                           const char *ctl_path, const char *stored_name,
+                           uint64_t export_size, struct cbw_err *err)
+{
+#ifdef CBWD_HAVE_CONTROL
+  struct cbw_ctl_client *c = cbw_ctl_client_connect (ctl_path, err);
+  if (!c)
+    return cbw_err_prefix (err, "bitmap '%s'", name);
+  cbw_ctl_client_set_timeout (c, 30000);
+  struct ranges *rs = calloc (1, sizeof *rs);
+  uint64_t next = 0;
+  int ret = rs ? 0 : cbw_err_set (err, ENOMEM, "out of memory");
+  unsigned pages = 0;
+  while (ret == 0) {
+    struct json_object *args = json_object_new_object ();
+    json_object_object_add (args, "name", json_object_new_string (stored_name));
+    json_object_object_add (args, "offset", json_object_new_int64 ((int64_t) next));
+    json_object_object_add (args, "max-extents", json_object_new_int64 (65536));
+    struct json_object *r = NULL, *v, *nx;
+    if (cbw_ctl_client_execute (c, "extents", args, &r, NULL, err) == -1) {
+      ret = cbw_err_prefix (err, "%s: extents of '%s'", ctl_path, stored_name);
+      break;
+    }
+    if (!json_object_object_get_ex (r, "extents", &v) ||
+        !json_object_is_type (v, json_type_array) ||
+        !json_object_object_get_ex (r, "next", &nx)) {
+      json_object_put (r);
+      ret = cbw_err_set (err, EIO, "%s: malformed extents reply", ctl_path);
+      break;
+    }
+    for (size_t i = 0; i < json_object_array_length (v) && ret == 0; i++) {
+      struct json_object *x = json_object_array_get_idx (v, i), *o, *l;
+      if (!json_object_object_get_ex (x, "offset", &o) ||
+          !json_object_object_get_ex (x, "length", &l)) {
+        ret = cbw_err_set (err, EIO, "%s: malformed extent", ctl_path);
+        break;
+      }
+      int64_t off = json_object_get_int64 (o), len = json_object_get_int64 (l);
+      if (off < 0 || len <= 0 || (uint64_t) off < next || (uint64_t) off > export_size ||
+          (uint64_t) len > export_size - (uint64_t) off)
+        ret = cbw_err_set (err, EIO, "%s: extent %" PRId64 "+%" PRId64 " out of order "
+                           "or outside the export (size %" PRIu64 ")", ctl_path, off,
+                           len, export_size);
+      else if (ranges_push (rs, off, off + len) == -1)
+        ret = cbw_err_set (err, ENOMEM, "out of memory");
+    }
+    bool more = json_object_is_type (nx, json_type_int);
+    uint64_t n2 = more ? (uint64_t) json_object_get_int64 (nx) : 0;
+    json_object_put (r);
+    if (ret || !more) break;
+    if (n2 <= next || ++pages > 1000000) {
+      ret = cbw_err_set (err, EIO, "%s: extents paging does not advance", ctl_path);
+      break;
+    }
+    next = n2;
+  }
+  cbw_ctl_client_close (c);
+  if (ret == -1) {
+    if (rs) free (rs->r);
+    free (rs);
+    return -1;
+  }
+  return finish (m, name, rs, err);
+#else
+  (void) m; (void) stored_name; (void) export_size;
+  return cbw_err_set (err, ENOTSUP, "bitmap '%s': %s: this cbwd was built without "
+                      "the control socket library", name, ctl_path);
 #endif
 }

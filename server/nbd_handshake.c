@@ -75,6 +75,7 @@ clear_selection (struct cbwd_session *s)
   free (s->sel);
   s->sel = NULL;
   s->nsel = 0;
+  cbwd_export_unref (s->meta_export);
   s->meta_export = NULL;
 }
 
@@ -92,6 +93,7 @@ enter_transmission (struct cbwd_session *s, struct cbwd_export *e)
 {
   if (s->meta_export != e)
     clear_selection (s);
+  cbwd_export_ref (e);
   s->exp = e;
   s->eflags = export_flags (s, e);
   s->state = SS_REQ_HEADER;
@@ -279,6 +281,7 @@ opt_meta (struct cbwd_session *s, uint32_t opt, const uint8_t *d, uint32_t len)
         return reply_err (s, opt, NBD_REP_ERR_SHUTDOWN, "%s: out of memory", what);
       }
     }
+    cbwd_export_ref (e);
     s->meta_export = e;
   }
   for (size_t j = 0; j < e->nmetas; j++) {

@@ -36,6 +36,9 @@ cbwd_session_free (struct cbwd_session *s)
 {
   free (s->optbuf);
   free (s->sel);
+  cbwd_export_unref (s->meta_export);
+  cbwd_export_unref (s->exp);
+  s->meta_export = s->exp = NULL;
   if (s->cur) cbwd_request_free (s->cur);
   if (s->rejected) cbwd_request_free (s->rejected);
   cbwd_obuf_free (&s->out);

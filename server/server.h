@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <pthread.h>
 #include <uv.h>
 
 #include "export.h"
@@ -34,6 +35,15 @@ struct cbwd_server {
   bool stopping;
   uv_signal_t sigterm, sigint;
   int verbose;
+  char *first_listen;              /* for URIs handed out by the admin API */
+  /* Admin API (exports added/removed at run time from other threads):
+   * admin_lock guards admin_q and admin_closed; the loop thread runs the
+   * queued operations from the admin async callback. */
+  uv_async_t admin;
+  pthread_mutex_t admin_lock;
+  pthread_cond_t admin_cond;
+  struct cbwd_admin_op *admin_q;
+  bool admin_closed;
 };
 
 /* Add a listener: "unix:PATH" or "tcp:HOST:PORT" ([v6]:PORT allowed).
@@ -41,6 +51,21 @@ struct cbwd_server {
 int cbwd_listen (struct cbwd_server *srv, const char *spec);
 /* Stop listening, close every connection (requests in flight finish first). */
 void cbwd_server_stop (struct cbwd_server *srv);
+
+/* Admin API: add or remove an export while the server runs.  Callable from
+ * any thread EXCEPT the loop thread (the call waits for the loop).  Add takes
+ * ownership of e on success.  Remove makes the name unknown to new clients
+ * and closes the connections using it (their requests in flight finish
+ * first); the export is freed when its last user is gone.  Both fail with
+ * ESHUTDOWN once the server stops. */
+int cbwd_admin_init (struct cbwd_server *srv);
+int cbwd_server_add_export (struct cbwd_server *srv, struct cbwd_export *e,
+                            struct cbw_err *err);
+int cbwd_server_remove_export (struct cbwd_server *srv, const char *name,
+                               struct cbw_err *err);
+/* "nbd+unix:///NAME?socket=PATH" or "nbd://HOST:PORT/NAME" for the first
+ * listener (malloc'd, NULL if there is none). */
+char *cbwd_server_uri (struct cbwd_server *srv, const char *export_name);
 
 void cbwd_log (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
 void cbwd_debug (struct cbwd_server *srv, const char *fmt, ...)

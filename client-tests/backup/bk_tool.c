@@ -8,6 +8,8 @@
  *       (A, B) = (n, n-1) or (n, n): a consistent point in time across both
  *       disks therefore satisfies B <= A <= B + 1.
  *   bk_tool readseq URI          print the 8-byte number at offset 0
+ *   bk_tool readat URI OFF LEN   one read request; exit 0 if it succeeds,
+ *                                1 if the server returns an error
  *   bk_tool extents CTL BITMAP SIZE
  *       print "OFFSET LENGTH" lines: dirty extents of BITMAP from the
  *       dirtybitmap filter's control socket CTL (paged with "next")
@@ -120,6 +122,7 @@ main (int argc, char **argv)
     struct nbd_handle *a = open_uri (argv[2]), *b = open_uri (argv[3]);
     uint64_t n;
     for (n = 1; access (argv[4], F_OK) != 0; n++) {
+      usleep (500);              /* steady, not a CPU hog on a shared CI box */
       if (nbd_pwrite (a, &n, sizeof n, 0, 0) == -1 || nbd_pwrite (b, &n, sizeof n, 0, 0) == -1) {
         fprintf (stderr, "bk_tool: seqwrite: %s\n", nbd_get_error ());
         return 1;
@@ -140,6 +143,17 @@ main (int argc, char **argv)
     printf ("%" PRIu64 "\n", n);
     nbd_close (h);
     return 0;
+  }
+  if (argc == 5 && strcmp (argv[1], "readat") == 0) {
+    struct nbd_handle *h = open_uri (argv[2]);
+    size_t len = strtoul (argv[4], NULL, 10);
+    char *buf = malloc (len ? len : 1);
+    int r = nbd_pread (h, buf, len, strtoull (argv[3], NULL, 10), 0);
+    if (r == -1)
+      fprintf (stderr, "bk_tool: readat: %s\n", nbd_get_error ());
+    free (buf);
+    nbd_close (h);
+    return r == -1 ? 1 : 0;
   }
   if (argc == 5 && strcmp (argv[1], "extents") == 0) {
     for_extents (argv[2], argv[3], strtoull (argv[4], NULL, 10), print_ext, NULL);

@@ -46,7 +46,7 @@ jq -e '.checkpoints | length == 0' "$T/out" >/dev/null || fail "checkpoint recor
 
 # Restart of the daemon (SIGTERM): vdb keeps running and is adopted.
 stop_orchd
-kill -0 "$PB" || fail "vdb's nbdkit died with cbwd-orch"
+alive_pid "$PB" || fail "vdb's nbdkit died with cbwd-orch"
 start_orchd
 [ "$(pid_of vdb state)" = running ] || fail "vdb not adopted"
 [ "$(pid_of vdb pid)" = "$PB" ] || fail "vdb pid changed"
@@ -62,15 +62,15 @@ grep -q "already running" <<<"$ERR" || fail "double start: $ERR"
 # kill -9 of the daemon: the disks survive and are adopted again.
 PA=$(pid_of vda pid)
 kill -9 "$ORCHD_PID"; wait "$ORCHD_PID" 2>/dev/null || true
-kill -0 "$PA" && kill -0 "$PB" || fail "nbdkit died with a killed cbwd-orch"
+alive_pid "$PA" && alive_pid "$PB" || fail "nbdkit died with a killed cbwd-orch"
 qemu-io -f raw -c "write -P 0x77 0 4k" "$(disk_uri vdb)" >/dev/null || fail "guest I/O without cbwd"
 start_orchd
 [ "$(pid_of vda pid)" = "$PA" ] && [ "$(pid_of vdb pid)" = "$PB" ] || fail "not adopted after kill -9"
 
 # disk remove: nbdkit stopped, directory gone, image kept.
 expect_rc 0 "$CBW" disk remove vdb
-for _ in $(seq 50); do kill -0 "$PB" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$PB" 2>/dev/null && fail "vdb's nbdkit still running after remove"
+for _ in $(seq 50); do alive_pid "$PB" || break; sleep 0.1; done
+alive_pid "$PB" && fail "vdb's nbdkit still running after remove"
 [ -d "$STATE/disks/vdb" ] && fail "vdb's state directory left behind"
 [ -f "$T/b.img" ] || fail "image removed"
 [ "$("$CBW" --json disk list | jq -r '[.disks[].name] | join(",")')" = vda ] || fail "list after remove"

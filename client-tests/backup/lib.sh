@@ -23,13 +23,19 @@ _bk_kill_ours() {
   kill "${pids[@]}" 2>/dev/null || true
   for _ in $(seq 50); do
     local alive=0
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    for p in "${pids[@]}"; do alive_pid "$p" && alive=1; done
     [ $alive = 0 ] && break
     sleep 0.1
   done
   kill -9 "${pids[@]}" 2>/dev/null || true
 }
-trap '_bk_kill_ours; _cbw_cleanup' EXIT
+# alive_pid PID: running and not a zombie (kill -0 succeeds on zombies).
+alive_pid() {
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [ -n "$st" ] && [ "$st" != Z ]
+}
+trap '_bk_exit' EXIT
 
 # need_modules: skip unless the cbw and dirtybitmap filters are built; use
 # the chain plugin when built, else nbdkit's file plugin (said in the log).
@@ -53,6 +59,19 @@ start_orchd() {
 
 # stop_orchd: SIGTERM (disks keep running), wait.
 stop_orchd() { kill "$ORCHD_PID" 2>/dev/null || true; wait "$ORCHD_PID" 2>/dev/null || true; }
+# Reap the daemon first so the generic cleanup does not wait on a zombie.
+# On failure, show the tail of every nbdkit log first.
+_bk_exit() {
+  local rc=$? f
+  if [ "$rc" != 0 ] && [ "$rc" != 77 ]; then
+    for f in "$STATE"/disks/*/nbdkit.log "$STATE"/backups/*/*.log; do
+      [ -f "$f" ] && { echo "--- $f"; tail -n 15 "$f"; } >&2
+    done
+  fi
+  [ -n "${ORCHD_PID:-}" ] && stop_orchd
+  _bk_kill_ours
+  _cbw_cleanup
+}
 
 # expect_rc RC CMD...: run CMD, check its exit status, keep its stderr in $ERR.
 expect_rc() {

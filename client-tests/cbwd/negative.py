@@ -331,7 +331,15 @@ def t_many_connections():
                 except OSError: pass
             s.close()
 
-tests = [t_truncated, t_bad_flags, t_bad_opt_magic, t_option_errors, t_export_name_unknown,
+def t_handshake_timeout():
+    # cbwd runs with --handshake-timeout 3: a client idling in the handshake is dropped
+    s = conn(); recvn(s, 18)
+    t0 = time.time()
+    check(closed_by_server(s, timeout=15), "idle handshake not dropped")
+    check(2.0 < time.time() - t0 < 12, "dropped after %.1fs, expected ~3s" % (time.time() - t0))
+    s.close()
+
+tests = [t_handshake_timeout, t_truncated, t_bad_flags, t_bad_opt_magic, t_option_errors, t_export_name_unknown,
          t_huge_option_then_drop, t_requests, t_simple_mode, t_writable, t_abrupt,
          t_many_connections]
 random.seed(int(os.environ.get("CBW_SEED", "1")))

@@ -7,7 +7,8 @@
 # (MODE=powerloss: nbdkit mirrors its durable state with
 # CBW_TEST_POWERLOSS_DIR and, after the kill, the bitmap files are replaced
 # by the mirror, i.e. everything not yet fsynced is dropped).
-# CBW_DBM_ROUNDS=N changes the number of rounds (default 20).  The scratch
+# CBW_DBM_ROUNDS=N changes the number of rounds (default 20).  USE_CHAIN=1
+# puts the filter on the cbw chain plugin instead of nbdkit's file plugin.  The scratch
 # directory is on /dev/shm when it is writable (fsync there is cheap, so 20
 # rounds fit in the CI budget on a loaded machine; the crash semantics under
 # test are the filter's own ordering, and power loss is simulated anyway);
@@ -24,7 +25,13 @@ ROUNDS=${CBW_DBM_ROUNDS:-20}
 
 mkdir -p "$T/bm" "$T/pl"
 head -c 64M /dev/urandom > "$T/disk.img"
-ARGS=(--filter="$DIRTYBITMAP_FILTER" file "$T/disk.img"
+if [ "${USE_CHAIN:-0}" = 1 ]; then
+  [ -f "$CHAIN_PLUGIN" ] || skip "chain plugin not built"
+  PLUGIN=("$CHAIN_PLUGIN" file="$T/disk.img")
+else
+  PLUGIN=(file "$T/disk.img")
+fi
+ARGS=(--filter="$DIRTYBITMAP_FILTER" "${PLUGIN[@]}"
       dirtybitmap-image="$T/disk.img" dirtybitmap="$T/bm/d.json"
       dirtybitmap-control="$T/ctl" dirtybitmap-checkpoint-interval=1
       dirtybitmap-region-size=1M)

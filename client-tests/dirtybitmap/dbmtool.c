@@ -5,6 +5,7 @@
  *   dbm-tool ctl SOCKET COMMAND [ARGS-JSON]
  *       one request; prints the "return" object (exit 0) or the "error"
  *       object (exit 2); exit 1 if the socket does not answer.
+ *   dbm-tool raw SOCKET LINE      send LINE (+ newline) as is, print the reply
  *   dbm-tool wait SOCKET          retry "info" for up to 10 s
  *   dbm-tool extents SOCKET BITMAP
  *       all dirty extents, "OFFSET LENGTH" per line, paging with "next"
@@ -244,6 +245,24 @@ main (int argc, char **argv)
     json_object_put (reply);
     cbw_ctl_client_close (c);
     return rc;
+  }
+  if (argc == 4 && strcmp (argv[1], "raw") == 0) {
+    struct cbw_ctl_client *c = conn (argv[2]);
+    struct cbw_err err = { 0 };
+    size_t n = strlen (argv[3]);
+    char *l = malloc (n + 1), *reply;
+    memcpy (l, argv[3], n);
+    l[n] = '\n';
+    if (cbw_ctl_client_send_raw (c, l, n + 1, &err) < 0 ||
+        (reply = cbw_ctl_client_read_line (c, &err)) == NULL) {
+      fprintf (stderr, "dbm-tool: %s\n", err.msg);
+      return 1;
+    }
+    printf ("%s\n", reply);
+    free (reply);
+    free (l);
+    cbw_ctl_client_close (c);
+    return 0;
   }
   if (argc == 3 && strcmp (argv[1], "wait") == 0) {
     for (int i = 0; i < 200; ++i) {

@@ -32,6 +32,7 @@ struct cbw_config cbw_cfg = {
   .policy = CBW_BREAK_SNAPSHOT,
   .timeout_ns = 30LL * 1000000000,
   .connections = 8,
+  .buffer_bytes = 64 * 1024 * 1024,
 };
 _Atomic (struct cbw_session *) cbw_active;
 pthread_mutex_t cbw_session_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -105,6 +106,17 @@ cbw_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     }
     return 0;
   }
+  if (strcmp (key, "cbw-buffer") == 0) {
+    int64_t b = nbdkit_parse_size (value);
+    if (b == -1)
+      return -1;
+    if (b > (int64_t) 1 << 40) {
+      nbdkit_error ("cbw-buffer=%s: too large", value);
+      return -1;
+    }
+    cbw_cfg.buffer_bytes = b;
+    return 0;
+  }
   if (strcmp (key, "cbw-debug-pit-delay-us") == 0)
     return nbdkit_parse_uint32_t (key, value, &cbw_cfg.debug_pit_delay_us);
   if (strcmp (key, "cbw-debug-unsafe-no-recheck") == 0) {
@@ -124,7 +136,9 @@ cbw_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "                          disks over 64G).\n" \
   "on-cbw-error=break-snapshot|break-guest-write\n" \
   "cbw-timeout=SECONDS       Max wait of a guest write for its copy (30).\n" \
-  "cbw-connections=N         Connections to the backup target (8)."
+  "cbw-connections=N         Connections to the backup target (8).\n" \
+  "cbw-buffer=SIZE           Write-back buffer for old data (64M; 0 = copy\n" \
+  "                          synchronously).  break-snapshot only."
 
 static int
 cbw_config_complete (nbdkit_next_config_complete *next, nbdkit_backend *nxdata)

@@ -230,6 +230,7 @@ stats_json (struct cbw_session *s)
     ADD ("errors", st.errors);
     ADD ("guest-write-waits", st.guest_write_waits);
     ADD ("pit-rechecks", st.pit_rechecks);
+    ADD ("buffered-blocks", st.buffered_blocks);
 #undef ADD
     json_object_object_add (o, "broken", json_object_new_boolean (st.broken));
     json_object_object_add (o, "last-error",
@@ -301,6 +302,8 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   p.timeout_ns = cbw_cfg.timeout_ns;
   p.debug_pit_delay_us = cbw_cfg.debug_pit_delay_us;
   p.debug_no_recheck = cbw_cfg.debug_no_recheck;
+  p.buffer_bytes = cbw_cfg.buffer_bytes;
+  p.workers = conns;
   s = cbw_session_new (&p, t, &err);
   if (s == NULL) {
     cbw_target_close (t);
@@ -475,7 +478,7 @@ static const struct cbw_ctl_command commands[] = {
     "`state`, `size`, `granularity`, `blocks`, `needed-blocks`, "
     "`copied-blocks`, `copied-bytes`, `zero-bytes`, `skipped-blocks`, "
     "`failed-blocks`, `in-flight`, `errors`, `guest-write-waits`, "
-    "`pit-rechecks`, `broken`, `last-error`, `quiesced`, `on-cbw-error`, "
+    "`pit-rechecks`, `buffered-blocks`, `broken`, `last-error`, `quiesced`, `on-cbw-error`, "
     "`pit-export`" },
   { "skip", h_skip, skip_args,
     "Release a range the backup reader has finished with: its whole blocks "

@@ -6,9 +6,13 @@
  * State.  One byte per block of `granularity` bytes (enum cbw_block_state),
  * changed only with atomic compare-and-swap.  Transitions:
  *   NOT_NEEDED <- NEEDED -> COPYING -> COPIED -> NOT_NEEDED (skip)
- *                   ^         |  \--> FAILED (break-snapshot)
+ *                   ^         |  |  \--> FAILED (break-snapshot)
+ *                   |         |  \-> BUFFERED -> COPIED | FAILED
  *                   \---------/ (break-guest-write: copy failed, guest write
  *                                failed, live data untouched)
+ * BUFFERED (break-snapshot only): the old data was read from below into the
+ * write-back buffer (bounded by cbw-buffer) and a worker writes it to the
+ * target later, so the guest write does not wait for the target.
  * THE RULE: the live disk's data of a block changes only after its state left
  * NEEDED/COPYING for COPIED, FAILED or NOT_NEEDED.  Every guest write,
  * write-zeroes and trim calls cbw_session_before_write() first; it claims the
@@ -30,8 +34,9 @@
  * Locking.  Block states are atomics.  Waiting for a COPYING block uses one
  * of NSHARD mutex+condvar pairs (shard = block / 64 mod NSHARD) with a waiter
  * count, so copiers broadcast only when someone waits (Dekker-style pairing
- * of the state store and the waiter count, both seq_cst).  err_lock guards
- * last_error.  Counters are relaxed atomics.  The session is reference
+ * of the state store and the waiter count, both seq_cst).  plock guards the
+ * write-back queue (never held across I/O; a BUFFERED state and its queue
+ * entry are published in one plock section).  err_lock guards last_error.  Counters are relaxed atomics.  The session is reference
  * counted: the filter's "active" pointer and every PIT connection hold one.
  */
 #include <errno.h>
@@ -75,9 +80,34 @@ struct cbw_session {
     failed, in_flight, errors, waits, rechecks;
   pthread_mutex_t err_lock;
   char last_error[256];         /* guarded by err_lock */
+
+  /* Write-back buffer (break-snapshot only): old data read from below,
+   * waiting for a worker to write it to the target.  Guarded by plock:
+   * queue, inprog[], pbytes, stopping.  pcond: work queued, space freed. */
+  pthread_mutex_t plock;
+  pthread_cond_t pcond;
+  struct pending *qhead, *qtail;
+  struct pending **inprog;      /* one slot per worker */
+  uint64_t pbytes;
+  bool stopping;
+  unsigned nworkers;
+  pthread_t *workers;
+  bool workers_joined;
+  _Atomic uint64_t buffered_blocks;
+};
+
+/* One buffered copy: blocks [b0,b1) whose old data is buf[0..len) at off. */
+struct pending {
+  struct pending *next;
+  uint64_t b0, b1, off, len;
+  char buf[];
 };
 
 #define RLX memory_order_relaxed
+
+struct worker_arg { struct cbw_session *s; unsigned slot; };
+static void *worker (void *arg);
+static void stop_workers (struct cbw_session *s);
 
 static void
 note_error (struct cbw_session *s, const char *fmt, ...)
@@ -124,10 +154,39 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
     pthread_mutex_init (&s->shards[i].lock, NULL);
     pthread_cond_init (&s->shards[i].cond, &ca);
   }
-  pthread_condattr_destroy (&ca);
   pthread_mutex_init (&s->err_lock, NULL);
   s->target = target;
   atomic_init (&s->refs, 1);
+
+  pthread_mutex_init (&s->plock, NULL);
+  pthread_cond_init (&s->pcond, &ca);
+  if (p->policy == CBW_BREAK_SNAPSHOT && p->buffer_bytes > 0 &&
+      p->workers > 0) {
+    s->inprog = calloc (p->workers, sizeof *s->inprog);
+    s->workers = calloc (p->workers, sizeof *s->workers);
+    if (s->inprog == NULL || s->workers == NULL) {
+      pthread_condattr_destroy (&ca);
+      s->workers_joined = true;
+      s->target = NULL;         /* the caller still owns it */
+      cbw_session_put (s);
+      return cbw_err_set (err, ENOMEM, "out of memory"), NULL;
+    }
+    for (i = 0; i < p->workers; ++i) {
+      struct worker_arg *wa = malloc (sizeof *wa);
+      int e = wa ? pthread_create (&s->workers[i], NULL, worker, wa) : ENOMEM;
+      if (wa) { wa->s = s; wa->slot = i; }
+      if (e) {
+        free (wa);
+        pthread_condattr_destroy (&ca);
+        stop_workers (s);
+        s->target = NULL;       /* the caller still owns it */
+        cbw_session_put (s);
+        return cbw_err_set (err, e, "cannot start copy workers"), NULL;
+      }
+      s->nworkers++;
+    }
+  }
+  pthread_condattr_destroy (&ca);
   return s;
 }
 
@@ -166,7 +225,12 @@ cbw_session_put (struct cbw_session *s)
 
   if (s == NULL || atomic_fetch_sub (&s->refs, 1) != 1)
     return;
+  stop_workers (s);
   cbw_target_close (s->target);
+  pthread_mutex_destroy (&s->plock);
+  pthread_cond_destroy (&s->pcond);
+  free (s->inprog);
+  free (s->workers);
   for (i = 0; i < NSHARD; ++i) {
     pthread_mutex_destroy (&s->shards[i].lock);
     pthread_cond_destroy (&s->shards[i].cond);
@@ -180,6 +244,7 @@ void
 cbw_session_end (struct cbw_session *s)
 {
   atomic_store (&s->ended, true);
+  stop_workers (s);
 }
 
 uint64_t
@@ -257,6 +322,199 @@ is_zero (const char *p, size_t n)
   return n <= 16 || memcmp (p, p + 16, n - 16) == 0;
 }
 
+/* Write old data buf[0..n) (from disk offset pos) to the target: runs of
+ * all-zero ZERO_SCAN pieces as write-zeroes.  0 or -1 (*err set). */
+static int
+write_out (struct cbw_session *s, const char *buf, uint64_t n, uint64_t pos,
+           int64_t deadline_ns, int *err)
+{
+  struct cbw_err e = { 0 };
+  uint64_t q, r, k;
+
+  for (q = 0; q < n; q = r) {
+    bool z = is_zero (buf + q, n - q < ZERO_SCAN ? n - q : ZERO_SCAN);
+    for (r = q + ZERO_SCAN; r < n; r += ZERO_SCAN)
+      if (is_zero (buf + r, n - r < ZERO_SCAN ? n - r : ZERO_SCAN) != z)
+        break;
+    if (r > n)
+      r = n;
+    for (k = q; k < r; k += COPY_CHUNK) {
+      uint64_t m = r - k < COPY_CHUNK ? r - k : COPY_CHUNK;
+      if ((z ? cbw_target_zero (s->target, m, pos + k, deadline_ns, &e)
+           : cbw_target_pwrite (s->target, buf + k, m, pos + k, deadline_ns,
+                                &e)) == -1) {
+        *err = e.errnum ? e.errnum : EIO;
+        note_error (s, "%s", e.msg);
+        return -1;
+      }
+    }
+    atomic_fetch_add_explicit (z ? &s->zero_bytes : &s->copied_bytes,
+                               r - q, RLX);
+  }
+  return 0;
+}
+
+/* Copy worker: takes buffered copies off the queue and writes them to the
+ * target.  The state moves BUFFERED -> COPIED/FAILED before the entry is
+ * removed, so a PIT reader that saw BUFFERED either finds the entry (under
+ * plock) or finds the new state when it looks again. */
+static void *
+worker (void *arg)
+{
+  struct worker_arg *wa = arg;
+  struct cbw_session *s = wa->s;
+  unsigned slot = wa->slot;
+  struct pending *e;
+  int err = 0, r;
+  uint64_t n;
+
+  free (wa);
+  for (;;) {
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->plock);
+      while (!s->stopping && s->qhead == NULL)
+        pthread_cond_wait (&s->pcond, &s->plock);
+      if (s->stopping)
+        return NULL;
+      e = s->qhead;
+      s->qhead = e->next;
+      if (s->qhead == NULL)
+        s->qtail = NULL;
+      s->inprog[slot] = e;
+    }
+    atomic_fetch_add_explicit (&s->in_flight, 1, RLX);
+    r = atomic_load (&s->broken) ? -1
+      : write_out (s, e->buf, e->len, e->off,
+                   cbw_now_ns () + s->p.timeout_ns, &err);
+    atomic_fetch_sub_explicit (&s->in_flight, 1, RLX);
+    if (r == 0) {
+      n = cas_range (s, e->b0, e->b1, CBW_B_BUFFERED, CBW_B_COPIED);
+      atomic_fetch_add_explicit (&s->copied_blocks, n, RLX);
+    }
+    else {
+      atomic_store (&s->broken, true);
+      n = cas_range (s, e->b0, e->b1, CBW_B_BUFFERED, CBW_B_FAILED);
+      atomic_fetch_add_explicit (&s->failed, n, RLX);
+    }
+    atomic_fetch_sub_explicit (&s->buffered_blocks, e->b1 - e->b0, RLX);
+    wake_range (s, e->b0, e->b1);
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->plock);
+      s->inprog[slot] = NULL;
+      s->pbytes -= e->len;
+      pthread_cond_broadcast (&s->pcond);
+    }
+    free (e);
+  }
+}
+
+/* Stop and join the workers; buffered copies not written yet are dropped
+ * (only at end or teardown, when nobody reads the PIT view any more). */
+static void
+stop_workers (struct cbw_session *s)
+{
+  struct pending *e;
+  unsigned i;
+
+  if (s->workers_joined)
+    return;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->plock);
+    s->stopping = true;
+    pthread_cond_broadcast (&s->pcond);
+  }
+  for (i = 0; i < s->nworkers; ++i)
+    pthread_join (s->workers[i], NULL);
+  s->workers_joined = true;
+  while ((e = s->qhead) != NULL) {
+    s->qhead = e->next;
+    free (e);
+  }
+  s->qtail = NULL;
+}
+
+/* break-snapshot fast path: read the old data of the claimed (COPYING)
+ * blocks [b0,b1) from below into a queued buffer and mark them BUFFERED;
+ * the guest write need not wait for the target.  Returns 0, 1 if the run
+ * does not fit the buffer (caller copies synchronously), -1 on failure. */
+static int
+buffer_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
+               uint64_t b1, int64_t deadline_ns, int *err)
+{
+  uint64_t off = b0 << s->shift, end = b1 << s->shift, len;
+  struct timespec ts = { .tv_sec = deadline_ns / 1000000000,
+                         .tv_nsec = deadline_ns % 1000000000 };
+  struct pending *e;
+
+  if (end > s->p.size)
+    end = s->p.size;
+  len = end - off;
+  if (len > COPY_CHUNK || len > s->p.buffer_bytes / 4)
+    return 1;
+  e = malloc (sizeof *e + len);
+  if (e == NULL)
+    return 1;
+  e->next = NULL;
+  e->b0 = b0; e->b1 = b1; e->off = off; e->len = len;
+  if (next->pread (next, e->buf, len, off, 0, err) == -1) {
+    note_error (s, "reading old data at %" PRIu64 "+%" PRIu64
+                " from the live disk: %s", off, len, strerror (*err));
+    free (e);
+    return -1;
+  }
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->plock);
+    while (s->pbytes + len > s->p.buffer_bytes && !s->stopping) {
+      if (pthread_cond_timedwait (&s->pcond, &s->plock, &ts) == ETIMEDOUT) {
+        note_error (s, "copy buffer full past cbw-timeout (target too "
+                    "slow)");
+        *err = ETIMEDOUT;
+        free (e);
+        return -1;
+      }
+    }
+    /* Publish state and entry in one critical section (see worker()). */
+    cas_range (s, b0, b1, CBW_B_COPYING, CBW_B_BUFFERED);
+    atomic_fetch_add_explicit (&s->buffered_blocks, b1 - b0, RLX);
+    s->pbytes += len;
+    if (s->qtail)
+      s->qtail->next = e;
+    else
+      s->qhead = e;
+    s->qtail = e;
+    pthread_cond_broadcast (&s->pcond);
+  }
+  wake_range (s, b0, b1);
+  return 0;
+}
+
+/* PIT read of a BUFFERED block at pos: copy up to `max` bytes from its
+ * queued buffer.  Returns the bytes copied, 0 if the entry is gone (the
+ * state changed meanwhile: look again). */
+static uint64_t
+read_buffered (struct cbw_session *s, char *dst, uint64_t pos, uint64_t max)
+{
+  uint64_t b = pos >> s->shift, n;
+  struct pending *e = NULL;
+  unsigned i;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->plock);
+  for (i = 0; i < s->nworkers && e == NULL; ++i)
+    if (s->inprog[i] && s->inprog[i]->b0 <= b && b < s->inprog[i]->b1)
+      e = s->inprog[i];
+  if (e == NULL)
+    for (e = s->qhead; e; e = e->next)
+      if (e->b0 <= b && b < e->b1)
+        break;
+  if (e == NULL)
+    return 0;
+  n = e->off + e->len - pos;
+  if (n > max)
+    n = max;
+  memcpy (dst, e->buf + (pos - e->off), n);
+  return n;
+}
+
 /* Copy the old data of blocks [b0,b1) to the target.  0 or -1 (*err set). */
 static int
 copy_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
@@ -264,8 +522,7 @@ copy_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
 {
   uint64_t off = b0 << s->shift;
   uint64_t end = b1 << s->shift;
-  uint64_t pos, n, q, r;
-  struct cbw_err e = { 0 };
+  uint64_t pos, n;
   CLEANUP_FREE char *buf = NULL;
 
   if (end > s->p.size)
@@ -284,24 +541,8 @@ copy_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
                   " from the live disk: %s", pos, n, strerror (*err));
       return -1;
     }
-    /* Send runs of all-zero ZERO_SCAN pieces as write-zeroes. */
-    for (q = 0; q < n; q = r) {
-      bool z = is_zero (buf + q, n - q < ZERO_SCAN ? n - q : ZERO_SCAN);
-      for (r = q + ZERO_SCAN; r < n; r += ZERO_SCAN)
-        if (is_zero (buf + r, n - r < ZERO_SCAN ? n - r : ZERO_SCAN) != z)
-          break;
-      if (r > n)
-        r = n;
-      if ((z ? cbw_target_zero (s->target, r - q, pos + q, deadline_ns, &e)
-             : cbw_target_pwrite (s->target, buf + q, r - q, pos + q,
-                                  deadline_ns, &e)) == -1) {
-        *err = e.errnum ? e.errnum : EIO;
-        note_error (s, "%s", e.msg);
-        return -1;
-      }
-      atomic_fetch_add_explicit (z ? &s->zero_bytes : &s->copied_bytes,
-                                 r - q, RLX);
-    }
+    if (write_out (s, buf, n, pos, deadline_ns, err) == -1)
+      return -1;
   }
   return 0;
 }
@@ -360,9 +601,16 @@ cbw_session_before_write (struct cbw_session *s, nbdkit_next *next,
         if (!atomic_compare_exchange_strong (&s->st[b], &e, CBW_B_COPYING))
           break;
       }
-      atomic_fetch_add_explicit (&s->in_flight, 1, RLX);
-      int r = copy_blocks (s, next, run, b, deadline, err);
-      atomic_fetch_sub_explicit (&s->in_flight, 1, RLX);
+      int r = 1;
+      if (s->nworkers)
+        r = buffer_blocks (s, next, run, b, deadline, err);
+      if (r == 0)
+        continue;               /* BUFFERED: the old data is safe */
+      if (r == 1) {
+        atomic_fetch_add_explicit (&s->in_flight, 1, RLX);
+        r = copy_blocks (s, next, run, b, deadline, err);
+        atomic_fetch_sub_explicit (&s->in_flight, 1, RLX);
+      }
       if (r == 0) {
         atomic_fetch_add_explicit (&s->copied_blocks,
                                    cas_range (s, run, b, CBW_B_COPYING,
@@ -489,6 +737,10 @@ cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next, void *buf,
         }
       }
       break;
+    case CBW_B_BUFFERED:
+      /* Old data waiting in the write-back buffer: immutable, no re-check. */
+      pos += read_buffered (s, dst, pos, n);
+      continue;
     case CBW_B_NEEDED:
       /* Testing knob: widen the window between deciding "read the live
        * disk" and reading it, where a guest write may copy and overwrite. */
@@ -580,7 +832,7 @@ cbw_session_skip (struct cbw_session *s, uint64_t off, uint64_t len,
 {
   uint64_t b0, b1, n = 0, pos, k, end;
   static const uint8_t from[] = { CBW_B_NEEDED, CBW_B_COPYING, CBW_B_COPIED,
-                                  CBW_B_FAILED };
+                                  CBW_B_FAILED, CBW_B_BUFFERED };
   size_t i;
 
   if (off > s->p.size || len > s->p.size - off)
@@ -628,6 +880,7 @@ cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st)
   st->errors = atomic_load_explicit (&s->errors, RLX);
   st->guest_write_waits = atomic_load_explicit (&s->waits, RLX);
   st->pit_rechecks = atomic_load_explicit (&s->rechecks, RLX);
+  st->buffered_blocks = atomic_load_explicit (&s->buffered_blocks, RLX);
   st->broken = atomic_load (&s->broken);
   st->ended = atomic_load (&s->ended);
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->err_lock);

@@ -21,12 +21,13 @@ enum cbw_block_state {
   CBW_B_COPYING = 2,      /* a guest write owns its copy right now */
   CBW_B_COPIED = 3,       /* old data is in the target */
   CBW_B_FAILED = 4,       /* copy lost (break-snapshot): PIT reads fail */
+  CBW_B_BUFFERED = 5,     /* old data read, queued for the target (in RAM) */
 };
 
 struct cbw_session_stats {
   uint64_t size, granularity, blocks, needed_blocks, copied_blocks,
     copied_bytes, zero_bytes, skipped_blocks, failed_blocks, in_flight,
-    errors, guest_write_waits, pit_rechecks;
+    errors, guest_write_waits, pit_rechecks, buffered_blocks;
   bool broken, ended;
   char last_error[256];
 };
@@ -38,6 +39,8 @@ struct cbw_session_params {
   int64_t timeout_ns;
   uint32_t debug_pit_delay_us; /* testing: sleep before a PIT live read */
   bool debug_no_recheck;       /* testing: UNSAFE, proves the race test bites */
+  uint64_t buffer_bytes;       /* write-back buffer (break-snapshot), 0 = off */
+  unsigned workers;            /* copy workers for the buffer */
 };
 
 struct cbw_session;

@@ -117,6 +117,8 @@ struct ovc {
   bool op_active;
   _Atomic uint64_t op_speed;
   _Atomic bool op_cancel;
+  _Atomic bool op_mirror_failed; /* a mirrored guest write failed: the commit must not finish */
+  struct cbw_err op_mirror_err;  /* op_lock */
   _Atomic uint64_t op_done;
   uint64_t op_total;
   struct cbw_bitmap op_bits;    /* clusters to copy (owned by the thread) */
@@ -451,7 +453,7 @@ write_layer (struct ovc *c, unsigned k, const void *buf, uint64_t count,
   const char *p = buf;
   uint64_t end = off + count;
 
-  if (hook ("write", err) < 0)
+  if (hook (k == c->nl - 1 ? "write" : "write-lower", err) < 0)
     return -1;
   if (k == 0) {
     if (cbw_pwrite_full (l->fd, buf, count, off) < 0)
@@ -540,7 +542,7 @@ zero_layer (struct ovc *c, unsigned k, uint64_t count, uint64_t off,
   struct layer *l = c->layers[k];
   uint64_t end = off + count;
 
-  if (hook ("write", err) < 0)
+  if (hook (k == c->nl - 1 ? "write" : "write-lower", err) < 0)
     return -1;
   if (k == 0)
     return zero_base (c, count, off, err);
@@ -650,6 +652,21 @@ ovc_nlayers (struct ovc *c)
   return n;
 }
 
+const char *
+ovc_base_path (struct ovc *c)
+{
+  return c->layers[0]->data_path;   /* layer 0 never changes */
+}
+
+bool
+ovc_zero_is_fast (struct ovc *c, uint32_t count, uint64_t offset)
+{
+  uint64_t end = offset + count;
+  bool aligned = (offset & (c->csize - 1)) == 0 &&
+    ((end & (c->csize - 1)) == 0 || end == c->size);
+  return aligned && ovc_nlayers (c) > 0;
+}
+
 static int
 check_range (struct ovc *c, uint64_t count, uint64_t offset, struct cbw_err *err)
 {
@@ -691,10 +708,17 @@ guest_write (struct ovc *c, const void *buf, uint32_t count, uint64_t offset,
   r = buf ? write_layer (c, top, buf, count, offset, err)
           : zero_layer (c, top, count, offset, err);
   if (r == 0 && c->mirror >= 0) {
-    r = buf ? write_layer (c, (unsigned) c->mirror, buf, count, offset, err)
-            : zero_layer (c, (unsigned) c->mirror, count, offset, err);
-    if (r < 0)
-      cbw_err_prefix (err, "active commit mirror");
+    /* The guest write is complete in the top.  A failure to mirror it into
+     * the commit target fails the commit, never the guest write. */
+    struct cbw_err merr = { 0 };
+    int mr = buf ? write_layer (c, (unsigned) c->mirror, buf, count, offset, &merr)
+                 : zero_layer (c, (unsigned) c->mirror, count, offset, &merr);
+    if (mr < 0 && !atomic_exchange (&c->op_mirror_failed, true)) {
+      cbw_err_prefix (&merr, "active commit: mirroring a guest write into layer %d",
+                      c->mirror);
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+      c->op_mirror_err = merr;
+    }
   }
   range_release (c, s, e);
   if (r == 0 && fua)
@@ -1141,6 +1165,8 @@ copy_run (struct ovc *c, char *buf, uint64_t s, uint64_t e, struct cbw_err *err)
     int r;
     if (atomic_load (&c->op_cancel))
       return cbw_err_set (err, ECANCELED, "commit cancelled");
+    if (atomic_load (&c->op_mirror_failed))
+      return cbw_err_set (err, EIO, "commit stopped: a mirrored write failed");
     gate_enter (c);
     if (range_acquire (c, s, s + n - 1, err) < 0) {
       gate_leave (c);
@@ -1171,6 +1197,8 @@ commit_finish (struct ovc *c, bool *recorded, struct cbw_err *err)
   unsigned lo = c->op_lo, hi = c->op_hi, i;
   struct cbw_chain_desc nd;
 
+  if (atomic_load (&c->op_mirror_failed))
+    return cbw_err_set (err, EIO, "commit stopped: a mirrored write failed");
   if (do_flush (c, err) < 0)
     return cbw_err_prefix (err, "commit: flush before switch");
   if (hook ("commit-flushed", err) < 0)
@@ -1287,6 +1315,8 @@ commit_thread (void *arg)
   }
   gate_resume (c);
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+  if (r < 0 && atomic_load (&c->op_mirror_failed) && c->op_mirror_err.errnum)
+    err = c->op_mirror_err;
   c->op_err = err;
   c->op_state = r == 0 ? OP_COMPLETED
     : err.errnum == ECANCELED ? OP_CANCELLED : OP_FAILED;
@@ -1325,6 +1355,8 @@ ovc_commit_start (struct ovc *c, unsigned lo, unsigned hi,
   c->op_active = hi == n;
   atomic_store (&c->op_speed, speed);
   atomic_store (&c->op_cancel, false);
+  atomic_store (&c->op_mirror_failed, false);
+  c->op_mirror_err.errnum = 0;
   atomic_store (&c->op_done, 0);
   c->op_err.errnum = 0;
   c->op_err.msg[0] = 0;

@@ -46,6 +46,11 @@ void ovc_close (struct ovc *c);
 uint64_t ovc_size (struct ovc *c);
 uint32_t ovc_cluster_size (struct ovc *c);
 unsigned ovc_nlayers (struct ovc *c);   /* overlays above the base */
+/* Path of the raw base as opened (relative paths joined to the chain's dir). */
+const char *ovc_base_path (struct ovc *c);
+/* True if ovc_zero of this range is a metadata-only operation (the top is
+ * an overlay and the range covers whole clusters): for NBD fast zero. */
+bool ovc_zero_is_fast (struct ovc *c, uint32_t count, uint64_t offset);
 
 /* Guest I/O.  fua: durable before return (like NBD_CMD_FLAG_FUA). */
 int ovc_pread (struct ovc *c, void *buf, uint32_t count, uint64_t offset,

@@ -365,7 +365,11 @@ timer_thread (void *arg)
   while (!t->timer_stop) {
     clock_gettime (CLOCK_MONOTONIC, &now);
     until = last;
-    until.tv_sec += t->kicked ? 1 : (time_t) t->interval_s;
+    /* a flush brings the checkpoint forward, but at most one per
+     * min(5 s, interval): flush-heavy guests must not turn it into a save
+     * storm */
+    until.tv_sec += t->kicked ? (time_t) (t->interval_s < 5 ? t->interval_s : 5)
+                              : (time_t) t->interval_s;
     if (now.tv_sec < until.tv_sec ||
         (now.tv_sec == until.tv_sec && now.tv_nsec < until.tv_nsec)) {
       pthread_cond_timedwait (&t->t_cond, &t->t_lock, &until);

@@ -55,7 +55,7 @@ int dbm_tracker_record (struct dbm_tracker *t, uint64_t offset, uint64_t count,
  * the journal the regions no write entered since. */
 int dbm_tracker_checkpoint (struct dbm_tracker *t, struct cbw_err *err);
 /* Background checkpoints every interval_s seconds (if anything changed) and
- * soon after dbm_tracker_kick(), at most once a second. */
+ * soon after dbm_tracker_kick(), at most once per min(5, interval_s) s. */
 int dbm_tracker_start_timer (struct dbm_tracker *t, unsigned interval_s,
                              struct cbw_err *err);
 void dbm_tracker_kick (struct dbm_tracker *t);

@@ -348,6 +348,36 @@ Test (chain, io_error_stops_commit_chain_stays_valid)
   rt_fini (&t);
 }
 
+static pthread_t main_thread;
+static int
+mirror_fail_hook (const char *point, const char *path, void *opaque)
+{
+  (void) opaque;
+  return !path && strcmp (point, "write-lower") == 0 &&
+    pthread_equal (pthread_self (), main_thread);
+}
+
+Test (chain, mirror_failure_fails_commit_not_guest)
+{
+  struct rt t;
+  struct cbw_err err;
+  rt_init (&t, 4 * 1024 * 1024, 65536, 13);
+  do_snapshot (&t);
+  for (int i = 0; i < 40; i++) do_write (&t, t.c);
+  main_thread = pthread_self ();
+  ovc_set_test_hook (mirror_fail_hook, NULL);
+  /* slow commit: guest writes happen while it runs */
+  cr_assert_eq (ovc_commit_start (t.c, 1, 1, CBW_COMMIT_DELETE, 1 << 20, &err), 0);
+  for (int i = 0; i < 5; i++) do_write (&t, t.c);   /* must succeed */
+  cr_assert_eq (ovc_commit_wait (t.c, &err), -1, "commit finished despite a failed mirror");
+  ovc_set_test_hook (NULL, NULL);
+  cr_assert (strstr (err.msg, "mirroring a guest write") != NULL, "%s", err.msg);
+  rt_check (&t, "after mirror failure");
+  do_commit (&t, 1, 1, CBW_COMMIT_DELETE, 3);
+  rt_check (&t, "after re-run");
+  rt_fini (&t);
+}
+
 Test (chain, cancel_and_speed_limit)
 {
   struct rt t;
@@ -554,5 +584,31 @@ Test (chain, control_commands)
   char *md = cbw_ctl_docs_markdown (&table);
   cr_assert (md && strstr (md, "make-empty"));
   free (md);
+  rt_fini (&t);
+}
+
+Test (chain, readonly_open)
+{
+  struct rt t;
+  struct cbw_err err;
+  char buf[4096];
+  rt_init (&t, 1024 * 1024, 65536, 14);
+  do_snapshot (&t);
+  do_write (&t, t.c);
+  ovc_close (t.c);
+  struct ovc_open_opts o = { .readonly = true };
+  t.c = ovc_open (t.chain, &o, NULL, &err);
+  cr_assert_not_null (t.c, "%s", err.msg);
+  rt_check (&t, "readonly");
+  cr_assert_eq (ovc_pwrite (t.c, buf, sizeof buf, 0, false, &err), -1);
+  cr_assert_eq (err.errnum, EROFS);
+  cr_assert_eq (ovc_snapshot (t.c, NULL, NULL, &err), -1);
+  cr_assert_eq (ovc_commit_start (t.c, 1, 1, CBW_COMMIT_DELETE, 0, &err), -1);
+  cr_assert_eq (err.errnum, EROFS);
+  cr_assert_eq (ovc_create ("/nonexistent-dir/x.chain", "base.img", 65536, &err), -1);
+  char p[600];
+  snprintf (p, sizeof p, "%s/other.chain", t.dir);
+  cr_assert_eq (ovc_create (p, "base.img", 3000, &err), -1);
+  cr_assert (strstr (err.msg, "cluster size") != NULL, "%s", err.msg);
   rt_fini (&t);
 }

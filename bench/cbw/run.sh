@@ -1,0 +1,141 @@
+#!/bin/bash
+# bench/cbw/run.sh — the cbw filter against QEMU fleecing, in ONE run on the
+# same data (ratios only hold inside one run).  Reuses the peers' harness
+# ../shared/bench/anchors/lib.sh (ANCHORS=...).  Cases:
+#   base       nbdkit file disk.img                    (the no-backup stack)
+#   idle       nbdkit --filter=cbw file disk.img, no session
+#   first      cbw session just begun, target = nbdkit file on a sparse raw file
+#              (fresh target + session per run: every first write copies)
+#   steady     cbw session after one full 1 MiB pass (everything copied)
+#   qsd        plain qemu-storage-daemon                (QSD's no-backup stack)
+#   qsd-first  QSD fleecing, fresh per run (the d1 anchor)
+# Jobs: randwrite4k_1pc (one 4 KiB write per fresh 64 KiB block) and
+# seqwrite1m_pass (one 1 MiB sequential pass) for base/first/qsd/qsd-first;
+# timed randwrite4k + seqwrite1m for base/idle/steady.
+# Knobs (env): everything of lib.sh (DISK_SIZE, FIO_RUNS, FIO_RUNTIME, ...),
+# CBW_BUILD (build tree with modules/), CBW_ARGS (extra filter args),
+# OUT (results.md path, default bench/cbw/results.md).
+# Reduced run: DISK_SIZE=1G FIO_RUNS=1 FIO_RUNTIME=5 DROP_CACHES=0 bench/cbw/run.sh
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ANCHORS=${ANCHORS:-$HERE/../../../shared/bench/anchors}
+[ -f "$ANCHORS/lib.sh" ] || ANCHORS=/work/shared/bench/anchors
+CBW_BUILD=${CBW_BUILD:-$HERE/../../build}
+FILTER=$CBW_BUILD/modules/nbdkit-cbw-filter.so
+CBW_IO=$CBW_BUILD/client-tests/cbw/cbw-io
+OUT=${OUT:-$HERE/results.md}
+export WORK=${WORK:-/tmp/cbw-bench}
+export RES=${RES:-$WORK/results}
+rm -rf "$RES"
+. "$ANCHORS/lib.sh"
+[ -f "$FILTER" ] && [ -x "$CBW_IO" ] || { log "build first: $FILTER / $CBW_IO missing"; exit 1; }
+ensure_disk; warm_cache
+CBW_ARGS=${CBW_ARGS:-cbw-granularity=4096 cbw-connections=16}
+
+# nbdkit_start TAG [FILTER-PARAMS...]: nbdkit file on disk.img, with the cbw
+# filter if params are given; sets U, P
+nbdkit_start() {
+  local tag=$1; shift
+  S=$SOCKDIR/$tag.sock; rm -f "$S"
+  if [ $# -gt 0 ]; then
+    srv nbdkit -f -U "$S" --filter="$FILTER" file "$DISK" "$@"
+  else
+    srv nbdkit -f -U "$S" file "$DISK"
+  fi
+  P=$!; register_pid $P
+  U="nbd+unix:///?socket=$S"; wait_nbd "$U"
+}
+# cbw_start TAG: target + nbdkit with the cbw filter, session begun
+cbw_start() {
+  local tag=$1
+  TS=$SOCKDIR/$tag-tgt.sock; TIMG=$WORK/cbw-target.img
+  rm -f "$TS" "$TIMG"; truncate -s "$(stat -c %s "$DISK")" "$TIMG"
+  srv nbdkit -f -U "$TS" file "$TIMG"; TP=$!; register_pid $TP
+  wait_nbd "nbd+unix:///?socket=$TS"
+  C=$SOCKDIR/$tag-ctl.sock; rm -f "$C"
+  nbdkit_start "$tag" cbw-control="$C" $CBW_ARGS
+  local r; r=$("$CBW_IO" ctl "$C" '{"execute":"begin","arguments":{"target":"nbd+unix:///?socket='"$TS"'"}}')
+  case $r in *'"return"'*) ;; *) log "begin failed: $r"; exit 1 ;; esac
+}
+cbw_stop() { stop_pid $P; stop_pid $TP; }
+
+pass_jobs() {                 # pass_jobs CASE START-FN STOP-FN
+  local c=$1 start=$2 stop=$3 job m i files
+  for job in randwrite4k_1pc seqwrite1m; do
+    m=$job; [ $job = seqwrite1m ] && m=seqwrite1m_pass
+    files=()
+    for i in $(seq "$FIO_RUNS"); do
+      $start "$c"; warm_server "$U"; sync
+      fio_once "$U" $job "$RES/$c.$m.$i.json" pass
+      files+=("$RES/$c.$m.$i.json")
+      [ "$c" = first ] && log "status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' | cut -c1-300)"
+      $stop
+    done
+    record_fio "$c" $m $job "${files[@]}"
+  done
+}
+plain_start() { nbdkit_start "$1"; }
+plain_stop() { stop_pid $P; }
+qsd_start() {
+  S=$SOCKDIR/q.sock; rm -f "$S"
+  srv qemu-storage-daemon --blockdev driver=file,node-name=file0,filename="$DISK" \
+    --nbd-server addr.type=unix,addr.path="$S" \
+    --export type=nbd,id=exp0,node-name=file0,name=disk,writable=on \
+    >> "$RES/qsd.log" 2>&1; P=$!; register_pid $P
+  U="nbd+unix:///disk?socket=$S"; wait_nbd "$U"
+}
+fleece_start_c() { fleece_start "$1"; P=$FL_PID; U=$FL_LIVE; }
+
+CASE=base;      pass_jobs base plain_start plain_stop
+CASE=first;     pass_jobs first cbw_start cbw_stop
+CASE=qsd;       pass_jobs qsd qsd_start plain_stop
+CASE=qsd-first; pass_jobs qsd-first fleece_start_c plain_stop
+
+CASE=base; nbdkit_start base; warm_server "$U"; bench_fio base "$U"; stop_pid $P
+CASE=idle; C=$SOCKDIR/idle-ctl.sock; rm -f "$C"
+nbdkit_start idle cbw-control="$C" $CBW_ARGS; warm_server "$U"
+bench_fio idle "$U"; stop_pid $P
+CASE=steady; cbw_start steady; warm_server "$U"; sync
+fio_once "$U" seqwrite1m "$RES/steady.precondition.json" pass
+log "steady status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' | cut -c1-300)"
+bench_fio steady "$U"; cbw_stop
+
+"$PY" - "$RES/results.tsv" "$OUT" <<'PYEOF'
+import sys, collections
+rows = collections.defaultdict(dict)
+for l in open(sys.argv[1]):
+    f = l.rstrip("\n").split("\t")
+    if len(f) >= 6:
+        try: rows[f[0]][f[1]] = (float(f[3]), float(f[4]), float(f[5]), f[2])
+        except ValueError: pass
+def med(c, m): return rows[c][m][1]
+out = ["# cbw filter benchmark (bench/cbw/run.sh)", "",
+       "Raw figures (min / median / max over FIO_RUNS):", "",
+       "| case | metric | unit | min | median | max |", "|---|---|---|---|---|---|"]
+for c in rows:
+    for m, (a, b, d, u) in rows[c].items():
+        out.append(f"| {c} | {m} | {u} | {a:g} | {b:g} | {d:g} |")
+out += ["", "Ratios (medians) and the bars:", "",
+        "| what | cbw | QSD | bar | pass |", "|---|---|---|---|---|"]
+def bar(name, ours, qsd, need, ok):
+    out.append(f"| {name} | {ours:.3f} | {qsd if isinstance(qsd, str) else f'{qsd:.3f}'} | {need} | {'yes' if ok else 'NO'} |")
+try:
+    r = med("first", "randwrite4k_1pc_iops") / med("base", "randwrite4k_1pc_iops")
+    q = med("qsd-first", "randwrite4k_1pc_iops") / med("qsd", "randwrite4k_1pc_iops")
+    bar("4k write per fresh 64K block: IOPS / no-backup", r, q, ">= 1.5 x QSD", r >= 1.5 * q)
+    p, qp = med("first", "randwrite4k_1pc_clat_p99"), med("qsd-first", "randwrite4k_1pc_clat_p99")
+    bar("same: clat p99 (us)", p, qp, "<= QSD", p <= qp)
+    r = med("first", "seqwrite1m_pass") / med("base", "seqwrite1m_pass")
+    q = med("qsd-first", "seqwrite1m_pass") / med("qsd", "seqwrite1m_pass")
+    bar("1 MiB sequential pass after begin / no-backup", r, q, ">= 1.5 x QSD", r >= 1.5 * q)
+    for j in ("randwrite4k_iops", "seqwrite1m"):
+        r = med("steady", j) / med("base", j)
+        bar(f"steady state {j} / no-backup", r, "-", ">= 0.97", r >= 0.97)
+        r = med("idle", j) / med("base", j)
+        bar(f"idle filter {j} / no filter", r, "-", ">= 0.98", r >= 0.98)
+except KeyError as e:
+    out.append(f"missing measurement {e}")
+open(sys.argv[2], "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PYEOF
+log "results: $OUT"

@@ -1,0 +1,105 @@
+#!/bin/bash
+# bench/overlay/io-bench.sh: guest I/O through overlay chains of the chain
+# plugin versus the same plugin serving the raw disk alone, same run, same
+# data.  Reports ratios:
+#   read1 / read8: nbdcopy whole-disk read through a chain of 1 / 8 overlays
+#                  (each overlay holds 1/16 of the disk, scattered) vs raw;
+#   seqwrite1m:    fio 1 MiB sequential writes into a fresh top overlay vs raw;
+#   randwrite4k:   fio 4 KiB random writes (QD16) into the top overlay after
+#                  its clusters are allocated vs raw, and on first touch.
+# Bars (issue 7): read1 >= 0.95, read8 >= 0.85, writes >= 0.9.
+# Knobs: WORK (/tmp/cbw-bench-overlay), CBW_BUILD (build tree with the
+# plugin), RUNS (5), FIO_RUNTIME (10), DISK_SIZE (2G).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CBW_SRC=${CBW_SRC:-$(cd "$HERE/../.." && pwd)}
+CBW_BUILD=${CBW_BUILD:-$CBW_SRC/build}
+PLUGIN=$CBW_BUILD/modules/nbdkit-chain-plugin.so
+WORK=${WORK:-/tmp/cbw-bench-overlay}
+RUNS=${RUNS:-5}
+FIO_RUNTIME=${FIO_RUNTIME:-10}
+DISK_SIZE=${DISK_SIZE:-2G}
+SIZE=$(numfmt --from=iec "$DISK_SIZE")
+mkdir -p "$WORK"
+S=$WORK/io.sock U="nbd+unix:///?socket=$WORK/io.sock"
+PID=
+cleanup() { [ -n "$PID" ] && { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; }; rm -f "$WORK"/io-* "$WORK"/io.sock "$WORK"/ovc-tool; }
+trap cleanup EXIT
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+for p in nbdkit nbdcopy hyperfine fio jq; do command -v $p >/dev/null || { log "$p missing"; exit 1; }; done
+[ -f "$PLUGIN" ] || { log "no $PLUGIN (set CBW_BUILD)"; exit 1; }
+
+gcc -O2 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -I"$CBW_SRC/common" -I"$CBW_SRC/formats" \
+  -I"$CBW_SRC/plugin/chain" -o "$WORK/ovc-tool" "$HERE/ovc-tool.c" \
+  "$CBW_SRC/plugin/chain/overlay_chain.c" "$CBW_SRC/formats/overlay.c" \
+  "$CBW_SRC/formats/bitmap.c" "$CBW_SRC/common/cbw_err.c" "$CBW_SRC/common/fileutil.c" \
+  "$CBW_SRC/common/control.c" -ljson-c -lxxhash -lpthread
+TOOL=$WORK/ovc-tool
+
+[ -f "$WORK/io-base.src" ] && [ "$(stat -c %s "$WORK/io-base.src")" = "$SIZE" ] ||
+  { log "creating $DISK_SIZE random disk"; head -c "$SIZE" /dev/urandom > "$WORK/io-base.src"; }
+
+serve() { rm -f "$S"; nbdkit -f -U "$S" "$PLUGIN" "$@" & PID=$!
+  for _ in $(seq 100); do nbdinfo --size "$U" >/dev/null 2>&1 && return; sleep 0.1; done; exit 1; }
+stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=; }
+read_mibs() {   # median MiB/s of nbdcopy whole-disk reads
+  local j=$WORK/io-hf.json
+  nbdcopy "$U" null:   # warm
+  hyperfine -N --style none --runs "$RUNS" --export-json "$j" "nbdcopy $U null:" >/dev/null 2>&1
+  jq -r '.results[0].median' "$j" | awk -v s="$SIZE" '{printf "%.0f", s/1048576/$1}'
+}
+fio_iops() {    # fio_iops RW BS [pass] -> iops (median of 3)
+  local rw=$1 bs=$2 i v=()
+  for i in 1 2 3; do
+    sync
+    fio --name=b --ioengine=nbd --uri="$U" --iodepth=16 --numjobs=1 --rw="$rw" --bs="$bs" \
+        --size=1G --time_based --runtime="$FIO_RUNTIME" --output-format=json \
+        --output="$WORK/io-fio.json" >/dev/null 2>&1
+    v+=("$(jq -r '.jobs[0].write.iops' "$WORK/io-fio.json")")
+  done
+  printf '%s\n' "${v[@]}" | sort -g | sed -n 2p
+}
+# chain NAME NOVERLAYS: fresh copy of the base + chain with n overlays, each
+# holding 1/16 of the disk (1 MiB pieces, different places per layer)
+mkchain() {
+  local name=$1 n=$2 k
+  cp "$WORK/io-base.src" "$WORK/io-$name.img"
+  rm -f "$WORK/io-$name.chain"*
+  "$TOOL" create "$WORK/io-$name.chain" "io-$name.img" 65536
+  for k in $(seq "$n"); do
+    "$TOOL" snapshot "$WORK/io-$name.chain" >/dev/null
+    # 1 MiB every 16 MiB, shifted by k MiB
+    "$TOOL" fill "$WORK/io-$name.chain" $((16 << 20)) $((1 << 20)) $((SIZE >> 24)) $((k << 20))
+  done
+}
+
+cp "$WORK/io-base.src" "$WORK/io-raw.img"
+sync
+serve file="$WORK/io-raw.img"
+r_raw=$(read_mibs); log "raw read: $r_raw MiB/s"
+w_raw=$(fio_iops write 1M); log "raw seqwrite1m: $w_raw IOPS"
+rw_raw=$(fio_iops randwrite 4k); log "raw randwrite4k: $rw_raw IOPS"
+stop
+
+mkchain c1 1; sync
+serve chain="$WORK/io-c1.chain"
+r_1=$(read_mibs); log "1-overlay read: $r_1 MiB/s"
+stop
+mkchain c8 8; sync
+serve chain="$WORK/io-c8.chain"
+r_8=$(read_mibs); log "8-overlay read: $r_8 MiB/s"
+stop
+# writes: fresh empty top overlay over the base
+cp "$WORK/io-base.src" "$WORK/io-w.img"; rm -f "$WORK"/io-w.chain*
+"$TOOL" create "$WORK/io-w.chain" io-w.img 65536; "$TOOL" snapshot "$WORK/io-w.chain" >/dev/null
+sync
+serve chain="$WORK/io-w.chain"
+rw_first=$(fio_iops randwrite 4k); log "overlay randwrite4k (first touch + after): $rw_first IOPS"
+w_ov=$(fio_iops write 1M); log "overlay seqwrite1m: $w_ov IOPS"
+rw_ov=$(fio_iops randwrite 4k); log "overlay randwrite4k (allocated): $rw_ov IOPS"
+stop
+ratio() { echo "scale=3; $1 / $2" | bc; }
+echo "read  1 overlay : $(ratio "$r_1" "$r_raw")x raw ($r_1 vs $r_raw MiB/s)   bar 0.95"
+echo "read  8 overlays: $(ratio "$r_8" "$r_raw")x raw ($r_8 vs $r_raw MiB/s)   bar 0.85"
+echo "seqwrite1m top  : $(ratio "$w_ov" "$w_raw")x raw ($w_ov vs $w_raw IOPS)   bar 0.9"
+echo "randwrite4k top : $(ratio "$rw_ov" "$rw_raw")x raw allocated, $(ratio "$rw_first" "$rw_raw")x first pass ($rw_ov / $rw_first vs $rw_raw IOPS)   bar 0.9"
