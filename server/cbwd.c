@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,6 +75,13 @@ main (int argc, char **argv)
   struct cbw_err err = { 0 };
 
   signal (SIGPIPE, SIG_IGN);
+  /* Request and reply buffers (up to 32 MiB, typically 256 KiB - 1 MiB) are
+   * malloc'd on one thread and freed on another.  With glibc's defaults each
+   * one is a fresh mmap (page faults on every byte received) or the heap is
+   * trimmed and refaulted; keep them in the heap.  Memory stays bounded by
+   * the per-connection limits. */
+  mallopt (M_MMAP_THRESHOLD, 64 * 1024 * 1024);
+  mallopt (M_TRIM_THRESHOLD, 256 * 1024 * 1024);
   while ((c = getopt_long (argc, argv, "c:l:e:vh", opts, NULL)) != -1) {
     switch (c) {
     case 'c': config = optarg; break;

@@ -4,6 +4,9 @@
  * connection's protocol session (nbd_session.c); each complete request goes
  * to a pending queue and from there to libuv's thread pool
  * (uv_queue_work), so blocking file and upstream I/O never runs on the loop.
+ * Exception without blocking: page-cache hits of file exports are served on
+ * the loop with preadv2/pwritev2(RWF_NOWAIT), which fail with EAGAIN instead
+ * of waiting (then the request goes to the pool).
  * When a request completes, its reply is built and written on the loop
  * thread; replies go out in completion order (out of order on the wire, as
  * NBD allows; cookies match them up).
@@ -334,8 +337,8 @@ conn_pump (struct cbwd_conn *c)
     wk->c = c; wk->r = r; wk->bytes = bytes;
     c->held_bytes += bytes;
     c->inflight++;
-    if (r->preset_errno) {
-      /* Nothing to execute: reply at once. */
+    if (r->preset_errno || cbwd_request_try_nowait (r)) {
+      /* Nothing to execute, or done without blocking: reply at once. */
       free (wk);
       c->inflight--;
       send_reply (c, r, bytes);

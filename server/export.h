@@ -74,6 +74,12 @@ struct cbwd_export_ops {
   int (*block_status) (struct cbwd_export *e, uint64_t off, struct cbwd_extents *x,
                        struct cbw_err *err);
   void (*close) (struct cbwd_export *e);
+  /* Optional non-blocking fast paths, run ON THE LOOP THREAD: they must
+   * never block (preadv2/pwritev2 with RWF_NOWAIT: page-cache hits only).
+   * Return 0 when the whole request was done, -1 to send it to the pool
+   * (nothing observable happened, or a repeat is harmless). */
+  int (*pread_nowait) (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off);
+  int (*pwrite_nowait) (struct cbwd_export *e, const void *buf, uint32_t len, uint64_t off);
 };
 
 struct cbwd_meta {

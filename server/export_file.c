@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "cleanup.h"
@@ -39,6 +40,7 @@ struct file_priv {
   pthread_mutex_t lock;        /* guards reserved */
   uint64_t reserved;
   char *path;
+  bool no_nowait_read, no_nowait_write;   /* RWF_NOWAIT unsupported (atomic) */
 };
 
 static uint64_t
@@ -293,6 +295,35 @@ file_block_status (struct cbwd_export *e, uint64_t off, struct cbwd_extents *x,
   return 0;
 }
 
+/* Loop-thread fast paths: RWF_NOWAIT never blocks (EAGAIN when the data is
+ * not in the page cache or the write would block); anything short of the
+ * whole request goes to the pool, which redoes it (idempotent). */
+static int
+file_pread_nowait (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off)
+{
+  struct file_priv *p = e->priv;
+  if (__atomic_load_n (&p->no_nowait_read, __ATOMIC_RELAXED))
+    return -1;
+  struct iovec iov = { buf, len };
+  ssize_t r = preadv2 (p->fd, &iov, 1, off, RWF_NOWAIT);
+  if (r == -1 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS))
+    __atomic_store_n (&p->no_nowait_read, true, __ATOMIC_RELAXED);
+  return r == (ssize_t) len ? 0 : -1;
+}
+
+static int
+file_pwrite_nowait (struct cbwd_export *e, const void *buf, uint32_t len, uint64_t off)
+{
+  struct file_priv *p = e->priv;
+  if (p->limit || __atomic_load_n (&p->no_nowait_write, __ATOMIC_RELAXED))
+    return -1;
+  struct iovec iov = { (void *) buf, len };
+  ssize_t r = pwritev2 (p->fd, &iov, 1, off, RWF_NOWAIT);
+  if (r == -1 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS))
+    __atomic_store_n (&p->no_nowait_write, true, __ATOMIC_RELAXED);
+  return r == (ssize_t) len ? 0 : -1;
+}
+
 static void
 file_close (struct cbwd_export *e)
 {
@@ -310,12 +341,14 @@ static const struct cbwd_export_ops store_ops = {
   .pread = file_pread, .pwrite = file_pwrite, .zero = file_zero,
   .trim = file_trim, .flush = file_flush, .cache = file_cache,
   .block_status = file_block_status, .close = file_close,
+  .pread_nowait = file_pread_nowait, .pwrite_nowait = file_pwrite_nowait,
 };
 static const struct cbwd_export_ops file_ops = {
   .type = "file",
   .pread = file_pread, .pwrite = file_pwrite, .zero = file_zero,
   .trim = file_trim, .flush = file_flush, .cache = file_cache,
   .block_status = file_block_status, .close = file_close,
+  .pread_nowait = file_pread_nowait,
 };
 
 struct cbwd_export *

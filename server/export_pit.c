@@ -49,6 +49,9 @@ pit_connect (struct pit_priv *p, struct cbw_err *err)
     cbw_err_set (err, ENOMEM, "nbd_create: %s", nbd_get_error ());
     return NULL;
   }
+  /* Our buffers are always fully overwritten by a successful read (data or
+   * hole chunks) and discarded on failure: skip libnbd's memset of them. */
+  nbd_set_pread_initialize (h, false);
   if (nbd_add_meta_context (h, "base:allocation") == -1 ||
       nbd_connect_uri (h, p->uri) == -1) {
     int e = nbd_get_errno ();

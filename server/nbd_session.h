@@ -125,6 +125,9 @@ void cbwd_hs_reply (struct cbwd_session *s, uint32_t opt, uint32_t type,
  * for NBD_CMD_DISC. */
 int cbwd_tx_parse (struct cbwd_session *s, const uint8_t hdr[28],
                    struct cbwd_request **out, uint32_t *payload, bool *discard);
+/* Loop thread: complete the request without blocking if the export has a
+ * fast path and it succeeds (true); else it must go to the pool. */
+bool cbwd_request_try_nowait (struct cbwd_request *r);
 /* Run a request against its export (worker thread). */
 void cbwd_request_execute (struct cbwd_request *r);
 void cbwd_request_free (struct cbwd_request *r);

@@ -180,6 +180,30 @@ run_block_status (struct cbwd_request *r)
   }
 }
 
+bool
+cbwd_request_try_nowait (struct cbwd_request *r)
+{
+  struct cbwd_export *e = r->exp;
+  if (r->preset_errno || r->length == 0)
+    return false;
+  if (r->type == NBD_CMD_READ && e->ops->pread_nowait) {
+    r->data = malloc (r->length);
+    if (!r->data) return false;
+    if (e->ops->pread_nowait (e, r->data, r->length, r->offset) == 0)
+      return true;
+    free (r->data);
+    r->data = NULL;
+    return false;
+  }
+  if (r->type == NBD_CMD_WRITE && e->ops->pwrite_nowait && !(r->flags & NBD_CMD_FLAG_FUA) &&
+      e->ops->pwrite_nowait (e, r->payload, r->length, r->offset) == 0) {
+    free (r->payload);
+    r->payload = NULL;
+    return true;
+  }
+  return false;
+}
+
 void
 cbwd_request_execute (struct cbwd_request *r)
 {

@@ -54,6 +54,7 @@ seq_check() {                     # seq_check LABEL: cross-disk consistency on t
 }
 
 # ---- full backup ----
+log "section: full backup"
 guest_writes vda 1; guest_writes vdb 2
 cp "$T/a.img" "$T/exp-a0"; cp "$T/b.img" "$T/exp-b0"
 expect_rc 0 "$CBW" backup begin --checkpoint full
@@ -75,6 +76,7 @@ expect_rc 0 "$CBW" backup end
 [ -z "$(ls -A "$STATE/backups" 2>/dev/null)" ] || fail "backup end left files: $(ls -R "$STATE/backups")"
 
 # ---- incremental backup ----
+log "section: incremental backup"
 guest_writes vda 6; guest_writes vdb 7
 cp "$T/a.img" "$T/exp-a1"; cp "$T/b.img" "$T/exp-b1"
 expect_rc 0 "$CBW" backup begin --incremental full --checkpoint inc1
@@ -103,6 +105,7 @@ seq_check incremental
 expect_rc 0 "$CBW" backup end
 
 # ---- guest freeze hook ----
+log "section: guest freeze hook"
 cat > "$T/hook.sh" <<HOOK
 #!/bin/sh
 echo "\$1" >> "$T/hook.log"
@@ -124,7 +127,11 @@ expect_rc 0 "$CBW" backup begin --freeze-hook "$T/hook.sh" --freeze-timeout 1
 expect_rc 0 "$CBW" backup end
 
 # ---- a failure in the middle of begin rolls everything back ----
-ctl "$(cbw_ctl vdb)" "{\"execute\":\"begin\",\"arguments\":{\"target\":\"$(disk_uri vda)\"}}" |
+log "section: a failure in the middle of begin rolls everything back"
+touch "$T/stop-writer"
+wait "$WRITER" || fail "writer failed"
+start_nbdkit "$T/stray.sock" memory $SIZE      # a scratch backup target
+ctl "$(cbw_ctl vdb)" "{\"execute\":\"begin\",\"arguments\":{\"target\":\"nbd+unix:///?socket=$T/stray.sock\"}}" |
   grep -q '"return"' || fail "could not start a stray session on vdb"
 before=$(ctl "$(bm_ctl vda)" '{"execute":"list"}' | jq -c '[.return.bitmaps[] | {name, enabled}]')
 expect_rc 1 "$CBW" backup begin --incremental inc1 --checkpoint broken
@@ -136,8 +143,7 @@ ctl "$(cbw_ctl vda)" '{"execute":"status"}' | jq -e '.return.state == "idle"' >/
 "$CBW" --json checkpoint list | jq -e '[.checkpoints[].name] | index("broken") == null' >/dev/null ||
   fail "rollback left checkpoint 'broken'"
 timeout 10 qemu-io -f raw -c "write 0 4k" "$(disk_uri vda)" >/dev/null || fail "guest writes held after rollback"
+ctl "$(cbw_ctl vdb)" '{"execute":"status"}' | jq -e '.return.state == "active"' >/dev/null ||
+  fail "rollback ended a session it did not begin"
 ctl "$(cbw_ctl vdb)" '{"execute":"end"}' >/dev/null
-
-touch "$T/stop-writer"
-wait "$WRITER" || fail "writer failed"
 log "OK"

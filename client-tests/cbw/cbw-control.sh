@@ -39,6 +39,7 @@ assert_eq state active "$(status_field state)"
 log "skip"
 err_ctl InvalidParameter '{"execute":"skip","arguments":{"offset":'$((size - g))',"length":'$((g + 1))'}}'
 "$CBW_IO" pwrite "$LIVE" $((2 * M)) $M 1 >/dev/null    # copies 1 MiB to the target
+wait_copies
 a0=$(stat -c %b "$TGT_IMG")
 r=$(ok_ctl '{"execute":"skip","arguments":{"offset":'$((2 * M))',"length":'$((M + 100))'}}')
 assert_eq released-blocks $((M / g)) "$(jget "$r" '.return["released-blocks"]')"

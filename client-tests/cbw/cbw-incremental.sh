@@ -18,6 +18,7 @@ start_live "$T/disk.img" cbw-granularity=$g
 r=$(ok_ctl "{\"execute\":\"begin\",\"arguments\":{\"target\":\"$TGT_URI\",\"extents\":[[0,1048576],{\"offset\":$o2,\"length\":$l2}]}}")
 assert_eq "needed-blocks" $expected "$(jget "$r" '.return["needed-blocks"]')"
 nbdcopy "$T/new.img" "$LIVE"                  # the guest rewrites every block
+wait_copies
 assert_eq "copied-blocks" $expected "$(status_field copied-blocks)"
 assert_eq "copied-bytes" $((expected * g)) "$(status_field copied-bytes)"
 cmp -s "$T/new.img" "$T/disk.img" || fail "live disk does not hold the new data"
@@ -55,6 +56,7 @@ assert_eq "state after unknown bitmap" idle "$(status_field state)"
 r=$(ok_ctl '{"execute":"begin","arguments":{"target":"'$TGT_URI'","bitmap":"b0","bitmap-control":"'$T'/dbm.sock"}}')
 assert_eq "needed-blocks (bitmap)" "$dirty" "$(jget "$r" '.return["needed-blocks"]')"
 nbdcopy "$T/new.img" "$LIVE"
+wait_copies
 assert_eq "copied-blocks (bitmap)" "$dirty" "$(status_field copied-blocks)"
 for w in "${writes[@]}"; do set -- $w
   assert_eq "PIT of dirty range $1+$2" ok "$("$CBW_IO" pread "$PIT" $1 $2 "$T/ref.img")"

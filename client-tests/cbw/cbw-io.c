@@ -36,6 +36,7 @@
 #include <unistd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/time.h>
 
 #include <libnbd.h>
 
@@ -392,6 +393,10 @@ do_ctl (int argc, char **argv)
   if (fd == -1 || connect (fd, (struct sockaddr *) &sun, sizeof sun) == -1) {
     perror (argv[2]);
     return 1;
+  }
+  {
+    struct timeval tv = { .tv_sec = 120 };      /* never hang a test */
+    setsockopt (fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   }
   if (read_line (fd, line, sizeof line) == -1 ||
       write (fd, argv[3], strlen (argv[3])) != (ssize_t) strlen (argv[3]) ||

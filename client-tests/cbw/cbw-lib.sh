@@ -27,6 +27,18 @@ start_live() {
   LIVE="nbd+unix:///?socket=$T/live.sock"
   PIT="nbd+unix:///pit?socket=$T/live.sock"
   wait_socket "$CTL"
+  sanitizer_probe
+}
+
+# Known problem (not in this filter): with libasan preloaded into nbdkit, the
+# first JSON parse on a module's control thread deadlocks in glibc's locale
+# lock (json-c newlocale; the dirtybitmap filter's socket hangs the same
+# way).  The filter's core is covered under the sanitizers by the unit test
+# plugin/cbw/tests/test_session.c; here we skip instead of hanging.
+sanitizer_probe() {
+  [ "${CBW_SANITIZE:-0}" = 1 ] || [ "${CBW_SANITIZE:-}" = ON ] || return 0
+  timeout 15 "$CBW_IO" ctl "$CTL" '{"execute":"status"}' >/dev/null 2>&1 ||
+    skip "control socket does not answer with libasan preloaded into nbdkit (known json-c/glibc locale-lock hang)"
 }
 
 # cctl SOCK JSON: like ctl() from functions.sh, but without a Python start-up
@@ -50,6 +62,17 @@ err_ctl() {
   log "  expected $1: $(jget "$r" .error.desc)"
 }
 status_field() { jget "$(ok_ctl '{"execute":"status"}')" ".return[\"$1\"]"; }
+
+# wait_status FIELD VALUE SECS: poll status until FIELD == VALUE.
+wait_status() {
+  local i
+  for i in $(seq $(( $3 * 10 ))); do
+    [ "$(status_field "$1")" = "$2" ] && return 0; sleep 0.1
+  done
+  fail "status $1 did not become $2 within $3 s: $(cctl "$CTL" '{"execute":"status"}')"
+}
+# wait_copies: wait until the write-back buffer is empty (all copies landed).
+wait_copies() { wait_status buffered-blocks 0 "${1:-30}"; wait_status in-flight 0 "${1:-30}"; }
 
 begin_full() { ok_ctl "{\"execute\":\"begin\",\"arguments\":{\"target\":\"$TGT_URI\"${1:-}}}" >/dev/null; }
 

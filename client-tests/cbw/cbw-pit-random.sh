@@ -27,25 +27,26 @@ for r in $(seq "$rounds"); do
   tail=$(( (RANDOM % 64) * 512 ))          # sizes not a multiple of the block
   size=$(( mib * 1048576 + tail ))
   gran=${grans[$((RANDOM % 4))]}
+  buffer=$(( RANDOM % 2 ? 64 : 0 ))M           # write-back buffer or synchronous copies
   random_disk "$T/disk.img" "$size"
   # a hole, so old data that reads as zero exists
   fallocate -p -o $(( (RANDOM % mib) * 1048576 )) -l 4194304 "$T/disk.img" 2>/dev/null || true
   cp "$T/disk.img" "$T/ref.img"
   start_target tgt "$size"
-  start_live "$T/disk.img" cbw-granularity=$gran
+  start_live "$T/disk.img" cbw-granularity=$gran cbw-buffer=$buffer
   begin_full
   "$CBW_IO" stress "$LIVE" "$PIT" "$T/ref.img" "$rs" "$secs" 3 2 > "$T/stress.out" ||
-    fail "round $r (seed $rs, size $size, gran $gran): stress failed: $(cat "$T/stress.out")"
+    fail "round $r (seed $rs, size $size, gran $gran, buffer $buffer): stress failed: $(cat "$T/stress.out")"
   st=$(ok_ctl '{"execute":"status"}')
   [ "$(jget "$st" .return.errors)" = 0 ] || fail "round $r: errors: $st"
   [ "$(jget "$st" .return.state)" = active ] || fail "round $r: state: $st"
   nbdcopy "$PIT" "$T/pit.img" || fail "round $r: nbdcopy of the PIT view failed"
-  cmp "$T/ref.img" "$T/pit.img" || fail "round $r (seed $rs, size $size, gran $gran): PIT view differs from the copy at begin"
+  cmp "$T/ref.img" "$T/pit.img" || fail "round $r (seed $rs, size $size, gran $gran, buffer $buffer): PIT view differs from the copy at begin"
   cmp -s "$T/ref.img" "$T/disk.img" && fail "round $r: live disk did not change (test is not testing)"
   copied=$(jget "$st" '.return["copied-blocks"]'); needed=$(jget "$st" '.return["needed-blocks"]')
   [ "$copied" -gt 0 ] && [ "$copied" -le "$needed" ] || fail "round $r: copied=$copied needed=$needed"
   ok_ctl '{"execute":"end"}' >/dev/null
-  log "round $r ok: size $size gran $gran $(cat "$T/stress.out") copied $copied/$needed blocks"
+  log "round $r ok: size $size gran $gran buffer $buffer $(cat "$T/stress.out") copied $copied/$needed blocks"
   kill "$LIVE_PID" "$TGT_PID"; wait "$LIVE_PID" "$TGT_PID" 2>/dev/null || true
   rm -f "$T"/*.img
 done

@@ -23,6 +23,7 @@ begin_full
 qemu-io -f raw -c "write -z $((10 * M)) $M" "$LIVE" >/dev/null   # guest write-zeroes
 qemu-io -f raw -c "discard $((12 * M)) $M" "$LIVE" >/dev/null    # guest trim
 
+wait_copies
 st=$(ok_ctl '{"execute":"status"}')
 assert_eq zero-bytes $M "$(jget "$st" '.return["zero-bytes"]')"
 assert_eq copied-bytes $((3 * M)) "$(jget "$st" '.return["copied-bytes"]')"

@@ -5,6 +5,9 @@
 # python3-libnbd lives in /usr/bin/python3's path; a python3 earlier in PATH
 # (pyenv, venv) would not see it.
 NBD_PY=${NBD_PY:-/usr/bin/python3}
+# ctl (functions.sh) runs "python3": prefer the system one (a pyenv shim in
+# front of it costs ~1 s per call on a loaded machine).
+[ -x /usr/bin/python3 ] && PATH=/usr/bin:$PATH
 "$NBD_PY" -c 'import nbd' 2>/dev/null || skip "python3-libnbd not installed for $NBD_PY"
 [ -f "$CHAIN_PLUGIN" ] || fail "$CHAIN_PLUGIN not built"
 
@@ -28,8 +31,9 @@ stop_nbdkit() {
 # and say something matching REGEX (extended, case-insensitive) on stderr.
 expect_start_failure() {
   local re=$1; shift
-  local out=$T/startfail.$RANDOM.err rc=0
-  timeout 30 "${NBDKIT[@]}" -f -U "$T/startfail.sock" "$@" 2>"$out" >/dev/null || rc=$?
+  local out=$T/startfail.$RANDOM.err rc=0 sock=$T/startfail.$RANDOM.sock
+  timeout 30 "${NBDKIT[@]}" -f -U "$sock" "$@" 2>"$out" >/dev/null || rc=$?
+  rm -f "$sock"
   [ "$rc" -ne 0 ] || fail "nbdkit started with: $*"
   [ "$rc" -ne 124 ] || fail "nbdkit hung with: $*"
   grep -Eqi -- "$re" "$out" || { cat "$out" >&2; fail "error for [$*] does not match /$re/"; }

@@ -1,7 +1,7 @@
 /* cbw — client-tests/dirtybitmap/crashwriter.c: random concurrent writes,
  * zeroes and trims through libnbd, for the dirtybitmap crash tests.
  *
- * Usage: dbm-crashwriter URI LOG SEED MAX_SECONDS
+ * Usage: dbm-crashwriter URI LOG SEED MAX_SECONDS [CONTROL_SOCKET]
  * Requests are 1 byte..32 KiB (half 4k-aligned): 70% writes, 20% zeroes,
  * 10% trims, an occasional flush; 90% of them fall into 8 "hot" 1 MiB areas
  * chosen per run, the rest anywhere, and at most ~2 are issued per
@@ -14,17 +14,23 @@
  * the server may have seen is in the log.  When the server acknowledges a
  * request successfully, "A SEQ" follows.  Exits 0 when the server
  * disappeared or time ran out, 1 on setup errors.  Single-threaded (libnbd
- * aio).
+ * aio), plus, if CONTROL_SOCKET is given, one thread that sends the
+ * filter's "checkpoint" command every 20 ms over one control connection (so
+ * fine checkpoints race with the writes) until that connection fails.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <libnbd.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "cbw_err.h"
+#include "control.h"
 
 #define QD 16
 #define MAXLEN (32 * 1024)
@@ -39,6 +45,25 @@ now (void)
   return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+static void *
+checkpointer (void *arg)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_ctl_client *c = cbw_ctl_client_connect (arg, &err);
+
+  if (c == NULL)
+    return NULL;
+  for (;;) {
+    struct json_object *ret = NULL;
+    if (cbw_ctl_client_execute (c, "checkpoint", NULL, &ret, NULL, &err) < 0)
+      break;                       /* server killed: done */
+    json_object_put (ret);
+    usleep (20000);
+  }
+  cbw_ctl_client_close (c);
+  return NULL;
+}
+
 int
 main (int argc, char **argv)
 {
@@ -49,8 +74,10 @@ main (int argc, char **argv)
   static char buf[MAXLEN];
   int log, can_trim, can_zero;
 
-  if (argc != 5) {
-    fprintf (stderr, "usage: %s URI LOG SEED MAX_SECONDS\n", argv[0]);
+  pthread_t ckpt;
+
+  if (argc != 5 && argc != 6) {
+    fprintf (stderr, "usage: %s URI LOG SEED MAX_SECONDS [CONTROL_SOCKET]\n", argv[0]);
     return 1;
   }
   seed = (unsigned) strtoul (argv[3], NULL, 10);
@@ -67,6 +94,10 @@ main (int argc, char **argv)
   can_zero = nbd_can_zero (nbd) == 1;
   if (size < MAXLEN * 2) { fprintf (stderr, "export too small\n"); return 1; }
   memset (buf, 0xa5, sizeof buf);
+  if (argc == 6 && pthread_create (&ckpt, NULL, checkpointer, argv[5]) != 0) {
+    fprintf (stderr, "pthread_create failed\n");
+    return 1;
+  }
   int64_t hot[NHOT];
   for (int i = 0; i < NHOT; ++i)
     hot[i] = (int64_t) ((uint64_t) rand_r (&seed) % (uint64_t) (size / HOT)) * HOT;
@@ -134,10 +165,12 @@ main (int argc, char **argv)
   printf ("%" PRIi64 " requests sent, deadline reached\n", sent);
   nbd_shutdown (nbd, 0);
   nbd_close (nbd);
-  return 0;
+  fflush (stdout);
+  _exit (0);                       /* the checkpoint thread may still run */
 
  gone:
   printf ("%" PRIi64 " requests sent, server gone: %s\n", sent, nbd_get_error ());
   nbd_close (nbd);
-  return 0;
+  fflush (stdout);
+  _exit (0);
 }

@@ -91,6 +91,17 @@ assert_eq "all dirty" "$SIZE" "$("$TOOL" ctl "$T/ctl" list | jq '.bitmaps[0]."di
 grep -q "WARNING.*journal" "$T/warn.log" || fail "no warning about the journal: $(cat "$T/warn.log")"
 kill "$NBDKIT_PID"; wait "$NBDKIT_PID" || true
 
+# dirtybitmap=DESCRIPTOR without the image: the store opens at the first
+# connection (size from the plugin); it then works like the eager mode
+mkdir "$T/lazy"
+start_nbdkit "$T/s" --filter="$DIRTYBITMAP_FILTER" file "$T/disk.img" \
+  dirtybitmap="$T/lazy/d.json" dirtybitmap-control="$T/ctl3"
+"$TOOL" wait "$T/ctl3" || fail "lazy mode: no control socket after the first connection"
+"$TOOL" ctl "$T/ctl3" add '{"name":"l","granularity":4096}' >/dev/null || fail "lazy add"
+qemu-io -f raw -c 'write -P 4 12288 8192' "$URI" >/dev/null
+assert_eq "lazy mode extents" "12288 8192" "$("$TOOL" extents "$T/ctl3" l)"
+kill "$NBDKIT_PID"; wait "$NBDKIT_PID" || true
+
 # parameters
 nbdkit_must_fail "$T/noparam.log" --filter="$DIRTYBITMAP_FILTER" file "$T/disk.img"
 grep -q "dirtybitmap-image" "$T/noparam.log" || fail "missing parameter: unclear message: $(cat "$T/noparam.log")"

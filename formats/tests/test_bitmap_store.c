@@ -42,21 +42,33 @@ setup (void)
   snprintf (desc, sizeof desc, "%s/disk.img.cbw-bitmaps.json", dir);
 }
 
+/* Remove a scratch directory and the files (or empty directories) in it. */
 static void
-teardown (void)
+remove_dir (const char *path)
 {
-  DIR *d = opendir (dir);
+  DIR *d = opendir (path);
   struct dirent *e;
   char p[1024];
 
   if (d == NULL) return;
   while ((e = readdir (d)) != NULL) {
     if (strcmp (e->d_name, ".") == 0 || strcmp (e->d_name, "..") == 0) continue;
-    snprintf (p, sizeof p, "%s/%s", dir, e->d_name);
-    unlink (p);
+    snprintf (p, sizeof p, "%s/%s", path, e->d_name);
+    if (unlink (p) < 0)
+      rmdir (p);
   }
   closedir (d);
-  rmdir (dir);
+  rmdir (path);
+}
+
+static void
+teardown (void)
+{
+  char replay[300];
+
+  snprintf (replay, sizeof replay, "%s.replay", dir);   /* see run_crash */
+  remove_dir (replay);
+  remove_dir (dir);
 }
 
 TestSuite (store, .init = setup, .fini = teardown);
@@ -159,6 +171,7 @@ take_snap (struct snap *s)
     if (e->d_name[0] == '.' || strstr (e->d_name, ".lock")) continue;
     snprintf (p, sizeof p, "%s/%s", dir, e->d_name);
     cr_assert_eq (stat (p, &sb), 0);
+    if (!S_ISREG (sb.st_mode)) continue;
     char *buf = slurp (p, &len);
     cr_assert_lt (s->n, 64);
     snprintf (s->names[s->n], sizeof s->names[0], "%s", e->d_name);
@@ -390,6 +403,21 @@ Test (store, image_size_mismatch)
   snprintf (want, sizeof want, "%llu", (unsigned long long) IMG);
   snprintf (have, sizeof have, "%llu", (unsigned long long) (IMG + 512));
   expect_open_fail (IMG + 512, EINVAL, desc, "image size mismatch", want, have, NULL);
+  /* the top-level size counts even with no bitmaps */
+  {
+    struct cbw_err err = { 0 };
+    struct cbw_bitmap_store *st;
+    char d2[sizeof desc];
+    snprintf (d2, sizeof d2, "%s", desc);
+    snprintf (desc, sizeof desc, "%s/empty.json", dir);
+    st = cbw_bitmap_store_open (desc, IMG, &err);
+    cr_assert_not_null (st, "%s", err.msg);
+    cr_assert_eq (cbw_bitmap_store_save (st, &err), 0, "%s", err.msg);
+    cbw_bitmap_store_close (st);
+    expect_open_fail (IMG + 512, EINVAL, desc, "image size mismatch: descriptor is for",
+                      want, have, NULL);
+    snprintf (desc, sizeof desc, "%s", d2);
+  }
   /* per-bitmap size */
   snprintf (have, sizeof have, "\"image_size\": %llu,\n      \"enabled\": false",
             (unsigned long long) IMG + 1);
@@ -509,6 +537,24 @@ Test (store, wrong_json_types)
   edit_file (desc, "\"garbage\": []", "\"garbage\": [\"disk.img.cbw-bitmaps.json\"]", true);
   expect_open_fail (IMG, EIO, desc, ".bmap", NULL);
   free (orig);
+}
+
+Test (store, too_many_bitmaps)
+{
+  /* 1025 entries (the limit is checked before the entries themselves). */
+  size_t cap = 64 + 4 * (CBW_BITMAP_MAX_COUNT + 1) + TRAILER_LEN, n = 0;
+  char *buf = malloc (cap);
+
+  n += (size_t) sprintf (buf, "{\"format\": \"cbw-bitmaps\", \"version\": 1, \"bitmaps\": [{}");
+  for (int i = 0; i < CBW_BITMAP_MAX_COUNT; i++)
+    n += (size_t) sprintf (buf + n, ",{}");
+  n += (size_t) sprintf (buf + n, "], \"generation\": 1, \"image_size\": %llu, \"garbage\": [],\n",
+                         (unsigned long long) IMG);
+  memset (buf + n, ' ', TRAILER_LEN);
+  spit (desc, buf, n + TRAILER_LEN);
+  fix_descriptor_checksum (desc);
+  expect_open_fail (IMG, EIO, desc, "too many bitmaps", NULL);
+  free (buf);
 }
 
 Test (store, huge_descriptor)
@@ -915,6 +961,43 @@ Test (store, round_trips)
   }
   assert_files_exact (size, &m);
   mstore_free (&m);
+}
+
+Test (store, failed_save_leaves_old_state)
+{
+  /* D.tmp is a directory: the save fails after writing the new data files;
+   * it must remove them, leave disk and memory as they were, and a retry
+   * after the obstacle is gone must succeed. */
+  struct mstore m = { 0 }, old;
+  struct cbw_err err = { 0 };
+  struct cbw_bitmap_store *st = cbw_bitmap_store_open (desc, IMG, &err);
+  struct snap before, after;
+  char tmpdir[600];
+
+  cr_assert_not_null (st, "%s", err.msg);
+  rs = 4242;
+  randomize (add_both (st, &m, "x", 65536, true), &m.b[0], 5);
+  cr_assert_eq (cbw_bitmap_store_save (st, &err), 0, "%s", err.msg);
+  mstore_copy (&old, &m);
+  randomize (cbw_bitmap_store_find (st, "x"), &m.b[0], 5);
+  add_both (st, &m, "y", 512, false);
+  snprintf (tmpdir, sizeof tmpdir, "%s.tmp", desc);
+  cr_assert_eq (mkdir (tmpdir, 0700), 0);
+  take_snap (&before);
+  cr_assert_eq (cbw_bitmap_store_save (st, &err), -1);
+  cr_assert_eq (err.errnum, EISDIR, "%d %s", err.errnum, err.msg);
+  cr_assert_not_null (strstr (err.msg, ".tmp"), "%s", err.msg);
+  take_snap (&after);
+  assert_same_snap (&before, &after);
+  cr_assert_eq (st->generation, 1);
+  cr_assert_eq (st->bitmaps[0].generation, 1);
+  cr_assert_eq (rmdir (tmpdir), 0);
+  cr_assert_eq (cbw_bitmap_store_save (st, &err), 0, "%s", err.msg);
+  cbw_bitmap_store_close (st);
+  assert_reopen_equals (IMG, &m);
+  assert_files_exact (IMG, &m);
+  mstore_free (&m);
+  mstore_free (&old);
 }
 
 Test (store, descriptor_checksum_spec)

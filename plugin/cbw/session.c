@@ -173,8 +173,12 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
     }
     for (i = 0; i < p->workers; ++i) {
       struct worker_arg *wa = malloc (sizeof *wa);
-      int e = wa ? pthread_create (&s->workers[i], NULL, worker, wa) : ENOMEM;
-      if (wa) { wa->s = s; wa->slot = i; }
+      int e = ENOMEM;
+      if (wa) {
+        wa->s = s;
+        wa->slot = i;
+        e = pthread_create (&s->workers[i], NULL, worker, wa);
+      }
       if (e) {
         free (wa);
         pthread_condattr_destroy (&ca);
@@ -738,8 +742,17 @@ cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next, void *buf,
       }
       break;
     case CBW_B_BUFFERED:
-      /* Old data waiting in the write-back buffer: immutable, no re-check. */
-      pos += read_buffered (s, dst, pos, n);
+      /* Old data waiting in the write-back buffer: immutable, no re-check.
+       * Not found: a worker finished it (state changed: look again), or
+       * the session ended and the buffer was dropped. */
+      k = read_buffered (s, dst, pos, n);
+      if (k == 0 && atomic_load (&s->ended)) {
+        nbdkit_error ("cbw: point-in-time view: the backup session has "
+                      "ended");
+        *err = EIO;
+        return -1;
+      }
+      pos += k;
       continue;
     case CBW_B_NEEDED:
       /* Testing knob: widen the window between deciding "read the live

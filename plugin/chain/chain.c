@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 #include <json-c/json.h>
 
@@ -99,6 +100,17 @@ chain_config_complete (void)
     nbdkit_error ("you must supply the file=PATH parameter "
                   "(a raw file or a block device)");
     errno = EINVAL;
+    return -1;
+  }
+  /* Catch what can be caught before nbdkit starts serving; the socket
+   * itself is created in after_fork. */
+  if (chain.control_path &&
+      strlen (chain.control_path) >= sizeof ((struct sockaddr_un *) 0)->sun_path) {
+    nbdkit_error ("control=%s: path too long (%zu bytes, a Unix socket path "
+                  "is limited to %zu)", chain.control_path,
+                  strlen (chain.control_path),
+                  sizeof ((struct sockaddr_un *) 0)->sun_path - 1);
+    errno = ENAMETOOLONG;
     return -1;
   }
   return 0;

@@ -147,7 +147,7 @@ store_uri (const struct orch_backup_disk *bd)
  * that a half-dead disk does not keep the rest alive). */
 static int
 teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
-          struct cbw_err *err)
+          bool only_began, struct cbw_err *err)
 {
   int ret = 0;
   struct cbw_err e = { 0 };
@@ -158,7 +158,7 @@ teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
         o->exports->remove_export (o->exports->opaque, bd->export_name, &e) < 0) {
       /* an export that is gone already is fine */
     }
-    if (d && orch_disk_running (o, d)) {
+    if (d && orch_disk_running (o, d) && (bd->began || !only_began)) {
       char cls[32];
       struct json_object *r = orch_mod_call (d->ctl_cbw, "end", NULL, cls, sizeof cls, &e);
       if (r)
@@ -365,6 +365,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
       goto fail;
     }
     json_object_put (rr);
+    bd->began = true;
   }
   orch_crash_point ("backup-begin:begun");
   if (b->checkpoint[0]) {
@@ -440,7 +441,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     if (frozen)
       orch_guest_run (&r->freeze, "thaw", &e2);
     orch_resume (o, r->disks, quiesced);
-    int t = teardown (o, b, true, &e2);
+    int t = teardown (o, b, true, true, &e2);
     if (t == 0) {
       drop_backup (o);
       orch_state_save (o, &e2);
@@ -462,7 +463,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   {
     struct cbw_err e2 = { 0 };
     if (b) {
-      teardown (o, b, false, &e2);
+      teardown (o, b, false, true, &e2);
       orch_backup_free (b);
     }
     free (idx);
@@ -488,7 +489,7 @@ orch_backup_end (struct cbw_orch *o, const char *id, struct cbw_err *err)
   orch_crash_point ("backup-end:recorded");
   char bid[ORCH_NAME_MAX + 1];
   snprintf (bid, sizeof bid, "%s", b->id);
-  if (teardown (o, b, false, err) < 0)
+  if (teardown (o, b, false, false, err) < 0)
     return cbw_err_prefix (err, "ending backup %s (partly done; retried at the next "
                            "backup command or restart)", bid);
   drop_backup (o);
@@ -510,7 +511,7 @@ orch_backup_reconcile (struct cbw_orch *o, struct cbw_err *err)
     b = o->st.backup;
     begin = strcmp (o->st.pending.op, "backup-begin") == 0;
   }
-  if (b && teardown (o, b, begin, err) < 0)
+  if (b && teardown (o, b, begin, false, err) < 0)
     return -1;
   drop_backup (o);
   return orch_state_save (o, err);

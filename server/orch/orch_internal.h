@@ -77,6 +77,8 @@ struct orch_backup_disk {
   char *store_sock;             /* its NBD socket when served by our own nbdkit */
   int64_t store_pid;            /* that nbdkit, 0 if cbwd serves the store */
   char *export_name;            /* cbwd export name, NULL when cbwd has no exports */
+  bool began;                   /* run time: this begin started its session
+                                   (a rollback ends only those) */
 };
 
 struct orch_backup {

@@ -1,0 +1,312 @@
+/* cbw — plugin/cbw/tests/test_session.c: unit tests of the copy-before-write
+ * core (session.c, gate.c, target.c) without nbdkit, so that the sanitizer
+ * build instruments the whole concurrent path.  The live disk is a memory
+ * buffer behind a hand-made nbdkit_next; the target is a real
+ * `nbdkit memory` on a Unix socket started by the test.  Expectations come
+ * from a copy of the disk taken at begin.
+ *
+ * Locking: guest writer threads write the fake disk under disk_lock only for
+ * the memcpy (like the plugin below would); the session does its own.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "gate.h"
+#include "session.h"
+#include "target.h"
+
+extern char **environ;
+
+/* ---- nbdkit stubs (session.c uses only these) ---- */
+void nbdkit_error (const char *fs, ...)
+{
+  va_list ap; va_start (ap, fs); vfprintf (stderr, fs, ap); va_end (ap);
+  fputc ('\n', stderr);
+}
+void nbdkit_debug (const char *fs, ...) { (void) fs; }
+struct nbdkit_extents *nbdkit_extents_new (uint64_t a, uint64_t b)
+{ (void) a; (void) b; errno = ENOTSUP; return NULL; }
+void nbdkit_extents_free (struct nbdkit_extents *e) { (void) e; }
+size_t nbdkit_extents_count (const struct nbdkit_extents *e) { (void) e; return 0; }
+struct nbdkit_extent nbdkit_get_extent (const struct nbdkit_extents *e, size_t i)
+{ (void) e; (void) i; struct nbdkit_extent x = { 0 }; return x; }
+int nbdkit_add_extent (struct nbdkit_extents *e, uint64_t o, uint64_t l, uint32_t t)
+{ (void) e; (void) o; (void) l; (void) t; return 0; }
+
+/* ---- the fake live disk ---- */
+#define SIZE (8 * 1024 * 1024 + 4096 * 3)
+static char *disk, *ref;
+static pthread_mutex_t disk_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int
+fake_pread (nbdkit_next *n, void *buf, uint32_t count, uint64_t off,
+            uint32_t flags, int *err)
+{
+  (void) n; (void) flags; (void) err;
+  pthread_mutex_lock (&disk_lock);
+  memcpy (buf, disk + off, count);
+  pthread_mutex_unlock (&disk_lock);
+  return 0;
+}
+static int fake_can_extents (nbdkit_next *n) { (void) n; return 0; }
+static struct nbdkit_next_ops next_ops = {
+  .pread = fake_pread, .can_extents = fake_can_extents,
+};
+static nbdkit_next *next = &next_ops;
+
+/* ---- the target: nbdkit memory ---- */
+static pid_t tpid;
+static char tdir[64], turi[160];
+
+static void
+start_target (void)
+{
+  char sock[128], size[32];
+  char *argv[] = { "nbdkit", "-f", "-U", sock, "memory", size, NULL };
+  int i;
+
+  strcpy (tdir, "/tmp/cbw-ut.XXXXXX");
+  cr_assert_not_null (mkdtemp (tdir));
+  snprintf (sock, sizeof sock, "%s/t.sock", tdir);
+  snprintf (size, sizeof size, "%d", SIZE);
+  snprintf (turi, sizeof turi, "nbd+unix:///?socket=%s", sock);
+  cr_assert_eq (posix_spawnp (&tpid, "nbdkit", NULL, NULL, argv, environ), 0);
+  for (i = 0; i < 200; ++i) {
+    struct stat st;
+    if (stat (sock, &st) == 0) return;
+    usleep (50000);
+  }
+  cr_assert_fail ("nbdkit memory did not start");
+}
+
+static void
+stop_target (void)
+{
+  char cmd[128];
+  if (tpid > 0) {
+    kill (tpid, SIGCONT);
+    kill (tpid, SIGTERM);
+    waitpid (tpid, NULL, 0);
+    tpid = 0;
+  }
+  snprintf (cmd, sizeof cmd, "rm -rf %s", tdir);
+  if (system (cmd)) {}
+}
+
+static uint64_t
+rnd (uint64_t *s)
+{
+  *s ^= *s >> 12; *s ^= *s << 25; *s ^= *s >> 27;
+  return *s * 2685821657736338717ULL;
+}
+
+static void
+setup (void)
+{
+  uint64_t s = 42, i;
+  disk = malloc (SIZE);
+  ref = malloc (SIZE);
+  for (i = 0; i + 8 <= SIZE; i += 8) *(uint64_t *) (disk + i) = rnd (&s);
+  memset (disk + SIZE / 2, 0, 1 << 20);          /* some zeros */
+  memcpy (ref, disk, SIZE);
+  start_target ();
+}
+
+static void
+teardown (void)
+{
+  stop_target ();
+  free (disk);
+  free (ref);
+}
+
+static struct cbw_session *
+new_session (enum cbw_policy pol, uint64_t buffer, uint32_t gran, double tmo)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_session_params p = {
+    .size = SIZE, .granularity = gran, .policy = pol,
+    .timeout_ns = (int64_t) (tmo * 1e9), .buffer_bytes = buffer, .workers = 4,
+  };
+  struct cbw_target *t = cbw_target_open (turi, 4, cbw_now_ns () + 10000000000LL,
+                                          &err);
+  cr_assert_not_null (t, "%s", err.msg);
+  struct cbw_session *s = cbw_session_new (&p, t, &err);
+  cr_assert_not_null (s, "%s", err.msg);
+  cbw_session_mark_all_needed (s);
+  return s;
+}
+
+/* A guest write through the session, like cbw.c's guest_write(). */
+static int
+guest_write (struct cbw_session *s, uint64_t off, uint64_t len, uint64_t *seed)
+{
+  int err = 0;
+  uint64_t i;
+  char *buf = malloc (len);
+  for (i = 0; i < len; ++i) buf[i] = rnd (seed);
+  cbw_gate_enter ();
+  int r = cbw_session_before_write (s, next, off, len, &err);
+  if (r == 0) {
+    pthread_mutex_lock (&disk_lock);
+    memcpy (disk + off, buf, len);
+    pthread_mutex_unlock (&disk_lock);
+  }
+  cbw_gate_leave ();
+  free (buf);
+  return r;
+}
+
+struct targ { struct cbw_session *s; uint64_t seed; atomic_bool *stop; int bad; };
+
+static void *
+writer (void *a)
+{
+  struct targ *t = a;
+  while (!atomic_load (t->stop)) {
+    uint64_t len = (rnd (&t->seed) % 64 + 1) * 512;
+    uint64_t off = rnd (&t->seed) % (SIZE - len);
+    if (guest_write (t->s, off, len, &t->seed) != 0) t->bad++;
+  }
+  return NULL;
+}
+
+static void *
+reader (void *a)
+{
+  struct targ *t = a;
+  char *buf = malloc (256 * 1024);
+  while (!atomic_load (t->stop)) {
+    uint64_t len = rnd (&t->seed) % (256 * 1024) + 1;
+    uint64_t off = rnd (&t->seed) % (SIZE - len);
+    int err = 0;
+    if (cbw_session_pit_read (t->s, next, buf, len, off, &err) != 0 ||
+        memcmp (buf, ref + off, len) != 0)
+      t->bad++;
+  }
+  free (buf);
+  return NULL;
+}
+
+static void
+hammer (struct cbw_session *s, double secs)
+{
+  atomic_bool stop = false;
+  pthread_t th[6];
+  struct targ a[6];
+  int i;
+  for (i = 0; i < 6; ++i) {
+    a[i] = (struct targ) { s, 1000 + i, &stop, 0 };
+    pthread_create (&th[i], NULL, i < 4 ? writer : reader, &a[i]);
+  }
+  usleep ((useconds_t) (secs * 1e6));
+  atomic_store (&stop, true);
+  for (i = 0; i < 6; ++i) {
+    pthread_join (th[i], NULL);
+    cr_expect_eq (a[i].bad, 0, "%s thread %d: %d bad operations",
+                  i < 4 ? "writer" : "reader", i, a[i].bad);
+  }
+}
+
+static void
+check_full_pit (struct cbw_session *s)
+{
+  char *buf = malloc (SIZE);
+  int err = 0;
+  uint64_t o;
+  for (o = 0; o < SIZE; o += 1 << 20) {
+    uint32_t n = SIZE - o < (1 << 20) ? SIZE - o : (1 << 20);
+    cr_assert_eq (cbw_session_pit_read (s, next, buf + o, n, o, &err), 0);
+  }
+  cr_assert (memcmp (buf, ref, SIZE) == 0, "PIT view differs from begin");
+  free (buf);
+}
+
+TestSuite (session, .init = setup, .fini = teardown, .timeout = 120);
+
+Test (session, concurrent_sync_copies)
+{
+  struct cbw_session *s = new_session (CBW_BREAK_SNAPSHOT, 0, 4096, 10);
+  struct cbw_session_stats st;
+  hammer (s, 1.5);
+  check_full_pit (s);
+  cbw_session_stats (s, &st);
+  cr_expect_gt (st.copied_blocks, 0);
+  cr_expect_eq (st.errors, 0);
+  cr_expect_leq (st.copied_blocks, st.needed_blocks);
+  cbw_session_end (s);
+  cbw_session_put (s);
+}
+
+Test (session, concurrent_buffered_copies)
+{
+  struct cbw_session *s = new_session (CBW_BREAK_SNAPSHOT, 1 << 20, 512, 10);
+  struct cbw_session_stats st;
+  hammer (s, 1.5);
+  check_full_pit (s);
+  cbw_session_stats (s, &st);
+  cr_expect_eq (st.errors, 0);
+  cbw_session_end (s);
+  cbw_session_put (s);
+}
+
+Test (session, skip_releases)
+{
+  struct cbw_session *s = new_session (CBW_BREAK_SNAPSHOT, 0, 65536, 10);
+  struct cbw_err e = { 0 };
+  uint64_t rel = 0, seed = 7;
+  char buf[4096];
+  int err = 0;
+  cr_assert_eq (cbw_session_skip (s, SIZE, 1, &rel, &e), -1);
+  cr_assert_eq (e.errnum, EINVAL);
+  cr_assert_eq (cbw_session_skip (s, 100, 65536 * 3, &rel, &e), 0);
+  cr_assert_eq (rel, 2);                        /* whole blocks 1 and 2 */
+  cr_assert_eq (cbw_session_pit_read (s, next, buf, 4096, 65536, &err), -1);
+  cr_assert_eq (err, EIO);
+  cr_assert_eq (cbw_session_pit_read (s, next, buf, 4096, 0, &err), 0);
+  cr_assert (memcmp (buf, ref, 4096) == 0);
+  cr_assert_eq (guest_write (s, 65536, 4096, &seed), 0);
+  struct cbw_session_stats st;
+  cbw_session_stats (s, &st);
+  cr_assert_eq (st.copied_blocks, 0);           /* released: no copy */
+  cbw_session_end (s);
+  cr_assert_eq (cbw_session_pit_read (s, next, buf, 4096, 0, &err), -1);
+  cbw_session_put (s);
+}
+
+Test (session, dead_target_policies)
+{
+  uint64_t seed = 9;
+  char buf[4096];
+  int err = 0;
+  struct cbw_session *bgw = new_session (CBW_BREAK_GUEST_WRITE, 0, 4096, 0.5);
+  struct cbw_session *bs = new_session (CBW_BREAK_SNAPSHOT, 1 << 20, 4096, 0.5);
+  kill (tpid, SIGSTOP);                         /* hung target */
+  int64_t t0 = cbw_now_ns ();
+  cr_assert_eq (guest_write (bgw, 0, 4096, &seed), -1);
+  cr_assert_lt (cbw_now_ns () - t0, 3000000000LL, "guest write not bounded");
+  cr_assert (memcmp (disk, ref, 4096) == 0, "failed write changed the disk");
+  cr_assert_eq (cbw_session_pit_read (bgw, next, buf, 4096, 0, &err), 0);
+  cr_assert (memcmp (buf, ref, 4096) == 0);
+  cr_assert_eq (guest_write (bs, 8192, 4096, &seed), 0);   /* buffered */
+  usleep (1500000);                             /* worker times out */
+  struct cbw_session_stats st;
+  cbw_session_stats (bs, &st);
+  cr_assert (st.broken);
+  cr_assert_eq (cbw_session_pit_read (bs, next, buf, 4096, 8192, &err), -1);
+  cr_assert_eq (guest_write (bs, 16384, 4096, &seed), 0);  /* fast, no copy */
+  kill (tpid, SIGCONT);
+  cbw_session_end (bgw); cbw_session_put (bgw);
+  cbw_session_end (bs); cbw_session_put (bs);
+}
