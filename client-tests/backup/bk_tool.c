@@ -7,6 +7,10 @@
  *       exists; print the last n.  At any instant the disks hold
  *       (A, B) = (n, n-1) or (n, n): a consistent point in time across both
  *       disks therefore satisfies B <= A <= B + 1.
+ *   bk_tool ctl SOCKET JSON      send one raw request line to a control
+ *                                socket, print the reply line (like
+ *                                functions.sh's ctl, without python's
+ *                                start-up cost on a loaded CI box)
  *   bk_tool readseq URI          print the 8-byte number at offset 0
  *   bk_tool readat URI OFF LEN   one read request; exit 0 if it succeeds,
  *                                1 if the server returns an error
@@ -142,6 +146,21 @@ main (int argc, char **argv)
     }
     printf ("%" PRIu64 "\n", n);
     nbd_close (h);
+    return 0;
+  }
+  if (argc == 4 && strcmp (argv[1], "ctl") == 0) {
+    struct cbw_err err = { 0 };
+    struct cbw_ctl_client *c = cbw_ctl_client_connect (argv[2], &err);
+    char *line;
+    if (c == NULL || cbw_ctl_client_send_raw (c, argv[3], strlen (argv[3]), &err) < 0 ||
+        cbw_ctl_client_send_raw (c, "\n", 1, &err) < 0 ||
+        (line = cbw_ctl_client_read_line (c, &err)) == NULL) {
+      fprintf (stderr, "bk_tool: ctl %s: %s\n", argv[2], err.msg);
+      return 1;
+    }
+    printf ("%s\n", line);
+    free (line);
+    cbw_ctl_client_close (c);
     return 0;
   }
   if (argc == 5 && strcmp (argv[1], "readat") == 0) {

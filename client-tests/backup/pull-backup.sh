@@ -91,8 +91,8 @@ for d in a b; do
   # sequence number as the PIT export holds it (bytes 0..7 keep changing).
   # Only dirty blocks are readable from an incremental PIT export (the
   # session protects just those), so a full nbdcopy would rightly fail.
-  python3 -c 'import struct, sys; f = open(sys.argv[1], "r+b"); f.write(struct.pack("<Q", int(sys.argv[2])))' \
-    "$T/exp-${d}1" "$("$BK" readseq "$(pit_uri vd$d)")"
+  "$BK" readseq "$(pit_uri vd$d)" | perl -ne 'print pack("Q<", $_)' |
+    dd of="$T/exp-${d}1" conv=notrunc status=none
   qemu-img compare -q -f raw -F raw "$T/restore-$d" "$T/exp-${d}1" ||
     fail "restore (full + incremental) of vd$d differs from its point-in-time copy"
   # (one request: nbdcopy aborting mid-stream on the EIO can crash nbdkit

@@ -18,6 +18,10 @@
  *       prints "ok", "differs" (from REF) or "error errno=N".
  *   cbw-io pwrite URI OFFSET LENGTH SEED
  *       one write of random data; prints "ok ms=X" or "error errno=N ms=X".
+ *   cbw-io begin-race LIVE PIT CTL TARGET-URI GRAN
+ *       writers rewrite blocks with sequence numbers while `begin` is sent;
+ *       the PIT must hold, untorn, a write acknowledged before begin or in
+ *       flight during it, never one issued after begin returned.
  *   cbw-io ctl SOCK JSON
  *       one control-socket request; prints the reply line.
  *
@@ -380,33 +384,123 @@ read_line (int fd, char *buf, size_t max)
   return 0;
 }
 
+/* One control request on SOCK; the reply line into line[max].  0 or -1. */
+static int
+ctl_call (const char *sock, const char *req, char *line, size_t max)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  struct timeval tv = { .tv_sec = 120 };        /* never hang a test */
+  int fd, r = -1;
+
+  fd = socket (AF_UNIX, SOCK_STREAM, 0);
+  snprintf (sun.sun_path, sizeof sun.sun_path, "%s", sock);
+  if (fd == -1 || connect (fd, (struct sockaddr *) &sun, sizeof sun) == -1) {
+    perror (sock);
+    if (fd >= 0) close (fd);
+    return -1;
+  }
+  setsockopt (fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (read_line (fd, line, max) == 0 &&
+      write (fd, req, strlen (req)) == (ssize_t) strlen (req) &&
+      write (fd, "\n", 1) == 1 && read_line (fd, line, max) == 0)
+    r = 0;
+  else
+    fprintf (stderr, "cbw-io: ctl %s: connection closed\n", sock);
+  close (fd);
+  return r;
+}
+
 static int
 do_ctl (int argc, char **argv)
 {
-  struct sockaddr_un sun = { .sun_family = AF_UNIX };
   static char line[1 << 20];
-  int fd;
 
   if (argc != 4) return 2;
-  fd = socket (AF_UNIX, SOCK_STREAM, 0);
-  snprintf (sun.sun_path, sizeof sun.sun_path, "%s", argv[2]);
-  if (fd == -1 || connect (fd, (struct sockaddr *) &sun, sizeof sun) == -1) {
-    perror (argv[2]);
+  if (ctl_call (argv[2], argv[3], line, sizeof line) == -1)
     return 1;
-  }
-  {
-    struct timeval tv = { .tv_sec = 120 };      /* never hang a test */
-    setsockopt (fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  }
-  if (read_line (fd, line, sizeof line) == -1 ||
-      write (fd, argv[3], strlen (argv[3])) != (ssize_t) strlen (argv[3]) ||
-      write (fd, "\n", 1) != 1 || read_line (fd, line, sizeof line) == -1) {
-    fprintf (stderr, "cbw-io: ctl %s: connection closed\n", argv[2]);
-    return 1;
-  }
   printf ("%s\n", line);
-  close (fd);
   return 0;
+}
+
+/* begin-race LIVE PIT CTL TARGET-URI GRAN: 4 writers rewrite their own block
+ * with increasing sequence numbers while `begin` is sent.  The PIT block
+ * must hold one whole write (no tearing) whose number is >= the last one
+ * acknowledged before begin was sent and <= the last one issued when begin
+ * returned. */
+#define BR_N 4
+static _Atomic uint64_t br_acked[BR_N], br_issued[BR_N];
+static _Atomic bool br_stop;
+static uint64_t br_gran;
+
+static void *
+br_writer (void *arg)
+{
+  uintptr_t i = (uintptr_t) arg;
+  struct nbd_handle *h = connect_uri (live_uri);
+  uint64_t *buf = malloc (br_gran), seq, k;
+
+  for (seq = 1; !br_stop; ++seq) {
+    for (k = 0; k < br_gran / 8; ++k) buf[k] = seq;
+    br_issued[i] = seq;
+    if (nbd_pwrite (h, buf, br_gran, i * 7 * br_gran, 0) == -1) {
+      die_nbd ("begin-race write");
+      break;
+    }
+    br_acked[i] = seq;
+  }
+  nbd_close (h);
+  free (buf);
+  return NULL;
+}
+
+static int
+do_begin_race (int argc, char **argv)
+{
+  static char line[1 << 16];
+  char req[1024];
+  pthread_t th[BR_N];
+  uint64_t lo[BR_N], hi[BR_N], i, k;
+  struct nbd_handle *h;
+  int bad = 0;
+
+  if (argc != 7) return 2;
+  live_uri = argv[2]; pit_uri = argv[3];
+  br_gran = strtoull (argv[6], NULL, 0);
+  for (i = 0; i < BR_N; ++i)
+    pthread_create (&th[i], NULL, br_writer, (void *) (uintptr_t) i);
+  for (i = 0; i < BR_N; ++i)
+    while (br_acked[i] < 3 && !failed) usleep (1000);
+  for (i = 0; i < BR_N; ++i) lo[i] = br_acked[i];
+  snprintf (req, sizeof req, "{\"execute\":\"begin\",\"arguments\":"
+            "{\"target\":\"%s\"}}", argv[5]);
+  if (ctl_call (argv[4], req, line, sizeof line) == -1 ||
+      strstr (line, "\"return\"") == NULL) {
+    fprintf (stderr, "cbw-io: begin failed: %s\n", line);
+    failed = true;
+  }
+  for (i = 0; i < BR_N; ++i) hi[i] = br_issued[i];
+  usleep (200000);                      /* keep writing after the switch */
+  br_stop = true;
+  for (i = 0; i < BR_N; ++i) pthread_join (th[i], NULL);
+  if (failed) return 1;
+  h = connect_uri (pit_uri);
+  uint64_t *buf = malloc (br_gran);
+  for (i = 0; i < BR_N; ++i) {
+    if (nbd_pread (h, buf, br_gran, i * 7 * br_gran, 0) == -1) {
+      die_nbd ("begin-race PIT read");
+      return 1;
+    }
+    for (k = 1; k < br_gran / 8 && buf[k] == buf[0]; ++k)
+      ;
+    printf ("block %" PRIu64 ": acked-before=%" PRIu64 " pit=%" PRIu64
+            " issued-at-return=%" PRIu64 " last=%" PRIu64 "%s\n", i, lo[i],
+            buf[0], hi[i], br_acked[i], k < br_gran / 8 ? " TORN" : "");
+    if (k < br_gran / 8 || buf[0] < lo[i] || buf[0] > hi[i])
+      bad++;
+  }
+  nbd_close (h);
+  free (buf);
+  return bad ? 1 : 0;
 }
 
 int
@@ -419,6 +513,7 @@ main (int argc, char **argv)
   else if (argc >= 2 && strcmp (argv[1], "pread") == 0) r = do_pread (argc, argv);
   else if (argc >= 2 && strcmp (argv[1], "pwrite") == 0) r = do_pwrite (argc, argv);
   else if (argc >= 2 && strcmp (argv[1], "ctl") == 0) r = do_ctl (argc, argv);
+  else if (argc >= 2 && strcmp (argv[1], "begin-race") == 0) r = do_begin_race (argc, argv);
   if (r == 2)
     fprintf (stderr, "usage: see the comment at the top of cbw-io.c\n");
   return r;

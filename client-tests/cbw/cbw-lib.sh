@@ -33,11 +33,13 @@ start_live() {
 # Known problem (not in this filter): with libasan preloaded into nbdkit, the
 # first JSON parse on a module's control thread deadlocks in glibc's locale
 # lock (json-c newlocale; the dirtybitmap filter's socket hangs the same
-# way).  The filter's core is covered under the sanitizers by the unit test
+# way; gdb shows __libc_setlocale_lock already corrupt, readers = -1, at
+# nbdkit's __libc_start_main when libasan is preloaded, fine for /bin/true
+# and for a small dlopen+json-c test program).  The filter's core is covered under the sanitizers by the unit test
 # plugin/cbw/tests/test_session.c; here we skip instead of hanging.
 sanitizer_probe() {
   [ "${CBW_SANITIZE:-0}" = 1 ] || [ "${CBW_SANITIZE:-}" = ON ] || return 0
-  timeout 15 "$CBW_IO" ctl "$CTL" '{"execute":"status"}' >/dev/null 2>&1 ||
+  timeout 8 "$CBW_IO" ctl "$CTL" '{"execute":"status"}' >/dev/null 2>&1 ||
     skip "control socket does not answer with libasan preloaded into nbdkit (known json-c/glibc locale-lock hang)"
 }
 

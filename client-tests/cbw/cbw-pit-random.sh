@@ -1,6 +1,6 @@
 #!/bin/bash
 # cbw-pit-random: randomised point-in-time correctness.  Per round: a fresh
-# random image (64-128 MiB by default, with a hole), begin, concurrent random
+# random image (64-96 MiB by default, --max-mib 256 for the full range; with a hole), begin, concurrent random
 # guest writes / write-zeroes / trims on the live export and concurrent PIT
 # reads checked against a copy taken at begin (cbw-io stress), then the whole
 # PIT view must equal that copy (cmp), and the live disk must have changed.
@@ -8,7 +8,7 @@
 # (CI: 20 rounds; env CBW_SEED fixes the seed.)
 . "$(dirname "$0")/../functions.sh"
 . "$(dirname "$0")/cbw-lib.sh"
-rounds=${CBW_ROUNDS:-20} secs=1 maxmib=128
+rounds=${CBW_ROUNDS:-20} secs=1 maxmib=96
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) rounds=$2; shift 2 ;;

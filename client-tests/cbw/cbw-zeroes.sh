@@ -47,5 +47,22 @@ sys.exit(0 if ok else 1)
 PYEOF
 nbdcopy "$PIT" "$T/pit.img"
 cmp "$T/pit.img" "$T/ref.img" || fail "PIT view differs from the disk at begin"
+# Block status of the PIT view: what it reports as zero must be zero in the
+# copy taken at begin, it must cover the whole disk, and the untouched hole
+# (1M..8M, still on the live disk) must be reported as a hole.
+nbdinfo --map --json "$PIT" > "$T/map.json" || fail "block status on the PIT export failed"
+python3 - "$T/map.json" "$T/ref.img" $size $M <<'PYEOF' || fail "PIT block status is wrong"
+import json, sys
+m = json.load(open(sys.argv[1])); ref = open(sys.argv[2], "rb").read()
+size, M = int(sys.argv[3]), int(sys.argv[4]); pos = 0; hole_seen = False
+for e in m:
+    assert e["offset"] == pos, e; pos += e["length"]
+    if e["type"] & 2:
+        assert ref[e["offset"]:pos].count(0) == e["length"], ("zero claimed over data", e)
+        if e["offset"] <= 4 * M < pos: hole_seen = True
+assert pos == size, pos
+assert hole_seen, "untouched hole not reported"
+print("PIT map: %d extents" % len(m))
+PYEOF
 ok_ctl '{"execute":"end"}' >/dev/null
 log PASS

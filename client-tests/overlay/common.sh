@@ -9,8 +9,16 @@
 require_chain_support() {
   requires nbdinfo; requires nbdcopy; requires qemu-io; requires qemu-img; requires python3
   [ -f "$CHAIN_PLUGIN" ] || skip "chain plugin not built ($CHAIN_PLUGIN)"
-  nbdkit "$CHAIN_PLUGIN" --help 2>&1 | grep -q '^chain=' ||
+  "${NBDKIT[@]}" "$CHAIN_PLUGIN" --help 2>&1 | grep -q '^chain=' ||
     skip "chain plugin has no chain= parameter (overlay engine not integrated)"
+  # Known problem outside cbw (see client-tests/cbw/cbw-lib.sh): with libasan
+  # preloaded into nbdkit, json-c's first parse in the nbdkit process hangs in
+  # glibc's locale lock (newlocale), and chain= parses the chain descriptor at
+  # start-up.  The engine and format run under ASan+UBSan in their unit tests
+  # (plugin/chain/tests, formats/tests/test_overlay.c).
+  if [ "${CBW_SANITIZE:-0}" = 1 ] || [ "${CBW_SANITIZE:-}" = ON ]; then
+    skip "chain= under libasan-preloaded nbdkit hangs in json-c/glibc newlocale (known)"
+  fi
 }
 
 # start_chain SOCK CTL ARGS...: the chain plugin on SOCK with control socket CTL.
@@ -21,6 +29,13 @@ start_chain() {
 }
 
 uri() { echo "nbd+unix:///?socket=$1"; }
+
+# octl SOCK JSON: one control request (the built ovl-ctl helper if present:
+# no Python start-up per call), prints the reply line.
+OVL_CTL=$CBW_BUILD/client-tests/overlay/ovl-ctl
+octl() {
+  if [ -x "$OVL_CTL" ]; then "$OVL_CTL" "$1" "$2"; else ctl "$1" "$2"; fi
+}
 
 # qio URI CMD...: qemu-io commands against an NBD URI (raw)
 qio() {
@@ -34,7 +49,7 @@ qio() {
 # "return" member as JSON.
 ctl_ok() {
   local r
-  r=$(ctl "$1" "$2")
+  r=$(octl "$1" "$2")
   echo "$r" | jq -e 'has("return")' >/dev/null || fail "control $2 failed: $r"
   echo "$r" | jq -c '.return'
 }
@@ -42,7 +57,7 @@ ctl_ok() {
 # ctl_err SOCK JSON: run a control command that must fail; print its class.
 ctl_err() {
   local r
-  r=$(ctl "$1" "$2")
+  r=$(octl "$1" "$2")
   echo "$r" | jq -e 'has("error")' >/dev/null || fail "control $2 should have failed: $r"
   echo "$r" | jq -r '.error.class'
 }

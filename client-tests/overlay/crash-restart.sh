@@ -16,21 +16,27 @@ S=$T/nbd.sock C=$T/ctl.sock U=$(uri "$T/nbd.sock")
 start_chain "$S" "$C" file="$T/base.img" chain="$T/disk.chain"
 
 RANDOM=77
-one_write() {
-  local off=$(( (RANDOM % (SIZE / 4096)) * 4096 )) len=$(( (1 + RANDOM % 256) * 4096 ))
-  [ $((off + len)) -le $SIZE ] || len=$((SIZE - off))
-  local cmd="write -P $((1 + RANDOM % 255)) $off $len"
-  qio "$U" "$cmd" flush
-  qemu-io -f raw "$T/model.img" -c "$cmd" >/dev/null
+# writes N: N random 4k-aligned writes to the export (then flush) and to the
+# model, one qemu-io run each
+writes() {
+  local i off len cmds=() a=() c
+  for i in $(seq "$1"); do
+    off=$(( (RANDOM % (SIZE / 4096)) * 4096 )) len=$(( (1 + RANDOM % 256) * 4096 ))
+    [ $((off + len)) -le $SIZE ] || len=$((SIZE - off))
+    cmds+=("write -P $((1 + RANDOM % 255)) $off $len")
+  done
+  qio "$U" "${cmds[@]}" flush
+  for c in "${cmds[@]}"; do a+=(-c "$c"); done
+  qemu-io -f raw "$T/model.img" "${a[@]}" >/dev/null
 }
 ctl_ok "$C" '{"execute":"snapshot"}' >/dev/null
-for w in $(seq 40); do one_write; done
+writes 40
 ctl_ok "$C" '{"execute":"snapshot"}' >/dev/null
-for w in $(seq 40); do one_write; done
+writes 40
 
 # 2 MiB/s: the commit is still copying when we kill it.
 ctl_ok "$C" '{"execute":"commit","arguments":{"base":0,"speed":2097152}}' >/dev/null
-one_write
+writes 1
 sleep 0.5
 st=$(ctl_ok "$C" '{"execute":"status"}')
 echo "$st" | jq -e '.chain.operation.state == "running" and .chain.operation.done > 0' >/dev/null ||
@@ -41,12 +47,12 @@ start_chain "$S" "$C" file="$T/base.img" chain="$T/disk.chain"
 st=$(ctl_ok "$C" '{"execute":"status"}')
 assert_eq "overlays after crash (commit undone)" 2 "$(echo "$st" | jq -r .overlays)"
 compare_export "$U" "$T/model.img"
-one_write
+writes 1
 ctl_ok "$C" '{"execute":"commit","arguments":{"base":0}}' >/dev/null
 assert_eq "commit after restart" completed "$(wait_commit "$C")"
 compare_export "$U" "$T/model.img"
 ctl_ok "$C" '{"execute":"snapshot"}' >/dev/null
-one_write
+writes 1
 kill "$NBDKIT_PID"; wait "$NBDKIT_PID" 2>/dev/null || true
 
 # --- bad chains: nbdkit must refuse to start, naming the problem

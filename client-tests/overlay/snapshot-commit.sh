@@ -75,10 +75,10 @@ assert_eq "bad mode" InvalidParameter "$(ctl_err "$C" '{"execute":"commit","argu
 
 # Active commit of everything into the base, speed-limited so that guest
 # writes really run during it.
-ctl_ok "$C" '{"execute":"commit","arguments":{"base":0,"speed":33554432}}' >/dev/null
+ctl_ok "$C" '{"execute":"commit","arguments":{"base":0,"speed":1048576}}' >/dev/null
 assert_eq "snapshot during commit" Busy "$(ctl_err "$C" '{"execute":"snapshot"}')"
 for w in $(seq 4); do writes 5; done
-ctl "$C" '{"execute":"commit-speed","arguments":{"speed":0}}' >/dev/null
+octl "$C" '{"execute":"commit-speed","arguments":{"speed":0}}' >/dev/null
 assert_eq "active commit" completed "$(wait_commit "$C")"
 assert_eq overlays 0 "$(overlays)"
 writes 5

@@ -1,3 +1,4 @@
+/* RAW PATH DONE */
 /* cbw — plugin/chain/chain.c: nbdkit-chain-plugin, the live disk of a VM.
  *
  * It serves a raw file or block device (rawdisk.c).  Later an overlay chain
@@ -23,6 +24,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
+#include <unistd.h>
 #include <sys/un.h>
 
 #include <json-c/json.h>
@@ -30,6 +33,7 @@
 #include "cbw_err.h"
 #include "control.h"
 #include "rawdisk.h"
+#include "overlay_chain.h"
 
 static struct chain {
   /* configuration */
@@ -37,10 +41,14 @@ static struct chain {
   bool readonly;                 /* readonly= */
   bool direct;                   /* direct= */
   char *control_path;            /* control= (absolute), or NULL */
+  char *chain_path;              /* chain= (absolute), or NULL: overlay chain */
 
   /* state after get_ready */
   struct rawdisk *raw;           /* the base layer: the data path */
   struct cbw_ctl_server *ctl;    /* control socket server, or NULL */
+  struct ovc *ovc;               /* overlay chain engine when chain= is set;
+                                  * then every callback goes to it (it opens
+                                  * the base itself) and raw is NULL */
 } chain;
 
 /* Report a layer error through nbdkit. */
@@ -79,6 +87,12 @@ chain_config (const char *key, const char *value)
     return parse_bool (key, value, &chain.readonly);
   else if (strcmp (key, "direct") == 0)
     return parse_bool (key, value, &chain.direct);
+  else if (strcmp (key, "chain") == 0) {
+    free (chain.chain_path);
+    chain.chain_path = nbdkit_absolute_path (value);
+    if (chain.chain_path == NULL)
+      return -1;
+  }
   else if (strcmp (key, "control") == 0) {
     free (chain.control_path);
     chain.control_path = nbdkit_absolute_path (value);
@@ -96,7 +110,7 @@ chain_config (const char *key, const char *value)
 static int
 chain_config_complete (void)
 {
-  if (chain.file == NULL) {
+  if (chain.file == NULL && chain.chain_path == NULL) {
     nbdkit_error ("you must supply the file=PATH parameter "
                   "(a raw file or a block device)");
     errno = EINVAL;
@@ -120,7 +134,60 @@ chain_config_complete (void)
   "file=<PATH>         (required) Raw file or block device to serve.\n" \
   "readonly=<BOOL>     Open read-only (default false).\n" \
   "direct=<BOOL>       Use O_DIRECT (default false).\n" \
-  "control=<SOCKET>    Unix socket for run-time control (JSON lines)."
+  "control=<SOCKET>    Unix socket for run-time control (JSON lines).\n" \
+  "chain=<DESC>        Serve the overlay chain described by DESC (snapshots,\n" \
+  "                    commit; docs/formats/overlay.md).  Created over file=\n" \
+  "                    (as its base) if DESC does not exist."
+
+/* chain=DESC: open (creating it over file= if missing) the overlay chain. */
+static int
+chain_open_overlays (void)
+{
+  struct ovc_open_opts o = { .readonly = chain.readonly };
+  struct cbw_err err = { 0 };
+  char *note = NULL;
+
+  if (access (chain.chain_path, F_OK) == -1) {
+    if (errno != ENOENT || chain.file == NULL) {
+      nbdkit_error ("chain descriptor %s: %s%s", chain.chain_path, strerror (errno),
+                    errno == ENOENT ? " (give file=BASE to create a new chain)" : "");
+      return -1;
+    }
+    if (chain.readonly) {
+      nbdkit_error ("chain descriptor %s does not exist and readonly=true",
+                    chain.chain_path);
+      errno = EROFS;
+      return -1;
+    }
+    if (ovc_create (chain.chain_path, chain.file, 0, &err) == -1)
+      return fail (&err);
+    nbdkit_debug ("created chain %s over %s", chain.chain_path, chain.file);
+  }
+  chain.ovc = ovc_open (chain.chain_path, &o, &note, &err);
+  if (chain.ovc == NULL)
+    return fail (&err);
+  if (note) {
+    nbdkit_debug ("%s: %s", chain.chain_path, note);
+    fprintf (stderr, "nbdkit-chain-plugin: %s: %s\n", chain.chain_path, note);
+    free (note);
+  }
+  if (chain.file) {
+    /* file= must name the chain's base, not some other disk */
+    char *a = realpath (chain.file, NULL), *b = realpath (ovc_base_path (chain.ovc), NULL);
+    bool same = a && b && strcmp (a, b) == 0;
+    free (a);
+    free (b);
+    if (!same) {
+      nbdkit_error ("file=%s is not the base of chain %s (its base is %s)",
+                    chain.file, chain.chain_path, ovc_base_path (chain.ovc));
+      ovc_close (chain.ovc);
+      chain.ovc = NULL;
+      errno = EINVAL;
+      return -1;
+    }
+  }
+  return 0;
+}
 
 static int
 chain_get_ready (void)
@@ -129,6 +196,8 @@ chain_get_ready (void)
                             .direct = chain.direct };
   struct cbw_err err = { 0 };
 
+  if (chain.chain_path)
+    return chain_open_overlays ();
   chain.raw = rawdisk_open (chain.file, &o, &err);
   if (chain.raw == NULL)
     return fail (&err);
@@ -145,6 +214,19 @@ cmd_status (void *data, struct json_object *args, struct cbw_ctl_reply *reply)
   struct json_object *r, *flags;
 
   (void) args;
+  if (c->ovc) {
+    r = json_object_new_object ();
+    if (r == NULL)
+      return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "out of memory");
+    json_object_object_add (r, "file", json_object_new_string (ovc_base_path (c->ovc)));
+    json_object_object_add (r, "size", json_object_new_int64 ((int64_t) ovc_size (c->ovc)));
+    json_object_object_add (r, "readonly", json_object_new_boolean (c->readonly));
+    json_object_object_add (r, "direct", json_object_new_boolean (false));
+    json_object_object_add (r, "overlays", json_object_new_int ((int) ovc_nlayers (c->ovc)));
+    json_object_object_add (r, "chain", ovc_status_json (c->ovc));
+    reply->ret = r;
+    return 0;
+  }
   if (c->raw == NULL)
     return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "no disk open");
   rawdisk_get_info (c->raw, &info);
@@ -180,6 +262,23 @@ cmd_status (void *data, struct json_object *args, struct cbw_ctl_reply *reply)
 
 static const struct cbw_ctl_arg no_args[] = { { NULL } };
 
+/* Overlay chain commands: forwarded to the engine (overlay_chain.h). */
+#define OVC_FORWARD(fn)                                                        \
+  static int                                                                   \
+  cmd_##fn (void *data, struct json_object *args, struct cbw_ctl_reply *reply) \
+  {                                                                            \
+    struct chain *c = data;                                                    \
+    if (c->ovc == NULL)                                                        \
+      return cbw_ctl_fail (reply, CBW_CTL_NOT_FOUND,                           \
+                           "no overlay chain: start the plugin with chain=DESC"); \
+    return ovc_ctl_##fn (c->ovc, args, reply);                                 \
+  }
+OVC_FORWARD (snapshot)
+OVC_FORWARD (commit)
+OVC_FORWARD (commit_cancel)
+OVC_FORWARD (commit_speed)
+OVC_FORWARD (list)
+
 static const struct cbw_ctl_command chain_commands[] = {
   { "status", cmd_status, no_args,
     "Describe the served disk: its file, size and mode, and what the "
@@ -189,7 +288,20 @@ static const struct cbw_ctl_command chain_commands[] = {
     "\"can_extents\": BOOL, \"can_punch_hole\": BOOL, \"can_zero_range\": "
     "BOOL, \"can_discard\": BOOL, \"multi_conn\": BOOL, \"fua\": \"native\"}}` "
     "— `align` is the direct I/O alignment (1 without direct=true); the "
-    "`can_*` flags turn false once the filesystem refused that operation." },
+    "`can_*` flags turn false once the filesystem refused that operation. "
+    "With chain=, `chain` holds the overlay chain: `{\"size\", \"cluster_size\", "
+    "\"generation\", \"layers\": [{\"index\", \"name\", \"kind\", \"writable\", "
+    "\"allocated_bytes\", \"zero_bytes\", \"label\"}], \"operation\": {\"type\", "
+    "\"state\", \"lo\", \"hi\", \"active\", \"mode\", \"done\", \"total\", "
+    "\"speed\", \"error\"}}` (operation: the running or last commit)." },
+  { "snapshot", cmd_snapshot, ovc_ctl_snapshot_args, OVC_CTL_DOC_SNAPSHOT,
+    "`{\"layer\": STRING, \"index\": UINT, \"layers\": UINT}`" },
+  { "commit", cmd_commit, ovc_ctl_commit_args, OVC_CTL_DOC_COMMIT,
+    "`{\"lo\": UINT, \"hi\": UINT, \"active\": BOOL}`" },
+  { "commit-cancel", cmd_commit_cancel, no_args, OVC_CTL_DOC_CANCEL, "`{}`" },
+  { "commit-speed", cmd_commit_speed, ovc_ctl_speed_args, OVC_CTL_DOC_SPEED, "`{}`" },
+  { "list", cmd_list, no_args, OVC_CTL_DOC_LIST,
+    "`{\"layers\": [...]}` as in `status`" },
   { NULL }
 };
 
@@ -218,6 +330,8 @@ chain_cleanup (void)
   chain.ctl = NULL;
   rawdisk_close (chain.raw);
   chain.raw = NULL;
+  ovc_close (chain.ovc);
+  chain.ovc = NULL;
 }
 
 static void
@@ -225,6 +339,48 @@ chain_unload (void)
 {
   free (chain.file);
   free (chain.control_path);
+  free (chain.chain_path);
+}
+
+/* ---- overlay chain data path (chain.ovc != NULL) ------------------------ */
+
+static int
+ovl_zero (uint32_t count, uint64_t offset, uint32_t flags)
+{
+  struct cbw_err err;
+  if ((flags & NBDKIT_FLAG_FAST_ZERO) &&
+      !ovc_zero_is_fast (chain.ovc, count, offset)) {
+    nbdkit_set_error (ENOTSUP);
+    errno = ENOTSUP;
+    return -1;
+  }
+  if (ovc_zero (chain.ovc, count, offset, flags & NBDKIT_FLAG_FUA, &err) == -1)
+    return fail (&err);
+  return 0;
+}
+
+/* base:allocation through the chain: clusters recorded as zero are
+ * HOLE|ZERO; everything else is data (a hole in the raw base is not
+ * reported, which is always safe). */
+static int
+ovl_extents (uint32_t count, uint64_t offset, uint32_t flags,
+             struct nbdkit_extents *extents)
+{
+  struct cbw_err err;
+  uint64_t end = offset + count;
+  while (offset < end) {
+    uint64_t len;
+    bool alloc, zero;
+    if (ovc_extent (chain.ovc, offset, end - offset, &len, &alloc, &zero, &err) == -1)
+      return fail (&err);
+    if (nbdkit_add_extent (extents, offset, len,
+                           zero ? NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO : 0) == -1)
+      return -1;
+    offset += len;
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      break;
+  }
+  return 0;
 }
 
 /* ---- per-connection ----------------------------------------------------- */
@@ -240,6 +396,8 @@ static int64_t
 chain_get_size (void *h)
 {
   (void) h;
+  if (chain.ovc)
+    return (int64_t) ovc_size (chain.ovc);
   return (int64_t) rawdisk_size (chain.raw);
 }
 
@@ -247,7 +405,7 @@ static int
 chain_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
                   uint32_t *maximum)
 {
-  uint32_t a = rawdisk_align (chain.raw);
+  uint32_t a = chain.ovc ? 1 : rawdisk_align (chain.raw);
   (void) h;
   *minimum = 1;                  /* any alignment works (bounce buffers) */
   *preferred = a > 4096 ? a : 4096;
@@ -269,6 +427,8 @@ chain_can_extents (void *h)
 {
   struct rawdisk_info info;
   (void) h;
+  if (chain.ovc)
+    return 1;
   rawdisk_get_info (chain.raw, &info);
   return info.can_extents;
 }
@@ -284,7 +444,7 @@ static int
 chain_can_cache (void *h)
 {
   (void) h;
-  return NBDKIT_CACHE_NATIVE;
+  return chain.ovc ? NBDKIT_CACHE_NONE : NBDKIT_CACHE_NATIVE;
 }
 
 static int
@@ -299,6 +459,11 @@ chain_pread (void *h, void *buf, uint32_t count, uint64_t offset,
 {
   struct cbw_err err;
   (void) h; (void) flags;
+  if (chain.ovc) {
+    if (ovc_pread (chain.ovc, buf, count, offset, &err) == -1)
+      return fail (&err);
+    return 0;
+  }
   if (rawdisk_pread (chain.raw, buf, count, offset, &err) == -1)
     return fail (&err);
   return 0;
@@ -310,6 +475,11 @@ chain_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset,
 {
   struct cbw_err err;
   (void) h;
+  if (chain.ovc) {
+    if (ovc_pwrite (chain.ovc, buf, count, offset, flags & NBDKIT_FLAG_FUA, &err) == -1)
+      return fail (&err);
+    return 0;
+  }
   if (rawdisk_pwrite (chain.raw, buf, count, offset,
                       flags & NBDKIT_FLAG_FUA, &err) == -1)
     return fail (&err);
@@ -321,6 +491,11 @@ chain_flush (void *h, uint32_t flags)
 {
   struct cbw_err err;
   (void) h; (void) flags;
+  if (chain.ovc) {
+    if (ovc_flush (chain.ovc, &err) == -1)
+      return fail (&err);
+    return 0;
+  }
   if (rawdisk_flush (chain.raw, &err) == -1)
     return fail (&err);
   return 0;
@@ -331,6 +506,8 @@ chain_trim (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
   struct cbw_err err;
   (void) h;
+  if (chain.ovc)          /* advisory: an overlay keeps what it has */
+    return (flags & NBDKIT_FLAG_FUA) ? chain_flush (h, 0) : 0;
   if (rawdisk_trim (chain.raw, count, offset, flags & NBDKIT_FLAG_FUA,
                     &err) == -1)
     return fail (&err);
@@ -342,6 +519,8 @@ chain_zero (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
   struct cbw_err err;
   (void) h;
+  if (chain.ovc)
+    return ovl_zero (count, offset, flags);
   if (rawdisk_zero (chain.raw, count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
                     flags & NBDKIT_FLAG_FAST_ZERO, flags & NBDKIT_FLAG_FUA,
                     &err) == -1) {
@@ -383,6 +562,8 @@ chain_extents (void *h, uint32_t count, uint64_t offset, uint32_t flags,
   struct extents_ctx ctx = { extents };
   struct cbw_err err;
   (void) h;
+  if (chain.ovc)
+    return ovl_extents (count, offset, flags, extents);
   if (rawdisk_extents (chain.raw, count, offset, flags & NBDKIT_FLAG_REQ_ONE,
                        add_extent, &ctx, &err) == -1)
     return fail (&err);

@@ -124,6 +124,7 @@ struct ovc {
   struct cbw_bitmap op_bits;    /* clusters to copy (owned by the thread) */
   struct cbw_err op_err;
   int64_t op_started;
+  struct timespec op_t0;        /* commit thread: start of the copy (speed limit) */
   bool switch_pending;          /* a recorded switch failed: reopen finishes it */
 };
 
@@ -1157,8 +1158,6 @@ copy_run (struct ovc *c, char *buf, uint64_t s, uint64_t e, struct cbw_err *err)
   unsigned hi = c->op_hi, tgt = c->op_lo - 1;
   uint64_t step = COPY_CHUNK >> c->cbits;
   if (step == 0) step = 1;
-  struct timespec t0;
-  clock_gettime (CLOCK_MONOTONIC, &t0);
   while (s < e) {
     uint64_t n = min64 (step, e - s);
     uint64_t off = cl_start (c, s), len = cl_end (c, s + n - 1) - off;
@@ -1185,7 +1184,7 @@ copy_run (struct ovc *c, char *buf, uint64_t s, uint64_t e, struct cbw_err *err)
                              s, s + n - 1);
     atomic_fetch_add (&c->op_done, len);
     s += n;
-    throttle (c, &t0);
+    throttle (c, &c->op_t0);
   }
   return 0;
 }
@@ -1284,6 +1283,7 @@ commit_thread (void *arg)
 
   if (buf == NULL)
     r = cbw_err_set (&err, ENOMEM, "commit: out of memory");
+  clock_gettime (CLOCK_MONOTONIC, &c->op_t0);
   uint64_t from = 0, s, n;
   while (r == 0 && cbw_bitmap_next_extent (&c->op_bits, from, &s, &n)) {
     r = copy_run (c, buf, s, s + n, &err);
