@@ -8,15 +8,16 @@
 #   seqwrite1m     fio nbd engine, one sequential 1 MiB pass over the export
 # The filter runs with one enabled 64 KiB bitmap and default parameters
 # (64 MiB regions, 30 s checkpoints).  Prints ratio filter/base per pair with
-# min/median/max and writes bench/dirtybitmap/results.md.
-# Knobs (env): DISK_SIZE (default 1G), FIO_RUNS (pairs, default 3),
-# FIO_RUNTIME (s, default 5), FS_LIST ("tmpfs ext4"), TMPFS_DIR, EXT4_DIR,
+# min/median/max and writes bench/dirtybitmap/results.md; the order inside a
+# pair alternates.  Also runs dbm-hotpath-bench (ns per recorded request).
+# Knobs (env): DISK_SIZE (default 1G), FIO_RUNS (pairs, default 5),
+# FIO_RUNTIME (s, default 3), FS_LIST ("tmpfs ext4"), TMPFS_DIR, EXT4_DIR,
 # CBW_BUILD (build tree with modules/ and client-tests/dirtybitmap/dbm-tool).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(cd "$HERE/../.." && pwd)
 ANCHORS=${ANCHORS:-$SRC/../shared/bench/anchors}
-export DISK_SIZE=${DISK_SIZE:-1G} FIO_RUNS=${FIO_RUNS:-3} FIO_RUNTIME=${FIO_RUNTIME:-5}
+export DISK_SIZE=${DISK_SIZE:-1G} FIO_RUNS=${FIO_RUNS:-5} FIO_RUNTIME=${FIO_RUNTIME:-3}
 export DROP_CACHES=${DROP_CACHES:-0}
 TMPFS_DIR=${TMPFS_DIR:-/dev/shm/cbw-bench-dbm}
 EXT4_DIR=${EXT4_DIR:-/var/tmp/cbw-bench-dbm}
@@ -78,7 +79,10 @@ for fs in $FS_LIST; do
   for job in randwrite4k seqwrite1m; do
     b=() f=() r=()
     for i in $(seq "$FIO_RUNS"); do
-      x=$(one "$fs" "$job" base "$i"); y=$(one "$fs" "$job" dbm "$i")
+      # alternate the order inside a pair: drift of the shared machine then
+      # favours neither side
+      if [ $((i % 2)) = 1 ]; then x=$(one "$fs" "$job" base "$i"); y=$(one "$fs" "$job" dbm "$i")
+      else y=$(one "$fs" "$job" dbm "$i"); x=$(one "$fs" "$job" base "$i"); fi
       b+=("$x"); f+=("$y"); r+=("$(awk -v a="$x" -v b="$y" 'BEGIN{printf "%.3f", b/a}')")
       log "$fs $job pair $i: base $x filter $y ratio ${r[-1]}"
     done
@@ -92,6 +96,11 @@ for fs in $FS_LIST; do
   rm -f "$DISK"
 done
 versions >> "$RES/versions.txt" 2>&1 || true
+HP=$CBW_BUILD/plugin/dirtybitmap/dbm-hotpath-bench
+if [ -x "$HP" ]; then
+  { echo; echo "In-process cost of recording (dbm-hotpath-bench, tmpfs store):"; echo
+    echo '```'; "$HP" "$TMPFS_DIR/hp" 2>&1; echo '```'; } >> "$ROWS"
+fi
 { cat "$ROWS"; echo; echo '```'; cat "$RES/versions.txt" 2>/dev/null | grep -v '^$'; echo '```'; } > "$OUT"
 rm -f "$ROWS"
 cat "$OUT"

@@ -7,6 +7,7 @@
 # (bitmaps identical, state clean, no recovery).
 if [ -z "${TMPDIR:-}" ] && [ -w /dev/shm ]; then export TMPDIR=/dev/shm; fi
 . "$(dirname "$0")/../functions.sh"
+. "$(dirname "$0")/sanitize-guard.sh"
 requires qemu-io
 requires jq
 TOOL=$CBW_BUILD/client-tests/dirtybitmap/dbm-tool

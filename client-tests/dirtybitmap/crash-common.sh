@@ -15,6 +15,7 @@
 # set TMPDIR to run on another file system.
 if [ -z "${TMPDIR:-}" ] && [ -w /dev/shm ]; then export TMPDIR=/dev/shm; fi
 . "$(dirname "$0")/../functions.sh"
+. "$(dirname "$0")/sanitize-guard.sh"
 requires jq
 HERE=$(cd "$(dirname "$0")" && pwd)
 CW=$CBW_BUILD/client-tests/dirtybitmap/dbm-crashwriter

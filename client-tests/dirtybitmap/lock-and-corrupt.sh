@@ -11,6 +11,7 @@
 #  - missing parameters are refused.
 if [ -z "${TMPDIR:-}" ] && [ -w /dev/shm ]; then export TMPDIR=/dev/shm; fi
 . "$(dirname "$0")/../functions.sh"
+. "$(dirname "$0")/sanitize-guard.sh"
 requires qemu-io
 requires jq
 TOOL=$CBW_BUILD/client-tests/dirtybitmap/dbm-tool

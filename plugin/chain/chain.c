@@ -15,6 +15,11 @@
  * control thread and only read immutable fields or atomics, so they take no
  * lock.  Every connection shares the one fd, so a flush on any connection
  * covers writes completed on all of them (multi-conn is safe).
+ *
+ * Overlay chains: with chain=DESC, get_ready opens the overlay engine
+ * (overlay_chain.h) instead of rawdisk and every data callback forwards to
+ * it (chain.ovc != NULL); the engine does its own locking and its commands
+ * (snapshot, commit, ...) are in the table below, forwarded by OVC_FORWARD.
  */
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -405,7 +410,8 @@ static int
 chain_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
                   uint32_t *maximum)
 {
-  uint32_t a = chain.ovc ? 1 : rawdisk_align (chain.raw);
+  /* with a chain: whole clusters avoid copy-up */
+  uint32_t a = chain.ovc ? ovc_cluster_size (chain.ovc) : rawdisk_align (chain.raw);
   (void) h;
   *minimum = 1;                  /* any alignment works (bounce buffers) */
   *preferred = a > 4096 ? a : 4096;
