@@ -44,6 +44,16 @@
 #include "cleanup.h"
 #include "control.h"
 
+/* Error text without locale or gettext: strerror() takes glibc's locale
+ * lock, which is unusable in nbdkit under a preloaded ASan runtime, and is
+ * not guaranteed thread-safe. */
+static inline const char *
+errstr (int e)
+{
+  const char *s = strerrordesc_np (e);
+  return s ? s : "Unknown error";
+}
+
 #ifndef CBW_VERSION
 #define CBW_VERSION "0.0.0"
 #endif
@@ -806,7 +816,7 @@ bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
     fd = socket (AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
       return cbw_err_set (err, errno, "control socket %s: socket: %s",
-                          path, strerror (errno));
+                          path, errstr (errno));
     if (bind (fd, (struct sockaddr *) &sun, sizeof sun) == 0)
       break;
     int e = errno;
@@ -814,7 +824,7 @@ bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
     fd = -1;
     if (e != EADDRINUSE || attempt > 0)
       return cbw_err_set (err, e, "control socket %s: bind: %s",
-                          path, strerror (e));
+                          path, errstr (e));
     /* Something is there.  Replace it only if it is a socket nobody
      * answers on (left behind by a crashed process). */
     if (lstat (path, &st) == -1)
@@ -826,7 +836,7 @@ bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
     int probe = socket (AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (probe < 0)
       return cbw_err_set (err, errno, "control socket %s: socket: %s",
-                          path, strerror (errno));
+                          path, errstr (errno));
     int cr = connect (probe, (struct sockaddr *) &sun, sizeof sun);
     int ce = errno;
     close (probe);
@@ -836,11 +846,11 @@ bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
                           "server", path);
     if (ce != ECONNREFUSED)
       return cbw_err_set (err, ce, "control socket %s: probe: %s",
-                          path, strerror (ce));
+                          path, errstr (ce));
     if (unlink (path) == -1 && errno != ENOENT)
       return cbw_err_set (err, errno,
                           "control socket %s: removing stale socket: %s",
-                          path, strerror (errno));
+                          path, errstr (errno));
   }
   if (fd < 0)
     return cbw_err_set (err, EADDRINUSE, "control socket %s: bind failed",
@@ -850,7 +860,7 @@ bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
     close (fd);
     unlink (path);
     return cbw_err_set (err, e, "control socket %s: listen: %s",
-                        path, strerror (e));
+                        path, errstr (e));
   }
   if (stat (path, &st) == 0) {
     srv->sock_dev = st.st_dev;
@@ -889,7 +899,7 @@ cbw_ctl_server_start (const char *path, const struct cbw_ctl_table *table,
   srv->wake_fd = eventfd (0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (srv->wake_fd < 0) {
     cbw_err_set (err, errno, "control socket %s: eventfd: %s",
-                 path, strerror (errno));
+                 path, errstr (errno));
     goto fail_unlink;
   }
   /* The thread must not take the host process's signals (nbdkit, cbwd). */
@@ -899,7 +909,7 @@ cbw_ctl_server_start (const char *path, const struct cbw_ctl_table *table,
   pthread_sigmask (SIG_SETMASK, &old, NULL);
   if (e != 0) {
     cbw_err_set (err, e, "control socket %s: pthread_create: %s",
-                 path, strerror (e));
+                 path, errstr (e));
     goto fail_unlink;
   }
   return srv;

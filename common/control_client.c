@@ -24,6 +24,16 @@
 #include "cleanup.h"
 #include "control.h"
 
+/* Error text without locale or gettext: strerror() takes glibc's locale
+ * lock, which is unusable in nbdkit under a preloaded ASan runtime, and is
+ * not guaranteed thread-safe. */
+static inline const char *
+errstr (int e)
+{
+  const char *s = strerrordesc_np (e);
+  return s ? s : "Unknown error";
+}
+
 /* Replies can be large (query-commands); refuse anything absurd. */
 #define CLIENT_MAX_REPLY (64 * 1024 * 1024)
 #define GREETING_TIMEOUT_MS 10000
@@ -99,7 +109,7 @@ read_line_timeout (struct cbw_ctl_client *c, int timeout_ms,
       }
       r = poll (&pfd, 1, (int) left);
       if (r < 0 && errno != EINTR) {
-        cbw_err_set (err, errno, "control client: poll: %s", strerror (errno));
+        cbw_err_set (err, errno, "control client: poll: %s", errstr (errno));
         return NULL;
       }
       if (r <= 0)
@@ -109,7 +119,7 @@ read_line_timeout (struct cbw_ctl_client *c, int timeout_ms,
     if (r < 0) {
       if (errno == EINTR) continue;
       c->broken = true;
-      cbw_err_set (err, errno, "control client: recv: %s", strerror (errno));
+      cbw_err_set (err, errno, "control client: recv: %s", errstr (errno));
       return NULL;
     }
     if (r == 0) {
@@ -140,7 +150,7 @@ cbw_ctl_client_send_raw (struct cbw_ctl_client *c, const void *buf,
       if (errno == EINTR) continue;
       c->broken = true;
       return cbw_err_set (err, errno, "control client: send: %s",
-                          strerror (errno));
+                          errstr (errno));
     }
     p += r;
     len -= (size_t) r;
@@ -172,12 +182,12 @@ cbw_ctl_client_connect (const char *path, struct cbw_err *err)
   c->fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (c->fd < 0) {
     cbw_err_set (err, errno, "control socket %s: socket: %s", path,
-                 strerror (errno));
+                 errstr (errno));
     goto fail;
   }
   if (connect (c->fd, (struct sockaddr *) &sun, sizeof sun) == -1) {
     cbw_err_set (err, errno, "control socket %s: connect: %s", path,
-                 strerror (errno));
+                 errstr (errno));
     goto fail;
   }
   line = read_line_timeout (c, GREETING_TIMEOUT_MS, err);

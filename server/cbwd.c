@@ -18,6 +18,10 @@
 
 #include "config.h"
 #include "server.h"
+#ifdef CBWD_HAVE_ORCH
+#include "export_admin.h"
+#include "orch.h"
+#endif
 
 static void
 usage (FILE *f)
@@ -26,7 +30,9 @@ usage (FILE *f)
 "usage: cbwd [--config FILE] [--listen unix:PATH|tcp:HOST:PORT]...\n"
 "            [--export name=NAME,type=store|file|pit,KEY=VALUE...]...\n"
 "            [--max-connections N] [--handshake-timeout SECS] [--threads N]\n"
+"            [--max-inflight-bytes SIZE]\n"
 "            [--pidfile FILE] [-v]\n"
+"            [--state-dir DIR [--control PATH] [--module-dir DIR]]  (orchestrator)\n"
 "export keys: path= size= limit= description= upstream= connections= release=on|off\n"
 "             bitmap=NAME:raw:PATH:GRANULARITY | NAME:extents:PATH | NAME:store:DESC[:STORED]\n"
 "see cbwd(8).\n");
@@ -55,7 +61,11 @@ main (int argc, char **argv)
     { "handshake-timeout", required_argument, 0, 't' },
     { "threads", required_argument, 0, 'T' },
     { "pidfile", required_argument, 0, 'p' },
+    { "max-inflight-bytes", required_argument, 0, 'B' },
     { "verbose", no_argument, 0, 'v' },
+    { "state-dir", required_argument, 0, 'S' },
+    { "control", required_argument, 0, 'C' },
+    { "module-dir", required_argument, 0, 'M' },
     { "help", no_argument, 0, 'h' },
     { 0, 0, 0, 0 },
   };
@@ -63,10 +73,11 @@ main (int argc, char **argv)
   memset (&srv, 0, sizeof srv);
   srv.limits.max_connections = 1024;
   srv.limits.max_inflight = 64;
-  srv.limits.max_inflight_bytes = 64ULL * 1024 * 1024;
+  srv.limits.max_inflight_bytes = 8ULL * 1024 * 1024;
   srv.limits.handshake_timeout_ms = 30000;
   srv.loop = uv_default_loop ();
   const char *config = NULL, *pidfile = NULL;
+  const char *state_dir = NULL, *control = NULL, *module_dir = NULL;
   char **listens = calloc (argc, sizeof *listens);
   char **exports = calloc (argc, sizeof *exports);
   size_t nl = 0, ne = 0;
@@ -91,7 +102,17 @@ main (int argc, char **argv)
     case 't': srv.limits.handshake_timeout_ms = atoi (optarg) * 1000; break;
     case 'T': threads = atol (optarg); break;
     case 'p': pidfile = optarg; break;
+    case 'B':
+      if (cbwd_parse_size (optarg, &srv.limits.max_inflight_bytes) == -1 ||
+          srv.limits.max_inflight_bytes < 65536) {
+        cbwd_log ("--max-inflight-bytes %s: expected a size >= 64K", optarg);
+        return 2;
+      }
+      break;
     case 'v': srv.verbose++; break;
+    case 'S': state_dir = optarg; break;
+    case 'C': control = optarg; break;
+    case 'M': module_dir = optarg; break;
     case 'h': usage (stdout); return 0;
     default: usage (stderr); return 2;
     }
@@ -114,7 +135,7 @@ main (int argc, char **argv)
     cbwd_log ("%s", err.msg);
     return 1;
   }
-  if (srv.exports.n == 0) {
+  if (srv.exports.n == 0 && state_dir == NULL) {
     cbwd_log ("no exports configured (--export or --config)");
     return 1;
   }
@@ -139,6 +160,29 @@ main (int argc, char **argv)
     cbwd_log ("cannot set up the admin channel");
     return 1;
   }
+#ifdef CBWD_HAVE_ORCH
+  /* The orchestrator (server/orch): disks, checkpoints, backups; it
+   * publishes store and PIT exports here through export_admin.c. */
+  static struct cbw_orch_exports orch_exports;
+  struct cbw_orch *orch = NULL;
+  if (state_dir) {
+    cbwd_orch_exports_init (&orch_exports, &srv);
+    struct cbw_orch_config oc = { .state_dir = state_dir, .control_socket = control,
+                                  .module_dir = module_dir, .nbdkit = getenv ("CBW_NBDKIT"),
+                                  .exports = &orch_exports };
+    orch = cbw_orch_open (&oc, &err);
+    if (orch == NULL || cbw_orch_serve (orch, &err) == -1) {
+      cbwd_log ("orchestrator: %s", err.msg);
+      return 1;
+    }
+  }
+#else
+  if (state_dir) {
+    cbwd_log ("--state-dir: this cbwd was built without the orchestrator");
+    return 2;
+  }
+  (void) control; (void) module_dir;
+#endif
   uv_signal_init (srv.loop, &srv.sigterm);
   uv_signal_init (srv.loop, &srv.sigint);
   srv.sigterm.data = srv.sigint.data = &srv;
@@ -153,6 +197,9 @@ main (int argc, char **argv)
   }
   cbwd_log ("serving %zu export(s)", srv.exports.n);
   uv_run (srv.loop, UV_RUN_DEFAULT);
+#ifdef CBWD_HAVE_ORCH
+  cbw_orch_close (orch, false);   /* disks (nbdkit) keep running */
+#endif
   for (size_t i = 0; i < srv.exports.n; i++)
     cbwd_export_unref (srv.exports.v[i]);
   free (srv.first_listen);

@@ -26,9 +26,10 @@ CBW_BUILD=${CBW_BUILD:-$SRC/build}
 FILTER=$CBW_BUILD/modules/nbdkit-dirtybitmap-filter.so
 TOOL=$CBW_BUILD/client-tests/dirtybitmap/dbm-tool
 [ -f "$FILTER" ] && [ -x "$TOOL" ] || { echo "build first: $FILTER, $TOOL" >&2; exit 1; }
+OUT=$HERE/results.md                 # before lib.sh: it sets its own HERE
 export WORK=$TMPFS_DIR
 . "$ANCHORS/lib.sh"
-OUT=$HERE/results.md
+rm -f "$RES/versions.txt"
 ROWS=$(mktemp)
 
 start_case() {   # start_case base|dbm DIR -> sets URI, PID

@@ -23,7 +23,7 @@ SIZE=$(numfmt --from=iec "$DISK_SIZE")
 mkdir -p "$WORK"
 S=$WORK/io.sock U="nbd+unix:///?socket=$WORK/io.sock"
 PID=
-cleanup() { [ -n "$PID" ] && { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; }; rm -f "$WORK"/io-* "$WORK"/io.sock "$WORK"/ovc-tool; }
+cleanup() { [ -n "$PID" ] && { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; }; rm -f "$WORK"/io-*.img "$WORK"/io-*.chain* "$WORK"/io-*.json "$WORK"/io.sock "$WORK"/ovc-tool; }
 trap cleanup EXIT
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 for p in nbdkit nbdcopy hyperfine fio jq; do command -v $p >/dev/null || { log "$p missing"; exit 1; }; done

@@ -84,7 +84,7 @@ crash() {                         # crash POINT CMD...: run CMD on a daemon that
 }
 
 rounds=1
-CP_POINTS="checkpoint-create:quiesced rotate:added"
+CP_POINTS="rotate:added"
 BEGIN_POINTS="backup-begin:begun"
 if [ "${CBW_SOAK:-0}" = 1 ]; then
   rounds=5

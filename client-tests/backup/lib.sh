@@ -59,8 +59,8 @@ probe_module_control() {
   start_nbdkit "$sock" --filter="$CBW_FILTER" --filter="$DIRTYBITMAP_FILTER" file "$T/probe.img" \
     cbw-control="$T/probe-cbw.ctl" dirtybitmap-control="$T/probe-db.ctl" \
     dirtybitmap-image="$T/probe.img"
-  timeout 10 "$BK" ctl "$T/probe-cbw.ctl" '{"execute":"status"}' >/dev/null 2>&1 || rc=1
-  timeout 10 "$BK" ctl "$T/probe-db.ctl" '{"execute":"list"}' >/dev/null 2>&1 || rc=1
+  timeout 5 "$BK" ctl "$T/probe-cbw.ctl" '{"execute":"status"}' >/dev/null 2>&1 || rc=1
+  timeout 5 "$BK" ctl "$T/probe-db.ctl" '{"execute":"list"}' >/dev/null 2>&1 || rc=1
   kill "$NBDKIT_PID" 2>/dev/null || true
   [ $rc = 0 ] || skip "the modules' control sockets do not answer in this build (nbdkit ${NBDKIT[*]}): cannot test orchestration"
 }

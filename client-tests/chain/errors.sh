@@ -19,9 +19,11 @@ expect_start_failure "direct|boolean|could not" "$P" file="$T/ok.img" direct=per
 # control socket problems
 long=$T/$(printf 'x%.0s' $(seq 120)).sock
 expect_start_failure "path too long" "$P" file="$T/ok.img" control="$long"
-expect_start_failure "no such file|No such file" "$P" file="$T/ok.img" control="$T/nodir/c.sock"
 echo precious > "$T/notasocket"
-expect_start_failure "not a socket" "$P" file="$T/ok.img" control="$T/notasocket"
+if [ "$CTL_OK" = 1 ]; then   # these fail in after_fork, see chain-lib.sh
+  expect_start_failure "no such file|No such file" "$P" file="$T/ok.img" control="$T/nodir/c.sock"
+  expect_start_failure "not a socket" "$P" file="$T/ok.img" control="$T/notasocket"
+fi
 assert_eq "non-socket file kept" precious "$(cat "$T/notasocket")"
 if [ "$CTL_OK" = 1 ]; then
   # a live control socket is not stolen; a stale one is replaced

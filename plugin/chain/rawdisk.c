@@ -43,6 +43,16 @@
 #include "fileutil.h"
 #include "rawdisk.h"
 
+/* Error text without locale or gettext: strerror() takes glibc's locale
+ * lock, which is unusable in nbdkit under a preloaded ASan runtime, and is
+ * not guaranteed thread-safe. */
+static inline const char *
+errstr (int e)
+{
+  const char *s = strerrordesc_np (e);
+  return s ? s : "Unknown error";
+}
+
 #define DEFAULT_DIRECT_ALIGN 4096
 
 struct range {                   /* an in-flight write in direct mode */
@@ -95,7 +105,7 @@ rawdisk_open (const char *path, const struct rawdisk_opts *o,
   if (stat (path, &st) == -1) {
     e = errno;
     cbw_err_set (err, e, "%s: %s", path,
-                 e == ENOENT ? "no such file or block device" : strerror (e));
+                 e == ENOENT ? "no such file or block device" : errstr (e));
     return NULL;
   }
   if (S_ISDIR (st.st_mode)) {
@@ -127,20 +137,20 @@ rawdisk_open (const char *path, const struct rawdisk_opts *o,
     e = errno;
     if (!o->readonly && (e == EACCES || e == EPERM || e == EROFS))
       cbw_err_set (err, e, "%s: cannot open for writing: %s (use "
-                   "readonly=true to serve it read-only)", path, strerror (e));
+                   "readonly=true to serve it read-only)", path, errstr (e));
     else
-      cbw_err_set (err, e, "%s: open: %s", path, strerror (e));
+      cbw_err_set (err, e, "%s: open: %s", path, errstr (e));
     goto fail;
   }
   if (fstat (d->bfd, &st) == -1) {
-    cbw_err_set (err, errno, "%s: fstat: %s", path, strerror (errno));
+    cbw_err_set (err, errno, "%s: fstat: %s", path, errstr (errno));
     goto fail;
   }
   d->block_device = S_ISBLK (st.st_mode);
   if (d->block_device) {
     if (ioctl (d->bfd, BLKGETSIZE64, &d->size) == -1) {
       cbw_err_set (err, errno, "%s: cannot get the size of the block device "
-                   "(BLKGETSIZE64): %s", path, strerror (errno));
+                   "(BLKGETSIZE64): %s", path, errstr (errno));
       goto fail;
     }
   }
@@ -160,7 +170,7 @@ rawdisk_open (const char *path, const struct rawdisk_opts *o,
       e = errno;
       cbw_err_set (err, e, "%s: open with O_DIRECT: %s", path,
                    e == EINVAL ? "the filesystem does not support direct I/O "
-                   "(use direct=false)" : strerror (e));
+                   "(use direct=false)" : errstr (e));
       goto fail;
     }
     if (d->block_device) {
@@ -388,7 +398,7 @@ direct_pread (struct rawdisk *d, char *buf, size_t count, uint64_t offset,
       is_aligned ((uintptr_t) buf, d->align)) {
     if (read_full (d->fd, buf, count, offset) == -1)
       return cbw_err_set (err, errno, "%s: read at %llu: %s", d->path,
-                          (unsigned long long) offset, strerror (errno));
+                          (unsigned long long) offset, errstr (errno));
     return 0;
   }
   a0 = round_down (offset, d->align);
@@ -402,7 +412,7 @@ direct_pread (struct rawdisk *d, char *buf, size_t count, uint64_t offset,
     int e = errno;
     free (b);
     return cbw_err_set (err, e, "%s: read at %llu: %s", d->path,
-                        (unsigned long long) a0, strerror (e));
+                        (unsigned long long) a0, errstr (e));
   }
   memcpy (buf, b + (offset - a0), count);
   free (b);
@@ -419,7 +429,7 @@ rawdisk_pread (struct rawdisk *d, void *buf, uint32_t count, uint64_t offset,
         return -1;
       return cbw_err_set (err, errno, "%s: read at %llu (%u bytes): %s",
                           d->path, (unsigned long long) offset, count,
-                          strerror (errno));
+                          errstr (errno));
     }
     return 0;
   }
@@ -436,7 +446,7 @@ rawdisk_pread (struct rawdisk *d, void *buf, uint32_t count, uint64_t offset,
       cbw_pread_full (d->bfd, (char *) buf + (mid - offset),
                       (size_t) (end - mid), mid) == -1)
     return cbw_err_set (err, errno, "%s: read at %llu: %s", d->path,
-                        (unsigned long long) mid, strerror (errno));
+                        (unsigned long long) mid, errstr (errno));
   return 0;
 }
 
@@ -458,7 +468,7 @@ direct_pwrite (struct rawdisk *d, const char *buf, size_t count,
     if (write_full (d, d->fd, buf, count, offset, fua) == -1) {
       e = errno;
       ret = cbw_err_set (err, e, "%s: write at %llu: %s", d->path,
-                         (unsigned long long) offset, strerror (e));
+                         (unsigned long long) offset, errstr (e));
     }
     goto out;
   }
@@ -479,14 +489,14 @@ direct_pwrite (struct rawdisk *d, const char *buf, size_t count,
   if (write_full (d, d->fd, b, a1 - a0, a0, fua) == -1) {
     e = errno;
     ret = cbw_err_set (err, e, "%s: write at %llu: %s", d->path,
-                       (unsigned long long) a0, strerror (e));
+                       (unsigned long long) a0, errstr (e));
   }
   goto out;
 
  read_error:
   e = errno;
   ret = cbw_err_set (err, e, "%s: read for read-modify-write: %s", d->path,
-                     strerror (e));
+                     errstr (e));
  out:
   free (b);
   range_release (d, &r);
@@ -503,7 +513,7 @@ rawdisk_pwrite (struct rawdisk *d, const void *buf, uint32_t count,
     if (write_full (d, d->fd, buf, count, offset, fua) == -1)
       return cbw_err_set (err, errno, "%s: write at %llu (%u bytes): %s",
                           d->path, (unsigned long long) offset, count,
-                          strerror (errno));
+                          errstr (errno));
     return 0;
   }
 
@@ -522,7 +532,7 @@ rawdisk_pwrite (struct rawdisk *d, const void *buf, uint32_t count,
     if (write_full (d, d->bfd, (const char *) buf + (mid - offset),
                     (size_t) (end - mid), mid, fua) == -1)
       ret = cbw_err_set (err, errno, "%s: write at %llu: %s", d->path,
-                         (unsigned long long) mid, strerror (errno));
+                         (unsigned long long) mid, errstr (errno));
     range_release (d, &r);
     return ret;
   }
@@ -636,11 +646,11 @@ rawdisk_zero (struct rawdisk *d, uint32_t count, uint64_t offset,
                    (unsigned long long) offset, count);
     else
       cbw_err_set (err, e, "%s: zero at %llu (%u bytes): %s", d->path,
-                   (unsigned long long) offset, count, strerror (e));
+                   (unsigned long long) offset, count, errstr (e));
   }
   else if (fua && cbw_fdatasync (d->fd) == -1)
     ret = cbw_err_set (err, errno, "%s: fdatasync: %s", d->path,
-                       strerror (errno));
+                       errstr (errno));
   if (d->direct)
     range_release (d, &r);
   return ret;
@@ -675,7 +685,7 @@ rawdisk_trim (struct rawdisk *d, uint32_t count, uint64_t offset, bool fua,
         else
           ret = cbw_err_set (err, errno, "%s: BLKDISCARD at %llu: %s",
                              d->path, (unsigned long long) s,
-                             strerror (errno));
+                             errstr (errno));
       }
     }
   }
@@ -684,10 +694,10 @@ rawdisk_trim (struct rawdisk *d, uint32_t count, uint64_t offset, bool fua,
            errno != ENOTSUP)
     ret = cbw_err_set (err, errno, "%s: punch hole at %llu (%u bytes): %s",
                        d->path, (unsigned long long) offset, count,
-                       strerror (errno));
+                       errstr (errno));
   if (ret == 0 && fua && cbw_fdatasync (d->fd) == -1)
     ret = cbw_err_set (err, errno, "%s: fdatasync: %s", d->path,
-                       strerror (errno));
+                       errstr (errno));
   if (d->direct)
     range_release (d, &r);
   return ret;
@@ -698,7 +708,7 @@ rawdisk_flush (struct rawdisk *d, struct cbw_err *err)
 {
   if (cbw_fdatasync (d->fd) == -1)
     return cbw_err_set (err, errno, "%s: fdatasync: %s", d->path,
-                        strerror (errno));
+                        errstr (errno));
   return 0;
 }
 
@@ -714,7 +724,7 @@ rawdisk_cache (struct rawdisk *d, uint32_t count, uint64_t offset,
                      POSIX_FADV_WILLNEED);
   if (r != 0)
     return cbw_err_set (err, r, "%s: posix_fadvise: %s", d->path,
-                        strerror (r));
+                        errstr (r));
   return 0;
 }
 
@@ -742,7 +752,7 @@ rawdisk_extents (struct rawdisk *d, uint32_t count, uint64_t offset,
       if (errno != ENXIO)
         return cbw_err_set (err, errno, "%s: lseek SEEK_DATA at %llu: %s",
                             d->path, (unsigned long long) pos,
-                            strerror (errno));
+                            errstr (errno));
       /* no data after pos (or the file shrank): hole up to end */
       return fn (opaque, pos, end - pos, RAWDISK_HOLE | RAWDISK_ZERO, err);
     }
@@ -760,7 +770,7 @@ rawdisk_extents (struct rawdisk *d, uint32_t count, uint64_t offset,
       if (errno != ENXIO)
         return cbw_err_set (err, errno, "%s: lseek SEEK_HOLE at %llu: %s",
                             d->path, (unsigned long long) pos,
-                            strerror (errno));
+                            errstr (errno));
       hole = (off_t) end;
     }
     if ((uint64_t) hole <= pos)  /* cannot happen; never loop forever */

@@ -172,6 +172,12 @@ teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
         ret = -1;
       }
     }
+    if (bd->store_pid == 0 && bd->store_sock && o->exports && o->exports->remove_export) {
+      /* the store was a cbwd export (named as in start_store) */
+      CLEANUP_FREE char *sname = orch_strdup_printf ("store-%s-%s", b->id, bd->name);
+      if (sname)
+        o->exports->remove_export (o->exports->opaque, sname, &e);
+    }
     if (bd->store_pid > 0) {
       if (pid_has_arg (bd->store_pid, bd->store_path))
         orch_kill_wait ((pid_t) bd->store_pid, -1);

@@ -208,10 +208,11 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
   o->nbdkit_argv = split_words (cfg->nbdkit && cfg->nbdkit[0] ? cfg->nbdkit : "nbdkit");
   o->start_timeout = cfg->start_timeout > 0 ? cfg->start_timeout : 30;
   o->exports = cfg->exports;
-  if (cfg->plugin && strcmp (cfg->plugin, "chain") != 0) {
-    if (strcmp (cfg->plugin, "file") != 0) {
+  const char *plugin = cfg->plugin ? cfg->plugin : getenv ("CBW_ORCH_PLUGIN");
+  if (plugin && strcmp (plugin, "chain") != 0) {
+    if (strcmp (plugin, "file") != 0) {
       cbw_err_set (err, EINVAL, "plugin must be \"chain\" or \"file\", not \"%.40s\"",
-                   cfg->plugin);
+                   plugin);
       goto fail;
     }
     o->file_plugin = true;

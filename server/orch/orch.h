@@ -34,7 +34,8 @@ struct cbw_orch_config {
   double start_timeout;         /* seconds to wait for a new nbdkit, default 30 */
   const char *plugin;           /* "chain" (default) or "file": nbdkit's own file
                                    plugin fronts the image (no chain control
-                                   socket, no overlays) */
+                                   socket, no overlays); NULL = environment
+                                   variable CBW_ORCH_PLUGIN, else "chain" */
   const struct cbw_orch_exports *exports;  /* cbwd's export API, or NULL */
 };
 
