@@ -17,7 +17,7 @@ mkdir -p "$WORK"
 trap 'rm -f "$WORK"/b-*.img "$WORK"/*.qcow2 "$WORK"/c.chain* "$WORK"/ovc-tool' EXIT
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-gcc -O2 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -I"$CBW_SRC/common" -I"$CBW_SRC/formats" \
+gcc -O2 ${OVC_CFLAGS:-} -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -I"$CBW_SRC/common" -I"$CBW_SRC/formats" \
   -I"$CBW_SRC/plugin/chain" -o "$WORK/ovc-tool" "$HERE/ovc-tool.c" \
   "$CBW_SRC/plugin/chain/overlay_chain.c" "$CBW_SRC/formats/overlay.c" \
   "$CBW_SRC/formats/bitmap.c" "$CBW_SRC/common/cbw_err.c" "$CBW_SRC/common/fileutil.c" \

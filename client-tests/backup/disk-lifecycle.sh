@@ -5,7 +5,7 @@
 # and kill -9) leave the guests' nbdkit running and adopt them; disk-start
 # and disk-remove do what they say.
 . "$(dirname "$0")/lib.sh"
-need_modules
+need_modules noprobe            # this test never calls a module's control socket
 requires qemu-io
 requires jq
 

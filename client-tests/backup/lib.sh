@@ -36,16 +36,19 @@ alive_pid() {
   [ -n "$st" ] && [ "$st" != Z ]
 }
 trap '_bk_exit' EXIT
+# A test killed by a timeout (SIGTERM) must still stop its detached nbdkits.
+trap 'exit 143' TERM INT HUP
 
-# need_modules: skip unless the cbw and dirtybitmap filters are built; use
-# the chain plugin when built, else nbdkit's file plugin (said in the log).
+# need_modules [noprobe]: skip unless the cbw and dirtybitmap filters are
+# built (and their control sockets answer, unless noprobe); use the chain
+# plugin when built, else nbdkit's file plugin (said in the log).
 need_modules() {
   [ -f "$CBW_FILTER" ] || skip "nbdkit-cbw-filter.so not built ($CBW_FILTER)"
   [ -f "$DIRTYBITMAP_FILTER" ] || skip "nbdkit-dirtybitmap-filter.so not built"
   if [ -f "$CHAIN_PLUGIN" ]; then PLUGIN=chain
   else PLUGIN=file; log "chain plugin not built: disks use nbdkit's file plugin"
   fi
-  probe_module_control
+  [ "${1:-}" = noprobe ] || probe_module_control
 }
 
 # probe_module_control: the orchestration tests drive the modules through

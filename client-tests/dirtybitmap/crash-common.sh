@@ -55,8 +55,13 @@ for round in $(seq "$ROUNDS"); do
   delay=$(printf '0.%03d' $((100 + seed % 800)))
   # with the control socket, the writer also forces a fine checkpoint every
   # 20 ms: the journal shrinks and regions are re-marked all the time
+  rm -f "$T/log"
   start_bg "$CW" "nbd+unix:///?socket=$T/s" "$T/log" "$seed" 10 "$T/ctl" > "$T/cw.out"
   CW_PID=$BG_PID
+  # the random delay counts from the first request (the writer connected):
+  # on a loaded machine its start-up alone can exceed the delay
+  for _ in $(seq 200); do [ -s "$T/log" ] && break; sleep 0.05; done
+  [ -s "$T/log" ] || fail "round $round: crashwriter sent nothing: $(cat "$T/cw.out")"
   sleep "$delay"
   last_info=$("$TOOL" ctl "$T/ctl" info 2>/dev/null || echo '{"checkpoints":"?"}')
   kill9 "$NBDKIT_PID"

@@ -26,11 +26,13 @@
  * (view of layers 0..hi) into layer lo-1; those clusters are shadowed by
  * lo..hi, so the guest-visible content never changes.  An active commit
  * (hi = top) also mirrors guest writes into lo-1 under the same range lock.
- * Then: drain, flush, record phase "finish" in the chain descriptor, apply
- * (make-empty: empty the maps bottom-up; delete: relink the layer above,
- * drop the layers), save the descriptor without the operation, resume.
- * Recovery at open: phase "copy" is undone (the record is dropped; lo-1 only
- * got shadowed clusters), phase "finish" is rolled forward.
+ * Then: drain, flush, (only for a delete below the top, which changes two
+ * files: record phase "finish" in the chain descriptor), apply (make-empty:
+ * empty the maps bottom-up; delete: relink the layer above, save the
+ * descriptor without the layers), resume.  Recovery at open: a commit
+ * interrupted before the switch left the chain unchanged (lo-1 only got
+ * shadowed clusters; an old "copy" record is dropped); phase "finish" is
+ * rolled forward.
  *
  * Locking (never held across I/O):
  *  - gate_lock/gate_cond: in_flight counts guest requests and commit chunks
@@ -61,7 +63,9 @@
 #include "fileutil.h"
 #include "overlay_chain.h"
 
-#define COPY_CHUNK (1024 * 1024)
+#ifndef COPY_CHUNK
+#define COPY_CHUNK (1024 * 1024)   /* commit copy unit (bytes) */
+#endif
 
 struct layer {
   char *name;                   /* base path or overlay descriptor name */
@@ -1204,11 +1208,20 @@ commit_finish (struct ovc *c, bool *recorded, struct cbw_err *err)
     return -1;
   if (cbw_chain_desc_copy (&nd, &c->desc, err) < 0)
     return -1;
+  /* The switch needs a recorded phase only when it changes two files (delete
+   * below the top: the layer above is relinked, then the chain is saved).
+   * Make-empty keeps the content identical at every step (bottom-up), and a
+   * delete up to the top is one chain descriptor replace. */
+  bool need_record = c->op_mode == CBW_COMMIT_DELETE && hi < c->nl - 1;
   nd.op = (struct cbw_chain_op) { CBW_CHAIN_OP_COMMIT, CBW_CHAIN_PHASE_FINISH,
                                   c->op_mode, lo, hi };
-  if (chain_save (c->chain_path, &nd, err) < 0) {
+  if (need_record && chain_save (c->chain_path, &nd, err) < 0) {
     cbw_chain_desc_free (&nd);
     return cbw_err_prefix (err, "commit: recording the switch");
+  }
+  if (!need_record) {
+    nd.op.type = CBW_CHAIN_OP_NONE;
+    nd.generation++;      /* what the record's save would have done */
   }
   /* From here the commit completes: on-disk recovery rolls it forward. */
   *recorded = true;
@@ -1245,10 +1258,12 @@ commit_finish (struct ovc *c, bool *recorded, struct cbw_err *err)
       ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
       l->map_dirty = false;
     }
-    c->desc.op.type = CBW_CHAIN_OP_NONE;
-    if (hook ("finish-save", err) < 0 ||
-        chain_save (c->chain_path, &c->desc, err) < 0)
-      return -1;
+    if (need_record || c->desc.op.type != CBW_CHAIN_OP_NONE) {
+      c->desc.op.type = CBW_CHAIN_OP_NONE;
+      if (hook ("finish-save", err) < 0 ||
+          chain_save (c->chain_path, &c->desc, err) < 0)
+        return -1;
+    }
     for (i = lo; i <= hi; i++) {   /* give the space back */
       struct layer *l = c->layers[i];
       if (ftruncate (l->fd, 0) < 0 || ftruncate (l->fd, (off_t) c->size) < 0)
@@ -1301,17 +1316,6 @@ commit_thread (void *arg)
     c->switch_pending = true;
     cbw_err_prefix (&err, "commit switch failed after it was recorded; guest I/O "
                     "continues, reopen the chain to finish it");
-  }
-  else if (r < 0) {
-    /* The "copy" record on disk is harmless; drop it (best effort). */
-    struct cbw_chain_desc nd;
-    if (cbw_chain_desc_copy (&nd, &c->desc, NULL) == 0) {
-      if (chain_save (c->chain_path, &nd, NULL) == 0) {
-        cbw_chain_desc_free (&c->desc);
-        c->desc = nd;
-      }
-      else cbw_chain_desc_free (&nd);
-    }
   }
   gate_resume (c);
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
@@ -1367,15 +1371,14 @@ ovc_commit_start (struct ovc *c, unsigned lo, unsigned hi,
   gate_pause (c);
   if (cbw_chain_desc_copy (&nd, &c->desc, err) < 0)
     goto fail;
-  nd.op = (struct cbw_chain_op) { CBW_CHAIN_OP_COMMIT, CBW_CHAIN_PHASE_COPY,
-                                  mode, lo, hi };
-  if (hook ("commit-record", err) < 0 ||
-      chain_save (c->chain_path, &nd, err) < 0) {
+  /* Nothing is written to start a commit: until the switch, layer lo-1 only
+   * receives clusters that lo..hi shadow, so a crash leaves the old chain
+   * (undone).  A "copy" record written by older versions is dropped at open. */
+  if (hook ("commit-record", err) < 0) {
     cbw_chain_desc_free (&nd);
     cbw_err_prefix (err, "commit");
     goto fail;
   }
-  nd.op.type = CBW_CHAIN_OP_NONE;     /* memory: no pending switch */
   cbw_chain_desc_free (&c->desc);
   c->desc = nd;
   cbw_bitmap_free (&c->op_bits);
