@@ -16,10 +16,15 @@ DIRTYBITMAP_FILTER=$CBW_MODULES/nbdkit-dirtybitmap-filter.so
 CBW_FILTER=$CBW_MODULES/nbdkit-cbw-filter.so
 
 # In the sanitizer build our modules are instrumented but nbdkit is not: preload
-# the runtimes into nbdkit only (use "$NBDKIT" / start_nbdkit, never bare nbdkit).
+# the runtimes into nbdkit only (use "${NBDKIT[@]}" / start_nbdkit, never bare
+# nbdkit), followed by asan_preload_fix.so, without which glibc's locale lock
+# is corrupted at nbdkit's start-up and every control request hangs (see
+# client-tests/asan_preload_fix.c).
 NBDKIT=(nbdkit)
 if [ "${CBW_SANITIZE:-0}" = 1 ] || [ "${CBW_SANITIZE:-}" = ON ]; then
-  NBDKIT=(env "LD_PRELOAD=$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+  _fix=$CBW_BUILD/client-tests/libcbw-asan-preload-fix.so
+  [ -f "$_fix" ] || { echo "FAIL: $_fix not built (sanitizer build)" >&2; exit 1; }
+  NBDKIT=(env "LD_PRELOAD=$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so):$_fix"
           "ASAN_OPTIONS=detect_leaks=0:abort_on_error=1" "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1"
           nbdkit)
 fi

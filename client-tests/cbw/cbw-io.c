@@ -273,6 +273,7 @@ do_race (int argc, char **argv)
   pthread_barrier_wait (&race_bar);     /* writer sees race_done, exits */
   pthread_join (w, NULL);
   nbd_close (h);
+  free (buf);
   printf ("iterations=%" PRIu64 " wrong=%" PRIu64 "\n", i, bad);
   return bad || failed ? 1 : 0;
 }
@@ -310,6 +311,7 @@ do_writes (int argc, char **argv)
     if (ms > maxms) maxms = ms;
   }
   printf ("ok=%" PRIu64 " failed=%" PRIu64 " max_ms=%.0f\n", ok, bad, maxms);
+  free (buf);
   nbd_close (h);
   return maxms > limit ? 1 : 0;
 }
@@ -329,15 +331,17 @@ do_pread (int argc, char **argv)
   off = strtoull (argv[3], NULL, 0);
   len = strtoull (argv[4], NULL, 0);
   buf = malloc (len);
+  if (buf == NULL) { perror ("malloc"); nbd_close (h); return 1; }
   if (nbd_pread (h, buf, len, off, 0) == -1)
     printf ("error errno=%d\n", nbd_get_errno ());
   else if (argc == 6) {
     ref_fd = open (argv[5], O_RDONLY);
-    if (ref_fd == -1) { perror (argv[5]); return 1; }
+    if (ref_fd == -1) { perror (argv[5]); free (buf); nbd_close (h); return 1; }
     printf ("%s\n", check_ref (buf, off, len, "pread") ? "ok" : "differs");
   }
   else
     printf ("ok\n");
+  free (buf);
   nbd_close (h);
   return 0;
 }
@@ -357,6 +361,7 @@ do_pwrite (int argc, char **argv)
   len = strtoull (argv[4], NULL, 0);
   seed = strtoull (argv[5], NULL, 0) | 1;
   buf = malloc (len);
+  if (buf == NULL) { perror ("malloc"); nbd_close (h); return 1; }
   for (i = 0; i < len; ++i) buf[i] = rnd (&seed);
   t0 = now ();
   r = nbd_pwrite (h, buf, len, off, 0);
@@ -364,6 +369,7 @@ do_pwrite (int argc, char **argv)
     printf ("error errno=%d ms=%.0f\n", nbd_get_errno (), (now () - t0) * 1000);
   else
     printf ("ok ms=%.0f\n", (now () - t0) * 1000);
+  free (buf);
   nbd_close (h);
   return 0;
 }

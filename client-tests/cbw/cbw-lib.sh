@@ -40,7 +40,7 @@ start_live() {
 sanitizer_probe() {
   [ "${CBW_SANITIZE:-0}" = 1 ] || [ "${CBW_SANITIZE:-}" = ON ] || return 0
   timeout 8 "$CBW_IO" ctl "$CTL" '{"execute":"status"}' >/dev/null 2>&1 ||
-    skip "control socket does not answer with libasan preloaded into nbdkit (known json-c/glibc locale-lock hang)"
+    fail "control socket does not answer with libasan preloaded into nbdkit (glibc locale-lock hang: is client-tests/asan_preload_fix.c preloaded?)"
 }
 
 # cctl SOCK JSON: like ctl() from functions.sh, but without a Python start-up

@@ -11,14 +11,6 @@ require_chain_support() {
   [ -f "$CHAIN_PLUGIN" ] || skip "chain plugin not built ($CHAIN_PLUGIN)"
   "${NBDKIT[@]}" "$CHAIN_PLUGIN" --help 2>&1 | grep -q '^chain=' ||
     skip "chain plugin has no chain= parameter (overlay engine not integrated)"
-  # Known problem outside cbw (see client-tests/cbw/cbw-lib.sh): with libasan
-  # preloaded into nbdkit, json-c's first parse in the nbdkit process hangs in
-  # glibc's locale lock (newlocale), and chain= parses the chain descriptor at
-  # start-up.  The engine and format run under ASan+UBSan in their unit tests
-  # (plugin/chain/tests, formats/tests/test_overlay.c).
-  if [ "${CBW_SANITIZE:-0}" = 1 ] || [ "${CBW_SANITIZE:-}" = ON ]; then
-    skip "chain= under libasan-preloaded nbdkit hangs in json-c/glibc newlocale (known)"
-  fi
 }
 
 # start_chain SOCK CTL ARGS...: the chain plugin on SOCK with control socket CTL.
