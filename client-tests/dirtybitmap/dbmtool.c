@@ -222,6 +222,8 @@ check (const char *sock, const char *name, const char *logp, const char *before,
           ", \"extent_pages\": %" PRIu64 ", \"violations\": %" PRIu64 "}\n",
           nreqs, nacked, changed, dirty_bytes, touched_bytes, over, unacked_not_dirty,
           pages, bad_acked + bad_changed);
+  free (bb); free (ba);
+  free (reqs); free (touched); free (dirty);
   cbw_ctl_client_close (c);
   return bad_acked + bad_changed ? 1 : 0;
 }
