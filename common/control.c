@@ -640,6 +640,7 @@ client_process (struct cbw_ctl_server *srv, struct client *c)
         if (client_queue (c, msg, strlen (msg)) == -1)
           return -1;
         c->closing = true;
+        continue;                /* flush it at the top of the loop */
       }
       break;
     }
@@ -662,8 +663,11 @@ client_process (struct cbw_ctl_server *srv, struct client *c)
     c->in_len -= line_len;
     c->scanned = 0;
   }
-  if (client_flush (c) == -1)
-    return -1;
+  /* Every break above comes right after a flush with nothing queued since.
+   * Do not flush again here: if that drained the output we would go back to
+   * poll for POLLIN with complete lines still buffered, and a client that
+   * has sent everything would wait for ever (seen as a rare hang of
+   * socket::pipelined_requests_in_order). */
   if ((c->closing || c->eof) && !client_has_output (c))
     return -1;
   return 0;
