@@ -53,7 +53,7 @@ cbw_start() {
   srv nbdkit -f -U "$TS" file "$TIMG"; TP=$!; register_pid $TP
   wait_nbd "nbd+unix:///?socket=$TS"
   C=$SOCKDIR/$tag-ctl.sock; rm -f "$C"
-  nbdkit_start "$tag" cbw-control="$C" $CBW_ARGS
+  nbdkit_start "$tag" cbw-control="$C" cbw-pit-export=pit $CBW_ARGS
   local r; r=$("$CBW_IO" ctl "$C" '{"execute":"begin","arguments":{"target":"nbd+unix:///?socket='"$TS"'"}}')
   case $r in *'"return"'*) ;; *) log "begin failed: $r"; exit 1 ;; esac
 }
@@ -93,7 +93,7 @@ CASE=qsd-first; pass_jobs qsd-first fleece_start_c plain_stop
 
 CASE=base; nbdkit_start base; warm_server "$U"; bench_fio base "$U"; stop_pid $P
 CASE=idle; C=$SOCKDIR/idle-ctl.sock; rm -f "$C"
-nbdkit_start idle cbw-control="$C" $CBW_ARGS; warm_server "$U"
+nbdkit_start idle cbw-control="$C" cbw-pit-export=pit $CBW_ARGS; warm_server "$U"
 bench_fio idle "$U"; stop_pid $P
 CASE=steady; cbw_start steady; warm_server "$U"; sync
 fio_once "$U" seqwrite1m "$RES/steady.precondition.json" pass

@@ -14,7 +14,7 @@ rm -f "$FLEECE"; truncate -s "$(stat -c %s "$DISK")" "$FLEECE"
 srv "$CBWD" --listen "unix:$T_STORE" --export "name=store,type=store,path=$FLEECE"; PS=$!; register_pid $PS
 wait_nbd "nbd+unix:///store?socket=$T_STORE"
 if [ -f "$CBW_FILTER" ]; then
-  srv nbdkit -f -U "$LIVE" --filter="$CBW_FILTER" file "$DISK" cbw-control="$CTL"; PN=$!; register_pid $PN
+  srv nbdkit -f -U "$LIVE" --filter="$CBW_FILTER" file "$DISK" cbw-control="$CTL" cbw-pit-export=pit; PN=$!; register_pid $PN
   wait_nbd "nbd+unix:///?socket=$LIVE"
   r=$(cbw_ctl "$CTL" "{\"execute\":\"begin\",\"arguments\":{\"target\":\"nbd+unix:///store?socket=$T_STORE\"}}")
   echo "$r" | grep -q '"return"' || { log "begin failed: $r"; exit 1; }

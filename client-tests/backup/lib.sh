@@ -60,7 +60,7 @@ probe_module_control() {
   local sock=$T/probe.sock rc=0
   truncate -s 1M "$T/probe.img"
   start_nbdkit "$sock" --filter="$CBW_FILTER" --filter="$DIRTYBITMAP_FILTER" file "$T/probe.img" \
-    cbw-control="$T/probe-cbw.ctl" dirtybitmap-control="$T/probe-db.ctl" \
+    cbw-control="$T/probe-cbw.ctl" cbw-pit-export=pit dirtybitmap-control="$T/probe-db.ctl" \
     dirtybitmap-image="$T/probe.img"
   timeout 5 "$BK" ctl "$T/probe-cbw.ctl" '{"execute":"status"}' >/dev/null 2>&1 || rc=1
   timeout 5 "$BK" ctl "$T/probe-db.ctl" '{"execute":"list"}' >/dev/null 2>&1 || rc=1

@@ -38,7 +38,7 @@ g=65536
 random_disk "$T/disk.img" $size
 rm -f "$T/ctl.sock"
 start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" --filter="$DIRTYBITMAP_FILTER" \
-  file "$T/disk.img" cbw-control="$T/ctl.sock" cbw-granularity=$g \
+  file "$T/disk.img" cbw-control="$T/ctl.sock" cbw-pit-export=pit cbw-granularity=$g \
   dirtybitmap="$T/disk.bitmaps" dirtybitmap-image="$T/disk.img" \
   dirtybitmap-control="$T/dbm.sock"
 LIVE_PID=$NBDKIT_PID; CTL=$T/ctl.sock

@@ -22,7 +22,7 @@ start_live() {
   CTL=$T/ctl.sock
   rm -f "$CTL"
   start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" file "$disk" \
-    cbw-control="$CTL" "$@"
+    cbw-control="$CTL" cbw-pit-export=pit "$@"
   LIVE_PID=$NBDKIT_PID
   LIVE="nbd+unix:///?socket=$T/live.sock"
   PIT="nbd+unix:///pit?socket=$T/live.sock"

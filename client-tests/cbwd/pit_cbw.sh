@@ -8,7 +8,7 @@ SOCK=$T/cbwd3.sock
 start_cbwd cbwd3 --export "name=store,type=store,path=$T/store.img,size=$SIZE"
 STORE_SOCK=$SOCK
 start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" file "$T/disk.img" \
-  cbw-control="$T/cbw.ctl"
+  cbw-control="$T/cbw.ctl" cbw-pit-export=pit
 r=$(timeout 15 bash -c "$(declare -f ctl); ctl '$T/cbw.ctl' '{\"execute\":\"begin\",\"arguments\":{\"target\":\"nbd+unix:///store?socket=$STORE_SOCK\"}}'" || true)
 echo "$r" | grep -q '"return"' ||
   fail "cbw filter begin failed or timed out: ${r:-no reply}"

@@ -28,7 +28,7 @@
 #include "gate.h"
 
 struct cbw_config cbw_cfg = {
-  .pit_export = "pit",
+  .pit_export = NULL,           /* not served unless cbw-pit-export= */
   .policy = CBW_BREAK_SNAPSHOT,
   .timeout_ns = 30LL * 1000000000,
   .connections = 8,
@@ -131,7 +131,8 @@ cbw_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
 
 #define cbw_config_help \
   "cbw-control=SOCKET        Control socket (begin/end/status/...).\n" \
-  "cbw-pit-export=NAME       Export name of the point-in-time view (pit).\n" \
+  "cbw-pit-export=NAME       Serve the point-in-time view as export NAME\n" \
+  "                          (default: not served; see the man page).\n" \
   "cbw-granularity=SIZE|auto Tracking block size (auto: 4K, larger for\n" \
   "                          disks over 64G).\n" \
   "on-cbw-error=break-snapshot|break-guest-write\n" \
@@ -147,11 +148,21 @@ cbw_config_complete (nbdkit_next_config_complete *next, nbdkit_backend *nxdata)
     nbdkit_error ("cbw: cbw-control=SOCKET is required");
     return -1;
   }
-  if (cbw_cfg.pit_export[0] == '\0') {
+  if (cbw_cfg.pit_export && cbw_cfg.pit_export[0] == '\0') {
     nbdkit_error ("cbw-pit-export: the name must not be empty (the empty "
                   "name is the live disk)");
     return -1;
   }
+#if NBDKIT_VERSION_MAJOR == 1 && NBDKIT_VERSION_MINOR < 34
+  if (cbw_cfg.pit_export)
+    nbdkit_debug ("cbw: serving the point-in-time view as export '%s' on "
+                  "nbdkit %s: this nbdkit aborts when a client hangs up "
+                  "with several requests in flight (fixed in 1.33.10), "
+                  "which would take the live disk down with it; let only "
+                  "clients that keep one request in flight per connection "
+                  "(cbwd's PIT export) connect to it", cbw_cfg.pit_export,
+                  NBDKIT_VERSION_STRING);
+#endif
   return next (nxdata);
 }
 
@@ -193,6 +204,8 @@ cbw_list_exports (nbdkit_next_list_exports *next, nbdkit_backend *nxdata,
   (void) is_tls;
   if (next (nxdata, readonly, exports) == -1)
     return -1;
+  if (cbw_cfg.pit_export == NULL)
+    return 0;
   return nbdkit_add_export (exports, cbw_cfg.pit_export,
                             "cbw point-in-time view (read-only)");
 }
@@ -202,7 +215,8 @@ cbw_open (nbdkit_next_open *next, nbdkit_context *ctx, int readonly,
           const char *exportname, int is_tls)
 {
   struct handle *h;
-  bool pit = strcmp (exportname, cbw_cfg.pit_export) == 0;
+  bool pit = cbw_cfg.pit_export != NULL &&
+    strcmp (exportname, cbw_cfg.pit_export) == 0;
 
   (void) is_tls;
   h = calloc (1, sizeof *h);

@@ -15,7 +15,7 @@
 
 struct cbw_config {
   const char *control_path;     /* cbw-control= */
-  const char *pit_export;       /* cbw-pit-export=, default "pit" */
+  const char *pit_export;       /* cbw-pit-export=, NULL: not served */
   uint32_t granularity;         /* cbw-granularity=, 0 = auto */
   enum cbw_policy policy;       /* on-cbw-error= */
   int64_t timeout_ns;           /* cbw-timeout= */

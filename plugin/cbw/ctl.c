@@ -242,7 +242,9 @@ stats_json (struct cbw_session *s)
                           (cbw_cfg.policy == CBW_BREAK_SNAPSHOT
                            ? "break-snapshot" : "break-guest-write"));
   json_object_object_add (o, "pit-export",
-                          json_object_new_string (cbw_cfg.pit_export));
+                          cbw_cfg.pit_export
+                          ? json_object_new_string (cbw_cfg.pit_export)
+                          : NULL);
   return o;
 }
 

@@ -5,6 +5,7 @@
  *     file=IMAGE control=DISKDIR/chain.ctl \
  *     dirtybitmap=DISKDIR/bitmaps.json dirtybitmap-image=IMAGE \
  *     dirtybitmap-control=DISKDIR/dirtybitmap.ctl cbw-control=DISKDIR/cbw.ctl
+ *     cbw-pit-export=pit
  * (the bitmaps live in the state directory, not beside the image: an image
  * may be a block device, and all of cbwd's state is in one place).  With
  * plugin "file", nbdkit's own file plugin replaces chain (no chain.ctl).
@@ -342,6 +343,10 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   argv[n++] = a_dbimg;
   argv[n++] = a_dbctl;
   argv[n++] = a_cbwctl;
+  /* The filter's own PIT export: only cbwd's PIT exports (one request in
+   * flight per upstream connection) should connect to it; see "Which
+   * clients may connect" in nbdkit-cbw-filter(1). */
+  argv[n++] = (char *) "cbw-pit-export=pit";
   argv[n] = NULL;
 
   int pidfd;
