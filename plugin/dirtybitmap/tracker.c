@@ -8,6 +8,17 @@
  * into one update by the journal-writer protocol below); later writes to a
  * marked region cost a read lock and an atomic OR per bitmap.
  *
+ * Sequential writers.  A streaming writer enters a new region every few tens
+ * of milliseconds, and on ext4 each journal fdatasync is a jbd2 commit that
+ * may wait for the image's own data writeback.  So when the first write
+ * into region r finds region r-1 already guaranteed, the same journal update
+ * also guarantees the next `ahead` regions, `ahead` doubling on each such
+ * sequential step up to DBM_MARK_AHEAD_MAX (and falling to 0 on a random
+ * one): a 2 GiB pass over 64 MiB regions waits ~5 times instead of 32.  A
+ * region guaranteed ahead but never written is only an over-report after a
+ * crash (its marks stay 0, so the next checkpoint drops it from the
+ * journal); nothing else changes.
+ *
  * Checkpoint (timer, flush kick, control commands, clean exit):
  *   1. reset every region mark to 0 (writes to it now take the slow path,
  *      which re-marks it without I/O while it is still guaranteed);
@@ -83,6 +94,7 @@ struct dbm_tracker {
   uint8_t *jset;
   uint8_t *pending;
   bool writer_active;
+  uint64_t ahead;                     /* regions guaranteed ahead; j_lock */
   bool changed;                       /* something to checkpoint; j_lock */
   uint64_t write_errors;              /* bumped on each failed journal write */
   uint64_t journal_writes, checkpoints;
@@ -180,6 +192,21 @@ ensure_marked (struct dbm_tracker *t, uint64_t r0, uint64_t r1, struct cbw_err *
   uint64_t r, errors0 = t->write_errors;
 
   t->changed = true;
+  /* Sequential step (see the top of this file): ask for the next regions
+   * in the same journal update, without waiting for them. */
+  if (!bit_get (t->guaranteed, r0)) {
+    if (r0 > 0 && bit_get (t->guaranteed, r0 - 1)) {
+      t->ahead = t->ahead ? t->ahead * 2 : 1;
+      if (t->ahead > DBM_MARK_AHEAD_MAX)
+        t->ahead = DBM_MARK_AHEAD_MAX;
+      for (r = r1 + 1; r <= r1 + t->ahead && r < t->nregions; ++r)
+        if (!bit_get (t->guaranteed, r) &&
+            !(t->writer_active && bit_get (t->jset, r)))
+          bit_set (t->pending, r);
+    }
+    else
+      t->ahead = 0;
+  }
   for (;;) {
     bool missing = false;
     for (r = r0; r <= r1; ++r)

@@ -91,6 +91,10 @@ int dbm_tracker_extents (struct dbm_tracker *t, const char *name, uint64_t offse
                          uint64_t length, size_t max, struct dbm_extent *out,
                          size_t *n, uint64_t *next, struct cbw_err *err);
 
+/* At most this many regions are guaranteed ahead of a sequential writer
+ * (tracker.c): the extra over-report after a crash is bounded by it. */
+#define DBM_MARK_AHEAD_MAX 8
+
 struct dbm_tracker_stats {
   uint64_t image_size, region_size, nregions;
   uint64_t journal_regions;       /* regions set in the journal now */

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -313,4 +314,61 @@ Test (tracker, concurrent_record_and_checkpoint)
     }
   cbw_bitmap_free (&m);
   dbm_tracker_close (ct, true, &err);
+}
+
+/* A sequential writer gets its next regions guaranteed ahead of it (few
+ * journal updates, not one per region); random writers do not; after a
+ * crash every written granule is dirty and the over-report is bounded by
+ * DBM_MARK_AHEAD_MAX regions. */
+Test (tracker, sequential_writer_marks_ahead)
+{
+  struct cbw_err err = { 0 };
+  const uint64_t size = 512 * MiB, region = 8 * MiB, nreg = size / region;
+  const uint64_t gran = 65536;
+  struct dbm_tracker *t = topen (size, region);
+  struct dbm_tracker_stats s0, s;
+  struct cbw_bitmap m;
+  uint64_t off, r;
+
+  cr_assert_eq (dbm_tracker_add (t, "b", gran, true, &err), 0, "%s", err.msg);
+
+  /* random order, never the region right after a guaranteed one */
+  dbm_tracker_stats (t, &s0);
+  const uint64_t scattered[] = { 40, 30, 20, 10 };
+  for (size_t i = 0; i < 4; ++i)
+    cr_assert_eq (dbm_tracker_record (t, scattered[i] * region + 4096, 4096, &err), 0);
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.journal_regions, 4, "random writes guaranteed %" PRIu64
+                " regions, want 4", s.journal_regions);
+
+  /* a 1 MiB sequential pass over the first half */
+  dbm_tracker_stats (t, &s0);
+  for (off = 0; off < size / 2; off += MiB)
+    cr_assert_eq (dbm_tracker_record (t, off, MiB, &err), 0, "%s", err.msg);
+  dbm_tracker_stats (t, &s);
+  uint64_t writes = s.journal_writes - s0.journal_writes;
+  cr_assert_leq (writes, nreg / 2 / 3,
+                 "sequential pass over %" PRIu64 " regions took %" PRIu64
+                 " journal updates", nreg / 2, writes);
+  cr_assert_leq (s.journal_regions, nreg / 2 + DBM_MARK_AHEAD_MAX + 4);
+
+  /* crash: everything written is dirty, the rest of the over-report is
+   * whole regions ahead of the writer */
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);
+  t = topen (size, region);
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_JOURNAL);
+  extents_to_model (t, "b", gran, &m);
+  cr_assert (cbw_bitmap_all_in_range (&m, 0, size / 2 / gran),
+             "a sequentially written granule is clean after the crash");
+  for (size_t i = 0; i < 4; ++i)
+    cr_assert (cbw_bitmap_test (&m, (scattered[i] * region + 4096) / gran));
+  uint64_t extra = 0;
+  for (r = nreg / 2; r < nreg; ++r)
+    if (cbw_bitmap_test (&m, r * region / gran))
+      extra++;
+  cr_assert_leq (extra, DBM_MARK_AHEAD_MAX + 4,
+                 "%" PRIu64 " regions past the writer are dirty", extra);
+  cbw_bitmap_free (&m);
+  dbm_tracker_close (t, true, &err);
 }
