@@ -58,6 +58,7 @@
 #define NSHARD 64
 #define COPY_CHUNK (4 * 1024 * 1024)    /* max bytes per target request */
 #define ZERO_SCAN (64 * 1024)           /* zero detection unit inside a run */
+#define WORKER_BATCH 16                 /* copies a worker pipelines at once */
 
 struct shard {
   pthread_mutex_t lock;
@@ -95,7 +96,7 @@ struct cbw_session {
   pthread_cond_t pcond;
   unsigned space_waiters;
   struct pending *qhead, *qtail;
-  struct pending **inprog;      /* one slot per worker */
+  struct pending **inprog;      /* WORKER_BATCH slots per worker */
   uint64_t pbytes;
   bool stopping;
   unsigned nworkers;
@@ -171,7 +172,7 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
   pthread_cond_init (&s->qcond, NULL);
   if (p->policy == CBW_BREAK_SNAPSHOT && p->buffer_bytes > 0 &&
       p->workers > 0) {
-    s->inprog = calloc (p->workers, sizeof *s->inprog);
+    s->inprog = calloc ((size_t) p->workers * WORKER_BATCH, sizeof *s->inprog);
     s->workers = calloc (p->workers, sizeof *s->workers);
     if (s->inprog == NULL || s->workers == NULL) {
       pthread_condattr_destroy (&ca);
@@ -378,9 +379,11 @@ worker (void *arg)
   struct worker_arg *wa = arg;
   struct cbw_session *s = wa->s;
   unsigned slot = wa->slot;
-  struct pending *e;
-  int err = 0, r;
-  uint64_t n;
+  struct pending *batch[WORKER_BATCH];
+  struct cbw_target_wr wr[WORKER_BATCH];
+  size_t nb, nw, i;
+  int err;
+  uint64_t n, bytes;
 
   free (wa);
   for (;;) {
@@ -390,36 +393,85 @@ worker (void *arg)
         pthread_cond_wait (&s->qcond, &s->plock);
       if (s->stopping)
         return NULL;
-      e = s->qhead;
-      s->qhead = e->next;
+      /* Take up to WORKER_BATCH queued copies: they are pipelined on one
+       * target connection below. */
+      for (nb = 0; nb < WORKER_BATCH && s->qhead; ++nb) {
+        batch[nb] = s->qhead;
+        s->qhead = batch[nb]->next;
+        s->inprog[slot * WORKER_BATCH + nb] = batch[nb];
+      }
       if (s->qhead == NULL)
         s->qtail = NULL;
-      s->inprog[slot] = e;
+      else
+        pthread_cond_signal (&s->qcond);   /* more for another worker */
     }
-    atomic_fetch_add_explicit (&s->in_flight, 1, RLX);
-    r = atomic_load (&s->broken) ? -1
-      : write_out (s, e->buf, e->len, e->off,
-                   cbw_now_ns () + s->p.timeout_ns, &err);
-    atomic_fetch_sub_explicit (&s->in_flight, 1, RLX);
-    if (r == 0) {
-      n = cas_range (s, e->b0, e->b1, CBW_B_BUFFERED, CBW_B_COPIED);
-      atomic_fetch_add_explicit (&s->copied_blocks, n, RLX);
+    atomic_fetch_add_explicit (&s->in_flight, nb, RLX);
+
+    /* Copies of up to ZERO_SCAN bytes are one command each (data or
+     * write-zeroes) and go in one pipelined batch; bigger ones go through
+     * write_out, which splits them into data and zero pieces. */
+    int res[WORKER_BATCH];
+    bool broken = atomic_load (&s->broken);
+    for (i = nw = 0; i < nb; ++i) {
+      res[i] = broken ? EIO : 0;
+      if (broken || batch[i]->len > ZERO_SCAN)
+        continue;
+      wr[nw] = (struct cbw_target_wr) {
+        .buf = batch[i]->buf, .len = batch[i]->len, .off = batch[i]->off,
+        .zero = is_zero (batch[i]->buf, batch[i]->len),
+      };
+      nw++;
     }
-    else {
-      atomic_store (&s->broken, true);
-      n = cas_range (s, e->b0, e->b1, CBW_B_BUFFERED, CBW_B_FAILED);
-      atomic_fetch_add_explicit (&s->failed, n, RLX);
+    if (nw > 0) {
+      struct cbw_err e = { 0 };
+      if (cbw_target_write_batch (s->target, wr, nw,
+                                  cbw_now_ns () + s->p.timeout_ns, &e) > 0)
+        note_error (s, "%s", e.msg);
     }
-    atomic_fetch_sub_explicit (&s->buffered_blocks, e->b1 - e->b0, RLX);
-    wake_range (s, e->b0, e->b1);
+    for (i = nw = 0; i < nb; ++i) {
+      if (broken)
+        continue;
+      if (batch[i]->len > ZERO_SCAN) {
+        err = 0;
+        if (write_out (s, batch[i]->buf, batch[i]->len, batch[i]->off,
+                       cbw_now_ns () + s->p.timeout_ns, &err) == -1)
+          res[i] = err ? err : EIO;
+        continue;
+      }
+      res[i] = wr[nw].result;
+      if (res[i] == 0)
+        atomic_fetch_add_explicit (wr[nw].zero ? &s->zero_bytes
+                                   : &s->copied_bytes, batch[i]->len, RLX);
+      nw++;
+    }
+    atomic_fetch_sub_explicit (&s->in_flight, nb, RLX);
+
+    bytes = 0;
+    for (i = 0; i < nb; ++i) {
+      struct pending *e = batch[i];
+      if (res[i] == 0) {
+        n = cas_range (s, e->b0, e->b1, CBW_B_BUFFERED, CBW_B_COPIED);
+        atomic_fetch_add_explicit (&s->copied_blocks, n, RLX);
+      }
+      else {
+        atomic_store (&s->broken, true);
+        n = cas_range (s, e->b0, e->b1, CBW_B_BUFFERED, CBW_B_FAILED);
+        atomic_fetch_add_explicit (&s->failed, n, RLX);
+      }
+      atomic_fetch_sub_explicit (&s->buffered_blocks, e->b1 - e->b0, RLX);
+      wake_range (s, e->b0, e->b1);
+      bytes += e->len;
+    }
     {
       ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->plock);
-      s->inprog[slot] = NULL;
-      s->pbytes -= e->len;
+      for (i = 0; i < nb; ++i)
+        s->inprog[slot * WORKER_BATCH + i] = NULL;
+      s->pbytes -= bytes;
       if (s->space_waiters)
         pthread_cond_broadcast (&s->pcond);
     }
-    free (e);
+    for (i = 0; i < nb; ++i)
+      free (batch[i]);
   }
 }
 
@@ -519,7 +571,7 @@ read_buffered (struct cbw_session *s, char *dst, uint64_t pos, uint64_t max)
   unsigned i;
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->plock);
-  for (i = 0; i < s->nworkers && e == NULL; ++i)
+  for (i = 0; i < s->nworkers * WORKER_BATCH && e == NULL; ++i)
     if (s->inprog[i] && s->inprog[i]->b0 <= b && b < s->inprog[i]->b1)
       e = s->inprog[i];
   if (e == NULL)

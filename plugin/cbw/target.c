@@ -342,3 +342,128 @@ cbw_target_trim (struct cbw_target *t, size_t len, uint64_t off,
     return 0;
   return run_op (t, OP_TRIM, NULL, len, off, deadline_ns, err);
 }
+
+/* Fail every op of w[0..n) that has no result yet with errnum. */
+static size_t
+fail_rest (struct cbw_target_wr *w, size_t n, int errnum)
+{
+  size_t i, failed = 0;
+  for (i = 0; i < n; ++i)
+    if (w[i].cookie != 0 && w[i].result == -1) {
+      w[i].result = errnum;
+      w[i].cookie = 0;
+      failed++;
+    }
+  return failed;
+}
+
+size_t
+cbw_target_write_batch (struct cbw_target *t, struct cbw_target_wr *w,
+                        size_t n, int64_t deadline_ns, struct cbw_err *err)
+{
+  struct slot *s;
+  struct nbd_handle *h;
+  size_t i, failed = 0, left = 0;
+  bool drop = false, have_err = false;
+  int ms;
+
+#define FIRST_ERR(...) \
+  do { if (!have_err) { cbw_err_set (err, __VA_ARGS__); have_err = true; } } \
+  while (0)
+
+  for (i = 0; i < n; ++i) {
+    w[i].result = -1;           /* pending */
+    w[i].cookie = 1;            /* "not finished" marker until issued */
+    if (w[i].off > (uint64_t) t->size ||
+        w[i].len > (uint64_t) t->size - w[i].off) {
+      FIRST_ERR (ENOSPC, "target %s: write of %zu bytes at %llu is past its "
+                 "end (%lld bytes)", t->uri, w[i].len,
+                 (unsigned long long) w[i].off, (long long) t->size);
+      w[i].result = ENOSPC;
+      w[i].cookie = 0;
+      failed++;
+    }
+  }
+  if (failed == n)
+    return failed;
+
+  s = checkout (t, deadline_ns, err);
+  if (s == NULL) {
+    have_err = true;
+    return failed + fail_rest (w, n, err->errnum ? err->errnum : EIO);
+  }
+  h = s->h;
+
+  for (i = 0; i < n; ++i) {
+    if (w[i].cookie == 0)
+      continue;
+    int64_t c = w[i].zero && t->can_zero
+      ? nbd_aio_zero (h, w[i].len, w[i].off, NBD_NULL_COMPLETION, 0)
+      : nbd_aio_pwrite (h, w[i].buf, w[i].len, w[i].off, NBD_NULL_COMPLETION,
+                        0);
+    if (c == -1) {
+      FIRST_ERR (nbd_errno_or (EIO), "target %s: write at %llu: %s", t->uri,
+                 (unsigned long long) w[i].off, nbd_get_error ());
+      w[i].result = err->errnum;
+      w[i].cookie = 0;
+      failed++;
+      if (!nbd_aio_is_ready (h) && !nbd_aio_is_processing (h)) {
+        drop = true;
+        break;
+      }
+      continue;
+    }
+    w[i].cookie = c;
+    left++;
+  }
+  if (drop) {
+    failed += fail_rest (w, n, EIO);
+    checkin (t, s, true);
+    return failed;
+  }
+
+  while (left > 0) {
+    for (i = 0; i < n; ++i) {
+      if (w[i].cookie == 0 || w[i].result != -1)
+        continue;
+      int r = nbd_aio_command_completed (h, w[i].cookie);
+      if (r == 0)
+        continue;
+      left--;
+      w[i].cookie = 0;
+      if (r == 1) {
+        w[i].result = 0;
+        continue;
+      }
+      FIRST_ERR (nbd_errno_or (EIO), "target %s: write at %llu: %s", t->uri,
+                 (unsigned long long) w[i].off, nbd_get_error ());
+      w[i].result = nbd_errno_or (EIO);
+      failed++;
+      if (nbd_aio_is_dead (h) || nbd_aio_is_closed (h)) {
+        failed += fail_rest (w, n, EIO);
+        checkin (t, s, true);
+        return failed;
+      }
+    }
+    if (left == 0)
+      break;
+    ms = ms_left (deadline_ns);
+    if (ms == 0) {
+      FIRST_ERR (ETIMEDOUT, "target %s: %zu writes timed out; connection "
+                 "dropped", t->uri, left);
+      failed += fail_rest (w, n, ETIMEDOUT);
+      checkin (t, s, true);
+      return failed;
+    }
+    if (nbd_poll (h, ms) == -1) {
+      FIRST_ERR (nbd_errno_or (EIO), "target %s: %s", t->uri,
+                 nbd_get_error ());
+      failed += fail_rest (w, n, err->errnum);
+      checkin (t, s, true);
+      return failed;
+    }
+  }
+  checkin (t, s, false);
+  return failed;
+#undef FIRST_ERR
+}

@@ -36,4 +36,21 @@ int cbw_target_pread (struct cbw_target *t, void *buf, size_t len,
 int cbw_target_trim (struct cbw_target *t, size_t len, uint64_t off,
                      int64_t deadline_ns, struct cbw_err *err);
 
+/* A batch of writes pipelined on ONE connection (many commands in flight,
+ * one poll loop: far fewer thread switches than one command per thread).
+ * zero: the data is all zeroes, sent as write-zeroes when the target
+ * supports it (else buf is written).  Each op gets result 0 or an errno.
+ * Returns the number of failed ops; *err describes the first failure. */
+struct cbw_target_wr {
+  const void *buf;
+  size_t len;
+  uint64_t off;
+  bool zero;
+  int result;               /* out */
+  int64_t cookie;           /* private */
+};
+size_t cbw_target_write_batch (struct cbw_target *t, struct cbw_target_wr *w,
+                               size_t n, int64_t deadline_ns,
+                               struct cbw_err *err);
+
 #endif
