@@ -1,7 +1,7 @@
 #!/bin/bash
 # bench/overlay/io-bench.sh: guest I/O through overlay chains of the chain
 # plugin versus the same plugin serving the raw disk alone, same run, same
-# data.  Reports ratios:
+# data.  Reports ratios (per round, min/median/max over ROUNDS rounds):
 #   read1 / read8: nbdcopy whole-disk read through a chain of 1 / 8 overlays
 #                  (each overlay holds 1/16 of the disk, scattered) vs raw;
 #   seqwrite1m:    fio 1 MiB sequential writes into a fresh top overlay vs raw;
@@ -9,14 +9,15 @@
 #                  its clusters are allocated vs raw, and on first touch.
 # Bars (issue 7): read1 >= 0.95, read8 >= 0.85, writes >= 0.9.
 # Knobs: WORK (/tmp/cbw-bench-overlay), CBW_BUILD (build tree with the
-# plugin), RUNS (5), FIO_RUNTIME (10), DISK_SIZE (2G).
+# plugin), ROUNDS (5; RUNS is accepted too), FIO_RUNTIME (10), DISK_SIZE (2G).
+# Writes io-results.md beside itself (conditions + figures).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CBW_SRC=${CBW_SRC:-$(cd "$HERE/../.." && pwd)}
 CBW_BUILD=${CBW_BUILD:-$CBW_SRC/build}
 PLUGIN=$CBW_BUILD/modules/nbdkit-chain-plugin.so
 WORK=${WORK:-/tmp/cbw-bench-overlay}
-RUNS=${RUNS:-5}
+RUNS=${ROUNDS:-${RUNS:-5}}
 FIO_RUNTIME=${FIO_RUNTIME:-10}
 DISK_SIZE=${DISK_SIZE:-2G}
 SIZE=$(numfmt --from=iec "$DISK_SIZE")
@@ -26,7 +27,7 @@ PID=
 cleanup() { [ -n "$PID" ] && { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; }; rm -f "$WORK"/io-*.img "$WORK"/io-*.chain* "$WORK"/io-*.json "$WORK"/io.sock "$WORK"/ovc-tool; }
 trap cleanup EXIT
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-for p in nbdkit nbdcopy hyperfine fio jq; do command -v $p >/dev/null || { log "$p missing"; exit 1; }; done
+for p in nbdkit nbdcopy hyperfine fio jq bc; do command -v $p >/dev/null || { log "$p missing"; exit 1; }; done
 [ -f "$PLUGIN" ] || { log "no $PLUGIN (set CBW_BUILD)"; exit 1; }
 
 gcc -O2 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -I"$CBW_SRC/common" -I"$CBW_SRC/formats" \
@@ -70,32 +71,63 @@ mkchain() {
   done
 }
 
-# Prepare every disk first, then measure the cases interleaved, RUNS rounds,
-# so that page-cache and load drift hit all cases alike; medians are compared.
+# Prepare every disk first, then measure the cases interleaved, ROUNDS
+# rounds, the order of the cases reversed every other round, so that
+# page-cache and load drift hit all cases alike.  A ratio against the raw
+# disk is taken per round; min/median/max of the per-round ratios are
+# printed.
 cp "$WORK/io-base.src" "$WORK/io-raw.img"
 mkchain c1 1
 mkchain c8 8
 cp "$WORK/io-base.src" "$WORK/io-w.img"; rm -f "$WORK"/io-w.chain*
 "$TOOL" create "$WORK/io-w.chain" io-w.img 65536; "$TOOL" snapshot "$WORK/io-w.chain" >/dev/null
 sync
-declare -A R
-for round in $(seq "$RUNS"); do
-  serve file="$WORK/io-raw.img"; R[raw]+=" $(read_mibs)"
-  if [ "$round" = 1 ]; then R[rawfirst]=$(fio_iops randwrite 4k); fi
-  R[rawseq]+=" $(fio_iops write 1M)"; R[rawrand]+=" $(fio_iops randwrite 4k)"; stop
-  serve chain="$WORK/io-c1.chain"; R[c1]+=" $(read_mibs)"; stop
-  serve chain="$WORK/io-c8.chain"; R[c8]+=" $(read_mibs)"; stop
+declare -A V                 # this round's figures
+declare -A RATIOS            # name -> " r1 r2 ..."
+case_raw() {
+  serve file="$WORK/io-raw.img"; V[raw]=$(read_mibs)
+  if [ "$round" = 1 ]; then V[rawfirst]=$(fio_iops randwrite 4k); fi
+  V[rawseq]=$(fio_iops write 1M); V[rawrand]=$(fio_iops randwrite 4k); stop
+}
+case_c1() { serve chain="$WORK/io-c1.chain"; V[c1]=$(read_mibs); stop; }
+case_c8() { serve chain="$WORK/io-c8.chain"; V[c8]=$(read_mibs); stop; }
+case_w() {
   serve chain="$WORK/io-w.chain"
-  if [ "$round" = 1 ]; then R[ovfirst]=$(fio_iops randwrite 4k); fi   # first touch of the overlay
-  R[ovseq]+=" $(fio_iops write 1M)"; R[ovrand]+=" $(fio_iops randwrite 4k)"; stop
-  log "round $round: ${R[raw]##* } ${R[c1]##* } ${R[c8]##* } MiB/s; seq ${R[rawseq]##* } ${R[ovseq]##* }; rand ${R[rawrand]##* } ${R[ovrand]##* }"
+  if [ "$round" = 1 ]; then V[ovfirst]=$(fio_iops randwrite 4k); fi   # first touch of the overlay
+  V[ovseq]=$(fio_iops write 1M); V[ovrand]=$(fio_iops randwrite 4k); stop
+}
+ratio() { echo "scale=4; $1 / $2" | bc; }
+CASES=(case_raw case_c1 case_c8 case_w)
+for round in $(seq "$RUNS"); do
+  if [ $((round % 2)) = 1 ]; then order=("${CASES[@]}")
+  else order=(case_w case_c8 case_c1 case_raw); fi
+  for f in "${order[@]}"; do "$f"; done
+  RATIOS[read1]+=" $(ratio "${V[c1]}" "${V[raw]}")"
+  RATIOS[read8]+=" $(ratio "${V[c8]}" "${V[raw]}")"
+  RATIOS[seqw]+=" $(ratio "${V[ovseq]}" "${V[rawseq]}")"
+  RATIOS[randw]+=" $(ratio "${V[ovrand]}" "${V[rawrand]}")"
+  log "round $round (${order[*]}): read raw ${V[raw]} c1 ${V[c1]} c8 ${V[c8]} MiB/s; seq1M ${V[rawseq]} ${V[ovseq]}; rand4k ${V[rawrand]} ${V[ovrand]} IOPS"
 done
-ratio() { echo "scale=3; $1 / $2" | bc; }
-r_raw=$(med ${R[raw]}) r_1=$(med ${R[c1]}) r_8=$(med ${R[c8]})
-w_raw=$(med ${R[rawseq]}) w_ov=$(med ${R[ovseq]})
-rw_raw=$(med ${R[rawrand]}) rw_ov=$(med ${R[ovrand]})
-echo "read  1 overlay : $(ratio "$r_1" "$r_raw")x raw ($r_1 vs $r_raw MiB/s)   bar 0.95"
-echo "read  8 overlays: $(ratio "$r_8" "$r_raw")x raw ($r_8 vs $r_raw MiB/s)   bar 0.85"
-echo "seqwrite1m top  : $(ratio "$w_ov" "$w_raw")x raw ($w_ov vs $w_raw IOPS)   bar 0.9"
-echo "randwrite4k top : $(ratio "$rw_ov" "$rw_raw")x raw ($rw_ov vs $rw_raw IOPS)   bar 0.9"
-echo "randwrite4k first touch of a fresh overlay: $(ratio "${R[ovfirst]}" "${R[rawfirst]}")x raw (${R[ovfirst]} vs ${R[rawfirst]} IOPS; 64 KiB copy-up per 4 KiB write)"
+stats() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END {m = NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2
+    printf "min %.3f median %.3f max %.3f", a[1], m, a[NR]}'; }
+out=$(cat <<EOF
+overlay I/O vs the raw disk, $RUNS rounds (per-round ratios chain/raw; >1: chain faster)
+read  1 overlay : $(stats "${RATIOS[read1]}")   bar 0.95
+read  8 overlays: $(stats "${RATIOS[read8]}")   bar 0.85
+seqwrite1m top  : $(stats "${RATIOS[seqw]}")   bar 0.9
+randwrite4k top : $(stats "${RATIOS[randw]}")   bar 0.9
+randwrite4k first touch of a fresh overlay (round 1 only): $(ratio "${V[ovfirst]}" "${V[rawfirst]}")x raw (${V[ovfirst]} vs ${V[rawfirst]} IOPS; 64 KiB copy-up per 4 KiB write)
+EOF
+)
+echo "$out"
+{
+  echo "# bench/overlay/io-bench.sh — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(uname -r);"
+  echo "nbdkit $(nbdkit --version | awk '{print $2}'); work dir $WORK on $(df -T "$WORK" | awk 'NR==2{print $2}');"
+  echo "knobs: RUNS=$RUNS FIO_RUNTIME=$FIO_RUNTIME DISK_SIZE=$DISK_SIZE"
+  echo
+  echo '```'
+  echo "$out"
+  echo '```'
+} > "$HERE/io-results.md"

@@ -10,8 +10,21 @@
  *                                           STRIDE bytes from START, byte
  *                                           pattern (i % 255) + 1 (as qemu-io
  *                                           -P), then flush
- *   ovc-tool commit CHAIN LO HI [delete|make-empty]   prints seconds taken
+ *   ovc-tool commit CHAIN LO HI [delete|make-empty]
+ *                                           prints two times in seconds from
+ *                                           the start of the program: the
+ *                                           commit complete (merged, durable,
+ *                                           chain switched), and after close
+ *                                           (space of deleted layers freed)
+ *   ovc-tool read CHAIN BS                  read the whole disk in BS-byte
+ *                                           requests, print MiB/s (for
+ *                                           callgrind: engine cost per read)
  *   ovc-tool status CHAIN                   status JSON
+ *
+ * Environment: OVC_CHUNK (commit window bytes), OVC_WORKERS (commit copy
+ * threads) and OVC_FLAGS (OVC_TUNE_* bits: 1 = no copy_file_range, 2 = no
+ * writeback kick) override the engine's defaults (ovc_set_commit_tuning),
+ * for A/B runs; unset = production defaults.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -52,11 +65,17 @@ int
 main (int argc, char **argv)
 {
   struct cbw_err e;
+  double t_start = now ();
   if (argc < 3) {
     fprintf (stderr, "usage: see the top of bench/overlay/ovc-tool.c\n");
     return 2;
   }
   const char *cmd = argv[1], *chain = argv[2];
+  const char *ch = getenv ("OVC_CHUNK"), *wk = getenv ("OVC_WORKERS");
+  const char *fl = getenv ("OVC_FLAGS");
+  ovc_set_commit_tuning (ch ? strtoull (ch, NULL, 0) : 0,
+                         wk ? (unsigned) atoi (wk) : 0,
+                         fl ? (unsigned) atoi (fl) : 0);
   if (strcmp (cmd, "create") == 0 && argc >= 4) {
     uint32_t cs = argc >= 5 ? (uint32_t) strtoul (argv[4], NULL, 0) : 0;
     if (ovc_create (chain, argv[3], cs, &e) < 0) die ("create", &e);
@@ -86,12 +105,27 @@ main (int argc, char **argv)
   else if (strcmp (cmd, "commit") == 0 && argc >= 5) {
     enum cbw_commit_mode m = argc >= 6 && strcmp (argv[5], "make-empty") == 0
       ? CBW_COMMIT_MAKE_EMPTY : CBW_COMMIT_DELETE;
-    double t0 = now ();
     if (ovc_commit_start (c, (unsigned) atoi (argv[3]), (unsigned) atoi (argv[4]),
                           m, 0, &e) < 0)
       die ("commit", &e);
     if (ovc_commit_wait (c, &e) < 0) die ("commit", &e);
-    printf ("%.3f\n", now () - t0);
+    double t_done = now ();
+    ovc_close (c);
+    printf ("%.3f %.3f\n", t_done - t_start, now () - t_start);
+    return 0;
+  }
+  else if (strcmp (cmd, "read") == 0 && argc == 4) {
+    uint32_t bs = (uint32_t) strtoul (argv[3], NULL, 0);
+    uint64_t size = ovc_size (c);
+    char *buf = malloc (bs ? bs : 1);
+    if (buf == NULL || bs == 0) return 1;
+    double t0 = now ();
+    for (uint64_t off = 0; off < size; off += bs) {
+      uint32_t n = size - off < bs ? (uint32_t) (size - off) : bs;
+      if (ovc_pread (c, buf, n, off, &e) < 0) die ("read", &e);
+    }
+    printf ("%.0f\n", (double) size / 1048576 / (now () - t0));
+    free (buf);
   }
   else if (strcmp (cmd, "status") == 0) {
     struct json_object *o = ovc_status_json (c);

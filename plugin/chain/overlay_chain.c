@@ -24,15 +24,19 @@
  * snapshot of the same generation overwrites.  A commit of layers lo..hi into
  * lo-1 copies, in a background thread, every cluster allocated in lo..hi
  * (view of layers 0..hi) into layer lo-1; those clusters are shadowed by
- * lo..hi, so the guest-visible content never changes.  An active commit
- * (hi = top) also mirrors guest writes into lo-1 under the same range lock.
+ * lo..hi, so the guest-visible content never changes.  The copy runs in
+ * windows of up to 8 MiB taken by COMMIT_WORKERS threads (see "Commit copy
+ * engine" below: copy_file_range into the base, fallocate for ZERO runs).
+ * An active commit (hi = top) also mirrors guest writes into lo-1 under the
+ * same range lock.
  * Then: drain, flush, (only for a delete below the top, which changes two
  * files: record phase "finish" in the chain descriptor), apply (make-empty:
  * empty the maps bottom-up; delete: relink the layer above, save the
- * descriptor without the layers), resume.  Recovery at open: a commit
- * interrupted before the switch left the chain unchanged (lo-1 only got
- * shadowed clusters; an old "copy" record is dropped); phase "finish" is
- * rolled forward.
+ * descriptor without the layers), resume, and only then free the merged
+ * layers' space (a reaper thread closes deleted layers' files).  Recovery
+ * at open: a commit interrupted before the switch left the chain unchanged
+ * (lo-1 only got shadowed clusters; an old "copy" record is dropped);
+ * phase "finish" is rolled forward.
  *
  * Locking (never held across I/O):
  *  - gate_lock/gate_cond: in_flight counts guest requests and commit chunks
@@ -42,8 +46,13 @@
  *  - range_lock/range_cond: active cluster ranges of writes (top writes,
  *    mirror writes, commit copy chunks); overlapping ones wait.
  *  - flush_lock/flush_cond: "flushing" flag; one flush at a time.
- *  - op_lock: operation state (op_* fields, snapshot/commit start/finish).
- * Lock order: op_lock -> gate_lock; map_lock and range_lock are leaves.
+ *  - op_lock: operation state (op_* fields, snapshot/commit start/finish,
+ *    reap_thread/reap_live).
+ *  - op_iter_lock: the commit workers' shared cursor (op_next, op_stop).
+ *    op_bits, op_lo/op_hi, op_chunk/op_flags are written before the workers
+ *    start and only read while they run.
+ * Lock order: op_lock -> gate_lock; map_lock, range_lock and op_iter_lock
+ * are leaves.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -64,7 +73,7 @@
 #include "overlay_chain.h"
 
 #ifndef COPY_CHUNK
-#define COPY_CHUNK (1024 * 1024)   /* commit copy unit (bytes) */
+#define COPY_CHUNK (1024 * 1024)   /* unit of written zeros (fallback of fallocate) */
 #endif
 
 struct layer {
@@ -125,7 +134,19 @@ struct ovc {
   struct cbw_err op_mirror_err;  /* op_lock */
   _Atomic uint64_t op_done;
   uint64_t op_total;
-  struct cbw_bitmap op_bits;    /* clusters to copy (owned by the thread) */
+  struct cbw_bitmap op_bits;    /* clusters to copy (read-only during the copy) */
+  pthread_mutex_t op_iter_lock; /* guards op_next, op_stop (commit workers) */
+  uint64_t op_next;             /* next cluster the copy looks at */
+  uint64_t op_chunk;            /* window size in bytes (commit thread, set before workers) */
+  unsigned op_flags;            /* OVC_TUNE_* (same) */
+  bool op_stop;                 /* a worker failed: the others stop */
+  _Atomic bool op_no_cfr;       /* copy_file_range refused: copy through buffers */
+  struct layer **op_dropped;    /* layers deleted by the switch, closed after resume */
+  unsigned op_ndropped;
+  pthread_t reap_thread;        /* closes deleted layers (frees their space); op_lock */
+  bool reap_live;               /* op_lock */
+  unsigned op_trunc_hi;         /* make-empty: layers op_lo..op_trunc_hi punched after resume */
+  bool op_punch_top;            /* make-empty of the active top: punch its unused clusters */
   struct cbw_err op_err;
   int64_t op_started;
   struct timespec op_t0;        /* commit thread: start of the copy (speed limit) */
@@ -202,6 +223,8 @@ desc_save (const char *dir, const struct cbw_ovl_desc *d, struct cbw_err *err)
 }
 
 /* ------------------------------------------------------------- helpers */
+
+static void reap_wait (struct ovc *c);
 
 static uint64_t min64 (uint64_t a, uint64_t b) { return a < b ? a : b; }
 
@@ -913,6 +936,7 @@ ovc_open (const char *chain_path, const struct ovc_open_opts *opts,
   pthread_mutex_init (&c->flush_lock, NULL);
   pthread_cond_init (&c->flush_cond, NULL);
   pthread_mutex_init (&c->op_lock, NULL);
+  pthread_mutex_init (&c->op_iter_lock, NULL);
   c->mirror = -1;
   c->readonly = opts && opts->readonly;
   c->chain_path = strdup (chain_path);
@@ -987,6 +1011,7 @@ ovc_close (struct ovc *c)
   if (c == NULL) return;
   ovc_commit_cancel (c, &e);
   ovc_commit_wait (c, &e);
+  reap_wait (c);
   if (!c->readonly)
     do_flush (c, &e);
   for (unsigned i = 0; i < c->nl; i++)
@@ -1155,42 +1180,318 @@ throttle (struct ovc *c, struct timespec *t0)
   }
 }
 
-/* Copy one run of clusters [s, e) from view 0..hi into layer lo-1. */
-static int
-copy_run (struct ovc *c, char *buf, uint64_t s, uint64_t e, struct cbw_err *err)
+/* Commit copy engine.
+ *
+ * The set U of clusters to copy (c->op_bits) is cut into windows of at most
+ * commit_step() clusters, each starting at the next set bit; a window may
+ * hold several extents of U (the clusters between them are skipped), so a
+ * fragmented map costs one lock round per window, not per extent.  Up to
+ * COMMIT_WORKERS threads (ovc_set_commit_tuning) take windows from a shared cursor (op_iter_lock)
+ * and copy them concurrently; each window is copied under the cluster range
+ * lock covering the whole window, like a guest write, so a guest write (or
+ * its mirror) into the window waits and never interleaves with the copy.
+ *
+ * Inside a window the clusters are grouped, under map_lock, into segments
+ * served by the same layer in the same state (view of layers 0..hi).  The
+ * view cannot change while the range lock is held.  Then, without locks:
+ *  - ZERO segments: into the base, fallocate(ZERO_RANGE) (PUNCH_HOLE, then
+ *    written zeros as fallbacks); into an overlay, a ZERO map record;
+ *  - DATA segments into the base: copy_file_range(2) from the overlay's
+ *    data file (in-kernel copy, no user-space buffer); if the kernel or the
+ *    file systems refuse (EXDEV, EINVAL, ENOSYS, EOPNOTSUPP...), pread +
+ *    pwrite through a buffer, and the buffered path is kept for the rest of
+ *    the commit;
+ *  - DATA segments into an overlay: pread + pwrite, all-zero segments
+ *    become ZERO clusters.
+ * After each window into the base, writeback of its range is started
+ * (sync_file_range WRITE, asynchronous, no durability claim) so that the one
+ * fdatasync of the switch does not find the whole commit dirty.  There is no
+ * other sync during the copy: nothing becomes visible or durable-relevant
+ * before the switch (see docs/formats/overlay.md, "Commit").
+ */
+
+#ifndef COMMIT_CHUNK
+#define COMMIT_CHUNK (8 * 1024 * 1024)   /* max window (bytes) */
+#endif
+#ifndef COMMIT_WORKERS
+#define COMMIT_WORKERS 2                 /* windows copied concurrently */
+#endif
+#define COMMIT_WORKERS_MAX 16
+
+/* Process-global tuning (ovc_set_commit_tuning), read when a commit starts. */
+static _Atomic uint64_t tune_chunk = COMMIT_CHUNK;
+static _Atomic unsigned tune_workers = COMMIT_WORKERS;
+static _Atomic unsigned tune_flags;
+
+void
+ovc_set_commit_tuning (uint64_t chunk, unsigned workers, unsigned flags)
 {
-  unsigned hi = c->op_hi, tgt = c->op_lo - 1;
-  uint64_t step = COPY_CHUNK >> c->cbits;
-  if (step == 0) step = 1;
-  while (s < e) {
-    uint64_t n = min64 (step, e - s);
-    uint64_t off = cl_start (c, s), len = cl_end (c, s + n - 1) - off;
-    int r;
-    if (atomic_load (&c->op_cancel))
-      return cbw_err_set (err, ECANCELED, "commit cancelled");
-    if (atomic_load (&c->op_mirror_failed))
-      return cbw_err_set (err, EIO, "commit stopped: a mirrored write failed");
-    gate_enter (c);
-    if (range_acquire (c, s, s + n - 1, err) < 0) {
-      gate_leave (c);
-      return -1;
-    }
-    r = hook ("commit-copy", err);
-    if (r == 0)
-      r = read_view (c, hi, buf, len, off, err);
-    if (r == 0)
-      r = (tgt > 0 && all_zero (buf, len)) ? zero_layer (c, tgt, len, off, err)
-                                            : write_layer (c, tgt, buf, len, off, err);
-    range_release (c, s, s + n - 1);
-    gate_leave (c);
-    if (r < 0)
-      return cbw_err_prefix (err, "commit: copying clusters %" PRIu64 "..%" PRIu64,
-                             s, s + n - 1);
-    atomic_fetch_add (&c->op_done, len);
-    s += n;
-    throttle (c, &c->op_t0);
+  atomic_store (&tune_flags, flags);
+  atomic_store (&tune_chunk, chunk ? chunk : COMMIT_CHUNK);
+  atomic_store (&tune_workers, workers == 0 ? COMMIT_WORKERS
+                : workers > COMMIT_WORKERS_MAX ? COMMIT_WORKERS_MAX : workers);
+}
+
+/* Window length in clusters: the chunk size, or with a speed limit about
+ * 1/8 s worth of it (so the limit is smooth), at least one cluster. */
+static uint64_t
+commit_step (struct ovc *c)
+{
+  uint64_t bytes = c->op_chunk, speed = atomic_load (&c->op_speed);
+  if (speed > 0 && speed / 8 < bytes)
+    bytes = speed / 8;
+  uint64_t n = bytes >> c->cbits;
+  return n ? n : 1;
+}
+
+struct seg {
+  uint64_t off, len;            /* bytes */
+  unsigned k;                   /* serving layer */
+  enum cbw_ovl_state st;
+};
+
+/* Worker-private state. */
+struct cworker {
+  struct ovc *c;
+  char *buf;                    /* COMMIT_CHUNK (or one cluster), lazily */
+  size_t buflen;
+  struct seg *segs;
+  size_t nsegs_cap;
+  struct cbw_err err;
+  int r;
+  pthread_t tid;
+  bool live;
+};
+
+static int
+worker_buf (struct cworker *w, struct cbw_err *err)
+{
+  if (w->buf == NULL) {
+    w->buflen = w->c->op_chunk > w->c->csize ? w->c->op_chunk : w->c->csize;
+    if ((w->buf = malloc (w->buflen)) == NULL)
+      return cbw_err_set (err, ENOMEM, "commit: out of memory");
   }
   return 0;
+}
+
+/* Copy [off, off+len) of layer k's data file into the base, in the kernel
+ * when possible. */
+static int
+copy_to_base (struct ovc *c, struct cworker *w, unsigned k, uint64_t off,
+              uint64_t len, struct cbw_err *err)
+{
+  struct layer *src = c->layers[k], *dst = c->layers[0];
+  uint64_t done = 0;
+
+  if (hook ("commit-copy-range", err) < 0)
+    return -1;
+  while (done < len && !atomic_load (&c->op_no_cfr)) {
+    loff_t io = (loff_t) (off + done), oo = (loff_t) (off + done);
+    ssize_t n = copy_file_range (src->fd, &io, dst->fd, &oo,
+                                 (size_t) min64 (len - done, 1 << 30), 0);
+    if (n > 0) { done += (uint64_t) n; continue; }
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0 || errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+        errno == EOPNOTSUPP || errno == EBADF || errno == EPERM ||
+        errno == ETXTBSY) {
+      /* Not supported here (or a short file, which the buffered path
+       * reports properly): buffers from now on. */
+      atomic_store (&c->op_no_cfr, true);
+      break;
+    }
+    return cbw_err_set (err, errno, "copy_file_range layer %u '%s' -> base "
+                        "'%s' at %" PRIu64 ": %s", k, src->name, dst->name,
+                        off + done, strerror (errno));
+  }
+  while (done < len) {
+    if (worker_buf (w, err) < 0)
+      return -1;
+    size_t n = (size_t) min64 (len - done, w->buflen);
+    if (cbw_pread_full (src->fd, w->buf, n, off + done) < 0)
+      return cbw_err_set (err, errno, "layer %u '%s': read at %" PRIu64 ": %s",
+                          k, src->name, off + done, strerror (errno));
+    if (cbw_pwrite_full (dst->fd, w->buf, n, off + done) < 0)
+      return cbw_err_set (err, errno, "base '%s': write at %" PRIu64 ": %s",
+                          dst->name, off + done, strerror (errno));
+    done += n;
+  }
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+  dst->data_dirty = true;
+  return 0;
+}
+
+/* Copy one segment of the view into layer tgt. */
+static int
+copy_seg (struct ovc *c, struct cworker *w, unsigned tgt, const struct seg *g,
+          struct cbw_err *err)
+{
+  if (g->st == CBW_OVL_ZERO)
+    return zero_layer (c, tgt, g->len, g->off, err);
+  if (tgt == 0) {
+    if (hook ("write-lower", err) < 0)
+      return -1;
+    return copy_to_base (c, w, g->k, g->off, g->len, err);
+  }
+  /* into an overlay: through a buffer, all-zero pieces become ZERO */
+  if (worker_buf (w, err) < 0)
+    return -1;
+  for (uint64_t o = g->off, end = g->off + g->len; o < end;) {
+    uint64_t n = min64 (end - o, w->buflen);
+    struct layer *src = c->layers[g->k];
+    if (cbw_pread_full (src->fd, w->buf, n, o) < 0)
+      return cbw_err_set (err, errno, "layer %u '%s': read at %" PRIu64 ": %s",
+                          g->k, src->name, o, strerror (errno));
+    if ((all_zero (w->buf, n) ? zero_layer (c, tgt, n, o, err)
+                              : write_layer (c, tgt, w->buf, n, o, err)) < 0)
+      return -1;
+    o += n;
+  }
+  return 0;
+}
+
+/* Split the clusters of U in [ws, we) into segments (caller holds the range
+ * lock of the window).  Returns the number of segments. */
+static size_t
+window_segments (struct ovc *c, struct cworker *w, uint64_t ws, uint64_t we)
+{
+  unsigned hi = c->op_hi;
+  size_t n = 0;
+  uint64_t s, cnt, from = ws;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+  while (from < we && cbw_bitmap_next_extent (&c->op_bits, from, &s, &cnt) &&
+         s < we) {
+    uint64_t e = min64 (s + cnt, we);
+    for (uint64_t cl = s; cl < e; cl++) {
+      enum cbw_ovl_state st;
+      unsigned k = serving_layer (c, hi, cl, &st);
+      struct seg *last = n ? &w->segs[n - 1] : NULL;
+      if (last && last->k == k && last->st == st &&
+          last->off + last->len == cl_start (c, cl))
+        last->len = cl_end (c, cl) - last->off;
+      else
+        w->segs[n++] = (struct seg) { cl_start (c, cl), cl_end (c, cl) - cl_start (c, cl),
+                                      k, st };
+    }
+    from = e;
+  }
+  return n;
+}
+
+/* Copy the clusters of U in [ws, we). */
+static int
+copy_window (struct ovc *c, struct cworker *w, uint64_t ws, uint64_t we,
+             struct cbw_err *err)
+{
+  unsigned tgt = c->op_lo - 1;
+  uint64_t bytes = 0;
+  int r = 0;
+
+  if (atomic_load (&c->op_cancel))
+    return cbw_err_set (err, ECANCELED, "commit cancelled");
+  if (atomic_load (&c->op_mirror_failed))
+    return cbw_err_set (err, EIO, "commit stopped: a mirrored write failed");
+  if (we - ws > w->nsegs_cap) {
+    struct seg *ns = realloc (w->segs, (we - ws) * sizeof *ns);
+    if (ns == NULL)
+      return cbw_err_set (err, ENOMEM, "commit: out of memory");
+    w->segs = ns;
+    w->nsegs_cap = we - ws;
+  }
+  gate_enter (c);
+  if (range_acquire (c, ws, we - 1, err) < 0) {
+    gate_leave (c);
+    return -1;
+  }
+  r = hook ("commit-copy", err);
+  size_t nsegs = r == 0 ? window_segments (c, w, ws, we) : 0;
+  for (size_t i = 0; i < nsegs && r == 0; i++) {
+    r = copy_seg (c, w, tgt, &w->segs[i], err);
+    bytes += w->segs[i].len;
+  }
+  if (r == 0 && tgt == 0 && nsegs > 0 && !(c->op_flags & OVC_TUNE_NO_WRITEBACK_KICK)) {
+    /* start writeback of the window (asynchronous; not a durability point) */
+    uint64_t s = w->segs[0].off, e = w->segs[nsegs - 1].off + w->segs[nsegs - 1].len;
+    (void) sync_file_range (c->layers[0]->fd, (off64_t) s, (off64_t) (e - s),
+                            SYNC_FILE_RANGE_WRITE);
+  }
+  range_release (c, ws, we - 1);
+  gate_leave (c);
+  if (r < 0)
+    return cbw_err_prefix (err, "commit: copying clusters %" PRIu64 "..%" PRIu64,
+                           ws, we - 1);
+  atomic_fetch_add (&c->op_done, bytes);
+  return 0;
+}
+
+/* Next window to copy, or false when U is exhausted or a worker failed. */
+static bool
+next_window (struct ovc *c, uint64_t *ws, uint64_t *we)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_iter_lock);
+  if (c->op_stop)
+    return false;
+  uint64_t s = cbw_bitmap_next_set (&c->op_bits, c->op_next);
+  if (s == UINT64_MAX || s >= c->op_bits.nbits)
+    return false;
+  *ws = s;
+  *we = min64 (s + commit_step (c), c->op_bits.nbits);
+  c->op_next = *we;
+  return true;
+}
+
+static void *
+commit_worker (void *arg)
+{
+  struct cworker *w = arg;
+  struct ovc *c = w->c;
+  uint64_t ws, we;
+  while (w->r == 0 && next_window (c, &ws, &we)) {
+    w->r = copy_window (c, w, ws, we, &w->err);
+    if (w->r < 0) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_iter_lock);
+      c->op_stop = true;
+      break;
+    }
+    throttle (c, &c->op_t0);
+  }
+  return NULL;
+}
+
+/* Run the copy with up to COMMIT_WORKERS threads (the caller is one). */
+static int
+commit_copy (struct ovc *c, struct cbw_err *err)
+{
+  struct cworker w[COMMIT_WORKERS_MAX];
+  int r = 0;
+  unsigned i, nw = atomic_load (&tune_workers);
+
+  memset (w, 0, sizeof w);
+  c->op_chunk = atomic_load (&tune_chunk);
+  c->op_flags = atomic_load (&tune_flags);
+  c->op_next = 0;
+  c->op_stop = false;
+  atomic_store (&c->op_no_cfr, (c->op_flags & OVC_TUNE_NO_COPY_FILE_RANGE) != 0);
+  clock_gettime (CLOCK_MONOTONIC, &c->op_t0);
+  for (i = 0; i < nw; i++)
+    w[i].c = c;
+  for (i = 1; i < nw; i++)
+    w[i].live = pthread_create (&w[i].tid, NULL, commit_worker, &w[i]) == 0;
+  commit_worker (&w[0]);
+  for (i = 1; i < nw; i++)
+    if (w[i].live)
+      pthread_join (w[i].tid, NULL);
+  /* Report the first real error (a cancel seen by one worker while another
+   * failed reports the failure). */
+  for (i = 0; i < nw; i++)
+    if (w[i].r < 0 && (r == 0 || err->errnum == ECANCELED)) {
+      *err = w[i].err;
+      r = -1;
+    }
+  for (i = 0; i < nw; i++) {
+    free (w[i].buf);
+    free (w[i].segs);
+  }
+  return r;
 }
 
 /* Final switch (I/O paused).  Records phase "finish", applies it. */
@@ -1264,12 +1565,13 @@ commit_finish (struct ovc *c, bool *recorded, struct cbw_err *err)
           chain_save (c->chain_path, &c->desc, err) < 0)
         return -1;
     }
-    for (i = lo; i <= hi; i++) {   /* give the space back */
-      struct layer *l = c->layers[i];
-      if (ftruncate (l->fd, 0) < 0 || ftruncate (l->fd, (off_t) c->size) < 0)
-        return cbw_err_set (err, errno, "commit: truncating layer %u: %s", i,
-                            strerror (errno));
-    }
+    /* The space is given back after I/O resumed (commit_release):
+     * freeing blocks is slow for big layers.  The layers below the top are
+     * read and written by nobody any more; the active top receives writes
+     * right after the resume, so only its clusters that are still not DATA
+     * are punched, under the range lock. */
+    c->op_trunc_hi = hi < c->nl - 1 ? hi : hi - 1;
+    c->op_punch_top = hi == c->nl - 1;
     return 0;
   }
   /* delete */
@@ -1279,8 +1581,15 @@ commit_finish (struct ovc *c, bool *recorded, struct cbw_err *err)
     cbw_chain_desc_free (&nd);
     return cbw_err_prefix (err, "commit: switching");
   }
-  for (i = lo; i <= hi; i++)
-    layer_free (c->layers[i]);
+  /* Closing a deleted layer's data file frees its blocks (the last
+   * reference): slow for big layers, so it is done after I/O resumed. */
+  c->op_dropped = calloc (hi - lo + 1, sizeof *c->op_dropped);
+  for (i = lo; i <= hi; i++) {
+    if (c->op_dropped)
+      c->op_dropped[c->op_ndropped++] = c->layers[i];
+    else
+      layer_free (c->layers[i]);
+  }
   memmove (&c->layers[lo], &c->layers[hi + 1], (c->nl - hi - 1) * sizeof *c->layers);
   c->nl -= hi - lo + 1;
   cbw_chain_desc_free (&c->desc);
@@ -1288,22 +1597,134 @@ commit_finish (struct ovc *c, bool *recorded, struct cbw_err *err)
   return 0;
 }
 
+/* After the switch, with guest I/O running again: free the space of the
+ * merged layers (see commit_finish).  The commit thread still holds the
+ * operation (op_state RUNNING), so no snapshot or commit can change
+ * c->layers meanwhile; the layers concerned are no longer read or written. */
+/* Punch the data of every cluster of the top that is not DATA, window by
+ * window under the range lock (a guest write into the window waits; the
+ * map cannot turn a cluster into DATA while the lock is held, and reads
+ * never look at the data of a cluster that is not DATA). */
+static void
+punch_unused_top (struct ovc *c)
+{
+  uint64_t step = COMMIT_CHUNK >> c->cbits;
+  uint64_t (*runs)[2] = NULL;
+  if (step == 0) step = 1;
+  hook ("commit-punch", NULL);   /* tests: guest writes land here */
+  runs = malloc ((step / 2 + 1) * sizeof *runs);
+  if (runs == NULL)
+    return;
+  for (uint64_t ws = 0;; ws += step) {
+    gate_enter (c);
+    struct layer *l = c->layers[c->nl - 1];
+    uint64_t ncl = l->map.nclusters, we = min64 (ws + step, ncl), nr = 0;
+    if (ws >= ncl || range_acquire (c, ws, we - 1, NULL) < 0) {
+      gate_leave (c);
+      break;
+    }
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+      for (uint64_t cl = ws; cl < we; cl++) {
+        if (cbw_ovl_map_get (&l->map, cl) == CBW_OVL_DATA)
+          continue;
+        if (nr > 0 && runs[nr - 1][1] == cl)
+          runs[nr - 1][1] = cl + 1;
+        else {
+          runs[nr][0] = cl;
+          runs[nr++][1] = cl + 1;
+        }
+      }
+    }
+    for (uint64_t i = 0; i < nr; i++) {
+      uint64_t s = cl_start (c, runs[i][0]), e = cl_end (c, runs[i][1] - 1);
+      (void) fallocate (l->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        (off_t) s, (off_t) (e - s));
+    }
+    range_release (c, ws, we - 1);
+    gate_leave (c);
+  }
+  free (runs);
+}
+
+struct reap { struct layer **l; unsigned n; };
+
+static void *
+reap_thread (void *arg)
+{
+  struct reap *rp = arg;
+  for (unsigned i = 0; i < rp->n; i++)
+    layer_free (rp->l[i]);
+  free (rp->l);
+  free (rp);
+  return NULL;
+}
+
+/* Wait for the space of previously deleted layers to be freed. */
+static void
+reap_wait (struct ovc *c)
+{
+  pthread_t t;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+    if (!c->reap_live)
+      return;
+    c->reap_live = false;
+    t = c->reap_thread;
+  }
+  pthread_join (t, NULL);
+}
+
+static void
+commit_release (struct ovc *c)
+{
+  /* Deleted layers are no longer referenced by the chain (c->layers): a
+   * reaper thread owns them and closes their files (the last reference
+   * frees the blocks, which can take seconds for a big, fragmented data
+   * file), so the commit completes without waiting for it.  ovc_close and
+   * the next commit's release wait for it. */
+  if (c->op_ndropped > 0) {
+    struct reap *rp = malloc (sizeof *rp);
+    reap_wait (c);
+    if (rp) {
+      *rp = (struct reap) { c->op_dropped, c->op_ndropped };
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
+      c->reap_live = pthread_create (&c->reap_thread, NULL, reap_thread, rp) == 0;
+      if (!c->reap_live)
+        free (rp);
+    }
+    if (rp == NULL || !c->reap_live) {
+      for (unsigned i = 0; i < c->op_ndropped; i++)
+        layer_free (c->op_dropped[i]);
+      free (c->op_dropped);
+    }
+  }
+  c->op_dropped = NULL;
+  c->op_ndropped = 0;
+  gate_enter (c);
+  /* The commit is complete: a failure here only leaves space allocated to
+   * data that is never read (the maps are empty), so it is not an error
+   * of the commit; the next make-empty or delete frees it. */
+  for (unsigned i = c->op_lo; i <= c->op_trunc_hi; i++) {
+    struct layer *l = c->layers[i];
+    (void) fallocate (l->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      0, (off_t) c->size);
+  }
+  c->op_trunc_hi = 0;
+  gate_leave (c);
+  if (c->op_punch_top)
+    punch_unused_top (c);
+  c->op_punch_top = false;
+}
+
 static void *
 commit_thread (void *arg)
 {
   struct ovc *c = arg;
   struct cbw_err err = { 0 };
-  int r = 0;
-  CLEANUP_FREE char *buf = malloc (COPY_CHUNK > c->csize ? COPY_CHUNK : c->csize);
-
-  if (buf == NULL)
-    r = cbw_err_set (&err, ENOMEM, "commit: out of memory");
-  clock_gettime (CLOCK_MONOTONIC, &c->op_t0);
-  uint64_t from = 0, s, n;
-  while (r == 0 && cbw_bitmap_next_extent (&c->op_bits, from, &s, &n)) {
-    r = copy_run (c, buf, s, s + n, &err);
-    from = s + n;
-  }
+  c->op_trunc_hi = 0;
+  c->op_punch_top = false;
+  int r = commit_copy (c, &err);
   gate_pause (c);
   bool recorded = false;
   if (r == 0)
@@ -1318,6 +1739,7 @@ commit_thread (void *arg)
                     "continues, reopen the chain to finish it");
   }
   gate_resume (c);
+  commit_release (c);
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->op_lock);
   if (r < 0 && atomic_load (&c->op_mirror_failed) && c->op_mirror_err.errnum)
     err = c->op_mirror_err;

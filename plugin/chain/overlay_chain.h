@@ -122,6 +122,15 @@ extern const struct cbw_ctl_arg ovc_ctl_snapshot_args[], ovc_ctl_commit_args[],
   "running or last operation with its progress or error."
 #define OVC_CTL_DOC_LIST "The layers of the chain, bottom (the raw base) to top."
 
+/* Commit copy tuning (process-global, read when a commit starts): window
+ * size in bytes (0 = default 8 MiB; a speed limit makes windows smaller)
+ * and number of copy threads (0 = default 2, at most 16), OVC_TUNE_* flags
+ * (0 = default).  For tests and A/B benchmarks; the defaults are what
+ * production uses. */
+#define OVC_TUNE_NO_COPY_FILE_RANGE 1   /* copy through user-space buffers */
+#define OVC_TUNE_NO_WRITEBACK_KICK 2    /* no sync_file_range after each window */
+void ovc_set_commit_tuning (uint64_t chunk_bytes, unsigned workers, unsigned flags);
+
 /* Test hooks (process-global, NULL by default).  Called with path == NULL
  * at every named crash/fault point; a non-zero return fails the operation
  * there with EIO.  Called with point "durable" and a file path right after

@@ -201,6 +201,229 @@ Test (chain, randomised_seeds)
     randomised (s, 512 * 1024 + 7, 4096, 120);
 }
 
+/* The same random scripts with other commit copy tunings: windows of a few
+ * clusters copied by several threads, with and without copy_file_range and
+ * the writeback kick (the defaults are covered above). */
+Test (chain, randomised_commit_tunings)
+{
+  static const struct { uint64_t chunk_cl; unsigned workers, flags; } tn[] = {
+    { 1, 4, 0 },
+    { 3, 3, OVC_TUNE_NO_COPY_FILE_RANGE },
+    { 5, 1, OVC_TUNE_NO_WRITEBACK_KICK },
+    { 7, 2, OVC_TUNE_NO_COPY_FILE_RANGE | OVC_TUNE_NO_WRITEBACK_KICK },
+  };
+  for (unsigned i = 0; i < sizeof tn / sizeof tn[0]; i++) {
+    ovc_set_commit_tuning (tn[i].chunk_cl * 4096, tn[i].workers, tn[i].flags);
+    randomised (20 + i, 512 * 1024 + 4096 * 3 + 99, 4096, 100);
+  }
+  ovc_set_commit_tuning (0, 0, 0);
+}
+
+/* ---- commit of extents: adjacent runs served by different layers, gaps,
+ * ZERO records, all-zero data, a partial last cluster; into an overlay and
+ * into the base; checked against a per-layer cluster-state model. */
+
+enum { M_U, M_D, M_Z };
+#define XC 4096
+#define XN 65                   /* clusters; the last one is partial */
+#define XSIZE ((XN - 1) * XC + 1000)
+
+struct xm {
+  unsigned char st[5][XN];      /* layer 1..4 states (model) */
+};
+
+static int
+count_fds (void)
+{
+  int n = 0;
+  char p[64];
+  for (int fd = 0; fd < 4096; fd++) {
+    snprintf (p, sizeof p, "/proc/self/fd/%d", fd);
+    if (access (p, F_OK) == 0) n++;
+  }
+  return n;
+}
+
+static void
+x_write (struct rt *t, struct xm *m, unsigned layer, uint64_t c0, uint64_t n,
+         bool zeros)
+{
+  struct cbw_err err;
+  uint64_t off = c0 * XC, len = n * XC;
+  if (off + len > XSIZE) len = XSIZE - off;
+  unsigned char *buf = calloc (1, len);
+  if (!zeros) tu_fill (buf, len, c0 * 1000 + layer);
+  cr_assert_eq (ovc_pwrite (t->c, buf, (uint32_t) len, off, false, &err), 0, "%s", err.msg);
+  memcpy (t->model + off, buf, len);
+  free (buf);
+  memset (&m->st[layer][c0], M_D, n);
+}
+
+static void
+x_zero (struct rt *t, struct xm *m, unsigned layer, uint64_t c0, uint64_t n)
+{
+  struct cbw_err err;
+  cr_assert_eq (ovc_zero (t->c, (uint32_t) (n * XC), c0 * XC, false, &err), 0, "%s", err.msg);
+  memset (t->model + c0 * XC, 0, n * XC);
+  memset (&m->st[layer][c0], M_Z, n);
+}
+
+static uint64_t
+x_status_zero_bytes (struct ovc *c, unsigned index)
+{
+  struct json_object *o = ovc_status_json (c), *layers, *l, *v;
+  cr_assert (json_object_object_get_ex (o, "layers", &layers));
+  l = json_object_array_get_idx (layers, index);
+  cr_assert (json_object_object_get_ex (l, "zero_bytes", &v));
+  uint64_t r = (uint64_t) json_object_get_int64 (v);
+  json_object_put (o);
+  return r;
+}
+
+static void
+extents_case (uint64_t chunk_cl, unsigned workers, unsigned flags)
+{
+  struct rt t;
+  struct xm m;
+  char p[600];
+  int fds0 = count_fds ();
+
+  memset (&m, M_U, sizeof m);
+  ovc_set_commit_tuning (chunk_cl * XC, workers, flags);
+  rt_init (&t, XSIZE, XC, 77 + flags);
+  do_snapshot (&t);                       /* layer 1 */
+  x_write (&t, &m, 1, 0, 3, false);       /* run 0..2 */
+  x_zero (&t, &m, 1, 3, 3);               /* ZERO 3..5, adjacent to the run */
+  x_write (&t, &m, 1, 6, 1, false);       /* adjacent again */
+  x_write (&t, &m, 1, 10, 11, false);     /* after a gap 7..9 */
+  x_zero (&t, &m, 1, 30, 4);
+  x_write (&t, &m, 1, XN - 1, 1, false);  /* the partial last cluster */
+  do_snapshot (&t);                       /* layer 2 */
+  x_write (&t, &m, 2, 2, 2, false);       /* over the DATA/ZERO boundary */
+  x_zero (&t, &m, 2, 12, 2);              /* ZERO inside a DATA run below */
+  x_write (&t, &m, 2, 40, 1, false);      /* isolated */
+  x_write (&t, &m, 2, 50, 2, true);       /* DATA that is all zeros */
+  x_zero (&t, &m, 2, 33, 2);              /* ZERO over ZERO, one cluster past */
+  do_snapshot (&t);                       /* layer 3 (top) */
+  x_write (&t, &m, 3, 45, 1, false);
+  rt_check (&t, "built");
+
+  /* Intermediate commit 2..2 into overlay 1: the expected states of layer
+   * 1 are computed from the model: what layer 2 holds wins; all-zero data
+   * becomes ZERO. */
+  do_commit (&t, 2, 2, CBW_COMMIT_DELETE, 0);
+  for (unsigned cl = 0; cl < XN; cl++)
+    if (m.st[2][cl] != M_U) {
+      bool allz = true;
+      uint64_t e = (cl + 1) * XC < XSIZE ? (cl + 1) * XC : XSIZE;
+      for (uint64_t i = cl * XC; i < e; i++) if (t.model[i]) { allz = false; break; }
+      m.st[1][cl] = m.st[2][cl] == M_Z || allz ? M_Z : M_D;
+    }
+  memcpy (m.st[2], m.st[3], XN);
+  memset (m.st[3], M_U, XN);
+  uint64_t want_z = 0;
+  for (unsigned cl = 0; cl < XN; cl++)
+    if (m.st[1][cl] == M_Z)
+      want_z += (cl + 1) * XC < XSIZE ? XC : XSIZE - cl * XC;
+  rt_check (&t, "after intermediate commit");
+  cr_assert_eq (x_status_zero_bytes (t.c, 1), want_z, "layer 1 zero bytes %lu, model %lu",
+                (unsigned long) x_status_zero_bytes (t.c, 1), (unsigned long) want_z);
+
+  /* Active commit of everything into the base, guest writes meanwhile. */
+  do_commit (&t, 1, 2, CBW_COMMIT_DELETE, 4);
+  rt_check (&t, "after commit into the base");
+  ovc_close (t.c);
+  t.c = NULL;
+  snprintf (p, sizeof p, "%s/base.img", t.dir);
+  tu_file_equals (p, t.model, t.size);
+  /* every file of the deleted layers was closed (their space freed) */
+  cr_assert_eq (count_fds (), fds0, "open fds %d, before %d", count_fds (), fds0);
+  rt_open (&t);
+  rt_check (&t, "reopen");
+  rt_fini (&t);
+  ovc_set_commit_tuning (0, 0, 0);
+}
+
+Test (chain, commit_extents_zero_records)
+{
+  extents_case (0, 0, 0);                  /* production defaults: one window */
+  extents_case (2, 3, 0);                  /* windows of 2 clusters, 3 threads */
+  extents_case (4, 2, OVC_TUNE_NO_COPY_FILE_RANGE);   /* buffered fallback */
+  extents_case (1, 1, OVC_TUNE_NO_WRITEBACK_KICK);
+}
+
+/* make-empty of the active top frees the top's old data after the resume,
+ * while guest writes go on: a write that lands after the switch (here from
+ * the hook right before the punching) must survive, every other cluster of
+ * the top's data file is punched. */
+static struct rt *punch_t;
+static int punch_writes;
+static int
+punch_hook (const char *point, const char *path, void *opaque)
+{
+  (void) opaque;
+  if (path || strcmp (point, "commit-punch") != 0)
+    return 0;
+  struct cbw_err err;
+  unsigned char buf[3 * 4096];
+  for (int i = 0; i < 3; i++) {      /* clusters 1, 9 and 17 (+ a partial one) */
+    uint64_t off = (uint64_t) (1 + 8 * i) * 4096;
+    uint32_t len = i == 2 ? 1000 : 4096;
+    tu_fill (buf, len, 900 + i);
+    cr_assert_eq (ovc_pwrite (punch_t->c, buf, len, off, false, &err), 0, "%s", err.msg);
+    memcpy (punch_t->model + off, buf, len);
+    punch_writes++;
+  }
+  return 0;
+}
+
+Test (chain, make_empty_active_top_keeps_writes_after_switch)
+{
+  struct rt t;
+  struct cbw_err err;
+  struct stat st;
+  char p[700];
+  rt_init (&t, 24 * 4096 + 100, 4096, 31);
+  do_snapshot (&t);
+  for (int i = 0; i < 40; i++) do_write (&t, t.c);
+  cr_assert_eq (ovc_flush (t.c, &err), 0, "%s", err.msg);
+  punch_t = &t;
+  punch_writes = 0;
+  ovc_set_test_hook (punch_hook, NULL);
+  do_commit (&t, 1, 1, CBW_COMMIT_MAKE_EMPTY, 0);
+  ovc_set_test_hook (NULL, NULL);
+  cr_assert_eq (punch_writes, 3, "the punch hook ran %d writes", punch_writes);
+  rt_check (&t, "after make-empty with writes during the release");
+  /* The top holds exactly the 3 clusters written after the switch. */
+  struct json_object *o = ovc_status_json (t.c), *layers, *l, *v;
+  cr_assert (json_object_object_get_ex (o, "layers", &layers));
+  l = json_object_array_get_idx (layers, 1);
+  cr_assert (json_object_object_get_ex (l, "allocated_bytes", &v));
+  cr_assert_eq (json_object_get_int64 (v), 3 * 4096);
+  json_object_put (o);
+  /* and its data file holds no more than those (the rest was punched;
+   * file systems without hole punching keep the blocks: not checked) */
+  struct json_object *o2 = ovc_status_json (t.c);
+  json_object_object_get_ex (o2, "layers", &layers);
+  l = json_object_array_get_idx (layers, 1);
+  json_object_object_get_ex (l, "name", &v);
+  snprintf (p, sizeof p, "%s/%s.data", t.dir, json_object_get_string (v));
+  json_object_put (o2);
+  cr_assert_eq (stat (p, &st), 0, "%s", p);
+  int fd = open (p, O_RDWR);
+  cr_assert_geq (fd, 0);
+  bool can_punch = fallocate (fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              (off_t) (t.size - 1), 1) == 0;
+  close (fd);
+  if (can_punch)
+    cr_assert_leq ((uint64_t) st.st_blocks * 512, 4 * 4096,
+                   "top data file still uses %lu bytes", (unsigned long) st.st_blocks * 512);
+  ovc_close (t.c);
+  rt_open (&t);
+  rt_check (&t, "reopen");
+  rt_fini (&t);
+}
+
 /* ---- concurrency: writers in disjoint regions while snapshots/commits run */
 
 struct wr {
@@ -308,7 +531,9 @@ fail_hook (const char *point, const char *path, void *opaque)
 {
   (void) opaque;
   if (path) return 0;
-  if (strcmp (point, "commit-copy") == 0 && fail_after-- == 0)
+  /* a window (commit-copy) or a segment copied into the base inside one */
+  if ((strcmp (point, "commit-copy") == 0 || strcmp (point, "commit-copy-range") == 0) &&
+      fail_after-- == 0)
     return 1;
   return 0;
 }

@@ -10,6 +10,8 @@
  * hook counts the crash points reached inside operations and SIGKILLs the
  * child at the K-th one; K is drawn at random from the count of a dry run.
  * CBW_CRASH_POINTS=N overrides the number of crash points (default 20).
+ * Half of the scripts run commits with small copy windows and 3 copy
+ * threads (ovc_set_commit_tuning), half with the production defaults.
  * Locking: the hook counter is atomic (commit thread + main thread). */
 #include <signal.h>
 #include <stdatomic.h>
@@ -241,6 +243,14 @@ crash_points (bool powerloss)
     struct outcome o;
     uint64_t seed = 500 + (uint64_t) p;
     cr_assert (++attempts < npoints * 3, "could not reach %d crash points", npoints);
+    /* Every other script copies commits in windows of 3 clusters with 3
+     * threads (many windows in flight, kills between and inside windows);
+     * the others use the production defaults (one window holding the whole
+     * disk: kills between the segments of a big window). */
+    if (p % 2)
+      ovc_set_commit_tuning (3 * CS, 3, p % 4 == 1 ? 0 : OVC_TUNE_NO_COPY_FILE_RANGE);
+    else
+      ovc_set_commit_tuning (0, 0, 0);
 
     /* Dry run on a scratch copy to count the crash points of this script. */
     tu_mkdtemp (dir, sizeof dir);
@@ -301,6 +311,7 @@ crash_points (bool powerloss)
     if (powerloss) *strrchr (dir, '/') = 0;
     tu_rmrf (dir);
   }
+  ovc_set_commit_tuning (0, 0, 0);
   cr_log_info ("crash points:%s", hist);
   fprintf (stderr, "%s test: %d points:%s\n", powerloss ? "power-loss" : "kill -9",
            crashed, hist);
