@@ -8,7 +8,9 @@
  * human-readable by default and the raw "return" object with --json.
  * Exit codes (stable, for scripts): 0 success, 1 the command failed (cbwd
  * answered with an error), 2 usage error (nothing was sent), 3 cannot
- * connect to cbwd or the connection broke.
+ * connect to cbwd or the connection broke.  `cbw job wait` exits 0 only if
+ * the job completed (1 if it failed or was cancelled) and draws a progress
+ * bar on stderr when stderr is a terminal.
  *
  * Locking: single-threaded.
  */
@@ -31,7 +33,7 @@
 #define EXIT_CONNECT 3
 #define DEFAULT_SOCKET "/run/cbwd/control.sock"
 
-enum opt_type { O_STR, O_UINT, O_BOOL, O_LIST, O_INCR, O_FULL };
+enum opt_type { O_STR, O_UINT, O_BOOL, O_LIST, O_INCR, O_FULL, O_SIZE, O_TARGET };
 
 struct opt {
   const char *flag;       /* "--file" */
@@ -203,6 +205,54 @@ print_created (struct json_object *ret)
   printf ("checkpoint %s created\n", jstr (ret, "name", "?"));
 }
 
+static void
+print_job (struct json_object *j)
+{
+  char done[32], total[32];
+  human_size ((uint64_t) jint (j, "bytes-done"), done, sizeof done);
+  human_size ((uint64_t) jint (j, "bytes-total"), total, sizeof total);
+  printf ("job %s (backup %s, %s): %s, %s of %s", jstr (j, "id", "?"), jstr (j, "backup", "?"),
+          jstr (j, "mode", "?"), jstr (j, "state", "?"), done, total);
+  struct json_object *p = jget (j, "percent");
+  if (p)
+    printf (" (%.1f%%)", json_object_get_double (p));
+  if (jint (j, "speed") > 0) {
+    char sp[32];
+    human_size ((uint64_t) jint (j, "speed"), sp, sizeof sp);
+    printf (", limit %s/s", sp);
+  }
+  printf ("\n");
+  if (jstr (j, "error", NULL))
+    printf ("  error: %s\n", jstr (j, "error", ""));
+  struct json_object *a = jget (j, "disks");
+  for (size_t i = 0; a && i < json_object_array_length (a); i++) {
+    struct json_object *d = json_object_array_get_idx (a, i);
+    char r[32];
+    human_size ((uint64_t) jint (d, "released-bytes"), r, sizeof r);
+    printf ("  %-16s -> %s (%s%s), released %s\n", jstr (d, "name", "?"), jstr (d, "target", "?"),
+            jstr (d, "format", "?"), json_object_get_boolean (jget (d, "created")) ? ", created" : "", r);
+  }
+}
+
+static void
+print_jobs (struct json_object *ret)
+{
+  struct json_object *a = jget (ret, "jobs");
+  size_t n = a ? json_object_array_length (a) : 0;
+  if (n == 0) {
+    printf ("no jobs\n");
+    return;
+  }
+  printf ("%-16s %-16s %-12s %-10s %7s  %s\n", "ID", "BACKUP", "MODE", "STATE", "DONE", "ERROR");
+  for (size_t i = 0; i < n; i++) {
+    struct json_object *j = json_object_array_get_idx (a, i);
+    struct json_object *p = jget (j, "percent");
+    printf ("%-16s %-16s %-12s %-10s %6.1f%%  %s\n", jstr (j, "id", "?"), jstr (j, "backup", "?"),
+            jstr (j, "mode", "?"), jstr (j, "state", "?"), p ? json_object_get_double (p) : 0.0,
+            jstr (j, "error", ""));
+  }
+}
+
 /* ---- the subcommand table ---- */
 
 static const struct sub subs[] = {
@@ -246,6 +296,32 @@ static const struct sub subs[] = {
     "end the running backup", NULL },
   { "backup", "status", "backup-status", NULL, false, NULL, { { NULL } },
     "show the running backup", print_backup },
+  { "job", "start", "job-start", NULL, false, NULL,
+    { { "--target", "targets", O_TARGET, "DISK=TARGET or TARGET, repeat per disk: nbd URI, "
+        "[raw:]PATH or [qcow2:]PATH.qcow2 (required)" },
+      { "--backup", "backup", O_STR, "backup id (default: the running one)" },
+      { "--disk", "disks", O_LIST, "a disk of the backup (repeat; default all)" },
+      { "--id", "id", O_STR, "job id (default job-N)" },
+      { "--speed", "speed", O_SIZE, "limit in bytes/s (suffixes K, M, G; default none)" },
+      { "--request-size", "request-size", O_SIZE, "bytes per request (default 256K)" },
+      { "--requests", "requests", O_UINT, "requests in flight (default: automatic, 8 or 16)" },
+      { NULL } },
+    "push the running backup to targets (a job)", print_job },
+  { "job", "list", "job-list", NULL, false, NULL, { { NULL } },
+    "list push jobs", print_jobs },
+  { "job", "status", "job-status", "id", true, "ID", { { NULL } },
+    "show a job's progress", print_job },
+  { "job", "wait", "job-status", "id", true, "ID", { { NULL } },
+    "wait for a job (progress bar on a terminal); exit 0 only if it completed", print_job },
+  { "job", "pause", "job-pause", "id", true, "ID", { { NULL } },
+    "pause a job", NULL },
+  { "job", "resume", "job-resume", "id", true, "ID", { { NULL } },
+    "resume a paused job", NULL },
+  { "job", "cancel", "job-cancel", "id", true, "ID", { { NULL } },
+    "cancel a job (the target is left as is)", print_job },
+  { "job", "set-speed", "job-set-speed", "id", true, "ID",
+    { { "--speed", "speed", O_SIZE, "bytes/s, 0 = unlimited (required)" }, { NULL } },
+    "change a job's speed limit", NULL },
   { "event", "list", "event-list", NULL, false, NULL,
     { { "--since", "since", O_UINT, "only events after this sequence number" }, { NULL } },
     "show recent events", print_events },
@@ -304,6 +380,68 @@ parse_uint (const char *s, int64_t *out)
   return true;
 }
 
+/* "10M" -> 10485760 (K, M, G, T: powers of 1024; an optional trailing B). */
+static bool
+parse_size (const char *s, int64_t *out)
+{
+  char *end;
+  errno = 0;
+  if (s[0] < '0' || s[0] > '9')
+    return false;
+  unsigned long long v = strtoull (s, &end, 10);
+  if (errno)
+    return false;
+  int shift = 0;
+  switch (*end) {
+  case 'k': case 'K': shift = 10; end++; break;
+  case 'm': case 'M': shift = 20; end++; break;
+  case 'g': case 'G': shift = 30; end++; break;
+  case 't': case 'T': shift = 40; end++; break;
+  default: break;
+  }
+  if (shift && (*end == 'i' || *end == 'I'))
+    end++;
+  if (*end == 'b' || *end == 'B')
+    end++;
+  if (*end || v > (unsigned long long) (INT64_MAX >> shift))
+    return false;
+  *out = (int64_t) (v << shift);
+  return true;
+}
+
+/* A --target value with a relative file path gets the current directory
+ * (cbwd runs elsewhere).  NBD URIs and absolute paths are kept. */
+static char *
+absolute_target (const char *val)
+{
+  const char *t = val;
+  const char *eq = strchr (val, '=');
+  if (eq && !strstr (val, "://")) {
+    bool name = eq > val;
+    for (const char *p = val; p < eq; p++)
+      if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+            *p == '_' || *p == '.' || *p == '-'))
+        name = false;
+    if (name)
+      t = eq + 1;
+  }
+  if (strncmp (t, "raw:", 4) == 0)
+    t += 4;
+  else if (strncmp (t, "qcow2:", 6) == 0)
+    t += 6;
+  if (strstr (t, "://") || t[0] == '/' || t[0] == '\0')
+    return strdup (val);
+  char cwd[4096];
+  if (getcwd (cwd, sizeof cwd) == NULL)
+    return strdup (val);
+  size_t pre = (size_t) (t - val);
+  size_t len = pre + strlen (cwd) + 1 + strlen (t) + 1;
+  char *r = malloc (len);
+  if (r)
+    snprintf (r, len, "%.*s%s/%s", (int) pre, val, cwd, t);
+  return r;
+}
+
 /* Build the arguments of subcommand s from argv[i..]; EXIT_USAGE on error. */
 static int
 build_args (const struct sub *s, int argc, char **argv, int i, struct json_object *args)
@@ -351,6 +489,23 @@ build_args (const struct sub *s, int argc, char **argv, int i, struct json_objec
           return usage_error ("%s: \"%s\" is not a non-negative integer", flag, val);
         json_object_object_add (args, o->key, json_object_new_int64 (n));
         break;
+      case O_SIZE:
+        if (!parse_size (val, &n))
+          return usage_error ("%s: \"%s\" is not a size (e.g. 1048576, 512K, 10M)", flag, val);
+        json_object_object_add (args, o->key, json_object_new_int64 (n));
+        break;
+      case O_TARGET: {
+        char *abs = absolute_target (val);
+        if (abs == NULL)
+          return usage_error ("out of memory%s%s", "", "");
+        if (!json_object_object_get_ex (args, o->key, &list)) {
+          list = json_object_new_array ();
+          json_object_object_add (args, o->key, list);
+        }
+        json_object_array_add (list, json_object_new_string (abs));
+        free (abs);
+        break;
+      }
       case O_BOOL:
         json_object_object_add (args, o->key, json_object_new_boolean (true));
         break;
@@ -429,6 +584,87 @@ run (const char *sock, const char *command, struct json_object *args, printer pr
     rc = EXIT_CONNECT;
   }
   json_object_put (reply);
+  return rc;
+}
+
+/* `cbw job wait ID`: poll job-status until the job ends; a progress bar on
+ * stderr when it is a terminal.  0 completed, 1 failed/cancelled. */
+static int
+job_wait (const char *sock, struct json_object *args)
+{
+  struct cbw_err err = { 0 };
+  bool tty = isatty (2);
+  const char *id = jstr (args, "id", "");
+  struct cbw_ctl_client *c = cbw_ctl_client_connect (sock, &err);
+  if (c == NULL) {
+    json_object_put (args);
+    fprintf (stderr, "cbw: cannot connect to cbwd: %s\n", err.msg);
+    return EXIT_CONNECT;
+  }
+  struct timespec t0;
+  clock_gettime (CLOCK_MONOTONIC, &t0);
+  int rc = EXIT_CONNECT;
+  bool drawn = false;
+  for (;;) {
+    struct json_object *reply = cbw_ctl_client_call (c, "job-status", json_object_get (args), &err);
+    struct json_object *ret, *e;
+    if (reply == NULL) {
+      fprintf (stderr, "%scbw: connection to cbwd failed: %s\n", drawn ? "\n" : "", err.msg);
+      break;
+    }
+    if (json_object_object_get_ex (reply, "error", &e)) {
+      fprintf (stderr, "%scbw: error: %s: %s\n", drawn ? "\n" : "", jstr (e, "class", "?"),
+               jstr (e, "desc", "?"));
+      json_object_put (reply);
+      rc = EXIT_CMD;
+      break;
+    }
+    if (!json_object_object_get_ex (reply, "return", &ret)) {
+      fprintf (stderr, "cbw: malformed reply from cbwd\n");
+      json_object_put (reply);
+      break;
+    }
+    const char *state = jstr (ret, "state", "?");
+    bool final = strcmp (state, "running") && strcmp (state, "paused");
+    if (tty) {
+      uint64_t done = (uint64_t) jint (ret, "bytes-done"), total = (uint64_t) jint (ret, "bytes-total");
+      struct timespec t1;
+      clock_gettime (CLOCK_MONOTONIC, &t1);
+      double secs = (double) (t1.tv_sec - t0.tv_sec) + (double) (t1.tv_nsec - t0.tv_nsec) / 1e9;
+      double frac = total ? (double) done / (double) total : (final ? 1.0 : 0.0);
+      char bar[41], d[32], tt[32], rate[32];
+      int fill = (int) (frac * 40);
+      for (int i = 0; i < 40; i++)
+        bar[i] = i < fill ? '#' : '.';
+      bar[40] = '\0';
+      human_size (done, d, sizeof d);
+      human_size (total, tt, sizeof tt);
+      human_size (secs > 0.5 ? (uint64_t) ((double) jint (ret, "data-bytes") / secs) : 0,
+                  rate, sizeof rate);
+      fprintf (stderr, "\r%s [%s] %5.1f%% %s / %s %s/s %-9s", id, bar, frac * 100, d, tt, rate, state);
+      drawn = true;
+    }
+    if (final) {
+      if (drawn)
+        fprintf (stderr, "\n");
+      if (json_out)
+        printf ("%s\n", json_object_to_json_string_ext (ret, JSON_C_TO_STRING_PRETTY |
+                                                        JSON_C_TO_STRING_SPACED | JSON_C_TO_STRING_NOSLASHESCAPE));
+      else
+        print_job (ret);
+      rc = strcmp (state, "completed") == 0 ? 0 : EXIT_CMD;
+      if (rc != 0)
+        fprintf (stderr, "cbw: job %s %s%s%s\n", id, state, jstr (ret, "error", NULL) ? ": " : "",
+                 jstr (ret, "error", ""));
+      json_object_put (reply);
+      break;
+    }
+    json_object_put (reply);
+    struct timespec ts = { 0, 250 * 1000000 };
+    nanosleep (&ts, NULL);
+  }
+  cbw_ctl_client_close (c);
+  json_object_put (args);
   return rc;
 }
 
@@ -511,7 +747,9 @@ main (int argc, char **argv)
     return usage_error ("`%s` needs a subcommand (%s)", group,
                         strcmp (group, "disk") == 0 ? "add, list, remove, start, stop"
                         : strcmp (group, "checkpoint") == 0 ? "create, list, delete"
-                        : strcmp (group, "backup") == 0 ? "begin, end, status" : "list");
+                        : strcmp (group, "backup") == 0 ? "begin, end, status"
+                        : strcmp (group, "job") == 0 ? "start, list, status, wait, pause, "
+                        "resume, cancel, set-speed" : "list");
   }
   struct json_object *args = json_object_new_object ();
   int r = build_args (s, argc, argv, i, args);
@@ -519,5 +757,7 @@ main (int argc, char **argv)
     json_object_put (args);
     return r;
   }
+  if (strcmp (s->group, "job") == 0 && strcmp (s->verb, "wait") == 0)
+    return job_wait (sock, args);
   return run (sock, s->command, args, s->print);
 }

@@ -509,7 +509,20 @@ h_backup_end (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   struct cbw_err e = { 0 };
   if (enter (o, r, true) < 0)
     return -1;
-  int ret = orch_backup_end (o, cbw_ctl_arg_str (args, "id", NULL), &e);
+  /* Running push jobs of this backup stop first (cancelled, joined): they
+   * read its PIT exports and release its ranges. */
+  const char *bid = cbw_ctl_arg_str (args, "id", NULL);
+  {
+    char running[ORCH_NAME_MAX + 1] = "";
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+      if (o->st.backup)
+        snprintf (running, sizeof running, "%s", o->st.backup->id);
+    }
+    if (running[0] && (bid == NULL || bid[0] == '\0' || strcmp (bid, running) == 0))
+      orch_jobs_cancel_backup (o, running);
+  }
+  int ret = orch_backup_end (o, bid, &e);
   orch_end_busy (o);
   return ret < 0 ? fail_err (r, &e) : 0;
 }
@@ -570,6 +583,134 @@ h_event_list (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   return 0;
 }
 
+/* ---- push jobs (job.c) ---- */
+
+static char **
+string_list (struct json_object *args, const char *key, size_t *n, size_t max,
+             struct cbw_ctl_reply *r)
+{
+  struct json_object *a;
+  *n = 0;
+  if (!json_object_object_get_ex (args, key, &a))
+    return calloc (1, sizeof (char *));
+  size_t len = json_object_array_length (a);
+  if (len == 0 || len > max) {
+    cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "'%s' must list 1 to %zu items", key, max);
+    return NULL;
+  }
+  char **v = calloc (len, sizeof *v);
+  if (v == NULL) {
+    cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory");
+    return NULL;
+  }
+  for (size_t i = 0; i < len; i++) {
+    struct json_object *e = json_object_array_get_idx (a, i);
+    if (!json_object_is_type (e, json_type_string)) {
+      cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "'%s'[%zu] must be a string", key, i);
+      free_names (v, *n);
+      return NULL;
+    }
+    v[i] = strdup (json_object_get_string (e));
+    (*n)++;
+  }
+  return v;
+}
+
+static int
+h_job_start (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  struct orch_job_req req = {
+    .id = cbw_ctl_arg_str (args, "id", NULL),
+    .backup = cbw_ctl_arg_str (args, "backup", NULL),
+    .speed = (uint64_t) cbw_ctl_arg_int (args, "speed", 0),
+    .request_size = (uint64_t) cbw_ctl_arg_int (args, "request-size", 256 << 10),
+    .requests = (unsigned) cbw_ctl_arg_int (args, "requests", 0),
+  };
+  long long rq = cbw_ctl_arg_int (args, "requests", 0);
+  if (rq < 0 || rq > 64)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "requests must be 1..64 (0: automatic)");
+  req.disks = string_list (args, "disks", &req.ndisks, ORCH_DISKS_MAX, r);
+  if (req.disks == NULL)
+    return -1;
+  req.targets = string_list (args, "targets", &req.ntargets, ORCH_DISKS_MAX, r);
+  if (req.targets == NULL) {
+    free_names (req.disks, req.ndisks);
+    return -1;
+  }
+  int ret = -1;
+  if (enter (o, r, true) == 0) {         /* a half-made backup is finished first */
+    ret = orch_job_start (o, &req, &r->ret, &e);
+    orch_end_busy (o);
+    if (ret < 0)
+      fail_err (r, &e);
+  }
+  free_names (req.disks, req.ndisks);
+  free_names (req.targets, req.ntargets);
+  return ret;
+}
+
+static int
+h_job_list (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  (void) args;
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "jobs", orch_jobs_list (o));
+  return 0;
+}
+
+static int
+h_job_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  const char *id = cbw_ctl_arg_str (args, "id", "");
+  /* jobs are freed only by job-start (this thread) and shutdown */
+  struct orch_job *j = orch_job_find (o, id);
+  if (j == NULL)
+    return cbw_ctl_fail (r, CBW_CTL_NOT_FOUND, "no job named %.80s", id);
+  r->ret = orch_job_to_json (j);
+  return 0;
+}
+
+static int
+h_job_pause (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  if (orch_job_pause (data, cbw_ctl_arg_str (args, "id", ""), true, &e) < 0)
+    return fail_err (r, &e);
+  return 0;
+}
+
+static int
+h_job_resume (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  if (orch_job_pause (data, cbw_ctl_arg_str (args, "id", ""), false, &e) < 0)
+    return fail_err (r, &e);
+  return 0;
+}
+
+static int
+h_job_cancel (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  if (orch_job_cancel (data, cbw_ctl_arg_str (args, "id", ""), &r->ret, &e) < 0)
+    return fail_err (r, &e);
+  return 0;
+}
+
+static int
+h_job_set_speed (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  if (orch_job_set_speed (data, cbw_ctl_arg_str (args, "id", ""),
+                          (uint64_t) cbw_ctl_arg_int (args, "speed", 0), &e) < 0)
+    return fail_err (r, &e);
+  return 0;
+}
+
 /* ---- the table ---- */
 
 static const struct cbw_ctl_arg no_args[] = { { NULL } };
@@ -614,6 +755,35 @@ static const struct cbw_ctl_arg backup_end_args[] = {
 };
 static const struct cbw_ctl_arg event_args[] = {
   { "since", CBW_ARG_UINT, false, "return events with a sequence number above this (default 0)" },
+  { NULL }
+};
+
+static const struct cbw_ctl_arg job_start_args[] = {
+  { "targets", CBW_ARG_ARRAY, true, "one per disk: `DISK=TARGET` (just `TARGET` when the job "
+    "has one disk). TARGET: an NBD URI (`nbd://`, `nbd+unix://`; writable, at least the "
+    "disk's size), `raw:PATH` or a path (raw file: created sparse if missing, else "
+    "overwritten in place and must have the disk's size), `qcow2:PATH` or a path ending in "
+    "`.qcow2` (created with `qemu-img create` if missing, written through a `qemu-nbd` the "
+    "job starts). Paths are absolute. Incremental jobs need an existing target (the previous "
+    "full copy)" },
+  { "backup", CBW_ARG_STRING, false, "backup id (default: the running backup)" },
+  { "disks", CBW_ARG_ARRAY, false, "disk names (strings); default: every disk of the backup" },
+  { "id", CBW_ARG_STRING, false, "job id (default `job-N`)" },
+  { "speed", CBW_ARG_UINT, false, "speed limit in bytes/s of data read (default 0: none)" },
+  { "request-size", CBW_ARG_UINT, false, "bytes per request, power of two, 64 KiB..32 MiB "
+    "(default 256 KiB, as nbdcopy)" },
+  { "requests", CBW_ARG_UINT, false, "requests in flight, 1..64 (default 0 = automatic: 16 "
+    "pipelined on cbwd's PIT export, 8 connections with one request each on the cbw "
+    "filter's)" },
+  { NULL }
+};
+static const struct cbw_ctl_arg job_id_args[] = {
+  { "id", CBW_ARG_STRING, true, "the job id" },
+  { NULL }
+};
+static const struct cbw_ctl_arg job_speed_args[] = {
+  { "id", CBW_ARG_STRING, true, "the job id" },
+  { "speed", CBW_ARG_UINT, true, "new limit in bytes/s (0: none); applies at once" },
   { NULL }
 };
 
@@ -670,18 +840,57 @@ static const struct cbw_ctl_command commands[] = {
     "`{\"id\", \"mode\", \"since\", \"checkpoint\", \"started\", \"disks\": [{\"name\", "
     "\"pit-uri\", \"bitmap\", \"store-path\", \"store-socket\", \"store-pid\", \"export\"}]}`" },
   { "backup-end", h_backup_end, backup_end_args,
-    "End the running backup: remove its exports, end the sessions, drop the backup "
-    "bitmaps and stores. Checkpoints created with it stay.",
+    "End the running backup: cancel its running push jobs, remove its exports, end the "
+    "sessions, drop the backup bitmaps and stores. Checkpoints created with it stay.",
     NULL },
   { "backup-status", h_backup_status, no_args,
     "The running backup, with each disk's copy-before-write session status.",
     "as `backup-begin`, plus per disk `session` (the cbw filter's `status`) or "
     "`session-error`" },
+  { "job-start", h_job_start, job_start_args,
+    "Start a push job: copy the point in time of the running backup's disks (their PIT "
+    "exports) to targets, on a thread of its own. Mode follows the backup: `full` (and "
+    "`none`) copies the whole disk, `incremental` only the extents of `backup-DISK`. Holes "
+    "and zeroes (base:allocation) are not read; on a target the job created they are not "
+    "written either. Every range on the target is released with the cbw filter's `skip`, "
+    "so the store shrinks. Errors (nothing started, files the job created are removed): "
+    "`NotFound` (no such backup or disk, incremental target missing), `InvalidParameter` "
+    "(bad target, wrong size), `Busy` (the disk is being or was already pushed in this "
+    "backup), `IOError` (target unreachable, session not active).",
+    "the job, as in `job-status`" },
+  { "job-list", h_job_list, no_args,
+    "List jobs (running and the last 64 finished; those of a previous cbwd that were "
+    "running are `failed` with an `interrupted` error).",
+    "`{\"jobs\": [JOB]}`" },
+  { "job-status", h_job_status, job_id_args,
+    "Status and progress of a job.",
+    "`{\"id\", \"backup\", \"mode\", \"state\": running|paused|completed|cancelled|failed, "
+    "\"error\": STRING|null, \"started\", \"finished\", \"elapsed-ms\", \"speed\", \"bytes-done\", "
+    "\"bytes-total\", \"percent\", \"data-bytes\", \"zero-bytes\", \"released-bytes\", "
+    "\"release-errors\", \"in-flight\", \"requests\", \"request-size\", \"disks\": "
+    "[{\"name\", \"target\", \"format\", \"created\", \"bytes-done\", \"bytes-total\", "
+    "\"released-bytes\"}]}`" },
+  { "job-pause", h_job_pause, job_id_args,
+    "Pause a running job: no new requests; those in flight finish (`in-flight` drops to 0). "
+    "Errors on a job that is not running.",
+    NULL },
+  { "job-resume", h_job_resume, job_id_args,
+    "Resume a paused job.",
+    NULL },
+  { "job-cancel", h_job_cancel, job_id_args,
+    "Cancel a running or paused job and wait until its requests in flight have drained. "
+    "The target is left as is (partly written).",
+    "the job's final status, as in `job-status`" },
+  { "job-set-speed", h_job_set_speed, job_speed_args,
+    "Change a running job's speed limit.",
+    NULL },
   { "event-list", h_event_list, event_args,
     "Events after sequence number `since` (the last 256 are kept): `started`, "
     "`disk-added`, `disk-removed`, `disk-started`, `disk-stopped`, `disk-dead`, "
     "`checkpoint-created`, `checkpoint-deleted`, `backup-begun`, `backup-ended`, "
-    "`backup-failed`, `freeze-failed`, `thaw-failed`, `resume-failed`, `recovered`.",
+    "`backup-failed`, `freeze-failed`, `thaw-failed`, `resume-failed`, `recovered`, "
+    "`job-started`, `job-progress` (at most every 2 s per job), `job-paused`, "
+    "`job-resumed`, `job-completed`, `job-cancelled`, `job-failed`, `jobs-file-invalid`.",
     "`{\"events\": [{\"seq\", \"time\", \"event\", \"data\"}], \"last\": SEQ, "
     "\"lost\": bool}`" },
   { NULL }

@@ -255,6 +255,7 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
   if (reconcile (o, &rerr) < 0)
     fprintf (stderr, "cbwd: recovery of an interrupted operation failed "
              "(will retry): %s\n", rerr.msg);
+  orch_jobs_load (o);
   return o;
 
  fail:
@@ -276,6 +277,7 @@ cbw_orch_close (struct cbw_orch *o, bool stop_disks)
     return;
   cbw_ctl_server_stop (o->ctl);
   o->ctl = NULL;
+  orch_jobs_shutdown (o);
   if (stop_disks)
     for (size_t i = 0; i < o->st.ndisks; i++)
       orch_disk_stop (o, o->st.disks[i], NULL);

@@ -114,6 +114,8 @@ struct orch_event {
   char *json;                   /* {"event":..., "data":{...}} */
 };
 
+struct orch_job;                /* job.c: push backup jobs */
+
 struct cbw_orch {
   pthread_mutex_t lock;
   bool busy;
@@ -133,6 +135,10 @@ struct cbw_orch {
   int sup_wakefd;
   bool sup_stop;
   struct cbw_ctl_server *ctl;
+  /* push jobs (job.c): the list is guarded by lock, each job by its own */
+  struct orch_job **jobs;
+  size_t njobs;
+  uint64_t job_seq;             /* last N of generated ids job-N */
 };
 
 /* ---- names ---- */
@@ -266,6 +272,94 @@ int orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
 int orch_backup_end (struct cbw_orch *o, const char *id, struct cbw_err *err);
 int orch_backup_reconcile (struct cbw_orch *o, struct cbw_err *err);
 struct json_object *orch_backup_to_json (const struct orch_backup *b);
+
+/* ---- job.c: push backup jobs (locking: see the top of job.c) ---- */
+struct nbd_handle;
+enum orch_job_state {
+  ORCH_JOB_RUNNING = 0,
+  ORCH_JOB_PAUSED,
+  ORCH_JOB_COMPLETED,
+  ORCH_JOB_CANCELLED,
+  ORCH_JOB_FAILED,
+};
+
+struct orch_job_disk {
+  char name[ORCH_NAME_MAX + 1];
+  char *src_uri;                /* the backup's PIT export of the disk */
+  char *ctl_cbw;                /* cbw filter control socket (skip) */
+  char bitmap[ORCH_NAME_MAX + 16];    /* incremental: backup-DISK */
+  struct orch_disk *disk;       /* job-start only (busy owner) */
+  uint64_t size, gran;          /* disk bytes, session block size */
+  uint64_t (*want)[2];          /* ranges to copy (offset, length), sorted */
+  size_t nwant;
+  char *target;                 /* as given */
+  char format[8];               /* nbd | raw | qcow2 */
+  char *path;                   /* raw/qcow2 file */
+  bool fresh;                   /* created sparse by this job: zeroes need no write */
+  bool created;                 /* the file was created by this job */
+  bool dst_can_zero;
+  int fd;                       /* raw file, -1 otherwise */
+  struct nbd_handle *dst;       /* NBD target (also qcow2 via qemu-nbd) */
+  int64_t helper_pid;           /* qemu-nbd, 0 if none */
+  char *helper_sock, *helper_log;
+  /* progress (job lock) */
+  uint64_t total, done, released;
+};
+
+struct orch_job {
+  struct cbw_orch *o;
+  char id[ORCH_NAME_MAX + 1];
+  char backup[ORCH_NAME_MAX + 1];
+  int64_t backup_started;       /* tells two backups with one id apart */
+  char mode[16];                /* full | incremental */
+  unsigned requests;            /* requests in flight */
+  uint64_t request_size;
+  bool pipelined;               /* source takes pipelined requests (cbwd's PIT export) */
+  size_t ndisks;
+  struct orch_job_disk *disks;
+  pthread_t thread;             /* control thread only: */
+  bool thread_started;          /*   set at start, cleared when joined */
+  int wakefd;                   /* eventfd: wakes the copy loop */
+  pthread_mutex_t lock;         /* guards everything below */
+  pthread_cond_t cond;
+  enum orch_job_state state;
+  bool cancel_req, paused_drained;
+  uint64_t speed;               /* bytes/s, 0 = unlimited */
+  int64_t started, finished;
+  int64_t t0_ns, t1_ns;         /* copy thread start/end, CLOCK_MONOTONIC */
+  uint64_t total, done, data_bytes, zero_bytes, released, release_errors;
+  int in_flight;
+  char error[CBW_ERR_MSG_MAX];
+  char release_error[CBW_ERR_MSG_MAX];
+};
+
+struct orch_job_req {
+  const char *id;               /* NULL = job-N */
+  const char *backup;           /* NULL = the running backup */
+  char **disks; size_t ndisks;  /* 0 = every disk of the backup */
+  char **targets; size_t ntargets;    /* "DISK=TARGET" (or TARGET, one disk) */
+  uint64_t speed;
+  uint64_t request_size;
+  unsigned requests;
+};
+const char *orch_job_state_name (enum orch_job_state s);
+int orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
+                    struct json_object **ret, struct cbw_err *err);
+struct orch_job *orch_job_find (struct cbw_orch *o, const char *id);
+struct json_object *orch_job_to_json (struct orch_job *j);
+struct json_object *orch_jobs_list (struct cbw_orch *o);
+int orch_job_pause (struct cbw_orch *o, const char *id, bool pause, struct cbw_err *err);
+int orch_job_set_speed (struct cbw_orch *o, const char *id, uint64_t speed,
+                        struct cbw_err *err);
+/* Cancel a running job and wait until it stopped; *ret = its final status. */
+int orch_job_cancel (struct cbw_orch *o, const char *id, struct json_object **ret,
+                     struct cbw_err *err);
+/* Cancel (and join) every job of backup_id (NULL = all); count cancelled. */
+int orch_jobs_cancel_backup (struct cbw_orch *o, const char *backup_id);
+/* Startup: load STATE/jobs.json, report jobs that were running as failed. */
+void orch_jobs_load (struct cbw_orch *o);
+/* Shutdown: cancel running jobs (reported failed, interrupted), free all. */
+void orch_jobs_shutdown (struct cbw_orch *o);
 
 /* Test hook: when the environment variable CBW_ORCH_CRASH_AT equals
  * `point`, exit at once with status 99 and no cleanup (a kill -9 at a
