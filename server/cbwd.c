@@ -3,9 +3,9 @@
  * libuv loop until SIGTERM/SIGINT, then closes connections (requests in
  * flight finish first) and exits.
  *
- * Threads: the loop thread runs everything here; libuv's thread pool (sized
- * from the exports' needs before the first request, UV_THREADPOOL_SIZE)
- * runs export I/O (conn.c).
+ * Threads: the loop thread runs everything here; cbwd's worker pool
+ * (pool.c, --threads, started with the first request) runs export I/O and
+ * sends replies (conn.c).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -86,13 +86,12 @@ main (int argc, char **argv)
   struct cbw_err err = { 0 };
 
   signal (SIGPIPE, SIG_IGN);
-  /* Request and reply buffers (up to 32 MiB, typically 256 KiB - 1 MiB) are
-   * malloc'd on one thread and freed on another.  With glibc's defaults each
-   * one is a fresh mmap (page faults on every byte received) or the heap is
-   * trimmed and refaulted; keep them in the heap.  Memory stays bounded by
-   * the per-connection limits. */
-  mallopt (M_MMAP_THRESHOLD, 64 * 1024 * 1024);
-  mallopt (M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+  /* Memory (issue 5): request buffers >= 64 KiB come from bufcache.c
+   * (reused mappings, never more cached than the in-flight high-water), so
+   * malloc only sees small objects.  Without a limit glibc gives each worker
+   * thread its own arena, which keeps its own high-water of small objects
+   * and fragments: two arenas are plenty for the loop + workers. */
+  mallopt (M_ARENA_MAX, 2);
   while ((c = getopt_long (argc, argv, "c:l:e:vh", opts, NULL)) != -1) {
     switch (c) {
     case 'c': config = optarg; break;
@@ -143,6 +142,7 @@ main (int argc, char **argv)
    * set before libuv starts its pool (first uv_queue_work). */
   if (threads <= 0) threads = 8;
   if (threads > 128) threads = 128;
+  srv.threads = (unsigned) threads;
   char tbuf[16];
   snprintf (tbuf, sizeof tbuf, "%ld", threads);
   setenv ("UV_THREADPOOL_SIZE", tbuf, 0);
@@ -197,6 +197,7 @@ main (int argc, char **argv)
   }
   cbwd_log ("serving %zu export(s)", srv.exports.n);
   uv_run (srv.loop, UV_RUN_DEFAULT);
+  cbwd_server_cleanup (&srv);
 #ifdef CBWD_HAVE_ORCH
   cbw_orch_close (orch, false);   /* disks (nbdkit) keep running */
 #endif

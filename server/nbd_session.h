@@ -27,6 +27,7 @@
 
 #include "cbw_err.h"
 #include "export.h"
+#include "pool.h"
 #include "wire.h"
 
 struct cbwd_request {
@@ -50,6 +51,9 @@ struct cbwd_request {
   /* For the owner (conn.c): its own bookkeeping. */
   void *owner;
   size_t payload_have;
+  struct cbwd_job job;             /* conn.c: queued to the worker pool */
+  struct cbwd_request *qnext;      /* conn.c: pending queue */
+  uint64_t held;                   /* conn.c: bytes it counts in held_bytes */
 };
 
 struct cbwd_session_ops {

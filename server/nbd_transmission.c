@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bufcache.h"
 #include "nbd_proto.h"
 #include "nbd_session.h"
 
@@ -43,8 +44,8 @@ void
 cbwd_request_free (struct cbwd_request *r)
 {
   if (!r) return;
-  free (r->payload);
-  free (r->data);
+  cbwd_buf_free (r->payload, r->length);
+  cbwd_buf_free (r->data, r->length);
   cbwd_holes_free (&r->holes);
   for (size_t i = 0; i < r->nctx; i++)
     cbwd_extents_free (&r->ctx[i].x);
@@ -153,7 +154,7 @@ cbwd_tx_parse (struct cbwd_session *s, const uint8_t hdr[28],
   if (type == NBD_CMD_WRITE && r->length > 0) {
     *payload = r->length;
     if (!r->preset_errno) {
-      r->payload = malloc (r->length);
+      r->payload = cbwd_buf_alloc (r->length);
       if (!r->payload) { r->preset_errno = ENOMEM; r->preset_msg = "out of memory"; }
     }
     *discard = r->preset_errno != 0;
@@ -187,17 +188,17 @@ cbwd_request_try_nowait (struct cbwd_request *r)
   if (r->preset_errno || r->length == 0)
     return false;
   if (r->type == NBD_CMD_READ && e->ops->pread_nowait) {
-    r->data = malloc (r->length);
+    r->data = cbwd_buf_alloc (r->length);
     if (!r->data) return false;
     if (e->ops->pread_nowait (e, r->data, r->length, r->offset) == 0)
       return true;
-    free (r->data);
+    cbwd_buf_free (r->data, r->length);
     r->data = NULL;
     return false;
   }
   if (r->type == NBD_CMD_WRITE && e->ops->pwrite_nowait && !(r->flags & NBD_CMD_FLAG_FUA) &&
       e->ops->pwrite_nowait (e, r->payload, r->length, r->offset) == 0) {
-    free (r->payload);
+    cbwd_buf_free (r->payload, r->length);
     r->payload = NULL;
     return true;
   }
@@ -215,7 +216,7 @@ cbwd_request_execute (struct cbwd_request *r)
   switch (r->type) {
   case NBD_CMD_READ:
     if (r->length == 0) break;
-    r->data = malloc (r->length);
+    r->data = cbwd_buf_alloc (r->length);
     if (!r->data) { cbw_err_set (&r->err, ENOMEM, "out of memory"); return; }
     rc = e->ops->pread (e, r->data, r->length, r->offset,
                         (r->structured && !(r->flags & NBD_CMD_FLAG_DF)) ? &r->holes : NULL,
@@ -224,7 +225,7 @@ cbwd_request_execute (struct cbwd_request *r)
   case NBD_CMD_WRITE:
     if (r->length == 0) break;
     rc = e->ops->pwrite (e, r->payload, r->length, r->offset, fua, &r->err);
-    free (r->payload);
+    cbwd_buf_free (r->payload, r->length);
     r->payload = NULL;
     break;
   case NBD_CMD_FLUSH:

@@ -1,9 +1,9 @@
 /* cbw — server/server.h: cbwd's libuv server: listeners, connections, the
  * bridge between the event loop and the thread pool, and logging.
  *
- * Threads: everything in conn.c runs on the loop thread except the
- * uv_queue_work() work callback, which runs cbwd_request_execute() on a
- * pool thread and touches only the request it was given.
+ * Threads: conn.c runs on the loop thread, except a request's execution and
+ * reply, which run on a worker of srv->pool (pool.c) and touch only the
+ * request and the connection fields conn.c documents as lock-guarded.
  */
 #ifndef CBWD_SERVER_H
 #define CBWD_SERVER_H
@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "export.h"
+#include "pool.h"
 
 struct cbwd_limits {
   unsigned max_connections;        /* more are accepted and closed at once */
@@ -44,6 +45,11 @@ struct cbwd_server {
   pthread_cond_t admin_cond;
   struct cbwd_admin_op *admin_q;
   bool admin_closed;
+  /* Worker pool for export I/O (pool.c), started by the first connection
+   * (loop thread); threads = 0 means 8.  Stopped by cbwd_server_cleanup(). */
+  unsigned threads;
+  bool pool_started;
+  struct cbwd_pool pool;
 };
 
 /* Add a listener: "unix:PATH" or "tcp:HOST:PORT" ([v6]:PORT allowed).
@@ -51,6 +57,8 @@ struct cbwd_server {
 int cbwd_listen (struct cbwd_server *srv, const char *spec);
 /* Stop listening, close every connection (requests in flight finish first). */
 void cbwd_server_stop (struct cbwd_server *srv);
+/* After uv_run() returned: join the worker pool. */
+void cbwd_server_cleanup (struct cbwd_server *srv);
 
 /* Admin API: add or remove an export while the server runs.  Callable from
  * any thread EXCEPT the loop thread (the call waits for the loop).  Add takes

@@ -7,6 +7,9 @@
 #   env: CBW_BUILD (build tree with server/cbwd and modules/), ANCHORS, WORK, RES,
 #        READ_RUNS, FIO_RUNS, FIO_RUNTIME, DISK_SIZE (reduced knobs are fine: ratios
 #        only hold inside one run anyway)
+#        CBWD_OLD=path of an older cbwd binary: afterwards also run the
+#        back-to-back A/B scripts ab-store.sh (vs nbdkit file and CBWD_OLD) and
+#        ab-pit.sh (vs CBWD_OLD, with peak RSS); AB_ROUNDS rounds (default 5).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 export ANCHORS=${ANCHORS:-/work/shared/bench/anchors}
@@ -21,3 +24,7 @@ for s in f-cbwd-store.sh g-cbwd-pit.sh h-cbwd-bitmap.sh; do
 done
 /usr/bin/python3 "$ANCHORS/summarize.py" "$RES" > "$RES/summary.md"
 /usr/bin/python3 "$HERE/ratios.py" "$RES" | tee "$RES/cbwd-ratios.md"
+if [ -n "${CBWD_OLD:-}" ]; then
+  ROUNDS=${AB_ROUNDS:-5} "$HERE/ab-store.sh" "$CBW_BUILD/server/cbwd" "$CBWD_OLD" | tee "$RES/ab-store.md"
+  ROUNDS=${AB_ROUNDS:-5} "$HERE/ab-pit.sh" "$CBW_BUILD/server/cbwd" "$CBWD_OLD" | tee "$RES/ab-pit.md"
+fi

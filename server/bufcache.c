@@ -1,0 +1,130 @@
+/* cbw — server/bufcache.c: cbwd's cache of big request buffers (see
+ * bufcache.h for why).  Size classes are powers of two from 64 KiB to
+ * 32 MiB (CBWD_MAX_PAYLOAD); a free buffer's first bytes link it into its
+ * class's list.
+ *
+ * Locking: `lock` guards freel[], in_use, cached, peak, cap and maps; no
+ * system call runs under it.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+
+#include "bufcache.h"
+#include "nbd_proto.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CBWD_BUF_PLAIN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CBWD_BUF_PLAIN 1
+#endif
+#endif
+
+#define MIN_SHIFT 16                   /* 64 KiB */
+#define NCLASS 10                      /* 64 KiB .. 32 MiB */
+_Static_assert ((1u << (MIN_SHIFT + NCLASS - 1)) == CBWD_MAX_PAYLOAD,
+                "size classes must reach CBWD_MAX_PAYLOAD");
+
+struct fbuf { struct fbuf *next; };
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct fbuf *freel[NCLASS];
+static uint64_t in_use, cached, peak, maps;
+static uint64_t cap = 64ULL << 20;
+
+/* Class index of len, or -1 for small (malloc) or too big. */
+static int
+class_of (size_t len)
+{
+  if (len < (1u << MIN_SHIFT) || len > CBWD_MAX_PAYLOAD) return -1;
+  int k = 0;
+  while (((size_t) 1 << (MIN_SHIFT + k)) < len) k++;
+  return k;
+}
+
+void *
+cbwd_buf_alloc (size_t len)
+{
+  int k = class_of (len);
+  if (k < 0)
+    return malloc (len);
+  size_t sz = (size_t) 1 << (MIN_SHIFT + k);
+  pthread_mutex_lock (&lock);
+  struct fbuf *b = freel[k];
+  if (b) {
+    freel[k] = b->next;
+    cached -= sz;
+  }
+  in_use += sz;
+  if (in_use > peak) peak = in_use;
+  if (!b) maps++;
+  pthread_mutex_unlock (&lock);
+  if (b) return b;
+#ifdef CBWD_BUF_PLAIN
+  void *p = malloc (len);          /* exact size: ASan sees overflows */
+  if (p) return p;
+#else
+  void *p = mmap (NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p != MAP_FAILED) return p;
+#endif
+  pthread_mutex_lock (&lock);
+  in_use -= sz;
+  pthread_mutex_unlock (&lock);
+  errno = ENOMEM;
+  return NULL;
+}
+
+void
+cbwd_buf_free (void *p, size_t len)
+{
+  if (!p) return;
+  int k = class_of (len);
+  if (k < 0) {
+    free (p);
+    return;
+  }
+  size_t sz = (size_t) 1 << (MIN_SHIFT + k);
+  bool keep;
+  pthread_mutex_lock (&lock);
+  in_use -= sz;
+#ifdef CBWD_BUF_PLAIN
+  keep = false;                    /* never cached: ASan sees use-after-free */
+#else
+  keep = in_use + cached + sz <= peak && cached + sz <= cap;
+#endif
+  if (keep) {
+    struct fbuf *b = p;
+    b->next = freel[k];
+    freel[k] = b;
+    cached += sz;
+  }
+  pthread_mutex_unlock (&lock);
+  if (keep) return;
+#ifdef CBWD_BUF_PLAIN
+  free (p);
+#else
+  munmap (p, sz);
+#endif
+}
+
+void
+cbwd_bufcache_set_cap (uint64_t bytes)
+{
+  pthread_mutex_lock (&lock);
+  cap = bytes;
+  pthread_mutex_unlock (&lock);
+}
+
+void
+cbwd_bufcache_stats (struct cbwd_bufcache_stats *s)
+{
+  pthread_mutex_lock (&lock);
+  s->in_use = in_use;
+  s->cached = cached;
+  s->peak = peak;
+  s->maps = maps;
+  pthread_mutex_unlock (&lock);
+}
