@@ -50,7 +50,7 @@ struct sub {
   const char *positional;     /* JSON key of the one positional argument */
   bool pos_required;
   const char *pos_name;       /* for help: NAME */
-  struct opt opts[10];
+  struct opt opts[12];
   const char *help;
   printer print;
 };
@@ -287,6 +287,7 @@ static const struct sub subs[] = {
       { "--mode", "mode", O_STR, "full | incremental | none" },
       { "--checkpoint", "checkpoint", O_STR, "create this checkpoint at the point in time" },
       { "--freeze-hook", "freeze-hook", O_STR, "command run with freeze / thaw" },
+      { "--freeze-qga", "freeze-qga", O_STR, "qemu-guest-agent socket: fsfreeze through it" },
       { "--freeze-timeout", "freeze-timeout", O_UINT, "seconds (default 10)" },
       { "--freeze-required", "freeze-required", O_BOOL, "fail if the guest does not freeze" },
       { NULL } },

@@ -6,13 +6,15 @@
  *            cbwd's store export if cbwd offers one, else a file served by
  *            an `nbdkit file` we start; the backup record is saved with
  *            pending={backup-begin,ID} before any module is touched
+ *   freeze   optional guest freeze (hook or qemu-guest-agent), FIRST: the
+ *            guest's fsfreeze writes to these disks, so it must not meet
+ *            held writes
  *   quiesce  every disk (cbw filter: writes drained and held)
- *   freeze   optional guest freeze hook
  *   bitmap   incremental: bitmap backup-DISK (disabled) = union of the
  *            checkpoint bitmaps since the base checkpoint (plan.c)
  *   begin    cbw session per disk (the point in time)
  *   checkpoint  optional new checkpoint: bitmap rotation as in checkpoint.c
- *   thaw, resume
+ *   resume, thaw
  *   export   cbwd PIT export per disk with qemu:dirty-bitmap:backup-DISK,
  *            else the cbw filter's own "pit" export of the disk's nbdkit
  * Any failure before "export" undoes everything in reverse (rollback is
@@ -306,11 +308,12 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   }
 
   orch_crash_point ("backup-begin:recorded");
-  step = "quiesce";
-  if (orch_quiesce (o, r->disks, r->ndisks, &quiesced, err) < 0)
-    goto fail;
+  /* Freeze BEFORE quiescing: the guest's fsfreeze flushes its file systems
+   * to these disks, and held writes would make it wait for the quiesce
+   * timeout.  Once frozen the guest sends no new writes; the quiesce then
+   * drains the ones still in flight and holds anything else. */
   step = "freeze";
-  if (r->freeze.hook && r->freeze.hook[0]) {
+  if ((r->freeze.hook && r->freeze.hook[0]) || (r->freeze.qga && r->freeze.qga[0])) {
     struct cbw_err fe = { 0 };
     if (orch_guest_run (&r->freeze, "freeze", &fe) < 0) {
       if (r->freeze.required) {
@@ -328,6 +331,9 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     else
       frozen = true;
   }
+  step = "quiesce";
+  if (orch_quiesce (o, r->disks, r->ndisks, &quiesced, err) < 0)
+    goto fail;
   for (size_t i = 0; i < r->ndisks; i++) {
     struct orch_disk *d = disk_by_name (o, r->disks[i]);
     struct orch_backup_disk *bd = &b->disks[i];
@@ -379,6 +385,9 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     if (orch_cp_rotate (o, b->checkpoint, r->disks, r->ndisks, err) < 0)
       goto fail;
   }
+  step = "resume";
+  orch_resume (o, r->disks, quiesced);
+  quiesced = 0;
   if (frozen) {
     step = "thaw";
     struct cbw_err te = { 0 };
@@ -390,9 +399,6 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
       orch_event (o, "thaw-failed", data);
     }
   }
-  step = "resume";
-  orch_resume (o, r->disks, quiesced);
-  quiesced = 0;
 
   orch_crash_point ("backup-begin:resumed");
   step = "export";

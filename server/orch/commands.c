@@ -475,6 +475,11 @@ h_backup_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   if (tmo <= 0 || tmo > 3600)
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER,
                          "freeze-timeout must be 1..3600 seconds");
+  if (cbw_ctl_arg_str (args, "freeze-hook", NULL) &&
+      cbw_ctl_arg_str (args, "freeze-qga", NULL))
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER,
+                         "freeze-hook and freeze-qga are exclusive: choose one "
+                         "way to freeze the guest");
   CLEANUP_FREE char *hooklog = orch_strdup_printf ("%s/hook.log", o->state_dir);
   struct orch_backup_req req = {
     .id = cbw_ctl_arg_str (args, "id", "backup"),
@@ -483,6 +488,7 @@ h_backup_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     .checkpoint = cbw_ctl_arg_str (args, "checkpoint", NULL),
     .freeze = {
       .hook = cbw_ctl_arg_str (args, "freeze-hook", NULL),
+      .qga = cbw_ctl_arg_str (args, "freeze-qga", NULL),
       .timeout = (double) tmo,
       .required = cbw_ctl_arg_bool (args, "freeze-required", false),
       .log = hooklog,
@@ -744,7 +750,10 @@ static const struct cbw_ctl_arg backup_begin_args[] = {
   { "checkpoint", CBW_ARG_STRING, false, "create this checkpoint at the backup's point in time" },
   { "freeze-hook", CBW_ARG_STRING, false, "command run as `HOOK freeze` / `HOOK thaw` "
     "around the point in time (exit 0 = success)" },
-  { "freeze-timeout", CBW_ARG_UINT, false, "seconds to wait for the hook (default 10)" },
+  { "freeze-qga", CBW_ARG_STRING, false, "freeze through the qemu-guest-agent on this Unix "
+    "socket (`guest-sync`, `guest-fsfreeze-freeze` / `-thaw`) instead of a hook" },
+  { "freeze-timeout", CBW_ARG_UINT, false, "seconds to wait for the hook or the agent, per phase "
+    "(default 10)" },
   { "freeze-required", CBW_ARG_BOOL, false, "fail the backup if the freeze fails "
     "(default false: proceed crash-consistent and emit `freeze-failed`)" },
   { NULL }

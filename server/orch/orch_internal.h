@@ -252,11 +252,14 @@ void orch_resume (struct cbw_orch *o, char **disks, size_t n);
 /* ---- guest.c ---- */
 struct orch_freeze {
   const char *hook;             /* command run as `HOOK freeze` / `HOOK thaw` */
+  const char *qga;              /* or: qemu-guest-agent socket */
   double timeout;               /* seconds */
   bool required;                /* freeze failure fails the backup */
   const char *log;              /* hook output, NULL = /dev/null */
 };
 int orch_guest_run (const struct orch_freeze *f, const char *phase, struct cbw_err *err);
+int orch_guest_agent (const char *socket_path, const char *phase, double timeout,
+                      struct cbw_err *err);
 
 /* ---- backup.c ---- */
 struct orch_backup_req {
