@@ -98,11 +98,13 @@ struct dbm_tracker {
   bool changed;                       /* something to checkpoint; j_lock */
   uint64_t write_errors;              /* bumped on each failed journal write */
   uint64_t journal_writes, checkpoints;
+  uint64_t journal_waits;             /* writers that waited for the journal */
 
   pthread_mutex_t t_lock;
   pthread_cond_t t_cond;
   pthread_t timer;
   bool timer_running, timer_stop, kicked;
+  bool prefetch;                      /* write pending regions ahead; t_lock */
   unsigned interval_s;
 };
 
@@ -184,12 +186,48 @@ journal_write_locked (struct dbm_tracker *t, const uint8_t *base, struct cbw_err
   return r;
 }
 
+static void kick_prefetch (struct dbm_tracker *t);
+
+/* Add regions (r1, r1 + t->ahead] that are not guaranteed (nor being
+ * written) to pending.  With j_lock held.  Returns true if any was added. */
+static bool
+want_ahead (struct dbm_tracker *t, uint64_t r1)
+{
+  bool added = false;
+  for (uint64_t r = r1 + 1; r <= r1 + t->ahead && r < t->nregions; ++r)
+    if (!bit_get (t->guaranteed, r) &&
+        !(t->writer_active && bit_get (t->jset, r)) && !bit_get (t->pending, r)) {
+      bit_set (t->pending, r);
+      added = true;
+    }
+  return added;
+}
+
+static int ensure_marked_locked (struct dbm_tracker *t, uint64_t r0,
+                                 uint64_t r1, bool *prefetch,
+                                 struct cbw_err *err);
+
 /* Slow path: make regions [r0, r1] guaranteed and mark them. */
 static int
 ensure_marked (struct dbm_tracker *t, uint64_t r0, uint64_t r1, struct cbw_err *err)
 {
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->j_lock);
+  bool prefetch = false;
+  int r;
+
+  pthread_mutex_lock (&t->j_lock);
+  r = ensure_marked_locked (t, r0, r1, &prefetch, err);
+  pthread_mutex_unlock (&t->j_lock);
+  if (prefetch)
+    kick_prefetch (t);
+  return r;
+}
+
+static int
+ensure_marked_locked (struct dbm_tracker *t, uint64_t r0, uint64_t r1,
+                      bool *prefetch, struct cbw_err *err)
+{
   uint64_t r, errors0 = t->write_errors;
+  bool counted = false;
 
   t->changed = true;
   /* Sequential step (see the top of this file): ask for the next regions
@@ -199,13 +237,17 @@ ensure_marked (struct dbm_tracker *t, uint64_t r0, uint64_t r1, struct cbw_err *
       t->ahead = t->ahead ? t->ahead * 2 : 1;
       if (t->ahead > DBM_MARK_AHEAD_MAX)
         t->ahead = DBM_MARK_AHEAD_MAX;
-      for (r = r1 + 1; r <= r1 + t->ahead && r < t->nregions; ++r)
-        if (!bit_get (t->guaranteed, r) &&
-            !(t->writer_active && bit_get (t->jset, r)))
-          bit_set (t->pending, r);
+      want_ahead (t, r1);
     }
     else
       t->ahead = 0;
+  }
+  else if (t->ahead > 0 && r0 > 0 && bit_get (t->guaranteed, r0 - 1)) {
+    /* The stream entered a region guaranteed ahead of it: push the frontier
+     * further in the background, so that it never waits again. */
+    t->ahead = t->ahead * 2 > DBM_MARK_AHEAD_MAX ? DBM_MARK_AHEAD_MAX
+      : t->ahead * 2;
+    *prefetch = want_ahead (t, r1);
   }
   for (;;) {
     bool missing = false;
@@ -223,6 +265,10 @@ ensure_marked (struct dbm_tracker *t, uint64_t r0, uint64_t r1, struct cbw_err *
     if (t->write_errors != errors0)
       return cbw_err_set (err, EIO, "%s: journal update failed earlier, "
                           "refusing the write (see previous error)", t->journal_path);
+    if (!counted) {
+      t->journal_waits++;
+      counted = true;
+    }
     if (!t->writer_active) {
       if (journal_write_locked (t, t->jset, err) < 0)
         return -1;
@@ -381,6 +427,35 @@ needs_checkpoint (struct dbm_tracker *t)
   return false;
 }
 
+/* Background journal update for regions guaranteed ahead of a sequential
+ * writer (nobody waits for it; if it is not done in time, the writer that
+ * reaches the region writes it, as without prefetch). */
+static void
+prefetch_write (struct dbm_tracker *t)
+{
+  struct cbw_err err = { 0 };
+  size_t i;
+  bool any = false;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->j_lock);
+  if (t->writer_active)
+    return;                      /* pending goes with the next write */
+  for (i = 0; i < t->jbytes && !any; ++i)
+    any = t->pending[i] != 0;
+  if (any && journal_write_locked (t, t->jset, &err) < 0)
+    tlog (t, "journal update ahead of a sequential writer failed: %s", err.msg);
+}
+
+static void
+kick_prefetch (struct dbm_tracker *t)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->t_lock);
+  if (t->timer_running && !t->prefetch) {
+    t->prefetch = true;
+    pthread_cond_signal (&t->t_cond);
+  }
+}
+
 static void *
 timer_thread (void *arg)
 {
@@ -390,6 +465,13 @@ timer_thread (void *arg)
   clock_gettime (CLOCK_MONOTONIC, &last);
   pthread_mutex_lock (&t->t_lock);
   while (!t->timer_stop) {
+    if (t->prefetch) {
+      t->prefetch = false;
+      pthread_mutex_unlock (&t->t_lock);
+      prefetch_write (t);
+      pthread_mutex_lock (&t->t_lock);
+      continue;
+    }
     clock_gettime (CLOCK_MONOTONIC, &now);
     until = last;
     /* a flush brings the checkpoint forward, but at most one per
@@ -927,6 +1009,7 @@ dbm_tracker_stats (struct dbm_tracker *t, struct dbm_tracker_stats *s)
     if (bit_get (t->jset, r))
       s->journal_regions++;
   s->journal_writes = t->journal_writes;
+  s->journal_waits = t->journal_waits;
   s->checkpoints = t->checkpoints;
   s->recovery = t->recovery;
   s->descriptor = t->st->descriptor_path;

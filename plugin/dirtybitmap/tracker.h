@@ -99,6 +99,7 @@ struct dbm_tracker_stats {
   uint64_t image_size, region_size, nregions;
   uint64_t journal_regions;       /* regions set in the journal now */
   uint64_t journal_writes;        /* durable journal updates since open */
+  uint64_t journal_waits;         /* writes that waited for one */
   uint64_t checkpoints;           /* fine checkpoints since open */
   enum dbm_recovery recovery;
   const char *descriptor, *journal;

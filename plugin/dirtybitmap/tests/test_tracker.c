@@ -372,3 +372,36 @@ Test (tracker, sequential_writer_marks_ahead)
   cbw_bitmap_free (&m);
   dbm_tracker_close (t, true, &err);
 }
+
+/* With the background thread running, a sequential writer that keeps
+ * entering regions guaranteed ahead of it gets the frontier pushed further
+ * in the background: it waits for the journal only at the start. */
+Test (tracker, sequential_writer_prefetch_in_background)
+{
+  struct cbw_err err = { 0 };
+  const uint64_t size = 512 * MiB, region = 8 * MiB, nreg = size / region;
+  struct dbm_tracker *t = topen (size, region);
+  struct dbm_tracker_stats s0, s;
+  struct cbw_bitmap m;
+  uint64_t off;
+
+  cr_assert_eq (dbm_tracker_add (t, "b", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_start_timer (t, 3600, &err), 0, "%s", err.msg);
+  dbm_tracker_stats (t, &s0);
+  for (off = 0; off < size; off += MiB) {
+    cr_assert_eq (dbm_tracker_record (t, off, MiB, &err), 0, "%s", err.msg);
+    if (off % region == 0)
+      usleep (20000);             /* the writer's own I/O time */
+  }
+  dbm_tracker_stats (t, &s);
+  uint64_t waits = s.journal_waits - s0.journal_waits;
+  cr_assert_leq (waits, 4, "a sequential pass over %" PRIu64 " regions waited "
+                 "for the journal %" PRIu64 " times", nreg, waits);
+  /* crash: every written granule dirty */
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);
+  t = topen (size, region);
+  extents_to_model (t, "b", 65536, &m);
+  cr_assert (cbw_bitmap_all_in_range (&m, 0, size / 65536));
+  cbw_bitmap_free (&m);
+  dbm_tracker_close (t, true, &err);
+}
