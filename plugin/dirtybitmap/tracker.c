@@ -14,7 +14,10 @@
  * into region r finds region r-1 already guaranteed, the same journal update
  * also guarantees the next `ahead` regions, `ahead` doubling on each such
  * sequential step up to DBM_MARK_AHEAD_MAX (and falling to 0 on a random
- * one): a 2 GiB pass over 64 MiB regions waits ~5 times instead of 32.  A
+ * one): a 2 GiB pass over 64 MiB regions waits ~5 times instead of 32.
+ * When the stream then enters a region guaranteed ahead, the next ones are
+ * queued and written by the timer thread (prefetch_write; t->prefetch under
+ * t_lock), so the writer normally never waits again.  A
  * region guaranteed ahead but never written is only an over-report after a
  * crash (its marks stay 0, so the next checkpoint drops it from the
  * journal); nothing else changes.
