@@ -50,26 +50,6 @@ disk_by_name (struct cbw_orch *o, const char *name)
   return orch_find_disk (&o->st, name);
 }
 
-/* Does /proc/PID/cmdline contain the argument `needle` (pid-reuse guard)? */
-static bool
-pid_has_arg (int64_t pid, const char *needle)
-{
-  char path[64], buf[8192];
-  snprintf (path, sizeof path, "/proc/%lld/cmdline", (long long) pid);
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return false;
-  ssize_t n = read (fd, buf, sizeof buf - 1);
-  close (fd);
-  if (n <= 0)
-    return false;
-  buf[n] = '\0';
-  for (ssize_t i = 0; i < n; i += (ssize_t) strlen (buf + i) + 1)
-    if (strstr (buf + i, needle))
-      return true;
-  return false;
-}
-
 static int
 start_store (struct cbw_orch *o, const char *id, struct orch_disk *d,
              struct orch_backup_disk *bd, struct cbw_err *err)
@@ -181,7 +161,7 @@ teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
         o->exports->remove_export (o->exports->opaque, sname, &e);
     }
     if (bd->store_pid > 0) {
-      if (pid_has_arg (bd->store_pid, bd->store_path))
+      if (orch_pid_cmdline_has (bd->store_pid, bd->store_path, false))
         orch_kill_wait ((pid_t) bd->store_pid, -1);
       bd->store_pid = 0;
     }

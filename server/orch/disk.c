@@ -68,9 +68,7 @@ orch_disk_run_name (enum orch_disk_run r)
 static double
 now_s (void)
 {
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (double) ts.tv_sec + ts.tv_nsec / 1e9;
+  return (double) orch_now_ns () / 1e9;
 }
 
 static int
@@ -378,24 +376,31 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   return 0;
 }
 
+bool
+orch_pid_cmdline_has (int64_t pid, const char *needle, bool whole_arg)
+{
+  char path[64], buf[8192];
+  if (pid <= 0)
+    return false;
+  snprintf (path, sizeof path, "/proc/%lld/cmdline", (long long) pid);
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return false;
+  ssize_t n = read (fd, buf, sizeof buf - 1);
+  close (fd);
+  if (n <= 0)
+    return false;
+  buf[n] = '\0';
+  for (ssize_t i = 0; i < n; i += (ssize_t) strlen (buf + i) + 1)
+    if (whole_arg ? strcmp (buf + i, needle) == 0 : strstr (buf + i, needle) != NULL)
+      return true;
+  return false;
+}
+
 void
 orch_disk_adopt (struct cbw_orch *o, struct orch_disk *d)
 {
-  char path[64], buf[8192];
-  bool ok = false;
-
-  if (d->pid > 0) {
-    snprintf (path, sizeof path, "/proc/%lld/cmdline", (long long) d->pid);
-    int fd = open (path, O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-      ssize_t n = read (fd, buf, sizeof buf - 1);
-      close (fd);
-      for (ssize_t i = 0; i < n && !ok; i += (ssize_t) strlen (buf + i) + 1) {
-        buf[n] = '\0';
-        ok = strcmp (buf + i, d->nbd_sock) == 0;
-      }
-    }
-  }
+  bool ok = orch_pid_cmdline_has (d->pid, d->nbd_sock, true);
   int pidfd = ok ? (int) syscall (SYS_pidfd_open, (pid_t) d->pid, 0) : -1;
   if (pidfd >= 0 && try_connect (d->nbd_sock) == 0) {
     uint64_t size = nbd_size (d->nbd_sock);

@@ -41,9 +41,7 @@
 static int64_t
 mono_ms (void)
 {
-  struct timespec t;
-  clock_gettime (CLOCK_MONOTONIC, &t);
-  return (int64_t) t.tv_sec * 1000 + t.tv_nsec / 1000000;
+  return orch_now_ns () / 1000000;
 }
 
 /* Wait for fd to be ready for ev until deadline_ms; 0, or -1 + err. */
@@ -124,19 +122,6 @@ qga_recv (int fd, char *buf, size_t *have, int64_t deadline_ms,
   }
 }
 
-static void
-close_fd (int *fd)
-{
-  if (*fd >= 0)
-    close (*fd);
-}
-
-static void
-free_buf (char **p)
-{
-  free (*p);
-}
-
 int
 orch_guest_agent (const char *socket_path, const char *phase, double timeout,
                   struct cbw_err *err)
@@ -145,8 +130,8 @@ orch_guest_agent (const char *socket_path, const char *phase, double timeout,
     : "guest-fsfreeze-thaw";
   int64_t deadline = mono_ms () + (int64_t) ((timeout > 0 ? timeout : 10) * 1000);
   struct sockaddr_un sun = { .sun_family = AF_UNIX };
-  __attribute__ ((cleanup (close_fd))) int fd = -1;
-  __attribute__ ((cleanup (free_buf))) char *buf = NULL;
+  CLEANUP_CLOSE int fd = -1;
+  CLEANUP_FREE char *buf = NULL;
   size_t have = 0;
   char line[160];
 

@@ -75,14 +75,6 @@
 
 static pthread_mutex_t jobs_save_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static int64_t
-now_ns (void)
-{
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 const char *
 orch_job_state_name (enum orch_job_state s)
 {
@@ -118,7 +110,7 @@ job_to_json_locked (const struct orch_job *j, bool for_file)
   json_object_object_add (o, "finished", json_object_new_int64 (j->finished));
   if (j->t0_ns)
     json_object_object_add (o, "elapsed-ms",
-                            json_object_new_int64 (((j->t1_ns ? j->t1_ns : now_ns ()) - j->t0_ns) / 1000000));
+                            json_object_new_int64 (((j->t1_ns ? j->t1_ns : orch_now_ns ()) - j->t0_ns) / 1000000));
   json_object_object_add (o, "speed", json_object_new_int64 ((int64_t) j->speed));
   json_object_object_add (o, "bytes-done", json_object_new_int64 ((int64_t) j->done));
   json_object_object_add (o, "bytes-total", json_object_new_int64 ((int64_t) j->total));
@@ -290,26 +282,6 @@ helper_stop (pid_t pid, int ms, bool is_child)
   }
   else
     orch_kill_wait (pid, -1);
-}
-
-/* Does /proc/PID/cmdline contain an argument containing needle? */
-static bool
-pid_cmdline_has (int64_t pid, const char *needle)
-{
-  char path[64], buf[8192];
-  snprintf (path, sizeof path, "/proc/%lld/cmdline", (long long) pid);
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return false;
-  ssize_t n = read (fd, buf, sizeof buf - 1);
-  close (fd);
-  if (n <= 0)
-    return false;
-  buf[n] = '\0';
-  for (ssize_t i = 0; i < n; i += (ssize_t) strlen (buf + i) + 1)
-    if (strstr (buf + i, needle))
-      return true;
-  return false;
 }
 
 /* ---------------------------------------------------------------- */
@@ -866,7 +838,7 @@ want_overlaps (const struct orch_job_disk *jd, uint64_t a, uint64_t b)
 static void
 release_flush (struct copier *c)
 {
-  c->rel_last = now_ns ();
+  c->rel_last = orch_now_ns ();
   if (c->nrel == 0)
     return;
   qsort (c->rel, c->nrel, sizeof *c->rel, cmp_range);
@@ -1045,7 +1017,7 @@ busy_slots (struct copier *c)
 static int
 issue (struct copier *c, uint64_t speed)
 {
-  int64_t now = now_ns ();
+  int64_t now = orch_now_ns ();
   if (speed != c->rate_speed) {         /* (re)start the bucket at each change */
     c->rate_speed = speed;
     c->rate_bytes = 0;
@@ -1193,7 +1165,7 @@ poll_once (struct copier *c, int timeout_ms)
 static void
 publish_progress (struct copier *c, int64_t *last_ev, uint64_t *last_done)
 {
-  int64_t now = now_ns ();
+  int64_t now = orch_now_ns ();
   size_t inflight = busy_slots (c);
   uint64_t done, total;
   {
@@ -1249,7 +1221,7 @@ copy_disk (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
   struct copier cc = { .o = o, .j = j, .jd = jd }, *c = &cc;
   int ret = -1;
   bool cancelled = false;
-  int64_t last_ev = now_ns (), drain_start = 0;
+  int64_t last_ev = orch_now_ns (), drain_start = 0;
   uint64_t last_done = UINT64_MAX;
 
   c->gran = jd->gran ? jd->gran : 65536;
@@ -1284,7 +1256,7 @@ copy_disk (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
   }
   c->wi = 0;
   c->wpos = 0;
-  c->rel_last = now_ns ();
+  c->rel_last = orch_now_ns ();
 
   for (;;) {
     bool cancel, pause;
@@ -1322,7 +1294,7 @@ copy_disk (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
         timeout = t;
     }
     if (c->rel_bytes >= JOB_RELEASE_BATCH ||
-        (c->nrel && now_ns () - c->rel_last >= JOB_RELEASE_EVERY_NS))
+        (c->nrel && orch_now_ns () - c->rel_last >= JOB_RELEASE_EVERY_NS))
       release_flush (c);
     publish_progress (c, &last_ev, &last_done);
     size_t busy = busy_slots (c);
@@ -1340,8 +1312,8 @@ copy_disk (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
       continue;
     if ((c->failed || cancelled) && busy > 0) {
       if (drain_start == 0)
-        drain_start = now_ns ();
-      if (now_ns () - drain_start > JOB_DRAIN_NS)
+        drain_start = orch_now_ns ();
+      if (orch_now_ns () - drain_start > JOB_DRAIN_NS)
         break;                  /* give up waiting: a dead server */
     }
     poll_once (c, timeout);
@@ -1427,7 +1399,7 @@ job_thread (void *arg)
   int r = 0;
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&j->lock);
-    j->t0_ns = now_ns ();
+    j->t0_ns = orch_now_ns ();
   }
   for (size_t i = 0; i < j->ndisks && r == 0; i++)
     r = copy_disk (o, j, &j->disks[i], msg, sizeof msg);
@@ -1437,7 +1409,7 @@ job_thread (void *arg)
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&j->lock);
     j->finished = (int64_t) time (NULL);
-    j->t1_ns = now_ns ();
+    j->t1_ns = orch_now_ns ();
     if (r == 0) {
       j->state = ORCH_JOB_COMPLETED;
       ev = "job-completed";
@@ -2006,7 +1978,7 @@ orch_jobs_load (struct cbw_orch *o)
       int64_t hp = json_object_object_get_ex (y, "helper-pid", &v) ? json_object_get_int64 (v) : 0;
       const char *hs = json_object_object_get_ex (y, "helper-socket", &v)
         ? json_object_get_string (v) : "";
-      if (hp > 0 && hs[0] && pid_cmdline_has (hp, hs)) {
+      if (hp > 0 && hs[0] && orch_pid_cmdline_has (hp, hs, false)) {
         helper_stop ((pid_t) hp, 0, false);
         unlink (hs);
       }

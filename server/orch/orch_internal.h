@@ -23,6 +23,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 #include <sys/types.h>
 
 #include <json-c/json.h>
@@ -209,8 +210,19 @@ pid_t orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_
 /* Wait until a Unix socket accepts connections, failing early when the
  * process behind pidfd (if >= 0) exits. */
 int orch_wait_socket (const char *path, int pidfd, double timeout, struct cbw_err *err);
+/* CLOCK_MONOTONIC in nanoseconds: the one clock of timeouts and rates. */
+static inline int64_t
+orch_now_ns (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 /* SIGTERM, wait up to 5 s, SIGKILL; pidfd -1 = open one now. */
 void orch_kill_wait (pid_t pid, int pidfd);
+/* Is pid still the process we started (pid-reuse guard)?  True if one
+ * argument of /proc/PID/cmdline equals needle (whole_arg) or contains it. */
+bool orch_pid_cmdline_has (int64_t pid, const char *needle, bool whole_arg);
 
 /* ---- checkpoint.c ---- */
 int orch_checkpoint_create (struct cbw_orch *o, const char *name,
