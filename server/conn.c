@@ -303,11 +303,11 @@ conn_mark_failed (struct cbwd_conn *c)
   pthread_mutex_unlock (&c->lock);
 }
 
+/* Loop: a reply handed to the loop is done with (written or dropped):
+ * release its wire and held bytes, free it. */
 static void
-write_done (uv_write_t *w, int status)
+txq_retire_loop (struct cbwd_conn *c, struct txq *q)
 {
-  struct txq *q = (struct txq *) ((char *) w - offsetof (struct txq, w));
-  struct cbwd_conn *c = q->c;
   pthread_mutex_lock (&c->tx_lock);
   c->tx_loop--;
   c->tx_bytes -= q->wire;
@@ -316,6 +316,14 @@ write_done (uv_write_t *w, int status)
   c->held_bytes -= q->bytes;
   pthread_mutex_unlock (&c->lock);
   txq_free (q);
+}
+
+static void
+write_done (uv_write_t *w, int status)
+{
+  struct txq *q = (struct txq *) ((char *) w - offsetof (struct txq, w));
+  struct cbwd_conn *c = q->c;
+  txq_retire_loop (c, q);
   if (status < 0 && !c->close_started) {
     cbwd_debug (c->srv, "conn %u: write failed: %s", c->id, uv_strerror (status));
     conn_fail (c, true);
@@ -343,14 +351,7 @@ tx_drain (struct cbwd_conn *c)
         c->tx_dead = dead = true;      /* the rest must not be sent either */
         pthread_mutex_unlock (&c->tx_lock);
       }
-      pthread_mutex_lock (&c->tx_lock);
-      c->tx_loop--;
-      c->tx_bytes -= q->wire;
-      pthread_mutex_unlock (&c->tx_lock);
-      pthread_mutex_lock (&c->lock);
-      c->held_bytes -= q->bytes;
-      pthread_mutex_unlock (&c->lock);
-      txq_free (q);
+      txq_retire_loop (c, q);
       if (!c->close_started && !c->drop) {
         c->closing = true;             /* conn_fail after the loop */
         c->drop = true;
