@@ -1598,7 +1598,8 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
     for (size_t k = 0; k < o->njobs; k++) {
       struct orch_job *p = o->jobs[k];
       ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&p->lock);
-      if (strcmp (p->backup, j->backup) != 0 || p->backup_started != j->backup_started)
+      if (p->backup_ended || strcmp (p->backup, j->backup) != 0 ||
+          p->backup_started != j->backup_started)
         continue;
       for (size_t a = 0; a < p->ndisks; a++)
         for (size_t c = 0; c < nd; c++)
@@ -1872,7 +1873,7 @@ orch_jobs_cancel_backup (struct cbw_orch *o, const char *backup_id)
       }
     }
     if (victim == NULL)
-      return n;
+      break;
     bool was_active;
     {
       ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&victim->lock);
@@ -1881,6 +1882,16 @@ orch_jobs_cancel_backup (struct cbw_orch *o, const char *backup_id)
     cancel_and_join (victim);
     n += was_active;
   }
+  /* The backup ends: its jobs no longer stand in the way of a new backup
+   * with the same id (see the released-disk check in job start). */
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  for (size_t i = 0; i < o->njobs; i++) {
+    struct orch_job *j = o->jobs[i];
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&j->lock);
+    if (backup_id == NULL || strcmp (j->backup, backup_id) == 0)
+      j->backup_ended = true;
+  }
+  return n;
 }
 
 struct json_object *

@@ -326,6 +326,9 @@ struct orch_job {
   char id[ORCH_NAME_MAX + 1];
   char backup[ORCH_NAME_MAX + 1];
   int64_t backup_started;       /* tells two backups with one id apart */
+  bool backup_ended;            /* j->lock: its backup has ended (backup-end);
+                                   `started` has 1 s resolution, so a new
+                                   backup with the same id may share it */
   char mode[16];                /* full | incremental */
   unsigned requests;            /* requests in flight */
   uint64_t request_size;
