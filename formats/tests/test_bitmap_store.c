@@ -451,7 +451,7 @@ Test (store, invalid_names)
     snprintf (next, sizeof next, "\"name\": %s", bad[i] ? bad[i] : toolong);
     edit_file (desc, cur, next, true);
     strcpy (cur, next);
-    cr_log_info ("invalid name case %zu: %s", i, bad[i]);
+    cr_log_info ("invalid name case %zu: %s", i, bad[i] ? bad[i] : "(too long)");
     expect_open_fail (IMG, EIO, desc, "bitmap #1", NULL);
   }
   /* and through the API */
