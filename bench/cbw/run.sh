@@ -6,6 +6,8 @@
 #   idle       nbdkit --filter=cbw file disk.img, no session
 #   first      cbw session just begun, target = nbdkit file on a sparse raw file
 #              (fresh target + session per run: every first write copies)
+#   first-file the same with a local-file target (file:///, sparse raw file):
+#              the same kind of target as QSD's fleecing image
 #   steady     cbw session after one full 1 MiB pass (everything copied)
 #   qsd        plain qemu-storage-daemon                (QSD's no-backup stack)
 #   qsd-first  QSD fleecing, fresh per run (the d1 anchor)
@@ -45,19 +47,24 @@ nbdkit_start() {
   P=$!; register_pid $P
   U="nbd+unix:///?socket=$S"; wait_nbd "$U"
 }
-# cbw_start TAG: target + nbdkit with the cbw filter, session begun
+# cbw_start TAG: target + nbdkit with the cbw filter, session begun; the
+# target is an NBD server (nbdkit file), or a local file for TAG first-file
 cbw_start() {
-  local tag=$1
-  TS=$SOCKDIR/$tag-tgt.sock; TIMG=$WORK/cbw-target.img
+  local tag=$1 turi
+  TS=$SOCKDIR/$tag-tgt.sock; TIMG=$WORK/cbw-target.img; TP=
   rm -f "$TS" "$TIMG"; truncate -s "$(stat -c %s "$DISK")" "$TIMG"
-  srv nbdkit -f -U "$TS" file "$TIMG"; TP=$!; register_pid $TP
-  wait_nbd "nbd+unix:///?socket=$TS"
+  if [ "$tag" = first-file ]; then
+    turi="file://$TIMG"
+  else
+    srv nbdkit -f -U "$TS" file "$TIMG"; TP=$!; register_pid $TP
+    turi="nbd+unix:///?socket=$TS"; wait_nbd "$turi"
+  fi
   C=$SOCKDIR/$tag-ctl.sock; rm -f "$C"
   nbdkit_start "$tag" cbw-control="$C" cbw-pit-export=pit $CBW_ARGS
-  local r; r=$("$CBW_IO" ctl "$C" '{"execute":"begin","arguments":{"target":"nbd+unix:///?socket='"$TS"'"}}')
+  local r; r=$("$CBW_IO" ctl "$C" '{"execute":"begin","arguments":{"target":"'"$turi"'"}}')
   case $r in *'"return"'*) ;; *) log "begin failed: $r"; exit 1 ;; esac
 }
-cbw_stop() { stop_pid $P; stop_pid $TP; }
+cbw_stop() { stop_pid $P; [ -z "$TP" ] || stop_pid $TP; }
 
 pass_jobs() {                 # pass_jobs CASE START-FN STOP-FN
   local c=$1 start=$2 stop=$3 job m i files
@@ -68,7 +75,7 @@ pass_jobs() {                 # pass_jobs CASE START-FN STOP-FN
       $start "$c"; warm_server "$U"; sync
       fio_once "$U" $job "$RES/$c.$m.$i.json" pass
       files+=("$RES/$c.$m.$i.json")
-      [ "$c" = first ] && log "status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' | cut -c1-300)"
+      case $c in first*) log "status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' | cut -c1-300)" ;; esac
       $stop
     done
     record_fio "$c" $m $job "${files[@]}"
@@ -88,6 +95,7 @@ fleece_start_c() { fleece_start "$1"; P=$FL_PID; U=$FL_LIVE; }
 
 CASE=base;      pass_jobs base plain_start plain_stop
 CASE=first;     pass_jobs first cbw_start cbw_stop
+CASE=first-file; pass_jobs first-file cbw_start cbw_stop
 CASE=qsd;       pass_jobs qsd qsd_start plain_stop
 CASE=qsd-first; pass_jobs qsd-first fleece_start_c plain_stop
 
@@ -120,14 +128,16 @@ out += ["", "Ratios (medians) and the bars:", "",
 def bar(name, ours, qsd, need, ok):
     out.append(f"| {name} | {ours:.3f} | {qsd if isinstance(qsd, str) else f'{qsd:.3f}'} | {need} | {'yes' if ok else 'NO'} |")
 try:
-    r = med("first", "randwrite4k_1pc_iops") / med("base", "randwrite4k_1pc_iops")
-    q = med("qsd-first", "randwrite4k_1pc_iops") / med("qsd", "randwrite4k_1pc_iops")
-    bar("4k write per fresh 64K block: IOPS / no-backup", r, q, ">= 1.5 x QSD", r >= 1.5 * q)
-    p, qp = med("first", "randwrite4k_1pc_clat_p99"), med("qsd-first", "randwrite4k_1pc_clat_p99")
-    bar("same: clat p99 (us)", p, qp, "<= QSD", p <= qp)
-    r = med("first", "seqwrite1m_pass") / med("base", "seqwrite1m_pass")
-    q = med("qsd-first", "seqwrite1m_pass") / med("qsd", "seqwrite1m_pass")
-    bar("1 MiB sequential pass after begin / no-backup", r, q, ">= 1.5 x QSD", r >= 1.5 * q)
+    for c, what in (("first-file", "local file target"), ("first", "NBD target")):
+        if c not in rows: continue
+        r = med(c, "randwrite4k_1pc_iops") / med("base", "randwrite4k_1pc_iops")
+        q = med("qsd-first", "randwrite4k_1pc_iops") / med("qsd", "randwrite4k_1pc_iops")
+        bar(f"{what}: 4k write per fresh 64K block: IOPS / no-backup", r, q, ">= 1.5 x QSD", r >= 1.5 * q)
+        p, qp = med(c, "randwrite4k_1pc_clat_p99"), med("qsd-first", "randwrite4k_1pc_clat_p99")
+        bar(f"{what}: same, clat p99 (us)", p, qp, "<= QSD", p <= qp)
+        r = med(c, "seqwrite1m_pass") / med("base", "seqwrite1m_pass")
+        q = med("qsd-first", "seqwrite1m_pass") / med("qsd", "seqwrite1m_pass")
+        bar(f"{what}: 1 MiB sequential pass after begin / no-backup", r, q, ">= 1.5 x QSD", r >= 1.5 * q)
     for j in ("randwrite4k_iops", "seqwrite1m"):
         r = med("steady", j) / med("base", j)
         bar(f"steady state {j} / no-backup", r, "-", ">= 0.97", r >= 0.97)

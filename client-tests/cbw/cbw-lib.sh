@@ -15,6 +15,15 @@ start_target() {
   TGT_URI="nbd+unix:///?socket=$T/$name.sock"
 }
 
+# start_file_target NAME SIZE: sparse raw file as a local target (file:///).
+# Sets TGT_URI, TGT_IMG; TGT_PID is empty (no server).
+start_file_target() {
+  TGT_IMG=$T/$1.img
+  rm -f "$TGT_IMG"; truncate -s "$2" "$TGT_IMG"
+  TGT_PID=
+  TGT_URI="file://$TGT_IMG"
+}
+
 # start_live DISK [filter args...]: nbdkit file DISK under the cbw filter.
 # Sets LIVE (URI), PIT (URI), CTL (socket), LIVE_PID.
 start_live() {
@@ -75,6 +84,23 @@ wait_status() {
 }
 # wait_copies: wait until the write-back buffer is empty (all copies landed).
 wait_copies() { wait_status buffered-blocks 0 "${1:-30}"; wait_status in-flight 0 "${1:-30}"; }
+
+# start_live_memory SIZE REF [filter args...]: like start_live, but the live
+# disk is nbdkit's memory plugin (no file of its own, so RLIMIT_FSIZE on the
+# process only limits the target), loaded with REF through the idle filter.
+start_live_memory() {
+  local size=$1 ref=$2; shift 2
+  CTL=$T/ctl.sock
+  rm -f "$CTL"
+  start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" memory "$size" \
+    cbw-control="$CTL" cbw-pit-export=pit "$@"
+  LIVE_PID=$NBDKIT_PID
+  LIVE="nbd+unix:///?socket=$T/live.sock"
+  PIT="nbd+unix:///pit?socket=$T/live.sock"
+  wait_socket "$CTL"
+  sanitizer_probe
+  nbdcopy "$ref" "$LIVE" || fail "cannot load $ref into the live disk"
+}
 
 begin_full() { ok_ctl "{\"execute\":\"begin\",\"arguments\":{\"target\":\"$TGT_URI\"${1:-}}}" >/dev/null; }
 

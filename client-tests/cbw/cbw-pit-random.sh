@@ -4,6 +4,7 @@
 # guest writes / write-zeroes / trims on the live export and concurrent PIT
 # reads checked against a copy taken at begin (cbw-io stress), then the whole
 # PIT view must equal that copy (cmp), and the live disk must have changed.
+# The target is an NBD server or, one round in three, a local file (file:///).
 # Usage: cbw-pit-random.sh [--rounds N] [--seconds S] [--max-mib M]
 # (CI: 20 rounds; env CBW_SEED fixes the seed.)
 . "$(dirname "$0")/../functions.sh"
@@ -32,22 +33,23 @@ for r in $(seq "$rounds"); do
   # a hole, so old data that reads as zero exists
   fallocate -p -o $(( (RANDOM % mib) * 1048576 )) -l 4194304 "$T/disk.img" 2>/dev/null || true
   cp "$T/disk.img" "$T/ref.img"
-  start_target tgt "$size"
+  if [ $((RANDOM % 3)) = 0 ]; then kind=file; start_file_target tgt "$size"
+  else kind=nbd; start_target tgt "$size"; fi
   start_live "$T/disk.img" cbw-granularity=$gran cbw-buffer=$buffer
   begin_full
   "$CBW_IO" stress "$LIVE" "$PIT" "$T/ref.img" "$rs" "$secs" 3 2 > "$T/stress.out" ||
-    fail "round $r (seed $rs, size $size, gran $gran, buffer $buffer): stress failed: $(cat "$T/stress.out")"
+    fail "round $r (seed $rs, size $size, gran $gran, buffer $buffer, target $kind): stress failed: $(cat "$T/stress.out")"
   st=$(ok_ctl '{"execute":"status"}')
   [ "$(jget "$st" .return.errors)" = 0 ] || fail "round $r: errors: $st"
   [ "$(jget "$st" .return.state)" = active ] || fail "round $r: state: $st"
   nbdcopy "$PIT" "$T/pit.img" || fail "round $r: nbdcopy of the PIT view failed"
-  cmp "$T/ref.img" "$T/pit.img" || fail "round $r (seed $rs, size $size, gran $gran, buffer $buffer): PIT view differs from the copy at begin"
+  cmp "$T/ref.img" "$T/pit.img" || fail "round $r (seed $rs, size $size, gran $gran, buffer $buffer, target $kind): PIT view differs from the copy at begin"
   cmp -s "$T/ref.img" "$T/disk.img" && fail "round $r: live disk did not change (test is not testing)"
   copied=$(jget "$st" '.return["copied-blocks"]'); needed=$(jget "$st" '.return["needed-blocks"]')
   [ "$copied" -gt 0 ] && [ "$copied" -le "$needed" ] || fail "round $r: copied=$copied needed=$needed"
   ok_ctl '{"execute":"end"}' >/dev/null
-  log "round $r ok: size $size gran $gran buffer $buffer $(cat "$T/stress.out") copied $copied/$needed blocks"
-  kill "$LIVE_PID" "$TGT_PID"; wait "$LIVE_PID" "$TGT_PID" 2>/dev/null || true
+  log "round $r ok: size $size gran $gran buffer $buffer target $kind $(cat "$T/stress.out") copied $copied/$needed blocks"
+  kill "$LIVE_PID" $TGT_PID; wait "$LIVE_PID" $TGT_PID 2>/dev/null || true
   rm -f "$T"/*.img
 done
 log "PASS: $rounds rounds"

@@ -432,9 +432,9 @@ h_resume (void *data, struct json_object *args, struct cbw_ctl_reply *r)
 
 static const struct cbw_ctl_arg begin_args[] = {
   { "target", CBW_ARG_STRING, true,
-    "NBD URI of the backup target (`nbd+unix:///?socket=PATH`, "
-    "`nbd://host:port/export`); must be writable and at least as large as "
-    "the disk" },
+    "the backup target: an NBD URI (`nbd+unix:///?socket=PATH`, "
+    "`nbd://host:port/export`) or an existing local file or block device "
+    "(`file:///PATH`); must be writable and at least as large as the disk" },
   { "bitmap", CBW_ARG_STRING, false,
     "incremental: only blocks dirty in this bitmap of the dirtybitmap filter "
     "are needed (with `bitmap-control`)" },

@@ -170,8 +170,10 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
   pthread_mutex_init (&s->plock, NULL);
   pthread_cond_init (&s->pcond, &ca);
   pthread_cond_init (&s->qcond, NULL);
+  /* A local-file target is written in the guest write's own thread: a
+   * pread and a pwrite cost less than handing the copy to a worker. */
   if (p->policy == CBW_BREAK_SNAPSHOT && p->buffer_bytes > 0 &&
-      p->workers > 0) {
+      p->workers > 0 && !cbw_target_is_local (target)) {
     s->inprog = calloc ((size_t) p->workers * WORKER_BATCH, sizeof *s->inprog);
     s->workers = calloc (p->workers, sizeof *s->workers);
     if (s->inprog == NULL || s->workers == NULL) {

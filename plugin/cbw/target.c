@@ -1,4 +1,6 @@
 /* cbw — plugin/cbw/target.c: the backup target, a pool of libnbd connections.
+ * (A `file:` URI instead gives a local-file target, target_file.c: every
+ * function below then forwards to it and the pool is not used.)
  *
  * Copies run on nbdkit's I/O threads.  Each copy checks one connection out
  * of the pool, issues one asynchronous libnbd command on it and drives it
@@ -24,6 +26,7 @@
 
 #include "cleanup.h"
 #include "target.h"
+#include "target_file.h"
 
 struct slot {
   struct nbd_handle *h;     /* NULL: not connected (yet, or dropped) */
@@ -38,6 +41,7 @@ struct cbw_target {
   pthread_cond_t cond;      /* a slot was checked in */
   size_t n;
   struct slot *slots;
+  struct cbw_file_target *file;   /* non-NULL: a local-file target */
 };
 
 int64_t
@@ -127,6 +131,14 @@ cbw_target_open (const char *uri, size_t nconns, int64_t deadline_ns,
   pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
   pthread_cond_init (&t->cond, &ca);
   pthread_condattr_destroy (&ca);
+  if (cbw_file_target_uri (uri)) {
+    t->file = cbw_file_target_open (uri, err);
+    if (t->file == NULL)
+      goto fail;
+    t->size = cbw_file_target_size (t->file);
+    t->can_zero = t->can_trim = true;
+    return t;
+  }
 
   t->slots[0].h = connect_one (uri, deadline_ns, err);
   if (t->slots[0].h == NULL)
@@ -164,6 +176,7 @@ cbw_target_close (struct cbw_target *t)
     pthread_mutex_destroy (&t->lock);
     pthread_cond_destroy (&t->cond);
   }
+  cbw_file_target_close (t->file);
   free (t->slots);
   free (t->uri);
   free (t);
@@ -171,6 +184,7 @@ cbw_target_close (struct cbw_target *t)
 
 int64_t cbw_target_size (const struct cbw_target *t) { return t->size; }
 bool cbw_target_can_trim (const struct cbw_target *t) { return t->can_trim; }
+bool cbw_target_is_local (const struct cbw_target *t) { return t->file != NULL; }
 
 /* Take a free slot, waiting until the deadline; connect it if needed. */
 static struct slot *
@@ -311,6 +325,8 @@ int
 cbw_target_pwrite (struct cbw_target *t, const void *buf, size_t len,
                    uint64_t off, int64_t deadline_ns, struct cbw_err *err)
 {
+  if (t->file)
+    return cbw_file_target_pwrite (t->file, buf, len, off, err);
   return run_op (t, OP_PWRITE, (void *) buf, len, off, deadline_ns, err);
 }
 
@@ -318,6 +334,8 @@ int
 cbw_target_zero (struct cbw_target *t, size_t len, uint64_t off,
                  int64_t deadline_ns, struct cbw_err *err)
 {
+  if (t->file)
+    return cbw_file_target_zero (t->file, len, off, err);
   if (!t->can_zero) {
     CLEANUP_FREE void *z = calloc (1, len);
     if (z == NULL)
@@ -331,6 +349,8 @@ int
 cbw_target_pread (struct cbw_target *t, void *buf, size_t len, uint64_t off,
                   int64_t deadline_ns, struct cbw_err *err)
 {
+  if (t->file)
+    return cbw_file_target_pread (t->file, buf, len, off, err);
   return run_op (t, OP_PREAD, buf, len, off, deadline_ns, err);
 }
 
@@ -338,6 +358,8 @@ int
 cbw_target_trim (struct cbw_target *t, size_t len, uint64_t off,
                  int64_t deadline_ns, struct cbw_err *err)
 {
+  if (t->file)
+    return cbw_file_target_trim (t->file, len, off, err);
   if (!t->can_trim)
     return 0;
   return run_op (t, OP_TRIM, NULL, len, off, deadline_ns, err);
@@ -386,6 +408,25 @@ cbw_target_write_batch (struct cbw_target *t, struct cbw_target_wr *w,
   }
   if (failed == n)
     return failed;
+
+  if (t->file) {
+    for (i = 0; i < n; ++i) {
+      struct cbw_err e1 = { 0 };
+      if (w[i].cookie == 0)
+        continue;
+      w[i].cookie = 0;
+      if ((w[i].zero ? cbw_file_target_zero (t->file, w[i].len, w[i].off, &e1)
+           : cbw_file_target_pwrite (t->file, w[i].buf, w[i].len, w[i].off,
+                                     &e1)) == -1) {
+        FIRST_ERR (e1.errnum, "%s", e1.msg);
+        w[i].result = e1.errnum;
+        failed++;
+      }
+      else
+        w[i].result = 0;
+    }
+    return failed;
+  }
 
   s = checkout (t, deadline_ns, err);
   if (s == NULL) {

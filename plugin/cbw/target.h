@@ -1,6 +1,7 @@
-/* cbw — plugin/cbw/target.h: a pool of libnbd connections to the backup
- * target (any NBD server, given by URI), where every operation has a
- * deadline.  See target.c for the locking. */
+/* cbw — plugin/cbw/target.h: the backup target: a pool of libnbd
+ * connections to any NBD server given by URI, where every operation has a
+ * deadline, or a local file or block device (file:///PATH, target_file.c:
+ * plain system calls, no deadline).  See target.c for the locking. */
 #ifndef CBW_TARGET_H
 #define CBW_TARGET_H
 
@@ -22,6 +23,9 @@ struct cbw_target *cbw_target_open (const char *uri, size_t nconns,
 void cbw_target_close (struct cbw_target *t);
 int64_t cbw_target_size (const struct cbw_target *t);
 bool cbw_target_can_trim (const struct cbw_target *t);
+/* A local-file target: copies are cheap system calls, best done in the
+ * guest write's own thread rather than handed to a copy worker. */
+bool cbw_target_is_local (const struct cbw_target *t);
 
 /* Each returns 0, or -1 with *err filled: errnum ETIMEDOUT if the deadline
  * passed (that connection is then dropped and reopened on next use), the

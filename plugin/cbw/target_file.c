@@ -1,0 +1,267 @@
+/* cbw — plugin/cbw/target_file.c: a backup target that is a local file or
+ * block device (`file:///PATH`), written with plain system calls.
+ *
+ * Why: a copy to an NBD target costs a round trip to another process (two
+ * context switches per request on our side and as many in the server), which
+ * on a small or paravirtualised host costs more than the guest write it
+ * protects.  A local target turns each copy into one pread of the old data
+ * and one pwrite, done in the thread of the guest write: no hand-off, no
+ * waiting for another process.  It is the same kind of target as QEMU's
+ * fleecing image (a local file of the host).
+ *
+ * What a local target cannot do: a system call cannot be given a deadline,
+ * so cbw-timeout bounds only the NBD target kinds; a local filesystem that
+ * hangs hangs the guest write (as it would hang the disk itself).  A full
+ * filesystem (ENOSPC) and I/O errors are ordinary copy errors, handled by
+ * the session's on-cbw-error policy.
+ *
+ * The file must exist (it is the operator's, like a QEMU fleecing image):
+ * a regular file (sparse is fine; it grows as blocks are copied) or a block
+ * device, at least as large as the disk.  Zeroes are written as holes
+ * (fallocate punch-hole, else zero-range, else written zeroes); trims punch
+ * holes when the filesystem can.
+ *
+ * Threads and locking: none needed.  The fd is opened once and is only read
+ * afterwards; pread/pwrite/fallocate on one fd are safe from many threads.
+ * `can_punch` / `can_zero_range` are atomics that only ever go from true to
+ * false (the first EOPNOTSUPP turns a method off for everyone).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <linux/fs.h>
+
+#include "cleanup.h"
+#include "target_file.h"
+
+struct cbw_file_target {
+  int fd;
+  char *path;
+  int64_t size;
+  bool is_block;
+  _Atomic bool can_punch;
+  _Atomic bool can_zero_range;
+};
+
+/* file:///abs/path or file:/abs/path -> the path (no query strings or
+ * percent escapes: a file name is taken literally).  A relative path would
+ * depend on nbdkit's working directory: refused. */
+static const char *
+uri_path (const char *uri)
+{
+  const char *p = uri + strlen (CBW_FILE_TARGET_PREFIX);
+  if (strncmp (p, "//", 2) == 0) {
+    p += 2;
+    if (*p != '/')            /* file://host/path: no remote files */
+      return NULL;
+  }
+  return *p == '/' ? p : NULL;
+}
+
+bool
+cbw_file_target_uri (const char *uri)
+{
+  return strncmp (uri, CBW_FILE_TARGET_PREFIX,
+                  strlen (CBW_FILE_TARGET_PREFIX)) == 0;
+}
+
+struct cbw_file_target *
+cbw_file_target_open (const char *uri, struct cbw_err *err)
+{
+  struct cbw_file_target *t;
+  const char *path = uri_path (uri);
+  struct stat st;
+
+  if (path == NULL) {
+    cbw_err_set (err, EINVAL, "target %s: expected file:///ABSOLUTE/PATH", uri);
+    return NULL;
+  }
+  t = calloc (1, sizeof *t);
+  if (t == NULL || (t->path = strdup (path)) == NULL) {
+    free (t);
+    cbw_err_set (err, ENOMEM, "target: out of memory");
+    return NULL;
+  }
+  t->fd = open (path, O_RDWR | O_CLOEXEC | O_NOCTTY);
+  if (t->fd == -1) {
+    int e = errno;
+    cbw_err_set (err, e, "target %s: open: %s%s", path, strerror (e),
+                 e == ENOENT ? " (a local target must exist: create it, e.g. "
+                 "truncate -s SIZE)" : "");
+    goto fail;
+  }
+  if (fstat (t->fd, &st) == -1) {
+    cbw_err_set (err, errno, "target %s: fstat: %s", path, strerror (errno));
+    goto fail;
+  }
+  if (S_ISBLK (st.st_mode)) {
+    uint64_t sz;
+    if (ioctl (t->fd, BLKGETSIZE64, &sz) == -1) {
+      cbw_err_set (err, errno, "target %s: BLKGETSIZE64: %s", path,
+                   strerror (errno));
+      goto fail;
+    }
+    t->is_block = true;
+    t->size = (int64_t) sz;
+  }
+  else if (S_ISREG (st.st_mode))
+    t->size = st.st_size;
+  else {
+    cbw_err_set (err, EINVAL, "target %s is neither a regular file nor a "
+                 "block device", path);
+    goto fail;
+  }
+  atomic_init (&t->can_punch, true);
+  atomic_init (&t->can_zero_range, !t->is_block);
+  return t;
+
+ fail:
+  cbw_file_target_close (t);
+  return NULL;
+}
+
+void
+cbw_file_target_close (struct cbw_file_target *t)
+{
+  if (t == NULL)
+    return;
+  if (t->fd >= 0)
+    close (t->fd);
+  free (t->path);
+  free (t);
+}
+
+int64_t
+cbw_file_target_size (const struct cbw_file_target *t)
+{
+  return t->size;
+}
+
+static int
+range_ok (const struct cbw_file_target *t, size_t len, uint64_t off,
+          struct cbw_err *err)
+{
+  if (off > (uint64_t) t->size || len > (uint64_t) t->size - off)
+    return cbw_err_set (err, ENOSPC, "target %s: range %zu@%llu past its end "
+                        "(%lld bytes)", t->path, len, (unsigned long long) off,
+                        (long long) t->size);
+  return 0;
+}
+
+int
+cbw_file_target_pwrite (struct cbw_file_target *t, const void *buf,
+                        size_t len, uint64_t off, struct cbw_err *err)
+{
+  const char *p = buf;
+
+  if (range_ok (t, len, off, err) == -1)
+    return -1;
+  while (len > 0) {
+    ssize_t r = pwrite (t->fd, p, len, (off_t) off);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return cbw_err_set (err, errno, "target %s: pwrite: %s", t->path,
+                          strerror (errno));
+    }
+    p += r; off += (uint64_t) r; len -= (size_t) r;
+  }
+  return 0;
+}
+
+int
+cbw_file_target_pread (struct cbw_file_target *t, void *buf, size_t len,
+                       uint64_t off, struct cbw_err *err)
+{
+  char *p = buf;
+
+  if (range_ok (t, len, off, err) == -1)
+    return -1;
+  while (len > 0) {
+    ssize_t r = pread (t->fd, p, len, (off_t) off);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return cbw_err_set (err, errno, "target %s: pread: %s", t->path,
+                          strerror (errno));
+    }
+    if (r == 0)               /* the file shrank under us: never invent data */
+      return cbw_err_set (err, EIO, "target %s: unexpected end of file at "
+                          "%llu", t->path, (unsigned long long) off);
+    p += r; off += (uint64_t) r; len -= (size_t) r;
+  }
+  return 0;
+}
+
+static bool
+unsupported (int e)
+{
+  return e == EOPNOTSUPP || e == ENOSYS || e == EINVAL;
+}
+
+int
+cbw_file_target_zero (struct cbw_file_target *t, size_t len, uint64_t off,
+                      struct cbw_err *err)
+{
+  static const char zeroes[64 * 1024];
+
+  if (range_ok (t, len, off, err) == -1)
+    return -1;
+  if (!t->is_block && atomic_load (&t->can_punch)) {
+    if (fallocate (t->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                   (off_t) off, (off_t) len) == 0)
+      return 0;
+    if (!unsupported (errno))
+      return cbw_err_set (err, errno, "target %s: punch hole: %s", t->path,
+                          strerror (errno));
+    atomic_store (&t->can_punch, false);
+  }
+  if (atomic_load (&t->can_zero_range)) {
+    if (fallocate (t->fd, FALLOC_FL_ZERO_RANGE, (off_t) off, (off_t) len) == 0)
+      return 0;
+    if (!unsupported (errno))
+      return cbw_err_set (err, errno, "target %s: zero range: %s", t->path,
+                          strerror (errno));
+    atomic_store (&t->can_zero_range, false);
+  }
+  if (t->is_block) {
+    uint64_t r[2] = { off, len };
+    if (ioctl (t->fd, BLKZEROOUT, r) == 0)
+      return 0;
+  }
+  while (len > 0) {
+    size_t n = len < sizeof zeroes ? len : sizeof zeroes;
+    if (cbw_file_target_pwrite (t, zeroes, n, off, err) == -1)
+      return -1;
+    off += n; len -= n;
+  }
+  return 0;
+}
+
+int
+cbw_file_target_trim (struct cbw_file_target *t, size_t len, uint64_t off,
+                      struct cbw_err *err)
+{
+  if (range_ok (t, len, off, err) == -1)
+    return -1;
+  /* A trim only gives space back: where the filesystem cannot punch holes
+   * (or on a block device, where discard may not read back as zeroes and
+   * the data no longer matters anyway) it is a no-op. */
+  if (t->is_block || !atomic_load (&t->can_punch))
+    return 0;
+  if (fallocate (t->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 (off_t) off, (off_t) len) == 0)
+    return 0;
+  if (unsupported (errno)) {
+    atomic_store (&t->can_punch, false);
+    return 0;
+  }
+  return cbw_err_set (err, errno, "target %s: punch hole: %s", t->path,
+                      strerror (errno));
+}
