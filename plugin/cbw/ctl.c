@@ -257,6 +257,7 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   long long gran = cbw_ctl_arg_int (args, "granularity", 0);
   long long conns = cbw_ctl_arg_int (args, "connections",
                                      cbw_cfg.connections);
+  long long tlimit = cbw_ctl_arg_int (args, "target-limit", 0);
   struct json_object *extents = NULL;
   struct cbw_session_params p = { 0 };
   struct cbw_target *t;
@@ -295,6 +296,10 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "target %s is "
                          "smaller (%" PRId64 " bytes) than the disk (%" PRId64
                          " bytes)", uri, tsize, size);
+  }
+  if (tlimit > 0 && cbw_target_set_limit (t, (uint64_t) tlimit, &err) == -1) {
+    cbw_target_close (t);
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "%s", err.msg);
   }
 
   p.size = size;
@@ -448,6 +453,10 @@ static const struct cbw_ctl_arg begin_args[] = {
     "`cbw-granularity`" },
   { "connections", CBW_ARG_UINT, false,
     "connections to the target; default `cbw-connections`" },
+  { "target-limit", CBW_ARG_UINT, false,
+    "local `file:` targets only: at most this many bytes allocated to the "
+    "target file on the host; copies past it fail with ENOSPC (handled by "
+    "`on-cbw-error`); default 0 = no limit" },
   { NULL },
 };
 static const struct cbw_ctl_arg skip_args[] = {

@@ -186,6 +186,18 @@ int64_t cbw_target_size (const struct cbw_target *t) { return t->size; }
 bool cbw_target_can_trim (const struct cbw_target *t) { return t->can_trim; }
 bool cbw_target_is_local (const struct cbw_target *t) { return t->file != NULL; }
 
+int
+cbw_target_set_limit (struct cbw_target *t, uint64_t bytes,
+                      struct cbw_err *err)
+{
+  if (t->file == NULL)
+    return cbw_err_set (err, EINVAL, "target %s: a limit applies only to a "
+                        "local file target (file:///PATH); an NBD server "
+                        "enforces its own", t->uri);
+  cbw_file_target_set_limit (t->file, bytes);
+  return 0;
+}
+
 /* Take a free slot, waiting until the deadline; connect it if needed. */
 static struct slot *
 checkout (struct cbw_target *t, int64_t deadline_ns, struct cbw_err *err)

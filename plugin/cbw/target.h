@@ -26,6 +26,11 @@ bool cbw_target_can_trim (const struct cbw_target *t);
 /* A local-file target: copies are cheap system calls, best done in the
  * guest write's own thread rather than handed to a copy worker. */
 bool cbw_target_is_local (const struct cbw_target *t);
+/* Local targets only: cap the bytes the file may take on the host (see
+ * target_file.c); returns -1 (EINVAL) for an NBD target, whose server
+ * enforces its own limits (e.g. cbwd's store export limit=). */
+int cbw_target_set_limit (struct cbw_target *t, uint64_t bytes,
+                          struct cbw_err *err);
 
 /* Each returns 0, or -1 with *err filled: errnum ETIMEDOUT if the deadline
  * passed (that connection is then dropped and reopened on next use), the

@@ -21,10 +21,20 @@
  * (fallocate punch-hole, else zero-range, else written zeroes); trims punch
  * holes when the filesystem can.
  *
- * Threads and locking: none needed.  The fd is opened once and is only read
+ * Space limit (cbw_file_target_set_limit, begin's "target-limit"): the bytes
+ * allocated to the file on the host (st_blocks) plus the bytes of writes in
+ * flight never exceed the limit; a write that would is refused with ENOSPC
+ * before it is issued (a failed copy, handled by the policy), so a backup can
+ * never fill the host's disk.  The count is conservative, like cbwd's store
+ * export: `alloc` is the allocation seen at the last fstat plus every byte
+ * written since (overwrites and holes punched are counted back only at the
+ * next fstat, which happens when the estimate gets close to the limit).
+ *
+ * Threads and locking: no locks.  The fd is opened once and is only read
  * afterwards; pread/pwrite/fallocate on one fd are safe from many threads.
  * `can_punch` / `can_zero_range` are atomics that only ever go from true to
- * false (the first EOPNOTSUPP turns a method off for everyone).
+ * false (the first EOPNOTSUPP turns a method off for everyone).  `alloc` and
+ * `inflight` are atomics; `limit` is set before the target is shared.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -47,6 +57,9 @@ struct cbw_file_target {
   bool is_block;
   _Atomic bool can_punch;
   _Atomic bool can_zero_range;
+  uint64_t limit;               /* 0: none */
+  _Atomic uint64_t alloc;       /* estimate, >= the real allocation */
+  _Atomic uint64_t inflight;    /* bytes of writes being issued */
 };
 
 /* file:///abs/path or file:/abs/path -> the path (no query strings or
@@ -143,6 +156,57 @@ cbw_file_target_size (const struct cbw_file_target *t)
   return t->size;
 }
 
+static uint64_t
+allocated (const struct cbw_file_target *t)
+{
+  struct stat st;
+  if (fstat (t->fd, &st) == -1)
+    return UINT64_MAX;          /* unknown: refuse rather than overfill */
+  return (uint64_t) st.st_blocks * 512;
+}
+
+void
+cbw_file_target_set_limit (struct cbw_file_target *t, uint64_t limit)
+{
+  t->limit = limit;
+  atomic_store (&t->alloc, allocated (t));
+}
+
+/* Reserve len bytes under the limit (or fail with ENOSPC); every successful
+ * reserve is paired with release(). */
+static int
+reserve (struct cbw_file_target *t, size_t len, struct cbw_err *err)
+{
+  if (t->limit == 0)
+    return 0;
+  uint64_t in = atomic_fetch_add (&t->inflight, len) + len;
+  uint64_t a = atomic_load (&t->alloc);
+  if (a > t->limit || in > t->limit - a) {
+    a = allocated (t);          /* close to the limit: count precisely */
+    atomic_store (&t->alloc, a);
+    in = atomic_load (&t->inflight);
+    if (a > t->limit || in > t->limit - a) {
+      atomic_fetch_sub (&t->inflight, len);
+      return cbw_err_set (err, ENOSPC, "target %s: limit reached (%llu bytes "
+                          "allocated, %llu in flight, limit %llu)", t->path,
+                          (unsigned long long) a,
+                          (unsigned long long) (in - len),
+                          (unsigned long long) t->limit);
+    }
+  }
+  return 0;
+}
+
+static void
+release (struct cbw_file_target *t, size_t len, bool written)
+{
+  if (t->limit == 0)
+    return;
+  if (written)
+    atomic_fetch_add (&t->alloc, len);
+  atomic_fetch_sub (&t->inflight, len);
+}
+
 static int
 range_ok (const struct cbw_file_target *t, size_t len, uint64_t off,
           struct cbw_err *err)
@@ -159,19 +223,22 @@ cbw_file_target_pwrite (struct cbw_file_target *t, const void *buf,
                         size_t len, uint64_t off, struct cbw_err *err)
 {
   const char *p = buf;
+  size_t n = len;
 
-  if (range_ok (t, len, off, err) == -1)
+  if (range_ok (t, len, off, err) == -1 || reserve (t, n, err) == -1)
     return -1;
   while (len > 0) {
     ssize_t r = pwrite (t->fd, p, len, (off_t) off);
     if (r == -1) {
       if (errno == EINTR)
         continue;
+      release (t, n, true);     /* part may have been written */
       return cbw_err_set (err, errno, "target %s: pwrite: %s", t->path,
                           strerror (errno));
     }
     p += r; off += (uint64_t) r; len -= (size_t) r;
   }
+  release (t, n, true);
   return 0;
 }
 
@@ -223,7 +290,12 @@ cbw_file_target_zero (struct cbw_file_target *t, size_t len, uint64_t off,
     atomic_store (&t->can_punch, false);
   }
   if (atomic_load (&t->can_zero_range)) {
-    if (fallocate (t->fd, FALLOC_FL_ZERO_RANGE, (off_t) off, (off_t) len) == 0)
+    /* zero-range allocates (unwritten extents): it counts like a write */
+    if (reserve (t, len, err) == -1)
+      return -1;
+    int r = fallocate (t->fd, FALLOC_FL_ZERO_RANGE, (off_t) off, (off_t) len);
+    release (t, len, true);
+    if (r == 0)
       return 0;
     if (!unsupported (errno))
       return cbw_err_set (err, errno, "target %s: zero range: %s", t->path,

@@ -20,6 +20,9 @@ struct cbw_file_target *cbw_file_target_open (const char *uri,
                                               struct cbw_err *err);
 void cbw_file_target_close (struct cbw_file_target *t);
 int64_t cbw_file_target_size (const struct cbw_file_target *t);
+/* Cap the bytes allocated to the file on the host (0: no cap); set before
+ * the target is used.  Writes past the cap fail with ENOSPC. */
+void cbw_file_target_set_limit (struct cbw_file_target *t, uint64_t limit);
 
 /* 0, or -1 with *err filled (errno of the failed system call; ENOSPC for a
  * range past the end of the target). */

@@ -477,3 +477,46 @@ Test (session, file_target_bad)
   cr_assert_eq (cbw_target_trim (t, 4096, 0, dl, &err), 0);
   cbw_target_close (t);
 }
+
+/* The space limit of a local target: writes that would take the file past
+ * it fail with ENOSPC before anything is written; trims give space back;
+ * an NBD target refuses a limit. */
+Test (session, file_target_limit)
+{
+  struct cbw_err err = { 0 };
+  char uri[256], path[128];
+  int64_t dl = cbw_now_ns () + 1000000000LL;
+  static char buf[65536];
+  struct stat sb;
+  int i;
+
+  memset (buf, 0x5a, sizeof buf);
+  snprintf (path, sizeof path, "%s/limited.img", tdir);
+  make_sparse (path, 16 << 20);
+  snprintf (uri, sizeof uri, "file://%s", path);
+  struct cbw_target *t = cbw_target_open (uri, 1, dl, &err);
+  cr_assert_not_null (t, "%s", err.msg);
+  cr_assert_eq (cbw_target_set_limit (t, 256 * 1024, &err), 0);
+  for (i = 0; i < 4; ++i)                       /* 4 x 64K: exactly the limit */
+    cr_assert_eq (cbw_target_pwrite (t, buf, sizeof buf, (uint64_t) i << 20,
+                                     dl, &err), 0, "%s", err.msg);
+  cr_assert_eq (cbw_target_pwrite (t, buf, sizeof buf, 8 << 20, dl, &err), -1);
+  cr_assert_eq (err.errnum, ENOSPC);
+  cr_assert (strstr (err.msg, "limit reached"), "%s", err.msg);
+  cr_assert_eq (stat (path, &sb), 0);
+  cr_assert_leq ((uint64_t) sb.st_blocks * 512, 256 * 1024,
+                 "the file took %lld bytes past its limit",
+                 (long long) sb.st_blocks * 512);
+  /* overwriting allocated space is counted back at the precise recount */
+  cr_assert_eq (cbw_target_trim (t, 2 << 20, 0, dl, &err), 0);
+  cr_assert_eq (cbw_target_pwrite (t, buf, sizeof buf, 8 << 20, dl, &err), 0,
+                "after a trim: %s", err.msg);
+  cbw_target_close (t);
+
+  memset (&err, 0, sizeof err);
+  t = cbw_target_open (turi, 1, dl, &err);      /* the NBD target */
+  cr_assert_not_null (t, "%s", err.msg);
+  cr_assert_eq (cbw_target_set_limit (t, 1 << 20, &err), -1);
+  cr_assert_eq (err.errnum, EINVAL);
+  cbw_target_close (t);
+}
