@@ -72,6 +72,15 @@ nbdcopy "$(pit_uri vdb)" "$T/full-b2" || fail "second nbdcopy"
 cmp "$T/full-b" "$T/full-b2" || fail "re-read of the PIT export differs"
 expect_rc 0 "$CBW" --json backup status
 jq -e '.disks[0].session.state == "active"' "$T/out" >/dev/null || fail "status: $(cat "$T/out")"
+# the store target kind asked for is the one used (CBW_ORCH_STORE_TARGET;
+# this script also runs as backup-pull-backup-nbd-store)
+if [ "${CBW_ORCH_STORE_TARGET:-local}" = nbd ]; then
+  jq -e '.disks[0]["store-socket"] != null' "$T/out" >/dev/null ||
+    fail "store target nbd: no store socket: $(cat "$T/out")"
+else
+  jq -e '.disks[0]["store-socket"] == null' "$T/out" >/dev/null ||
+    fail "store target local: an NBD store was started: $(cat "$T/out")"
+fi
 expect_rc 0 "$CBW" backup end
 [ -z "$(ls -A "$STATE/backups" 2>/dev/null)" ] || fail "backup end left files: $(ls -R "$STATE/backups")"
 

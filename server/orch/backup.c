@@ -2,9 +2,13 @@
  * point in time.
  *
  * begin (each step named in errors: "backup-begin failed at step S"):
- *   prepare  per disk a sparse backup store (the cbw session's target):
- *            cbwd's store export if cbwd offers one, else a file served by
- *            an `nbdkit file` we start; the backup record is saved with
+ *   prepare  per disk a sparse backup store file (the cbw session's
+ *            target).  By default the cbw filter writes it directly as a
+ *            local file target (file:///...: a copy costs one pread and one
+ *            pwrite in the guest write's thread); with store target "nbd"
+ *            it goes through cbwd's store export if cbwd offers one, else
+ *            through an `nbdkit file` we start (every copy then has
+ *            cbw-timeout).  The backup record is saved with
  *            pending={backup-begin,ID} before any module is touched
  *   freeze   optional guest freeze (hook or qemu-guest-agent), FIRST: the
  *            guest's fsfreeze writes to these disks, so it must not meet
@@ -76,6 +80,8 @@ start_store (struct cbw_orch *o, const char *id, struct orch_disk *d,
   }
   close (fd);
 
+  if (!o->nbd_store)
+    return 0;                   /* the filter writes the file itself */
   if (o->exports && o->exports->add_store_export) {
     char uri[512];
     CLEANUP_FREE char *name = orch_strdup_printf ("store-%s-%s", id, d->name);
@@ -120,6 +126,8 @@ start_store (struct cbw_orch *o, const char *id, struct orch_disk *d,
 static char *
 store_uri (const struct orch_backup_disk *bd)
 {
+  if (bd->store_sock == NULL)
+    return orch_strdup_printf ("file://%s", bd->store_path);
   if (strncmp (bd->store_sock, "nbd", 3) == 0)
     return strdup (bd->store_sock);
   return orch_strdup_printf ("nbd+unix:///?socket=%s", bd->store_sock);

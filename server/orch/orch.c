@@ -217,6 +217,16 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
     }
     o->file_plugin = true;
   }
+  const char *st = cfg->store_target ? cfg->store_target
+    : getenv ("CBW_ORCH_STORE_TARGET");
+  if (st && strcmp (st, "local") != 0) {
+    if (strcmp (st, "nbd") != 0) {
+      cbw_err_set (err, EINVAL, "store target must be \"local\" or \"nbd\", "
+                   "not \"%.40s\"", st);
+      goto fail;
+    }
+    o->nbd_store = true;
+  }
   if (!o->state_path || !o->ctl_path || (cfg->module_dir && !o->module_dir) ||
       !o->nbdkit_argv) {
     cbw_err_set (err, ENOMEM, "out of memory");

@@ -36,6 +36,14 @@ struct cbw_orch_config {
                                    plugin fronts the image (no chain control
                                    socket, no overlays); NULL = environment
                                    variable CBW_ORCH_PLUGIN, else "chain" */
+  const char *store_target;     /* how a disk's cbw session writes to its
+                                   backup store: "local" (default: the
+                                   store file as a file: target, written in
+                                   the guest write's thread) or "nbd" (through
+                                   cbwd's store export / an nbdkit, with
+                                   cbw-timeout on every copy); NULL =
+                                   environment variable CBW_ORCH_STORE_TARGET,
+                                   else "local" */
   const struct cbw_orch_exports *exports;  /* cbwd's export API, or NULL */
 };
 

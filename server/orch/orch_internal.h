@@ -124,6 +124,7 @@ struct cbw_orch {
   char **nbdkit_argv;           /* prefix words, NULL terminated */
   double start_timeout;
   bool file_plugin;             /* cfg.plugin == "file" */
+  bool nbd_store;               /* cfg.store_target == "nbd" */
   const struct cbw_orch_exports *exports;
   int lock_fd;
   struct orch_state st;
