@@ -1,4 +1,3 @@
-/* RAW PATH DONE */
 /* cbw — plugin/chain/chain.c: nbdkit-chain-plugin, the live disk of a VM.
  *
  * It serves a raw file or block device (rawdisk.c).  Later an overlay chain
