@@ -12,17 +12,33 @@
  *   unknown / missing required / wrong-typed argument    -> InvalidParameter
  * Only then is the handler called; what it reports is passed through.
  *
+ * Pushed events: cbw_ctl_server_broadcast() (any thread) appends a copy of
+ * the line to the server's event queue and writes the eventfd `wake_fd`; the
+ * server thread takes the whole queue and appends each line to the output
+ * of every subscribed client, in queue order, skipping for a client the
+ * numbered events its "subscribe" already replayed (seq <= skip_upto).  A
+ * client whose unsent output would pass max_backlog bytes is closed with a
+ * logged reason; if the queue itself overflows (server thread stuck in a
+ * slow handler), every subscriber is closed at the next drain, so that no
+ * subscriber ever misses an event silently.  A subscriber that shut down its
+ * sending side stays connected (it may only want events) until it closes.
+ *
  * Threads and locking: cbw_ctl_dispatch_line() keeps no state of its own and
  * may be called from any thread.  A server owns one thread; every field of
  * struct cbw_ctl_server and of its clients is touched only by that thread,
- * except `wake_fd`, which cbw_ctl_server_stop() writes to (an eventfd, so no
- * lock is needed) before joining the thread.  There are no locks here at all:
- * handlers take their module's own locks and must not hold them across I/O.
- * All sockets are non-blocking and every send uses MSG_NOSIGNAL, so a client
- * that stops reading or disappears can never block or kill the process.
+ * except the event queue, `nsubscribers` and `stopping`, which `qlock`
+ * guards (broadcasters on any thread and cbw_ctl_server_stop() take it), and
+ * `wake_fd`, an eventfd written without a lock.  qlock is a leaf: nothing
+ * else is locked or called while it is held, so a broadcaster may hold its
+ * own module locks.  Handlers (including the event history callback of
+ * "subscribe") take their module's own locks and must not hold them across
+ * I/O.  All sockets are non-blocking and every send uses MSG_NOSIGNAL, so a
+ * client that stops reading or disappears can never block or kill the
+ * process, nor block a broadcaster.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
@@ -175,11 +191,28 @@ static const struct cbw_ctl_command builtin_commands[] = {
   { NULL }
 };
 
-/* The table being served, handed to query_commands through a per-call
- * context (the handler signature only carries module_data). */
+struct client;
+struct cbw_ctl_server;
+
+/* The table being served, handed to query_commands (and the connection, to
+ * subscribe) through a per-call context (the handler signature only carries
+ * module_data). */
 struct builtin_ctx {
   const struct cbw_ctl_table *table;
+  void *module_data;
+  struct cbw_ctl_server *srv;          /* NULL: no connection */
+  struct client *client;
+  /* subscribe: events to replay after the reply */
+  char **replay;
+  size_t nreplay, replay_alloc;
 };
+
+static bool
+needs_connection (const struct cbw_ctl_command *cmd)
+{
+  return cmd->handler == cbw_ctl_subscribe_handler ||
+    cmd->handler == cbw_ctl_unsubscribe_handler;
+}
 
 /* Iterate over builtins then the module's table. */
 #define FOR_EACH_COMMAND(table, cmd, i)                                        \
@@ -416,17 +449,17 @@ all_space (const char *p, size_t len)
   return true;
 }
 
-char *
-cbw_ctl_dispatch_line (const struct cbw_ctl_table *table, void *module_data,
-                       const char *line, size_t len)
+static char *
+dispatch (struct builtin_ctx *bctx, const char *line, size_t len)
 {
+  const struct cbw_ctl_table *table = bctx->table;
+  void *module_data = bctx->module_data;
   struct cbw_ctl_reply reply = { .ret = NULL };
   struct json_object *req = NULL, *id = NULL, *exec, *a;
   struct json_object *args = NULL;     /* our reference, put at the end */
   struct json_tokener *tok = NULL;
   const struct cbw_ctl_command *cmd;
   bool builtin = false;
-  struct builtin_ctx bctx = { .table = table };
   int r = -1;
   char *out;
 
@@ -518,7 +551,8 @@ cbw_ctl_dispatch_line (const struct cbw_ctl_table *table, void *module_data,
 
   reply.err_class = CBW_CTL_GENERIC_ERROR;
   reply.err_desc[0] = '\0';
-  r = cmd->handler (builtin ? &bctx : module_data, args, &reply);
+  r = cmd->handler (builtin || needs_connection (cmd) ? bctx : module_data,
+                    args, &reply);
   if (r != 0)
     r = -1;
 
@@ -529,6 +563,74 @@ cbw_ctl_dispatch_line (const struct cbw_ctl_table *table, void *module_data,
     json_tokener_free (tok);
   out = format_reply (r, &reply, id);
   return out;
+}
+
+char *
+cbw_ctl_dispatch_line (const struct cbw_ctl_table *table, void *module_data,
+                       const char *line, size_t len)
+{
+  struct builtin_ctx bctx = { .table = table, .module_data = module_data };
+  return dispatch (&bctx, line, len);
+}
+
+int
+cbw_ctl_validate_args (const struct cbw_ctl_table *table, const char *command,
+                       struct json_object *args, struct cbw_ctl_reply *reply)
+{
+  const struct cbw_ctl_command *cmd;
+  bool builtin = false;
+
+  reply->ret = NULL;
+  reply->err_desc[0] = '\0';
+  cmd = find_command (table, command, &builtin);
+  if (cmd == NULL)
+    return cbw_ctl_fail (reply, CBW_CTL_COMMAND_NOT_FOUND,
+                         "the '%s' module has no command '%.200s'",
+                         table->module, command);
+  if (args == NULL || !json_object_is_type (args, json_type_object))
+    return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
+                         "arguments must be an object");
+  return validate_args (cmd, args, reply);
+}
+
+int
+cbw_ctl_call_local (const struct cbw_ctl_table *table, void *module_data,
+                    const char *command, struct json_object *args,
+                    struct json_object **ret_out, struct cbw_ctl_reply *reply)
+{
+  struct builtin_ctx bctx = { .table = table, .module_data = module_data };
+  struct json_object *empty = NULL;
+  const struct cbw_ctl_command *cmd;
+  bool builtin = false;
+  int r;
+
+  if (ret_out)
+    *ret_out = NULL;
+  reply->ret = NULL;
+  reply->err_class = CBW_CTL_GENERIC_ERROR;
+  reply->err_desc[0] = '\0';
+  cmd = find_command (table, command, &builtin);
+  if (cmd == NULL)
+    return cbw_ctl_fail (reply, CBW_CTL_COMMAND_NOT_FOUND,
+                         "the '%s' module has no command '%.200s'",
+                         table->module, command);
+  if (args == NULL && (args = empty = json_object_new_object ()) == NULL)
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "out of memory");
+  if (!json_object_is_type (args, json_type_object))
+    r = cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
+                      "arguments must be an object");
+  else if (validate_args (cmd, args, reply) == -1)
+    r = -1;
+  else
+    r = cmd->handler (builtin || needs_connection (cmd) ? (void *) &bctx
+                      : module_data, args, reply) == 0 ? 0 : -1;
+  json_object_put (empty);
+  if (r == 0 && ret_out)
+    *ret_out = reply->ret;
+  else
+    json_object_put (reply->ret);
+  reply->ret = NULL;
+  return r;
 }
 
 /* ---- the server --------------------------------------------------------- */
@@ -544,7 +646,18 @@ struct client {
   size_t out_len, out_off;
   bool closing;                  /* close once out is flushed */
   bool eof;                      /* peer shut down its side: finish the
-                                    complete lines, then close */
+                                    complete lines, then close (unless
+                                    subscribed: then when it closes) */
+  bool subscribed;               /* receives broadcast events */
+  uint64_t skip_upto;            /* numbered events <= this were replayed */
+};
+
+/* One queued broadcast line. */
+struct bcast {
+  struct bcast *next;
+  uint64_t seq;
+  size_t len;
+  char line[];
 };
 
 struct cbw_ctl_server {
@@ -554,14 +667,53 @@ struct cbw_ctl_server {
   dev_t sock_dev;                /* identity of the socket file we bound, */
   ino_t sock_ino;                /* so stop only unlinks our own socket */
   int listen_fd;
-  int wake_fd;                   /* eventfd: written by server_stop */
+  int wake_fd;                   /* eventfd: broadcast and server_stop */
   pthread_t thread;
   struct client clients[CBW_CTL_MAX_CLIENTS];
+  const struct cbw_ctl_event_source *events;  /* NULL: none */
+  size_t max_backlog;
+  /* guarded by qlock (see the top of this file) */
+  pthread_mutex_t qlock;
+  struct bcast *qhead, *qtail;   /* broadcast, not yet distributed */
+  size_t qbytes;
+  uint64_t qdropped;             /* lines refused: queue full */
+  unsigned nsubscribers;         /* no subscriber: broadcast drops at once */
+  bool stopping;
 };
 
 static void
-client_close (struct client *c)
+server_log (struct cbw_ctl_server *srv, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+static void
+server_log (struct cbw_ctl_server *srv, const char *fmt, ...)
 {
+  char msg[512];
+  va_list ap;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  if (srv->events && srv->events->log)
+    srv->events->log (srv->module_data, msg);
+  else
+    fprintf (stderr, "cbw control (%s): %s\n", srv->table->module, msg);
+}
+
+static void
+client_unsubscribe (struct cbw_ctl_server *srv, struct client *c)
+{
+  if (!c->subscribed)
+    return;
+  c->subscribed = false;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&srv->qlock);
+  srv->nsubscribers--;
+}
+
+static void
+client_close_srv (struct cbw_ctl_server *srv, struct client *c)
+{
+  client_unsubscribe (srv, c);
   if (c->fd >= 0)
     close (c->fd);
   free (c->in);
@@ -569,13 +721,19 @@ client_close (struct client *c)
   memset (c, 0, sizeof *c);
   c->fd = -1;
 }
+#define client_close(c) client_close_srv (srv, (c))
 
-/* Append bytes (a reply line) to a client's output. */
+/* Append bytes (a reply or event line) to a client's output. */
 static int
 client_queue (struct client *c, const char *s, size_t len)
 {
   if (c->out_off == c->out_len) {
     c->out_off = c->out_len = 0;
+  }
+  else if (c->out_off > 0) {     /* a subscriber may never fully drain */
+    memmove (c->out, c->out + c->out_off, c->out_len - c->out_off);
+    c->out_len -= c->out_off;
+    c->out_off = 0;
   }
   char *p = realloc (c->out, c->out_len + len + 1);
   if (p == NULL)
@@ -648,10 +806,19 @@ client_process (struct cbw_ctl_server *srv, struct client *c)
     if (line_len > 0 && c->in[line_len - 1] == '\r')
       line_len--;
     if (line_len > CBW_CTL_MAX_LINE || !all_space (c->in, line_len)) {
-      char *reply = cbw_ctl_dispatch_line (srv->table, srv->module_data,
-                                           c->in, line_len);
+      struct builtin_ctx bctx = { .table = srv->table,
+                                  .module_data = srv->module_data,
+                                  .srv = srv, .client = c };
+      char *reply = dispatch (&bctx, c->in, line_len);
       int r = reply ? client_queue (c, reply, strlen (reply)) : -1;
       free (reply);
+      /* "subscribe" with since: the replayed events follow its reply */
+      for (size_t i = 0; i < bctx.nreplay; i++) {
+        if (r == 0)
+          r = client_queue (c, bctx.replay[i], strlen (bctx.replay[i]));
+        free (bctx.replay[i]);
+      }
+      free (bctx.replay);
       if (r == -1)
         return -1;
       if (line_len > CBW_CTL_MAX_LINE)
@@ -668,9 +835,235 @@ client_process (struct cbw_ctl_server *srv, struct client *c)
    * poll for POLLIN with complete lines still buffered, and a client that
    * has sent everything would wait for ever (seen as a rare hang of
    * socket::pipelined_requests_in_order). */
-  if ((c->closing || c->eof) && !client_has_output (c))
+  if ((c->closing || (c->eof && !c->subscribed)) && !client_has_output (c))
     return -1;
   return 0;
+}
+
+/* ---- pushed events ------------------------------------------------------ */
+
+const struct cbw_ctl_arg cbw_ctl_subscribe_args[] = {
+  { "since", CBW_ARG_UINT, false, "replay the kept events with a sequence "
+    "number above this first (default: no replay)" },
+  { NULL }
+};
+const struct cbw_ctl_arg cbw_ctl_no_args[] = { { NULL } };
+
+static int
+collect_replay (void *ctxv, uint64_t seq, const char *line)
+{
+  struct builtin_ctx *ctx = ctxv;
+  char *copy;
+
+  (void) seq;
+  if (line == NULL || strchr (line, '\n') != NULL)
+    return 0;                    /* never send a malformed line */
+  if (ctx->nreplay == ctx->replay_alloc) {
+    size_t n = ctx->replay_alloc ? ctx->replay_alloc * 2 : 64;
+    char **p = realloc (ctx->replay, n * sizeof *p);
+    if (p == NULL)
+      return -1;
+    ctx->replay = p;
+    ctx->replay_alloc = n;
+  }
+  if ((copy = strdup (line)) == NULL)
+    return -1;
+  ctx->replay[ctx->nreplay++] = copy;
+  return 0;
+}
+
+static void
+drop_replay (struct builtin_ctx *ctx)
+{
+  for (size_t i = 0; i < ctx->nreplay; i++)
+    free (ctx->replay[i]);
+  free (ctx->replay);
+  ctx->replay = NULL;
+  ctx->nreplay = ctx->replay_alloc = 0;
+}
+
+int
+cbw_ctl_subscribe_handler (void *ctxv, struct json_object *args,
+                           struct cbw_ctl_reply *reply)
+{
+  struct builtin_ctx *ctx = ctxv;
+  struct cbw_ctl_server *srv = ctx->srv;
+  struct client *c = ctx->client;
+  const struct cbw_ctl_event_source *ev;
+  bool has_since = json_object_object_get_ex (args, "since", NULL);
+  uint64_t since = (uint64_t) cbw_ctl_arg_int (args, "since", 0);
+  uint64_t last = 0;
+  bool lost = false, newly = false;
+
+  if (srv == NULL || c == NULL)
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "subscribe needs a "
+                         "control connection");
+  ev = srv->events;
+  if (has_since && (ev == NULL || ev->history == NULL))
+    return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER, "argument "
+                         "'since': the '%s' module keeps no event history",
+                         srv->table->module);
+  /* Count the subscriber before reading the history: an event recorded
+   * after that read is then queued for us, not dropped (see top). */
+  if (!c->subscribed) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&srv->qlock);
+    srv->nsubscribers++;
+    c->subscribed = newly = true;
+  }
+  if (ev && ev->history &&
+      ev->history (srv->module_data, has_since ? since : CBW_CTL_NO_REPLAY,
+                   collect_replay, ctx, &last, &lost) != 0) {
+    drop_replay (ctx);
+    if (newly)
+      client_unsubscribe (srv, c);
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "reading the event "
+                         "history failed");
+  }
+  c->skip_upto = last;
+  reply->ret = json_object_new_object ();
+  if (reply->ret == NULL) {
+    drop_replay (ctx);
+    if (newly)
+      client_unsubscribe (srv, c);
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "out of memory");
+  }
+  json_object_object_add (reply->ret, "last",
+                          json_object_new_int64 ((int64_t) last));
+  json_object_object_add (reply->ret, "replayed",
+                          json_object_new_int64 ((int64_t) ctx->nreplay));
+  json_object_object_add (reply->ret, "lost",
+                          json_object_new_boolean (lost));
+  return 0;
+}
+
+int
+cbw_ctl_unsubscribe_handler (void *ctxv, struct json_object *args,
+                             struct cbw_ctl_reply *reply)
+{
+  struct builtin_ctx *ctx = ctxv;
+
+  (void) args;
+  if (ctx->srv == NULL || ctx->client == NULL)
+    return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "unsubscribe needs a "
+                         "control connection");
+  client_unsubscribe (ctx->srv, ctx->client);
+  return 0;
+}
+
+int
+cbw_ctl_server_broadcast (struct cbw_ctl_server *srv, uint64_t seq,
+                          const char *line)
+{
+  struct bcast *b;
+  size_t len;
+  uint64_t one = 1;
+
+  if (srv == NULL)
+    return 0;
+  if (line == NULL || (len = strlen (line)) == 0 || len > CBW_CTL_MAX_LINE ||
+      memchr (line, '\n', len) != NULL) {
+    errno = EINVAL;
+    return -1;
+  }
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&srv->qlock);
+    if (srv->nsubscribers == 0 || srv->stopping)
+      return 0;                  /* nobody to tell */
+  }
+  /* Copy outside the lock; a subscriber that came meanwhile is checked
+   * again below. */
+  b = malloc (sizeof *b + len + 1);
+  if (b == NULL) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&srv->qlock);
+    srv->qdropped++;             /* subscribers are dropped: none misses it */
+    errno = ENOMEM;
+    return -1;
+  }
+  b->next = NULL;
+  b->seq = seq;
+  b->len = len;
+  memcpy (b->line, line, len + 1);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&srv->qlock);
+    if (srv->nsubscribers == 0 || srv->stopping) {
+      free (b);
+      return 0;
+    }
+    if (srv->qbytes + len > CBW_CTL_EVENT_QUEUE_MAX) {
+      srv->qdropped++;
+      free (b);
+      errno = ENOBUFS;
+      return -1;
+    }
+    if (srv->qtail)
+      srv->qtail->next = b;
+    else
+      srv->qhead = b;
+    srv->qtail = b;
+    srv->qbytes += len;
+  }
+  while (write (srv->wake_fd, &one, sizeof one) < 0 && errno == EINTR)
+    ;
+  return 0;
+}
+
+/* Server thread: hand the queued events to the subscribers.  Returns true
+ * if the server is stopping. */
+static bool
+distribute_events (struct cbw_ctl_server *srv)
+{
+  struct bcast *list, *next;
+  uint64_t dropped;
+  uint64_t n;
+  bool stopping;
+  int i;
+
+  while (read (srv->wake_fd, &n, sizeof n) < 0 && errno == EINTR)
+    ;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&srv->qlock);
+    list = srv->qhead;
+    srv->qhead = srv->qtail = NULL;
+    srv->qbytes = 0;
+    dropped = srv->qdropped;
+    srv->qdropped = 0;
+    stopping = srv->stopping;
+  }
+  if (dropped > 0 && !stopping)
+    for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i) {
+      struct client *c = &srv->clients[i];
+      if (c->fd >= 0 && c->subscribed) {
+        server_log (srv, "dropping event subscriber (fd %d): %" PRIu64
+                    " event(s) could not be queued (queue full or out of "
+                    "memory); it must subscribe again with 'since'",
+                    c->fd, dropped);
+        client_close (c);
+      }
+    }
+  for (; list; list = next) {
+    next = list->next;
+    for (i = 0; !stopping && i < CBW_CTL_MAX_CLIENTS; ++i) {
+      struct client *c = &srv->clients[i];
+      size_t backlog;
+      if (c->fd < 0 || !c->subscribed ||
+          (list->seq != 0 && list->seq <= c->skip_upto))
+        continue;
+      backlog = c->out_len - c->out_off;
+      if (backlog + list->len + 1 > srv->max_backlog) {
+        server_log (srv, "dropping event subscriber (fd %d): it does not "
+                    "read its events (%zu bytes waiting, limit %zu; at event "
+                    "%" PRIu64 ")", c->fd, backlog, srv->max_backlog,
+                    list->seq);
+        client_close (c);
+        continue;
+      }
+      if (client_queue (c, list->line, list->len) == -1 ||
+          client_flush (c) == -1)
+        client_close (c);
+    }
+    free (list);
+  }
+  return stopping;
 }
 
 static int
@@ -764,6 +1157,7 @@ server_thread (void *arg)
         ev |= POLLOUT;
       else if (!c->closing && !c->eof)
         ev |= POLLIN;
+      /* else (a subscriber after EOF): only POLLHUP, when it closes */
       pfd[n] = (struct pollfd) { .fd = c->fd, .events = ev };
       map[n++] = i;
     }
@@ -772,8 +1166,6 @@ server_thread (void *arg)
       if (errno == EINTR) continue;
       break;                     /* cannot happen with valid fds */
     }
-    if (pfd[0].revents)
-      break;                     /* stop requested */
     if (pfd[1].revents & POLLIN)
       accept_one (srv);
     for (i = 2; i < n; ++i) {
@@ -794,6 +1186,11 @@ server_thread (void *arg)
       if (rc == -1)
         client_close (c);
     }
+    /* Events last: dropping a subscriber closes its fd, which must not
+     * happen between accept and the loop above (a new client could reuse
+     * the fd and the slot, and get the old one's revents). */
+    if (pfd[0].revents && distribute_events (srv))
+      break;                     /* stop requested */
   }
   return NULL;
 }
@@ -878,6 +1275,16 @@ struct cbw_ctl_server *
 cbw_ctl_server_start (const char *path, const struct cbw_ctl_table *table,
                       void *module_data, struct cbw_err *err)
 {
+  return cbw_ctl_server_start_events (path, table, module_data, NULL, err);
+}
+
+struct cbw_ctl_server *
+cbw_ctl_server_start_events (const char *path,
+                             const struct cbw_ctl_table *table,
+                             void *module_data,
+                             const struct cbw_ctl_event_source *events,
+                             struct cbw_err *err)
+{
   struct cbw_ctl_server *srv;
   sigset_t all, old;
   int i, e;
@@ -894,6 +1301,10 @@ cbw_ctl_server_start (const char *path, const struct cbw_ctl_table *table,
   }
   srv->table = table;
   srv->module_data = module_data;
+  srv->events = events;
+  srv->max_backlog = events && events->max_backlog ? events->max_backlog
+    : CBW_CTL_EVENT_BACKLOG;
+  pthread_mutex_init (&srv->qlock, NULL);
   srv->listen_fd = srv->wake_fd = -1;
   for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i)
     srv->clients[i].fd = -1;
@@ -923,6 +1334,7 @@ cbw_ctl_server_start (const char *path, const struct cbw_ctl_table *table,
  fail:
   if (srv->listen_fd >= 0) close (srv->listen_fd);
   if (srv->wake_fd >= 0) close (srv->wake_fd);
+  pthread_mutex_destroy (&srv->qlock);
   free (srv->path);
   free (srv);
   return NULL;
@@ -937,12 +1349,22 @@ cbw_ctl_server_stop (struct cbw_ctl_server *srv)
 
   if (srv == NULL)
     return;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&srv->qlock);
+    srv->stopping = true;
+  }
   while (write (srv->wake_fd, &one, sizeof one) < 0 && errno == EINTR)
     ;
   pthread_join (srv->thread, NULL);
   for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i)
     if (srv->clients[i].fd >= 0)
       client_close (&srv->clients[i]);
+  while (srv->qhead) {
+    struct bcast *b = srv->qhead;
+    srv->qhead = b->next;
+    free (b);
+  }
+  pthread_mutex_destroy (&srv->qlock);
   close (srv->listen_fd);
   close (srv->wake_fd);
   /* Unlink only the socket we created, not one a successor bound since. */

@@ -20,9 +20,13 @@
  * the module's command reference; docs are generated from it and a test checks
  * the committed docs match.
  *
+ * Pushed events (QMP style): see struct cbw_ctl_event_source below and
+ * docs/control-protocol.md "Events".
+ *
  * Threads and locking: cbw_ctl_server_start() starts one thread that accepts
  * connections and serves them one request at a time (poll-based, at most
- * CBW_CTL_MAX_CLIENTS clients).  Handlers run on that thread, never on an
+ * CBW_CTL_MAX_CLIENTS clients).  cbw_ctl_server_broadcast() may be called
+ * from any thread: it only takes the server's queue lock (a leaf lock).  Handlers run on that thread, never on an
  * nbdkit I/O thread; a slow handler delays other control clients, never guest
  * I/O.  Handlers must take the module's own locks themselves and must not
  * hold them across I/O.  A client that disconnects early, sends garbage or a
@@ -33,6 +37,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <json-c/json.h>
 
 #define CBW_CTL_MAX_LINE (1024 * 1024)  /* longer request lines: error + drop */
@@ -96,6 +101,68 @@ struct cbw_ctl_table {
   const struct cbw_ctl_command *commands;  /* terminated by {NULL} */
 };
 
+/* Pushed events.  A module that pushes events lists CBW_CTL_EVENT_COMMANDS
+ * in its command table (so "subscribe" and "unsubscribe" are validated,
+ * listed by query-commands and documented like its other commands) and
+ * starts its server with cbw_ctl_server_start_events().  A subscribed
+ * connection receives, interleaved with its replies, every line given to
+ * cbw_ctl_server_broadcast() from then on.  Lines are told apart QMP style:
+ * a reply has "return" or "error" (and the request's "id"), an event has
+ * "event" and never "return"/"error"; the greeting has "cbw".
+ *
+ * history (may be NULL): the module's record of past events, so that
+ * "subscribe" with {"since": N} replays the kept events with a sequence
+ * number above N before any live one, and none twice.  It calls
+ * emit(emit_ctx, seq, line) for each kept event with seq > since, oldest
+ * first (since == CBW_CTL_NO_REPLAY: none), sets *last to the newest
+ * sequence number ever broadcast (0: none) and *lost if events above since
+ * are no longer kept.  Returns 0, or -1 (the subscribe fails).  It runs on
+ * the control thread and may take module locks.  For the replay to be exact
+ * the module must number its events 1, 2, 3 ... and record each one and
+ * broadcast it under one lock that history also takes.
+ *
+ * A subscriber that does not read is dropped (connection closed, reason
+ * given to log) once more than max_backlog bytes of events wait for it;
+ * broadcasting never blocks and never fails because of one client. */
+#define CBW_CTL_NO_REPLAY UINT64_MAX
+#define CBW_CTL_EVENT_BACKLOG (1024 * 1024)       /* default max_backlog */
+#define CBW_CTL_EVENT_QUEUE_MAX (16 * 1024 * 1024) /* bytes not yet distributed */
+typedef int (*cbw_ctl_emit_fn) (void *emit_ctx, uint64_t seq, const char *line);
+struct cbw_ctl_event_source {
+  int (*history) (void *module_data, uint64_t since, cbw_ctl_emit_fn emit,
+                  void *emit_ctx, uint64_t *last, bool *lost);
+  size_t max_backlog;               /* per client, bytes; 0 = CBW_CTL_EVENT_BACKLOG */
+  void (*log) (void *module_data, const char *msg);  /* NULL: stderr */
+};
+
+/* The two command-table rows of "subscribe" / "unsubscribe" (handlers and
+ * argument specs live in control.c; they need the connection, which the
+ * server passes them itself). */
+int cbw_ctl_subscribe_handler (void *, struct json_object *, struct cbw_ctl_reply *);
+int cbw_ctl_unsubscribe_handler (void *, struct json_object *, struct cbw_ctl_reply *);
+/* Hidden: several nbdkit modules, each linking this library statically,
+ * may be loaded into one process. */
+extern const struct cbw_ctl_arg cbw_ctl_subscribe_args[]
+  __attribute__ ((visibility ("hidden")));
+extern const struct cbw_ctl_arg cbw_ctl_no_args[]
+  __attribute__ ((visibility ("hidden")));
+#define CBW_CTL_EVENT_COMMANDS                                                 \
+  { "subscribe", cbw_ctl_subscribe_handler, cbw_ctl_subscribe_args,            \
+    "Receive events on this connection as they happen, interleaved with "     \
+    "replies: lines `{\"event\": NAME, \"data\": {...}, \"seq\": N, "            \
+    "\"timestamp\": {\"seconds\", \"microseconds\"}}` (a reply has `return` or " \
+    "`error`, an event has `event`). With `since`, the kept events numbered " \
+    "above it are sent first (after this reply), so a client that polled "    \
+    "`event-list` up to N misses none and sees none twice. A client that "    \
+    "does not read its events is disconnected once 1 MiB of them wait for "  \
+    "it (the reason is logged); reconnect and subscribe with `since`.",       \
+    "`{\"last\": SEQ, \"replayed\": N, \"lost\": bool}`: the newest sequence "    \
+    "number when subscribing, the events replayed, and whether events after " \
+    "`since` were no longer kept" },                                          \
+  { "unsubscribe", cbw_ctl_unsubscribe_handler, cbw_ctl_no_args,              \
+    "Stop receiving events on this connection (events already queued for "   \
+    "it are still sent).", NULL }
+
 struct cbw_ctl_server;
 
 /* Listen on a Unix socket at path (an existing socket file is replaced only
@@ -106,8 +173,42 @@ struct cbw_ctl_server *cbw_ctl_server_start (const char *path,
                                              const struct cbw_ctl_table *table,
                                              void *module_data,
                                              struct cbw_err *err);
+/* The same, for a module that pushes events (events: see above; kept by
+ * reference, must outlive the server). */
+struct cbw_ctl_server *cbw_ctl_server_start_events
+  (const char *path, const struct cbw_ctl_table *table, void *module_data,
+   const struct cbw_ctl_event_source *events, struct cbw_err *err);
 /* Stop the thread, close clients, unlink the socket.  NULL is a no-op. */
 void cbw_ctl_server_stop (struct cbw_ctl_server *srv);
+
+/* Queue an event line (one JSON object, no newline) for every subscribed
+ * client; seq is its sequence number (0: unnumbered, never skipped).  Any
+ * thread, any time, also with module locks held: it copies the line under
+ * the server's queue lock and wakes the server thread, nothing more.
+ * Returns 0; -1 with errno EINVAL (bad line) or ENOBUFS (the server thread
+ * is CBW_CTL_EVENT_QUEUE_MAX behind: every subscriber will be dropped, so
+ * none misses an event silently).  srv == NULL is a no-op.  Callers make
+ * sure no broadcast runs during or after cbw_ctl_server_stop() (cbwd clears
+ * its pointer under its lock first). */
+int cbw_ctl_server_broadcast (struct cbw_ctl_server *srv, uint64_t seq,
+                              const char *line);
+
+/* Validate arguments against a command's spec and call its handler, in
+ * process (no JSON line, no socket): for callers that reuse a command's
+ * code path, e.g. cbwd applying its config file through "disk-add".
+ * args is borrowed.  Returns the handler's result; on -1 reply has the
+ * class and text (validation failures included); on 0 *ret_out gets the
+ * "return" value (caller puts; may be NULL). */
+int cbw_ctl_call_local (const struct cbw_ctl_table *table, void *module_data,
+                        const char *command, struct json_object *args,
+                        struct json_object **ret_out,
+                        struct cbw_ctl_reply *reply);
+
+/* Only the validation part: 0 if args (an object) would pass for command,
+ * else -1 with reply's class and text. */
+int cbw_ctl_validate_args (const struct cbw_ctl_table *table,
+                           const char *command, struct json_object *args,
+                           struct cbw_ctl_reply *reply);
 
 /* Run one request line through validation + dispatch without a socket
  * (used by unit tests and fuzzers).  Returns a malloc'd reply line
@@ -163,5 +264,12 @@ void cbw_ctl_client_set_timeout (struct cbw_ctl_client *c, int timeout_ms);
 int cbw_ctl_client_send_raw (struct cbw_ctl_client *c, const void *buf,
                              size_t len, struct cbw_err *err);
 char *cbw_ctl_client_read_line (struct cbw_ctl_client *c, struct cbw_err *err);
+/* Events on a subscribed connection: the next event line (malloc'd, no
+ * newline), first those that arrived while cbw_ctl_client_call() waited for
+ * a reply (kept for this, at most 4096), then from the socket.  Waits at
+ * most timeout_ms (< 0: forever); NULL with *err on timeout (ETIMEDOUT,
+ * the connection stays usable), EOF or error. */
+char *cbw_ctl_client_read_event (struct cbw_ctl_client *c, int timeout_ms,
+                                 struct cbw_err *err);
 
 #endif

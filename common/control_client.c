@@ -1,6 +1,9 @@
 /* cbw — common/control_client.c: the client side of the control socket (see
  * control.h): connect and check the greeting, send a request with a fresh
- * numeric "id", read lines until the reply carrying that id arrives.
+ * numeric "id", read lines until the reply carrying that id arrives.  On a
+ * subscribed connection the event lines read meanwhile are kept (at most
+ * CLIENT_MAX_PENDING_EVENTS) for cbw_ctl_client_read_event(), which returns
+ * them first, then reads more.
  *
  * Locking: none.  A struct cbw_ctl_client is one connection used by one
  * thread at a time; callers that share one serialise calls themselves.
@@ -38,8 +41,17 @@ errstr (int e)
 #define CLIENT_MAX_REPLY (64 * 1024 * 1024)
 #define GREETING_TIMEOUT_MS 10000
 
+/* Event lines that arrived while a call waited for its reply. */
+#define CLIENT_MAX_PENDING_EVENTS 4096
+struct pending_event {
+  struct pending_event *next;
+  char *line;
+};
+
 struct cbw_ctl_client {
   int fd;
+  struct pending_event *ev_head, *ev_tail;
+  size_t nev;
   char *buf;                     /* received, not yet consumed */
   size_t len, alloc;
   char module[64];
@@ -294,7 +306,79 @@ cbw_ctl_client_call (struct cbw_ctl_client *c, const char *command,
         (!json_object_object_get_ex (reply, "id", NULL) &&
          json_object_object_get_ex (reply, "error", NULL)))
       return reply;
-    json_object_put (reply);     /* stale reply or event: skip */
+    /* An event (subscribed connection): keep it for
+     * cbw_ctl_client_read_event(); a stale reply: skip. */
+    if (json_object_object_get_ex (reply, "event", NULL) &&
+        c->nev < CLIENT_MAX_PENDING_EVENTS) {
+      struct pending_event *pe = malloc (sizeof *pe);
+      if (pe) {
+        pe->next = NULL;
+        pe->line = line;
+        line = NULL;
+        if (c->ev_tail)
+          c->ev_tail->next = pe;
+        else
+          c->ev_head = pe;
+        c->ev_tail = pe;
+        c->nev++;
+      }
+    }
+    json_object_put (reply);
+  }
+}
+
+char *
+cbw_ctl_client_read_event (struct cbw_ctl_client *c, int timeout_ms,
+                           struct cbw_err *err)
+{
+  int64_t deadline = timeout_ms >= 0 ? now_ms () + timeout_ms : 0;
+
+  if (c->ev_head) {
+    struct pending_event *pe = c->ev_head;
+    char *line = pe->line;
+    c->ev_head = pe->next;
+    if (c->ev_head == NULL)
+      c->ev_tail = NULL;
+    c->nev--;
+    free (pe);
+    return line;
+  }
+  for (;;) {
+    struct json_object *o;
+    char *line;
+    /* Wait for data ourselves so a timeout leaves the connection usable
+     * (read_line_timeout marks it broken). */
+    if (c->len == 0 || memchr (c->buf, '\n', c->len) == NULL) {
+      struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+      int left = -1, r;
+      if (timeout_ms >= 0) {
+        int64_t l = deadline - now_ms ();
+        left = l > 0 ? (int) l : 0;
+      }
+      r = poll (&pfd, 1, left);
+      if (r < 0 && errno == EINTR)
+        continue;
+      if (r < 0) {
+        cbw_err_set (err, errno, "control client: poll: %s", errstr (errno));
+        return NULL;
+      }
+      if (r == 0) {
+        cbw_err_set (err, ETIMEDOUT, "control client: no event within %d ms",
+                     timeout_ms);
+        return NULL;
+      }
+    }
+    line = read_line_timeout (c, 0, err);
+    if (line == NULL)
+      return NULL;
+    o = json_tokener_parse (line);
+    if (o && json_object_is_type (o, json_type_object) &&
+        json_object_object_get_ex (o, "event", NULL)) {
+      json_object_put (o);
+      return line;
+    }
+    json_object_put (o);         /* a stale reply: skip */
+    free (line);
   }
 }
 
@@ -355,6 +439,12 @@ cbw_ctl_client_close (struct cbw_ctl_client *c)
     return;
   if (c->fd >= 0)
     close (c->fd);
+  while (c->ev_head) {
+    struct pending_event *pe = c->ev_head;
+    c->ev_head = pe->next;
+    free (pe->line);
+    free (pe);
+  }
   free (c->buf);
   free (c);
 }

@@ -1,7 +1,9 @@
 /* cbw — server/cbwd.c: main() of cbwd, the cbw NBD server: parses the
  * command line and config file, builds the exports, listens, and runs the
  * libuv loop until SIGTERM/SIGINT, then closes connections (requests in
- * flight finish first) and exits.
+ * flight finish first) and exits.  With --state-dir it embeds the
+ * orchestrator and adds the disks of the config file's "disks" section
+ * (cbw_orch_apply_disks) before its control socket opens.
  *
  * Threads: the loop thread runs everything here; cbwd's worker pool
  * (pool.c, --threads, started with the first request) runs export I/O and
@@ -15,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#include <json-c/json.h>
 
 #include "config.h"
 #include "server.h"
@@ -32,7 +36,8 @@ usage (FILE *f)
 "            [--max-connections N] [--handshake-timeout SECS] [--threads N]\n"
 "            [--max-inflight-bytes SIZE]\n"
 "            [--pidfile FILE] [-v]\n"
-"            [--state-dir DIR [--control PATH] [--module-dir DIR]]  (orchestrator)\n"
+"            [--state-dir DIR [--control PATH] [--module-dir DIR]]  (orchestrator;\n"
+"             the config file may then declare \"disks\")\n"
 "export keys: path= size= limit= description= upstream= connections= release=on|off\n"
 "             bitmap=NAME:raw:PATH:GRANULARITY | NAME:extents:PATH | NAME:store:DESC[:STORED]\n"
 "see cbwd(8).\n");
@@ -130,7 +135,11 @@ main (int argc, char **argv)
       return 1;
     }
   }
-  if (config && cbwd_load_config (config, &srv, &err) == -1) {
+  /* The config's "disks" (orchestrator only) are applied once the
+   * orchestrator has opened its state directory, below. */
+  struct json_object *config_disks = NULL;
+  if (config && cbwd_load_config_ex (config, &srv, state_dir ? &config_disks : NULL,
+                                     &err) == -1) {
     cbwd_log ("%s", err.msg);
     return 1;
   }
@@ -171,10 +180,14 @@ main (int argc, char **argv)
                                   .module_dir = module_dir, .nbdkit = getenv ("CBW_NBDKIT"),
                                   .exports = &orch_exports };
     orch = cbw_orch_open (&oc, &err);
-    if (orch == NULL || cbw_orch_serve (orch, &err) == -1) {
+    if (orch == NULL || cbw_orch_apply_disks (orch, config_disks, config, &err) == -1 ||
+        cbw_orch_serve (orch, &err) == -1) {
       cbwd_log ("orchestrator: %s", err.msg);
+      cbw_orch_close (orch, false);
+      json_object_put (config_disks);
       return 1;
     }
+    json_object_put (config_disks);
   }
 #else
   if (state_dir) {

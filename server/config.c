@@ -45,6 +45,7 @@ cbwd_export_spec_free (struct cbwd_export_spec *s)
 {
   free (s->name); free (s->type); free (s->path); free (s->description);
   free (s->upstream);
+  free (s->state_file); free (s->live_file); free (s->store_file);
   for (size_t i = 0; i < s->nbitmaps; i++) {
     free (s->bitmaps[i].name); free (s->bitmaps[i].source);
     free (s->bitmaps[i].path); free (s->bitmaps[i].stored);
@@ -135,6 +136,22 @@ cbwd_parse_export_kv (const char *kv, struct cbwd_export_spec *s, struct cbw_err
       else r = cbw_err_set (err, EINVAL, "release must be on or off");
     }
     else if (strcmp (k, "bitmap") == 0) r = parse_bitmap_kv (v, s, err);
+    else if (strcmp (k, "state-file") == 0) r = set_str (&s->state_file, v, k, err);
+    else if (strcmp (k, "live-file") == 0) r = set_str (&s->live_file, v, k, err);
+    else if (strcmp (k, "store-file") == 0) r = set_str (&s->store_file, v, k, err);
+    else if (strcmp (k, "state-granularity") == 0) {
+      if (cbwd_parse_size (v, &s->state_granularity) == -1)
+        r = cbw_err_set (err, EINVAL, "bad state-granularity '%s'", v);
+    }
+    else if (strcmp (k, "debug-delay-us") == 0) {
+      if (cbwd_parse_size (v, &s->debug_delay_us) == -1 || s->debug_delay_us > 10000000)
+        r = cbw_err_set (err, EINVAL, "debug-delay-us must be 0..10000000");
+    }
+    else if (strcmp (k, "debug-unsafe-no-recheck") == 0) {
+      if (strcmp (v, "on") == 0 || strcmp (v, "true") == 0) s->debug_no_recheck = 1;
+      else if (strcmp (v, "off") == 0 || strcmp (v, "false") == 0) s->debug_no_recheck = 0;
+      else r = cbw_err_set (err, EINVAL, "debug-unsafe-no-recheck must be on or off");
+    }
     else r = cbw_err_set (err, EINVAL, "unknown key '%s'", k);
     if (r == -1)
       return cbw_err_prefix (err, "--export %s", kv);
@@ -150,6 +167,13 @@ cbwd_build_export (const struct cbwd_export_spec *s, struct cbw_err *err)
   if (strlen (s->name) > 4096) { cbw_err_set (err, EINVAL, "export name too long"); return NULL; }
   if (!s->type) { cbw_err_set (err, EINVAL, "export '%s': no type", s->name); return NULL; }
   bool is_store = strcmp (s->type, "store") == 0, is_file = strcmp (s->type, "file") == 0;
+  if (strcmp (s->type, "pit") != 0 &&
+      (s->state_file || s->live_file || s->store_file || s->state_granularity ||
+       s->debug_delay_us || s->debug_no_recheck)) {
+    cbw_err_set (err, EINVAL, "export '%s': state-file, live-file, store-file and the "
+                 "debug keys are for type pit", s->name);
+    return NULL;
+  }
   if (is_store || is_file) {
     if (!s->path) { cbw_err_set (err, EINVAL, "export '%s': type %s needs path=", s->name, s->type); return NULL; }
     if (is_file && s->limit) { cbw_err_set (err, EINVAL, "export '%s': limit= is for stores", s->name); return NULL; }
@@ -161,7 +185,12 @@ cbwd_build_export (const struct cbwd_export_spec *s, struct cbw_err *err)
     if (!s->upstream) { cbw_err_set (err, EINVAL, "export '%s': type pit needs upstream=", s->name); return NULL; }
     struct cbwd_pit_opts o = { .upstream = s->upstream,
                                .connections = s->connections ? s->connections : 4,
-                               .release = s->release == 1 };
+                               .release = s->release == 1,
+                               .state_file = s->state_file, .live_file = s->live_file,
+                               .store_file = s->store_file,
+                               .state_granularity = s->state_granularity,
+                               .debug_delay_us = (uint32_t) s->debug_delay_us,
+                               .debug_no_recheck = s->debug_no_recheck == 1 };
     e = cbwd_export_pit_new (s->name, &o, err);
   }
   else if (strcmp (s->type, "memory") == 0) {
@@ -265,7 +294,8 @@ static int
 json_export (struct json_object *o, struct cbwd_export_spec *s, struct cbw_err *err)
 {
   static const char *const keys[] = { "name", "type", "path", "description", "upstream",
-    "size", "limit", "connections", "release", "bitmaps", NULL };
+    "size", "limit", "connections", "release", "bitmaps", "state-file", "live-file",
+    "store-file", "state-granularity", NULL };
   static const char *const bkeys[] = { "name", "source", "path", "granularity", "bitmap", NULL };
   memset (s, 0, sizeof *s);
   s->release = -1;
@@ -277,6 +307,10 @@ json_export (struct json_object *o, struct cbwd_export_spec *s, struct cbw_err *
       jstr (o, "path", &s->path, false, s->name, err) == -1 ||
       jstr (o, "description", &s->description, false, s->name, err) == -1 ||
       jstr (o, "upstream", &s->upstream, false, s->name, err) == -1 ||
+      jstr (o, "state-file", &s->state_file, false, s->name, err) == -1 ||
+      jstr (o, "live-file", &s->live_file, false, s->name, err) == -1 ||
+      jstr (o, "store-file", &s->store_file, false, s->name, err) == -1 ||
+      jsize (o, "state-granularity", &s->state_granularity, s->name, err) == -1 ||
       jsize (o, "size", &s->size, s->name, err) == -1 ||
       jsize (o, "limit", &s->limit, s->name, err) == -1)
     return -1;
@@ -313,7 +347,72 @@ json_export (struct json_object *o, struct cbwd_export_spec *s, struct cbw_err *
 }
 
 int
+cbwd_config_disks (struct json_object *root, const char *path,
+                   struct json_object **disks, struct cbw_err *err)
+{
+  struct json_object *v, *out;
+  *disks = NULL;
+  if (!json_object_object_get_ex (root, "disks", &v))
+    return 0;
+  if (!json_object_is_type (v, json_type_array))
+    return cbw_err_set (err, EINVAL, "%s: \"disks\" must be an array of objects", path);
+  if (json_object_array_length (v) > 256)
+    return cbw_err_set (err, EINVAL, "%s: too many disks (limit 256)", path);
+  /* relative image paths are relative to the config file */
+  CLEANUP_FREE char *dir = strdup (path);
+  if (!dir || !(out = json_object_new_array ()))
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  char *slash = strrchr (dir, '/');
+  if (slash) slash[slash == dir ? 1 : 0] = 0;
+  else strcpy (dir, ".");
+  for (size_t i = 0; i < json_object_array_length (v); i++) {
+    struct json_object *d = json_object_array_get_idx (v, i), *name, *file, *copy = NULL;
+    if (!json_object_is_type (d, json_type_object)) {
+      cbw_err_set (err, EINVAL, "%s: disks[%zu] must be an object", path, i);
+      goto fail;
+    }
+    if (!json_object_object_get_ex (d, "name", &name) ||
+        !json_object_is_type (name, json_type_string)) {
+      cbw_err_set (err, EINVAL, "%s: disks[%zu]: \"name\" (a string) is required", path, i);
+      goto fail;
+    }
+    if (json_object_deep_copy (d, &copy, NULL) != 0) {
+      cbw_err_set (err, ENOMEM, "out of memory");
+      goto fail;
+    }
+    json_object_array_add (out, copy);
+    if (json_object_object_get_ex (copy, "file", &file)) {
+      if (!json_object_is_type (file, json_type_string)) {
+        cbw_err_set (err, EINVAL, "%s: disk \"%s\": key \"file\" must be a string", path,
+                     json_object_get_string (name));
+        goto fail;
+      }
+      const char *f = json_object_get_string (file);
+      if (f[0] != '/' && f[0] != '\0') {
+        size_t len = strlen (dir) + strlen (f) + 2;
+        CLEANUP_FREE char *abs = malloc (len);
+        if (!abs) { cbw_err_set (err, ENOMEM, "out of memory"); goto fail; }
+        snprintf (abs, len, "%s/%s", dir, f);
+        json_object_object_add (copy, "file", json_object_new_string (abs));
+      }
+    }
+  }
+  *disks = out;
+  return 0;
+ fail:
+  json_object_put (out);
+  return -1;
+}
+
+int
 cbwd_load_config (const char *path, struct cbwd_server *srv, struct cbw_err *err)
+{
+  return cbwd_load_config_ex (path, srv, NULL, err);
+}
+
+int
+cbwd_load_config_ex (const char *path, struct cbwd_server *srv, struct json_object **disks,
+                     struct cbw_err *err)
 {
   CLEANUP_FREE char *buf = NULL;
   size_t len;
@@ -325,13 +424,19 @@ cbwd_load_config (const char *path, struct cbwd_server *srv, struct cbw_err *err
     return cbw_err_set (err, EINVAL, "%s: %s", path, json_tokener_error_desc (jerr));
   int ret = -1;
   static const char *const keys[] = { "listen", "exports", "max-connections",
-                                      "handshake-timeout", NULL };
+                                      "handshake-timeout", "disks", NULL };
+  if (disks) *disks = NULL;
   if (!json_object_is_type (root, json_type_object)) {
     cbw_err_set (err, EINVAL, "%s: not a JSON object", path);
     goto out;
   }
   if (check_keys (root, keys, path, err) == -1) goto out;
   struct json_object *v;
+  if (disks == NULL && json_object_object_get_ex (root, "disks", NULL)) {
+    cbw_err_set (err, EINVAL, "%s: \"disks\" needs the orchestrator (--state-dir)", path);
+    goto out;
+  }
+  if (disks && cbwd_config_disks (root, path, disks, err) == -1) goto out;
   if (json_object_object_get_ex (root, "max-connections", &v))
     srv->limits.max_connections = json_object_get_int (v);
   if (json_object_object_get_ex (root, "handshake-timeout", &v))
@@ -366,6 +471,10 @@ cbwd_load_config (const char *path, struct cbwd_server *srv, struct cbw_err *err
   }
   ret = 0;
  out:
+  if (ret == -1 && disks) {
+    json_object_put (*disks);
+    *disks = NULL;
+  }
   json_object_put (root);
   return ret;
 }

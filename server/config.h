@@ -27,6 +27,11 @@ struct cbwd_export_spec {
   uint64_t size, limit;
   unsigned connections;
   int release;                /* pit: forward TRIM upstream */
+  /* pit: direct reads (export_pit.c); the debug knobs are for tests */
+  char *state_file, *live_file, *store_file;
+  uint64_t state_granularity;
+  uint64_t debug_delay_us;
+  int debug_no_recheck;
   size_t nbitmaps;
   struct cbwd_bitmap_spec bitmaps[CBWD_MAX_BITMAPS];
 };
@@ -42,6 +47,17 @@ struct cbwd_export *cbwd_build_export (const struct cbwd_export_spec *s,
 /* Load a JSON config: listeners are added to srv, exports appended. */
 int cbwd_load_config (const char *path, struct cbwd_server *srv,
                       struct cbw_err *err);
+/* The same, and *disks gets the "disks" section (a new reference, NULL if
+ * absent; disks == NULL: a "disks" section is an error): an array of
+ * objects with a string "name", a relative "file" made absolute against the
+ * config file's directory; the other keys are the orchestrator's disk-add
+ * arguments, checked by cbw_orch_apply_disks() (server/orch/orch.h). */
+struct json_object;
+int cbwd_load_config_ex (const char *path, struct cbwd_server *srv,
+                         struct json_object **disks, struct cbw_err *err);
+/* Just the "disks" section of parsed config `root` (see above). */
+int cbwd_config_disks (struct json_object *root, const char *path,
+                       struct json_object **disks, struct cbw_err *err);
 /* Append to the export list: start-up or the loop thread only (from other
  * threads use cbwd_server_add_export()). */
 int cbwd_add_export (struct cbwd_server *srv, struct cbwd_export *e,

@@ -2,7 +2,9 @@
  * name, one backend vtable (struct cbwd_export_ops) per export type:
  *   store  export_file.c  writable sparse raw file, backup target, size limit
  *   file   export_file.c  read-only raw file (stopped disk) + its bitmaps
- *   pit    export_pit.c   read-only proxy to the cbw filter's PIT export
+ *   pit    export_pit.c   read-only point-in-time view: proxy to the cbw
+ *                         filter's PIT export, or direct reads of the live
+ *                         disk / store files following the shared state map
  * and a list of meta contexts (struct cbwd_meta) each export offers:
  *   base:allocation       from the backend's block_status
  *   qemu:allocation-depth meta_depth.c
@@ -145,7 +147,19 @@ struct cbwd_pit_opts {
   const char *upstream;   /* NBD URI of the cbw filter's PIT export */
   unsigned connections;   /* pool size */
   bool release;           /* accept TRIM and forward it upstream */
+  /* Direct reads (all three or none; see export_pit.c): the session's
+   * shared state map (begin "state-file", docs/formats/cbw-state-map.md),
+   * the raw live disk and the raw file behind the session's target. */
+  const char *state_file, *live_file, *store_file;
+  uint64_t state_granularity;   /* expected granularity, 0 = any */
+  uint32_t debug_delay_us;      /* testing: sleep before a direct read */
+  bool debug_no_recheck;        /* testing: UNSAFE, proves the race test bites */
 };
+/* Counters of a PIT export (tests, logs): bytes read directly from the
+ * live/store files, bytes read through the upstream, re-checks that
+ * discarded data.  Zero for other export types. */
+struct cbwd_pit_stats { uint64_t direct_bytes, upstream_bytes, rechecks; bool direct; };
+void cbwd_export_pit_stats (struct cbwd_export *e, struct cbwd_pit_stats *st);
 struct cbwd_export *cbwd_export_pit_new (const char *name,
                                          const struct cbwd_pit_opts *o,
                                          struct cbw_err *err);

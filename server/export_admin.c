@@ -47,11 +47,14 @@ add_store (void *opaque, const char *name, const char *path, uint64_t size,
 }
 
 static int
-add_pit (void *opaque, const char *name, const char *upstream,
-         const char *bitmap_ctl, const char *bitmap, const char *context,
-         char *uri_out, size_t uri_len, struct cbw_err *err)
+add_pit_direct (void *opaque, const char *name, const char *upstream,
+                const char *bitmap_ctl, const char *bitmap, const char *context,
+                const char *state_file, const char *live_file, const char *store_file,
+                char *uri_out, size_t uri_len, struct cbw_err *err)
 {
-  struct cbwd_pit_opts o = { .upstream = upstream, .connections = 8 };
+  struct cbwd_pit_opts o = { .upstream = upstream, .connections = 8,
+                             .state_file = state_file, .live_file = live_file,
+                             .store_file = store_file };
   struct cbwd_export *e = cbwd_export_pit_new (name, &o, err);
   if (!e) return -1;
   if (bitmap) {
@@ -75,6 +78,15 @@ add_pit (void *opaque, const char *name, const char *upstream,
 }
 
 static int
+add_pit (void *opaque, const char *name, const char *upstream,
+         const char *bitmap_ctl, const char *bitmap, const char *context,
+         char *uri_out, size_t uri_len, struct cbw_err *err)
+{
+  return add_pit_direct (opaque, name, upstream, bitmap_ctl, bitmap, context,
+                         NULL, NULL, NULL, uri_out, uri_len, err);
+}
+
+static int
 remove_export (void *opaque, const char *name, struct cbw_err *err)
 {
   return cbwd_server_remove_export (opaque, name, err);
@@ -86,5 +98,6 @@ cbwd_orch_exports_init (struct cbw_orch_exports *x, struct cbwd_server *srv)
   x->opaque = srv;
   x->add_store_export = add_store;
   x->add_pit_export = add_pit;
+  x->add_pit_export_direct = add_pit_direct;
   x->remove_export = remove_export;
 }

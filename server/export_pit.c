@@ -1,6 +1,30 @@
 /* cbw — server/export_pit.c: the point-in-time (PIT) export of a backup
  * session: a read-only proxy to the cbw filter's PIT export (an upstream NBD
- * URI), over a pool of libnbd connections.
+ * URI), over a pool of libnbd connections, and optionally a DIRECT read path
+ * that skips the second hop.
+ *
+ * Direct reads (state-file + live-file + store-file).  The cbw filter keeps
+ * the session's block states in a shared map (docs/formats/cbw-state-map.md);
+ * we map it read-only and serve each run of same-state blocks ourselves:
+ *   NEEDED  pread the live disk file, full fence, re-load the run's states:
+ *           the prefix still NEEDED is old data (THE RULE of the filter: a
+ *           block leaves NEEDED before its live data changes).
+ *   COPIED  pread the store file (the session's target), re-check COPIED
+ *           (a skip may release the block while we read it).
+ *   other   (COPYING, BUFFERED, FAILED, NOT_NEEDED, or a state that changed
+ *           under the read): that range goes through the upstream proxy,
+ *           which waits for copies and fails where the filter cannot be sure.
+ * After the data of a request is read, the session must still be alive:
+ * status ACTIVE and the filter's OFD lock on byte 0 of the map held (it is
+ * released at `end` before writes stop being copied, and by the kernel when
+ * nbdkit dies).  Otherwise the request fails: never data we cannot prove is
+ * point-in-time data.  The map header is validated against the export size
+ * (and granularity, if given) when the export is created; the files are
+ * never trusted for lengths: a short read goes to the upstream.  Page-cache
+ * hits are served on the loop (pread_nowait, RWF_NOWAIT; anything else is
+ * sent to the pool, a repeat of a read is harmless).  Block status and TRIM
+ * still go through the upstream.  Counters (direct/upstream bytes,
+ * re-checks) are relaxed atomics, logged when the export is freed.
  *
  * Guarantee: cbwd returns only what the upstream returned for the same range;
  * an upstream error (the filter could not be sure of the data) or a lost
@@ -20,15 +44,40 @@
  * sized accordingly by cbwd.c.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <libnbd.h>
 
+#include "cbw_state_map.h"
 #include "cleanup.h"
 #include "export.h"
+#include "fileutil.h"
 #include "nbd_proto.h"
+#include "server.h"
+
+/* The direct read path (NULL in struct pit_priv when not configured).
+ * Immutable after creation except the counters. */
+struct pit_direct {
+  int state_fd, live_fd, store_fd;
+  const struct cbw_sm_header *hdr;   /* the mapping */
+  const _Atomic uint8_t *st;         /* hdr + CBW_SM_HEADER_SIZE */
+  size_t map_len;
+  unsigned shift;
+  uint64_t nblocks;
+  uint32_t delay_us;
+  bool no_recheck;
+  _Atomic bool no_nowait;            /* RWF_NOWAIT unsupported */
+  _Atomic uint64_t direct_bytes, upstream_bytes, rechecks;
+};
 
 struct pit_priv {
   char *uri;
@@ -39,6 +88,7 @@ struct pit_priv {
   pthread_cond_t cond;
   struct nbd_handle **h;         /* NULL: not connected */
   bool *busy;
+  struct pit_direct *d;          /* NULL: proxy only */
 };
 
 static struct nbd_handle *
@@ -158,10 +208,9 @@ cmp_hole (const void *a, const void *b)
 }
 
 static int
-pit_pread (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off,
-           struct cbwd_holes *holes, struct cbw_err *err)
+upstream_pread (struct pit_priv *p, void *buf, uint32_t len, uint64_t off,
+                struct cbwd_holes *holes, struct cbw_err *err)
 {
-  struct pit_priv *p = e->priv;
   unsigned slot;
   bool fresh;
   int r = -1;
@@ -201,6 +250,258 @@ pit_pread (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off,
   }
   free (rh.v);
   return r;
+}
+
+/* ---- direct reads ---- */
+
+#define RLX memory_order_relaxed
+
+/* First block in [b0,b1) whose state is not v, or b1. */
+static uint64_t
+first_changed (const struct pit_direct *d, uint64_t b0, uint64_t b1, uint8_t v)
+{
+  for (; b0 < b1; ++b0)
+    if (atomic_load (&d->st[b0]) != v)
+      return b0;
+  return b1;
+}
+
+/* Is the session still active (status ACTIVE and the filter's liveness lock
+ * held)?  Called AFTER the data reads it vouches for. */
+static bool
+session_alive (const struct pit_direct *d)
+{
+  struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 0,
+                      .l_len = 1 };
+  if (__atomic_load_n (&d->hdr->status, __ATOMIC_SEQ_CST) != CBW_SM_STATUS_ACTIVE)
+    return false;
+  if (fcntl (d->state_fd, F_OFD_GETLK, &fl) == -1)
+    return false;
+  return fl.l_type != F_UNLCK;
+}
+
+/* Read [pos, pos+n) of fd into dst: 0 if all of it was read.  nowait: page
+ * cache only. */
+static int
+direct_file_read (struct pit_direct *d, int fd, void *dst, uint64_t n,
+                  uint64_t pos, bool nowait)
+{
+  if (nowait) {
+    struct iovec iov = { dst, n };
+    ssize_t r = preadv2 (fd, &iov, 1, pos, RWF_NOWAIT);
+    if (r == -1 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS))
+      atomic_store_explicit (&d->no_nowait, true, RLX);
+    return r == (ssize_t) n ? 0 : -1;
+  }
+  if (d->delay_us)
+    usleep (d->delay_us);
+  return cbw_pread_full (fd, dst, n, pos);
+}
+
+/* Serve a read through the state map.  Returns 0 (buf filled), -1 (*err
+ * set), or 1 in nowait mode when the loop cannot finish it (the pool
+ * redoes the whole request). */
+static int
+direct_pread (struct cbwd_export *e, struct pit_direct *d, char *buf,
+              uint32_t len, uint64_t off, bool nowait, struct cbw_err *err)
+{
+  struct pit_priv *p = e->priv;
+  uint64_t end = off + len, pos = off, b, rb, rend, n, chg;
+  uint64_t direct = 0, upstream = 0, rechecks = 0;
+  uint8_t v;
+
+  if (nowait && atomic_load_explicit (&d->no_nowait, RLX))
+    return 1;
+  while (pos < end) {
+    b = pos >> d->shift;
+    v = atomic_load (&d->st[b]);
+    for (rb = b + 1; rb < d->nblocks && (rb << d->shift) < end; ++rb)
+      if (atomic_load (&d->st[rb]) != v)
+        break;
+    rend = rb << d->shift;
+    if (rend > end)
+      rend = end;
+    n = rend - pos;
+    char *dst = buf + (pos - off);
+    int fd = v == CBW_SM_NEEDED ? d->live_fd : v == CBW_SM_COPIED ? d->store_fd : -1;
+
+    if (fd >= 0 && direct_file_read (d, fd, dst, n, pos, nowait) == 0) {
+      if (d->no_recheck) {
+        direct += n;
+        pos = rend;
+        continue;
+      }
+      /* Pairs with the filter's fence after its claim: the state loads
+       * below happen after our read of the data. */
+      atomic_thread_fence (memory_order_seq_cst);
+      chg = first_changed (d, b, rb, v);
+      if (chg == rb) {
+        direct += n;
+        pos = rend;
+      }
+      else {
+        rechecks++;
+        if ((chg << d->shift) > pos) {    /* keep the unchanged prefix */
+          direct += (chg << d->shift) - pos;
+          pos = chg << d->shift;
+        }
+      }
+      continue;                           /* changed: look again */
+    }
+    /* Anything we cannot prove ourselves: the filter decides. */
+    if (nowait)
+      return 1;
+    if (upstream_pread (p, dst, n, pos, NULL, err) == -1)
+      return -1;
+    upstream += n;
+    pos = rend;
+  }
+  if (direct && !d->no_recheck && !session_alive (d)) {
+    if (nowait)
+      return 1;
+    return cbw_err_set (err, EIO, "export '%s': the backup session has ended "
+                        "(or its nbdkit is gone): point-in-time data can no "
+                        "longer be proven", e->name);
+  }
+  if (direct)
+    atomic_fetch_add_explicit (&d->direct_bytes, direct, RLX);
+  if (upstream)
+    atomic_fetch_add_explicit (&d->upstream_bytes, upstream, RLX);
+  if (rechecks)
+    atomic_fetch_add_explicit (&d->rechecks, rechecks, RLX);
+  return 0;
+}
+
+static int
+pit_pread (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off,
+           struct cbwd_holes *holes, struct cbw_err *err)
+{
+  struct pit_priv *p = e->priv;
+  if (p->d)
+    return direct_pread (e, p->d, buf, len, off, false, err);
+  return upstream_pread (p, buf, len, off, holes, err);
+}
+
+static int
+pit_pread_nowait (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off)
+{
+  struct pit_priv *p = e->priv;
+  struct cbw_err err = { 0 };
+  if (!p->d || p->d->delay_us)
+    return -1;
+  return direct_pread (e, p->d, buf, len, off, true, &err) == 0 ? 0 : -1;
+}
+
+void
+cbwd_export_pit_stats (struct cbwd_export *e, struct cbwd_pit_stats *st)
+{
+  memset (st, 0, sizeof *st);
+  if (e->ops->pread != pit_pread || e->priv == NULL)
+    return;
+  struct pit_direct *d = ((struct pit_priv *) e->priv)->d;
+  if (!d)
+    return;
+  st->direct = true;
+  st->direct_bytes = atomic_load_explicit (&d->direct_bytes, RLX);
+  st->upstream_bytes = atomic_load_explicit (&d->upstream_bytes, RLX);
+  st->rechecks = atomic_load_explicit (&d->rechecks, RLX);
+}
+
+static void
+direct_free (struct pit_direct *d)
+{
+  if (!d)
+    return;
+  if (d->hdr)
+    munmap ((void *) d->hdr, d->map_len);
+  if (d->state_fd >= 0) close (d->state_fd);
+  if (d->live_fd >= 0) close (d->live_fd);
+  if (d->store_fd >= 0) close (d->store_fd);
+  free (d);
+}
+
+/* Open a raw data file read-only; it must hold at least size bytes. */
+static int
+open_data_file (const char *what, const char *path, uint64_t size, int *fd_out,
+                struct cbw_err *err)
+{
+  struct stat sb;
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd == -1)
+    return cbw_err_set (err, errno, "%s %s: %s", what, path, strerror (errno));
+  off_t end = lseek (fd, 0, SEEK_END);
+  if (fstat (fd, &sb) == -1 || end == -1 ||
+      !(S_ISREG (sb.st_mode) || S_ISBLK (sb.st_mode))) {
+    close (fd);
+    return cbw_err_set (err, EINVAL, "%s %s: not a regular file or block "
+                        "device", what, path);
+  }
+  if ((uint64_t) end < size) {
+    close (fd);
+    return cbw_err_set (err, EINVAL, "%s %s: %llu bytes, smaller than the "
+                        "export (%llu bytes)", what, path,
+                        (unsigned long long) end, (unsigned long long) size);
+  }
+  *fd_out = fd;
+  return 0;
+}
+
+/* Validate and map the state map, open the data files.  NULL + *err. */
+static struct pit_direct *
+direct_open (const struct cbwd_pit_opts *o, uint64_t size, struct cbw_err *err)
+{
+  struct pit_direct *d = calloc (1, sizeof *d);
+  struct cbw_sm_header h;
+  struct stat sb;
+
+  if (!d) {
+    cbw_err_set (err, ENOMEM, "out of memory");
+    return NULL;
+  }
+  d->state_fd = d->live_fd = d->store_fd = -1;
+  d->delay_us = o->debug_delay_us;
+  d->no_recheck = o->debug_no_recheck;
+  d->state_fd = open (o->state_file, O_RDONLY | O_CLOEXEC);
+  if (d->state_fd == -1) {
+    cbw_err_set (err, errno, "state-file %s: %s", o->state_file, strerror (errno));
+    goto fail;
+  }
+  if (fstat (d->state_fd, &sb) == -1 || !S_ISREG (sb.st_mode)) {
+    cbw_err_set (err, EINVAL, "state-file %s: not a regular file", o->state_file);
+    goto fail;
+  }
+  memset (&h, 0, sizeof h);
+  if ((uint64_t) sb.st_size >= sizeof h &&
+      cbw_pread_full (d->state_fd, &h, sizeof h, 0) == -1) {
+    cbw_err_set (err, errno, "state-file %s: %s", o->state_file, strerror (errno));
+    goto fail;
+  }
+  if (cbw_sm_check_header (&h, sb.st_size, size, o->state_granularity,
+                           o->state_file, err) == -1)
+    goto fail;
+  d->shift = h.gran_shift;
+  d->nblocks = h.nblocks;
+  d->map_len = sb.st_size;
+  void *m = mmap (NULL, d->map_len, PROT_READ, MAP_SHARED, d->state_fd, 0);
+  if (m == MAP_FAILED) {
+    cbw_err_set (err, errno, "state-file %s: mmap: %s", o->state_file,
+                 strerror (errno));
+    goto fail;
+  }
+  d->hdr = m;
+  d->st = (const _Atomic uint8_t *) ((const char *) m + CBW_SM_HEADER_SIZE);
+  if (!session_alive (d)) {
+    cbw_err_set (err, ESTALE, "state-file %s: its backup session is not "
+                 "active (ended, or its nbdkit is gone)", o->state_file);
+    goto fail;
+  }
+  if (open_data_file ("live-file", o->live_file, size, &d->live_fd, err) == -1 ||
+      open_data_file ("store-file", o->store_file, size, &d->store_fd, err) == -1)
+    goto fail;
+  return d;
+ fail:
+  direct_free (d);
+  return NULL;
 }
 
 static int
@@ -354,6 +655,12 @@ pit_close (struct cbwd_export *e)
     }
   free (p->h);
   free (p->busy);
+  if (p->d)
+    cbwd_log ("export '%s': point-in-time reads: %" PRIu64 " bytes direct, %"
+              PRIu64 " bytes through the upstream, %" PRIu64 " re-checks",
+              e->name, atomic_load (&p->d->direct_bytes),
+              atomic_load (&p->d->upstream_bytes), atomic_load (&p->d->rechecks));
+  direct_free (p->d);
   pthread_mutex_destroy (&p->lock);
   pthread_cond_destroy (&p->cond);
   free (p->uri);
@@ -366,12 +673,19 @@ static const struct cbwd_export_ops pit_ops = {
   .pread = pit_pread, .pwrite = pit_pwrite, .zero = pit_zero,
   .trim = pit_trim, .flush = pit_flush, .cache = pit_cache,
   .block_status = pit_block_status, .close = pit_close,
+  .pread_nowait = pit_pread_nowait,
 };
 
 struct cbwd_export *
 cbwd_export_pit_new (const char *name, const struct cbwd_pit_opts *o,
                      struct cbw_err *err)
 {
+  int ndirect = !!o->state_file + !!o->live_file + !!o->store_file;
+  if (ndirect != 0 && ndirect != 3) {
+    cbw_err_set (err, EINVAL, "export '%s': state-file, live-file and "
+                 "store-file go together (direct reads need all three)", name);
+    return NULL;
+  }
   struct cbwd_export *e = calloc (1, sizeof *e);
   struct pit_priv *p = calloc (1, sizeof *p);
   unsigned n = o->connections ? o->connections : 4;
@@ -400,6 +714,14 @@ cbwd_export_pit_new (const char *name, const struct cbwd_pit_opts *o,
     goto fail;
   }
   e->size = (uint64_t) size;
+  if (ndirect) {
+    p->d = direct_open (o, e->size, err);
+    if (!p->d)
+      goto fail;
+    cbwd_log ("export '%s': direct point-in-time reads (state map %s, "
+              "granularity %llu, live %s, store %s)", name, o->state_file,
+              1ULL << p->d->shift, o->live_file, o->store_file);
+  }
   p->can_trim = nbd_can_trim (h) == 1;
   p->can_cache = nbd_can_cache (h) == 1;
   p->has_base = nbd_can_meta_context (h, "base:allocation") == 1;

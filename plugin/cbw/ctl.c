@@ -235,6 +235,8 @@ stats_json (struct cbw_session *s)
     json_object_object_add (o, "broken", json_object_new_boolean (st.broken));
     json_object_object_add (o, "last-error",
                             json_object_new_string (st.last_error));
+    json_object_object_add (o, "state-file", st.state_file[0]
+                            ? json_object_new_string (st.state_file) : NULL);
   }
   json_object_object_add (o, "quiesced",
                           json_object_new_boolean (cbw_gate_quiesced ()));
@@ -254,6 +256,7 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   const char *uri = cbw_ctl_arg_str (args, "target", NULL);
   const char *bitmap = cbw_ctl_arg_str (args, "bitmap", NULL);
   const char *bsock = cbw_ctl_arg_str (args, "bitmap-control", NULL);
+  const char *state_file = cbw_ctl_arg_str (args, "state-file", NULL);
   long long gran = cbw_ctl_arg_int (args, "granularity", 0);
   long long conns = cbw_ctl_arg_int (args, "connections",
                                      cbw_cfg.connections);
@@ -311,10 +314,13 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   p.debug_no_recheck = cbw_cfg.debug_no_recheck;
   p.buffer_bytes = cbw_cfg.buffer_bytes;
   p.workers = conns;
+  p.state_file = state_file;
   s = cbw_session_new (&p, t, &err);
   if (s == NULL) {
     cbw_target_close (t);
-    return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "%s", err.msg);
+    return cbw_ctl_fail (r, state_file && err.errnum != ENOMEM
+                         ? CBW_CTL_INVALID_PARAMETER : CBW_CTL_GENERIC_ERROR,
+                         "%s", err.msg);
   }
   if (extents ? needed_from_list (s, extents, size, r)
       : bitmap ? needed_from_bitmap (s, bsock, bitmap, size, r)
@@ -356,6 +362,9 @@ h_end (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&cbw_session_lock);
     s = atomic_exchange (&cbw_active, NULL);
   }
+  /* Before any write can pass without a copy: readers of the state map
+   * must see the end first. */
+  cbw_session_publish_end (s);
   cbw_gate_open ();
   cbw_session_end (s);
   r->ret = stats_json (s);
@@ -457,6 +466,11 @@ static const struct cbw_ctl_arg begin_args[] = {
     "local `file:` targets only: at most this many bytes allocated to the "
     "target file on the host; copies past it fail with ENOSPC (handled by "
     "`on-cbw-error`); default 0 = no limit" },
+  { "state-file", CBW_ARG_STRING, false,
+    "create this file (must not exist; mode 0600) and keep the session's "
+    "block states in a shared mapping of it "
+    "(docs/formats/cbw-state-map.md), so that cbwd on the same host can "
+    "serve point-in-time reads itself; removed at `end`" },
   { NULL },
 };
 static const struct cbw_ctl_arg skip_args[] = {
@@ -489,8 +503,8 @@ static const struct cbw_ctl_command commands[] = {
     "`state`, `size`, `granularity`, `blocks`, `needed-blocks`, "
     "`copied-blocks`, `copied-bytes`, `zero-bytes`, `skipped-blocks`, "
     "`failed-blocks`, `in-flight`, `errors`, `guest-write-waits`, "
-    "`pit-rechecks`, `buffered-blocks`, `broken`, `last-error`, `quiesced`, `on-cbw-error`, "
-    "`pit-export`" },
+    "`pit-rechecks`, `buffered-blocks`, `broken`, `last-error`, `state-file`, `quiesced`, "
+    "`on-cbw-error`, `pit-export`" },
   { "skip", h_skip, skip_args,
     "Release a range the backup reader has finished with: its whole blocks "
     "are no longer copied, point-in-time reads of them fail with EIO, and "

@@ -38,6 +38,16 @@
  * write-back queue (never held across I/O; a BUFFERED state and its queue
  * entry are published in one plock section).  err_lock guards last_error.  Counters are relaxed atomics.  The session is reference
  * counted: the filter's "active" pointer and every PIT connection hold one.
+ *
+ * Shared state map (begin "state-file": PATH).  The state bytes then live in
+ * a MAP_SHARED mapping of a new file (docs/formats/cbw-state-map.md), so
+ * another process (cbwd's PIT export) follows them lock-free and reads the
+ * live disk and the target's file itself, with the same re-check.  The
+ * session holds an OFD write lock on byte 0 of the file while it is active:
+ * readers treat "not locked" (session ended, or nbdkit died) or status
+ * ENDED as "no data can be proven".  publish_end sets status ENDED,
+ * releases the lock and unlinks the file BEFORE the write gate reopens, so
+ * a write that is no longer copied can never be mistaken for old data.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -47,6 +57,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -73,6 +87,12 @@ struct cbw_session {
   unsigned shift;
   uint64_t nblocks;
   _Atomic uint8_t *st;
+  /* Shared state map (NULL/-1 without state_file): st points into it. */
+  void *map;
+  size_t map_len;
+  int map_fd;
+  char *map_path;               /* unlinked (and freed) by publish_end */
+  _Atomic bool end_published;
   struct cbw_target *target;
   _Atomic bool broken;
   _Atomic bool ended;
@@ -133,6 +153,94 @@ note_error (struct cbw_session *s, const char *fmt, ...)
   memcpy (s->last_error, msg, sizeof msg);
 }
 
+/* Create the shared state map at path (O_EXCL: never someone else's file),
+ * space reserved up front (a full tmpfs must fail here, not SIGBUS later),
+ * header written, liveness lock taken.  On failure nothing is left behind. */
+static int
+map_create (struct cbw_session *s, const char *path, struct cbw_err *err)
+{
+  uint64_t len = cbw_sm_file_size (s->nblocks);
+  struct cbw_sm_header *h;
+  struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0,
+                      .l_len = 1 };
+  int fd, e;
+  const char *what;
+
+  if (path[0] == '\0')
+    return cbw_err_set (err, EINVAL, "state-file: empty path");
+  fd = open (path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd == -1)
+    return cbw_err_set (err, errno, "state-file %s: %s%s", path,
+                        strerror (errno), errno == EEXIST ? " (refusing to "
+                        "reuse an existing file)" : "");
+  what = "ftruncate";
+  if (ftruncate (fd, len) == -1)
+    goto fail;
+  what = "reserving space";
+  if ((e = posix_fallocate (fd, 0, len)) != 0) {
+    errno = e;
+    goto fail;
+  }
+  what = "mmap";
+  s->map = mmap (NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (s->map == MAP_FAILED) {
+    s->map = NULL;
+    goto fail;
+  }
+  what = "locking";
+  if (fcntl (fd, F_OFD_SETLK, &fl) == -1)
+    goto fail;
+  what = "getrandom";
+  h = s->map;
+  if (getrandom (&h->session_id, sizeof h->session_id, 0)
+      != (ssize_t) sizeof h->session_id)
+    goto fail;
+  memcpy (h->magic, CBW_SM_MAGIC, 8);
+  h->version = CBW_SM_VERSION;
+  h->header_size = CBW_SM_HEADER_SIZE;
+  h->gran_shift = s->shift;
+  h->creator_pid = getpid ();
+  h->nblocks = s->nblocks;
+  h->disk_size = s->p.size;
+  h->status = CBW_SM_STATUS_ACTIVE;
+  h->checksum = cbw_sm_checksum (h);
+  s->map_path = strdup (path);
+  what = "strdup";
+  if (s->map_path == NULL)
+    goto fail;
+  s->map_len = len;
+  s->map_fd = fd;
+  s->st = (_Atomic uint8_t *) ((char *) s->map + CBW_SM_HEADER_SIZE);
+  return 0;
+
+ fail:
+  e = errno;
+  if (s->map)
+    munmap (s->map, len);
+  s->map = NULL;
+  unlink (path);
+  close (fd);
+  return cbw_err_set (err, e, "state-file %s: %s: %s", path, what,
+                      strerror (e));
+}
+
+void
+cbw_session_publish_end (struct cbw_session *s)
+{
+  struct flock fl = { .l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = 0,
+                      .l_len = 1 };
+
+  atomic_store (&s->ended, true);
+  if (atomic_exchange (&s->end_published, true) || s->map == NULL)
+    return;
+  __atomic_store_n (&((struct cbw_sm_header *) s->map)->status,
+                    CBW_SM_STATUS_ENDED, __ATOMIC_SEQ_CST);
+  if (fcntl (s->map_fd, F_OFD_SETLK, &fl) == -1)
+    nbdkit_error ("cbw: state-file %s: unlock: %m", s->map_path);
+  if (unlink (s->map_path) == -1 && errno != ENOENT)
+    nbdkit_error ("cbw: state-file %s: unlink: %m", s->map_path);
+}
+
 struct cbw_session *
 cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
                  struct cbw_err *err)
@@ -148,9 +256,18 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
   if (s == NULL)
     return cbw_err_set (err, ENOMEM, "out of memory"), NULL;
   s->p = *p;
+  s->p.state_file = NULL;       /* not kept: the caller's string */
   s->shift = __builtin_ctz (p->granularity);
   s->nblocks = (p->size + p->granularity - 1) >> s->shift;
-  s->st = calloc (s->nblocks ? s->nblocks : 1, 1);
+  s->map_fd = -1;
+  if (p->state_file) {
+    if (map_create (s, p->state_file, err) == -1) {
+      free (s);
+      return NULL;
+    }
+  }
+  else
+    s->st = calloc (s->nblocks ? s->nblocks : 1, 1);
   if (s->st == NULL) {
     uint64_t nb = s->nblocks;
     free (s);
@@ -253,14 +370,21 @@ cbw_session_put (struct cbw_session *s)
     pthread_cond_destroy (&s->shards[i].cond);
   }
   pthread_mutex_destroy (&s->err_lock);
-  free ((void *) s->st);
+  if (s->map) {
+    cbw_session_publish_end (s);
+    munmap (s->map, s->map_len);
+    close (s->map_fd);
+    free (s->map_path);
+  }
+  else
+    free ((void *) s->st);
   free (s);
 }
 
 void
 cbw_session_end (struct cbw_session *s)
 {
-  atomic_store (&s->ended, true);
+  cbw_session_publish_end (s);
   stop_workers (s);
 }
 
@@ -675,6 +799,10 @@ cbw_session_before_write (struct cbw_session *s, nbdkit_next *next,
         if (!atomic_compare_exchange_strong (&s->st[b], &e, CBW_B_COPYING))
           break;
       }
+      /* THE RULE across processes: the claims are visible before any of
+       * this write's data can reach the live disk (a reader of the shared
+       * state map pairs this with a fence after its live read). */
+      atomic_thread_fence (memory_order_seq_cst);
       int r = 1;
       if (s->nworkers)
         r = buffer_blocks (s, next, run, b, deadline, err);
@@ -835,6 +963,14 @@ cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next, void *buf,
         pos = rend;
         continue;
       }
+      /* After end, writes are no longer copied: an unchanged NEEDED state
+       * proves nothing any more. */
+      if (atomic_load (&s->ended)) {
+        nbdkit_error ("cbw: point-in-time view: the backup session has "
+                      "ended");
+        *err = EIO;
+        return -1;
+      }
       break;
     default:
       abort ();
@@ -966,6 +1102,8 @@ cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st)
   st->buffered_blocks = atomic_load_explicit (&s->buffered_blocks, RLX);
   st->broken = atomic_load (&s->broken);
   st->ended = atomic_load (&s->ended);
+  if (s->map)
+    snprintf (st->state_file, sizeof st->state_file, "%s", s->map_path);
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->err_lock);
   memcpy (st->last_error, s->last_error, sizeof st->last_error);
 }

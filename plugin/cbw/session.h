@@ -10,19 +10,27 @@
 #include <nbdkit-filter.h>
 
 #include "cbw_err.h"
+#include "cbw_state_map.h"
 #include "target.h"
 
 enum cbw_policy { CBW_BREAK_SNAPSHOT = 0, CBW_BREAK_GUEST_WRITE = 1 };
 
-/* Per-block states (one byte each). */
+/* Per-block states (one byte each).  The byte values are a file format
+ * (docs/formats/cbw-state-map.md, common/cbw_state_map.h) once a session
+ * has a state file: they are defined from there and cannot drift. */
 enum cbw_block_state {
-  CBW_B_NOT_NEEDED = 0,   /* outside the backup set, skipped, or released */
-  CBW_B_NEEDED = 1,       /* backup needs it, old data still on the live disk */
-  CBW_B_COPYING = 2,      /* a guest write owns its copy right now */
-  CBW_B_COPIED = 3,       /* old data is in the target */
-  CBW_B_FAILED = 4,       /* copy lost (break-snapshot): PIT reads fail */
-  CBW_B_BUFFERED = 5,     /* old data read, queued for the target (in RAM) */
+  CBW_B_NOT_NEEDED = CBW_SM_NOT_NEEDED, /* outside the set, skipped, released */
+  CBW_B_NEEDED = CBW_SM_NEEDED,     /* needed, old data still on the live disk */
+  CBW_B_COPYING = CBW_SM_COPYING,   /* a guest write owns its copy right now */
+  CBW_B_COPIED = CBW_SM_COPIED,     /* old data is in the target */
+  CBW_B_FAILED = CBW_SM_FAILED,     /* copy lost (break-snapshot): PIT fails */
+  CBW_B_BUFFERED = CBW_SM_BUFFERED, /* old data read, queued for the target */
 };
+_Static_assert (CBW_B_NOT_NEEDED == 0 && CBW_B_NEEDED == 1 &&
+                CBW_B_COPYING == 2 && CBW_B_COPIED == 3 &&
+                CBW_B_FAILED == 4 && CBW_B_BUFFERED == 5 &&
+                CBW_SM_NSTATES == 6,
+                "block state bytes are fixed by docs/formats/cbw-state-map.md");
 
 struct cbw_session_stats {
   uint64_t size, granularity, blocks, needed_blocks, copied_blocks,
@@ -30,6 +38,7 @@ struct cbw_session_stats {
     errors, guest_write_waits, pit_rechecks, buffered_blocks;
   bool broken, ended;
   char last_error[256];
+  char state_file[256];        /* "" if none */
 };
 
 struct cbw_session_params {
@@ -41,6 +50,8 @@ struct cbw_session_params {
   bool debug_no_recheck;       /* testing: UNSAFE, proves the race test bites */
   uint64_t buffer_bytes;       /* write-back buffer (break-snapshot), 0 = off */
   unsigned workers;            /* copy workers for the buffer */
+  const char *state_file;      /* NULL: states in private memory; else a new
+                                  shared state map (cbw-state-map.md) */
 };
 
 struct cbw_session;
@@ -57,6 +68,12 @@ void cbw_session_mark_all_needed (struct cbw_session *s);
 void cbw_session_get (struct cbw_session *s);
 void cbw_session_put (struct cbw_session *s);
 void cbw_session_end (struct cbw_session *s);   /* PIT reads fail from now on */
+/* The quick part of end, for the control thread while the write gate is
+ * still closed and drained: marks the session ended (also in the state
+ * map: status ENDED, liveness lock released, file unlinked), so that no
+ * reader can take live data for point-in-time data once writes stop being
+ * copied.  Idempotent; cbw_session_end calls it too. */
+void cbw_session_publish_end (struct cbw_session *s);
 
 /* Guest write path: call before passing a write/zero/trim of [off,off+len)
  * down.  Returns 0 (write may proceed) or -1 with *err set (policy

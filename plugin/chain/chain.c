@@ -282,6 +282,7 @@ OVC_FORWARD (commit)
 OVC_FORWARD (commit_cancel)
 OVC_FORWARD (commit_speed)
 OVC_FORWARD (list)
+OVC_FORWARD (layer_extents)
 
 static const struct cbw_ctl_command chain_commands[] = {
   { "status", cmd_status, no_args,
@@ -306,6 +307,10 @@ static const struct cbw_ctl_command chain_commands[] = {
   { "commit-speed", cmd_commit_speed, ovc_ctl_speed_args, OVC_CTL_DOC_SPEED, "`{}`" },
   { "list", cmd_list, no_args, OVC_CTL_DOC_LIST,
     "`{\"layers\": [...]}` as in `status`" },
+  { "layer-extents", cmd_layer_extents, ovc_ctl_layer_extents_args,
+    OVC_CTL_DOC_LAYER_EXTENTS,
+    "`{\"layer\": UINT, \"name\": STRING, \"cluster-size\": UINT, \"extents\": "
+    "[{\"offset\": UINT, \"length\": UINT, \"zero\": BOOL}], \"next\": UINT|null}`" },
   { NULL }
 };
 

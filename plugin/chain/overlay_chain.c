@@ -808,6 +808,86 @@ ovc_extent (struct ovc *c, uint64_t offset, uint64_t count, uint64_t *len,
   return 0;
 }
 
+int
+ovc_layer_extents (struct ovc *c, unsigned layer, uint64_t offset, uint64_t length,
+                   size_t max, struct ovc_extent *out, size_t *n, uint64_t *next,
+                   unsigned *layer_out, char **name_out, struct cbw_err *err)
+{
+  *n = 0;
+  *next = UINT64_MAX;
+  if (name_out)
+    *name_out = NULL;
+  if (max == 0)
+    return cbw_err_set (err, EINVAL, "max-extents must be at least 1");
+  if (offset > c->size || length > c->size - offset)
+    return cbw_err_set (err, EINVAL, "range [%" PRIu64 ", +%" PRIu64 ") is outside the "
+                        "disk (%" PRIu64 " bytes)", offset, length, c->size);
+  uint64_t end = offset + length;
+  int r = 0;
+  gate_enter (c);
+  unsigned top = c->nl - 1;
+  unsigned k = layer ? layer : top;
+  if (top == 0 || k > top) {
+    r = top == 0 ? cbw_err_set (err, ENOENT, "the chain has no overlay")
+      : cbw_err_set (err, ENOENT, "no layer %u (the top is %u)", k, top);
+    goto out;
+  }
+  if (layer_out)
+    *layer_out = k;
+  if (name_out && (*name_out = strdup (c->layers[k]->name)) == NULL) {
+    r = cbw_err_set (err, ENOMEM, "out of memory");
+    goto out;
+  }
+  /* One map_lock hold per run: guest I/O waits at most for one run's scan
+   * (next_set/next_clear walk the bitmaps' summary words). */
+  uint64_t pos = offset;
+  while (pos < end) {
+    uint64_t s_off, e_off;
+    bool zero;
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&c->map_lock);
+      const struct cbw_ovl_map *m = &c->layers[k]->map;
+      uint64_t cl = pos >> c->cbits;
+      uint64_t s = cbw_bitmap_next_set (&m->alloc, cl);
+      if (s == UINT64_MAX || s >= m->nclusters)
+        break;
+      uint64_t ae = cbw_bitmap_next_clear (&m->alloc, s);
+      if (ae == UINT64_MAX || ae > m->nclusters)
+        ae = m->nclusters;
+      /* split the allocated run [s, ae) where the zero bit changes */
+      zero = cbw_bitmap_test (&m->zero, s);
+      uint64_t e = zero ? cbw_bitmap_next_clear (&m->zero, s) : cbw_bitmap_next_set (&m->zero, s);
+      if (e == UINT64_MAX || e > ae)
+        e = ae;
+      s_off = cl_start (c, s);
+      e_off = e >= m->nclusters ? c->size : cl_start (c, e);
+    }
+    if (s_off >= end)
+      break;
+    if (s_off < pos)
+      s_off = pos;
+    if (e_off > end)
+      e_off = end;
+    if (*n == max) {
+      *next = s_off;
+      break;
+    }
+    if (*n > 0 && out[*n - 1].offset + out[*n - 1].length == s_off &&
+        out[*n - 1].zero == zero)
+      out[*n - 1].length += e_off - s_off;
+    else
+      out[(*n)++] = (struct ovc_extent) { s_off, e_off - s_off, zero };
+    pos = e_off;
+  }
+ out:
+  gate_leave (c);
+  if (r < 0 && name_out) {
+    free (*name_out);
+    *name_out = NULL;
+  }
+  return r;
+}
+
 /* ------------------------------------------------------------ open/close */
 
 int
@@ -2052,6 +2132,68 @@ ovc_ctl_status (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r
 {
   (void) args;
   r->ret = ovc_status_json (c);
+  return 0;
+}
+
+const struct cbw_ctl_arg ovc_ctl_layer_extents_args[] = {
+  { "layer", CBW_ARG_UINT, false, "overlay index, 1 = lowest (default 0 = the top)" },
+  { "offset", CBW_ARG_UINT, false, "start of the byte range (default 0)" },
+  { "length", CBW_ARG_UINT, false, "length of the byte range (default: to the end of the disk)" },
+  { "max-extents", CBW_ARG_UINT, false, "at most this many runs in the reply (default 1024, "
+    "max 65536)" },
+  { NULL },
+};
+
+int
+ovc_ctl_layer_extents (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  long long layer = cbw_ctl_arg_int (args, "layer", 0);
+  long long off = cbw_ctl_arg_int (args, "offset", 0);
+  long long max = cbw_ctl_arg_int (args, "max-extents", OVC_EXTENTS_DEFAULT);
+  uint64_t size = c->size;
+  if (off < 0 || (uint64_t) off > size)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "offset %lld is past the end of "
+                         "the disk (%" PRIu64 " bytes)", off, size);
+  long long len = cbw_ctl_arg_int (args, "length", (long long) (size - (uint64_t) off));
+  if (len < 0 || (uint64_t) len > size - (uint64_t) off)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "range %lld+%lld is past the end "
+                         "of the disk (%" PRIu64 " bytes)", off, len, size);
+  if (max < 1 || max > OVC_EXTENTS_MAX)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "max-extents must be 1..%d",
+                         OVC_EXTENTS_MAX);
+  if (layer < 0 || layer > CBW_CHAIN_MAX_LAYERS)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "layer %lld: not an overlay index",
+                         layer);
+  struct ovc_extent *x = malloc ((size_t) max * sizeof *x);
+  if (x == NULL)
+    return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory");
+  size_t n;
+  uint64_t next;
+  unsigned k;
+  char *name = NULL;
+  if (ovc_layer_extents (c, (unsigned) layer, (uint64_t) off, (uint64_t) len, (size_t) max,
+                         x, &n, &next, &k, &name, &e) < 0) {
+    free (x);
+    return ctl_err (r, &e);
+  }
+  struct json_object *a = json_object_new_array_ext ((int) n);
+  for (size_t i = 0; i < n; i++) {
+    struct json_object *o = json_object_new_object ();
+    json_object_object_add (o, "offset", json_object_new_int64 ((int64_t) x[i].offset));
+    json_object_object_add (o, "length", json_object_new_int64 ((int64_t) x[i].length));
+    json_object_object_add (o, "zero", json_object_new_boolean (x[i].zero));
+    json_object_array_add (a, o);
+  }
+  free (x);
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "layer", json_object_new_int ((int) k));
+  json_object_object_add (r->ret, "name", json_object_new_string (name));
+  json_object_object_add (r->ret, "cluster-size", json_object_new_int64 (c->csize));
+  json_object_object_add (r->ret, "extents", a);
+  json_object_object_add (r->ret, "next", next == UINT64_MAX ? NULL
+                          : json_object_new_int64 ((int64_t) next));
+  free (name);
   return 0;
 }
 

@@ -86,6 +86,22 @@ int ovc_commit_cancel (struct ovc *c, struct cbw_err *err);
 int ovc_commit_wait (struct ovc *c, struct cbw_err *err);
 int ovc_commit_set_speed (struct ovc *c, uint64_t speed, struct cbw_err *err);
 
+/* Allocated extents of overlay `layer` (1..nlayers; 0 = the current top):
+ * the clusters that layer holds as DATA or ZERO (a write, or a write-zeroes,
+ * since it became the top), in bytes, as ascending, non-overlapping runs of
+ * one state (adjacent runs differ in `zero`), clipped to [offset,
+ * offset+length).  At most `max` runs are returned in out[]; *next gets the
+ * offset to continue from, or UINT64_MAX when the range is exhausted.
+ * *layer_out / *name_out (optional, malloc'd) identify the layer read, so a
+ * paging caller can check the top did not change between pages.  EINVAL for
+ * a range outside the disk or max == 0; ENOENT if the layer does not exist
+ * (the chain has no overlay).  Bounded work per call: O(clusters scanned /
+ * 64) plus O(max). */
+struct ovc_extent { uint64_t offset, length; bool zero; };
+int ovc_layer_extents (struct ovc *c, unsigned layer, uint64_t offset, uint64_t length,
+                       size_t max, struct ovc_extent *out, size_t *n, uint64_t *next,
+                       unsigned *layer_out, char **name_out, struct cbw_err *err);
+
 /* {"size","cluster_size","generation","layers":[...],"operation":{...}} */
 struct json_object *ovc_status_json (struct ovc *c);
 
@@ -106,8 +122,14 @@ int ovc_ctl_commit_cancel (struct ovc *c, struct json_object *args, struct cbw_c
 int ovc_ctl_commit_speed (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r);
 int ovc_ctl_status (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r);
 int ovc_ctl_list (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r);
+/*   layer-extents  {"layer"?,"offset"?,"length"?,"max-extents"?}
+ *                  -> {"layer","name","cluster-size","extents":[{"offset","length","zero"}],
+ *                      "next": OFFSET|null} */
+int ovc_ctl_layer_extents (struct ovc *c, struct json_object *args, struct cbw_ctl_reply *r);
+#define OVC_EXTENTS_DEFAULT 1024
+#define OVC_EXTENTS_MAX 65536
 extern const struct cbw_ctl_arg ovc_ctl_snapshot_args[], ovc_ctl_commit_args[],
-  ovc_ctl_speed_args[], ovc_ctl_no_args[];
+  ovc_ctl_speed_args[], ovc_ctl_no_args[], ovc_ctl_layer_extents_args[];
 #define OVC_CTL_DOC_SNAPSHOT "Live snapshot: in-flight writes drain, the top is " \
   "flushed, a new empty overlay becomes the top; the layers below become read-only. " \
   "Crash-atomic (the chain descriptor replace is the commit point)."
@@ -121,6 +143,14 @@ extern const struct cbw_ctl_arg ovc_ctl_snapshot_args[], ovc_ctl_commit_args[],
 #define OVC_CTL_DOC_STATUS "The chain (layers bottom to top with allocation), and the " \
   "running or last operation with its progress or error."
 #define OVC_CTL_DOC_LIST "The layers of the chain, bottom (the raw base) to top."
+#define OVC_CTL_DOC_LAYER_EXTENTS "Allocated extents of one overlay (default: the " \
+  "writable top): the clusters it holds as data or as zero, i.e. everything written " \
+  "to the disk since that overlay became the top (its snapshot).  Runs are in bytes, " \
+  "ascending, clipped to the range, each of one kind (`zero`: written as zeroes).  " \
+  "The reply is bounded by `max-extents`; if it was cut, `next` is the offset to " \
+  "continue from, else null.  A paging reader compares `name` across pages (a " \
+  "snapshot in between changes the top).  `NotFound` if the chain has no overlay."
+
 
 /* Commit copy tuning (process-global, read when a commit starts): window
  * size in bytes (0 = default 8 MiB; a speed limit makes windows smaller)

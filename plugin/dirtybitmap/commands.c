@@ -98,6 +98,40 @@ do_merge (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   return 0;
 }
 
+/* "extents": [{"offset":O,"length":L}] or [[O,L]], at most one request
+ * line's worth (the control protocol bounds it). */
+static int
+do_mark (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_err err = { 0 };
+  struct json_object *a = NULL;
+  json_object_object_get_ex (args, "extents", &a);
+  size_t n = json_object_array_length (a);
+  CLEANUP_FREE struct dbm_extent *x = calloc (n ? n : 1, sizeof *x);
+  if (x == NULL)
+    return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory");
+  for (size_t i = 0; i < n; i++) {
+    struct json_object *e = json_object_array_get_idx (a, i), *o = NULL, *l = NULL;
+    if (json_object_is_type (e, json_type_array) && json_object_array_length (e) == 2) {
+      o = json_object_array_get_idx (e, 0);
+      l = json_object_array_get_idx (e, 1);
+    }
+    else if (json_object_is_type (e, json_type_object)) {
+      json_object_object_get_ex (e, "offset", &o);
+      json_object_object_get_ex (e, "length", &l);
+    }
+    if (!json_object_is_type (o, json_type_int) || !json_object_is_type (l, json_type_int) ||
+        json_object_get_int64 (o) < 0 || json_object_get_int64 (l) <= 0)
+      return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "extents[%zu]: expected "
+                           "{\"offset\":O,\"length\":L} or [O,L] with O >= 0, L > 0", i);
+    x[i].offset = (uint64_t) json_object_get_int64 (o);
+    x[i].length = (uint64_t) json_object_get_int64 (l);
+  }
+  if (dbm_tracker_mark (data, cbw_ctl_arg_str (args, "name", ""), x, n, &err) < 0)
+    return fail_err (r, &err);
+  return 0;
+}
+
 static int
 do_list (void *data, struct json_object *args, struct cbw_ctl_reply *r)
 {
@@ -230,6 +264,11 @@ static const struct cbw_ctl_arg extents_args[] = {
   { "max-extents", CBW_ARG_UINT, false, "At most this many extents in the reply (default 1024, max 65536)." },
   { NULL },
 };
+static const struct cbw_ctl_arg mark_args[] = {
+  { "name", CBW_ARG_STRING, true, "Bitmap name." },
+  { "extents", CBW_ARG_ARRAY, true, "Byte ranges to mark dirty: `[{\"offset\":O,\"length\":L},...]` or `[[O,L],...]`." },
+  { NULL },
+};
 static const struct cbw_ctl_arg no_args[] = { { NULL } };
 
 static const struct cbw_ctl_command commands[] = {
@@ -256,6 +295,11 @@ static const struct cbw_ctl_command commands[] = {
     "dst |= src, atomically with respect to writes (same rule as `disable`).  Granularities "
     "may differ: every dst granule overlapping a dirty src granule becomes dirty.  Saved "
     "durably before the reply.", "`{}`" },
+  { "mark", do_mark, mark_args,
+    "Mark byte ranges dirty (every granule they touch), atomically with respect to writes "
+    "(same rule as `disable`), and save durably.  For loading a set computed elsewhere, "
+    "e.g. the extents an overlay holds (cbwd's `top` backups).  Nothing is marked if a "
+    "range is empty or past the end of the image.", "`{}`" },
   { "list", do_list, no_args,
     "List the bitmaps.",
     "`{\"bitmaps\": [{\"name\", \"granularity\", \"enabled\", \"dirty-bytes\", \"state\" "

@@ -920,6 +920,28 @@ dbm_tracker_merge (struct dbm_tracker *t, const char *src, const char *dst,
   return persist (t, "merge", err);
 }
 
+int
+dbm_tracker_mark (struct dbm_tracker *t, const char *name,
+                  const struct dbm_extent *x, size_t n, struct cbw_err *err)
+{
+  for (size_t i = 0; i < n; i++)
+    if (x[i].length == 0 || x[i].offset >= t->image_size ||
+        x[i].length > t->image_size - x[i].offset)
+      return cbw_err_set (err, EINVAL, "mark '%s': extent %zu (%" PRIu64 "+%" PRIu64
+                          ") is empty or past the end of the image (%" PRIu64 " bytes)",
+                          name, i, x[i].offset, x[i].length, t->image_size);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+  pthread_rwlock_wrlock (&t->bm_lock);
+  ssize_t bi = find_or_err (t, name, err);
+  if (bi >= 0)
+    for (size_t i = 0; i < n; i++)
+      set_bytes (&t->live[bi].bits, t->live[bi].granularity, x[i].offset, x[i].length);
+  pthread_rwlock_unlock (&t->bm_lock);
+  if (bi < 0)
+    return -1;
+  return persist (t, "mark", err);
+}
+
 static uint64_t
 dirty_bytes (const struct live_bitmap *b, uint64_t image_size)
 {

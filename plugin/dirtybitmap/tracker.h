@@ -72,6 +72,15 @@ int dbm_tracker_set_enabled (struct dbm_tracker *t, const char *name, bool enabl
 int dbm_tracker_merge (struct dbm_tracker *t, const char *src, const char *dst,
                        struct cbw_err *err);
 
+struct dbm_extent;
+/* Mark byte ranges dirty in a bitmap (every granule they touch), atomically
+ * with respect to writes, then save durably.  Dirtying more never breaks
+ * the "never under-reports" rule; used to load an externally computed set
+ * (e.g. an overlay's allocated extents for a `top` backup).  EINVAL if a
+ * range is empty or past the image (nothing is marked then). */
+int dbm_tracker_mark (struct dbm_tracker *t, const char *name,
+                      const struct dbm_extent *x, size_t n, struct cbw_err *err);
+
 struct dbm_bitmap_info {
   char name[CBW_BITMAP_NAME_MAX + 1];
   uint64_t granularity;

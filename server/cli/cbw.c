@@ -10,12 +10,15 @@
  * answered with an error), 2 usage error (nothing was sent), 3 cannot
  * connect to cbwd or the connection broke.  `cbw job wait` exits 0 only if
  * the job completed (1 if it failed or was cancelled) and draws a progress
- * bar on stderr when stderr is a terminal.
+ * bar on stderr when stderr is a terminal.  `cbw events [--follow]` prints
+ * the event ring, then (--follow) the events cbwd pushes after `subscribe`
+ * until interrupted (0) or until the stream ends (3).
  *
  * Locking: single-threaded.
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,6 +115,8 @@ print_disk (struct json_object *d)
 {
   printf ("disk %s: %s, %s\n  nbd: %s\n", jstr (d, "name", "?"), jstr (d, "state", "?"),
           jstr (d, "file", "?"), jstr (d, "uri", "?"));
+  if (jstr (d, "chain", NULL))
+    printf ("  overlay chain: %s\n", jstr (d, "chain", ""));
 }
 
 static void
@@ -253,6 +258,67 @@ print_jobs (struct json_object *ret)
   }
 }
 
+static void
+print_snapshot (struct json_object *ret)
+{
+  printf ("disk %s: new top overlay %s (%" PRId64 " overlay%s)\n", jstr (ret, "disk", "?"),
+          jstr (ret, "layer", "?"), jint (ret, "overlays"), jint (ret, "overlays") == 1 ? "" : "s");
+}
+
+static void
+print_commit (struct json_object *ret)
+{
+  char layers[64];
+  if (jint (ret, "hi") > jint (ret, "lo"))
+    snprintf (layers, sizeof layers, "layers %" PRId64 "..%" PRId64, jint (ret, "lo"),
+              jint (ret, "hi"));
+  else
+    snprintf (layers, sizeof layers, "layer %" PRId64, jint (ret, "lo"));
+  printf ("disk %s: committing %s into layer %" PRId64 "%s (progress: cbw disk chain %s)\n",
+          jstr (ret, "disk", "?"), layers, jint (ret, "lo") - 1,
+          json_object_get_boolean (jget (ret, "active")) ? ", live" : "", jstr (ret, "disk", "?"));
+}
+
+static void
+print_operation (struct json_object *op)
+{
+  if (op == NULL)
+    return;
+  uint64_t done = (uint64_t) jint (op, "done"), total = (uint64_t) jint (op, "total");
+  char d[32], t[32];
+  human_size (done, d, sizeof d);
+  human_size (total, t, sizeof t);
+  printf ("  %s of layers %" PRId64 "..%" PRId64 ": %s, %s of %s (%.1f%%)%s%s\n",
+          jstr (op, "type", "?"), jint (op, "lo"), jint (op, "hi"), jstr (op, "state", "?"),
+          d, t, total ? 100.0 * (double) done / (double) total : 100.0,
+          jstr (op, "error", NULL) ? ": " : "", jstr (op, "error", ""));
+}
+
+static void
+print_chain (struct json_object *ret)
+{
+  const char *chain = jstr (ret, "chain", NULL);
+  printf ("disk %s: %" PRId64 " overlay%s%s%s%s\n", jstr (ret, "disk", "?"),
+          jint (ret, "overlays"), jint (ret, "overlays") == 1 ? "" : "s",
+          chain ? " (chain " : " (no overlay chain: raw fast path", chain ? chain : "", ")");
+  struct json_object *a = jget (ret, "layers");
+  printf ("  %-5s %-28s %-8s %-8s %10s %10s  %s\n", "INDEX", "NAME", "KIND", "WRITABLE",
+          "ALLOCATED", "ZERO", "LABEL");
+  for (size_t i = 0; a && i < json_object_array_length (a); i++) {
+    struct json_object *l = json_object_array_get_idx (a, i);
+    char al[32] = "-", z[32] = "-";
+    if (jget (l, "allocated_bytes")) {
+      human_size ((uint64_t) jint (l, "allocated_bytes"), al, sizeof al);
+      human_size ((uint64_t) jint (l, "zero_bytes"), z, sizeof z);
+    }
+    printf ("  %-5" PRId64 " %-28s %-8s %-8s %10s %10s  %s\n", jint (l, "index"),
+            jstr (l, "name", "?"), jstr (l, "kind", "?"),
+            json_object_get_boolean (jget (l, "writable")) ? "yes" : "no", al, z,
+            jstr (l, "label", ""));
+  }
+  print_operation (jget (ret, "operation"));
+}
+
 /* ---- the subcommand table ---- */
 
 static const struct sub subs[] = {
@@ -261,6 +327,10 @@ static const struct sub subs[] = {
   { "disk", "add", "disk-add", "name", true, "NAME",
     { { "--file", "file", O_STR, "image file or block device (required)" },
       { "--granularity", "granularity", O_UINT, "dirty bitmap granularity in bytes" },
+      { "--overlays", "overlays", O_BOOL, "serve it through an overlay chain (live "
+        "snapshots, commits, `top` backups; default: raw fast path)" },
+      { "--chain", "chain", O_STR, "PATH: chain descriptor to use or create (absolute; "
+        "implies --overlays)" },
       { NULL } },
     "add a disk and start serving it", print_disk },
   { "disk", "list", "disk-list", NULL, false, NULL, { { NULL } },
@@ -271,6 +341,19 @@ static const struct sub subs[] = {
     "start a stopped or dead disk's nbdkit", print_disk },
   { "disk", "stop", "disk-stop", "name", true, "NAME", { { NULL } },
     "stop a disk's nbdkit", NULL },
+  { "disk", "snapshot", "disk-snapshot", "name", true, "NAME",
+    { { "--label", "label", O_STR, "free text stored with the new overlay" }, { NULL } },
+    "live snapshot: a new top overlay takes the writes from now on", print_snapshot },
+  { "disk", "commit", "disk-commit", "name", true, "NAME",
+    { { "--speed", "speed", O_SIZE, "limit in bytes/s (suffixes K, M, G; default none)" },
+      { "--wait", "wait", O_BOOL, "follow the commit until it ends; exit 0 only if it "
+        "completed (progress bar on a terminal)" },
+      { NULL } },
+    "live commit: merge the top overlay into the layer below", print_commit },
+  { "disk", "commit-cancel", "disk-commit-cancel", "name", true, "NAME", { { NULL } },
+    "cancel a disk's running commit", NULL },
+  { "disk", "chain", "disk-chain", "name", true, "NAME", { { NULL } },
+    "list a disk's layers and its running or last commit", print_chain },
   { "checkpoint", "create", "checkpoint-create", "name", true, "NAME",
     { { "--disk", "disks", O_LIST, "a disk of the set (repeat; default all)" }, { NULL } },
     "create a checkpoint atomically across disks", print_created },
@@ -284,7 +367,8 @@ static const struct sub subs[] = {
       { "--disk", "disks", O_LIST, "a disk of the set (repeat; default all)" },
       { "--full", "mode", O_FULL, "full backup (default)" },
       { "--incremental", "since", O_INCR, "CHECKPOINT: only blocks changed since it" },
-      { "--mode", "mode", O_STR, "full | incremental | none" },
+      { "--mode", "mode", O_STR, "full | incremental | top | none (top: what each "
+        "disk's top overlay holds)" },
       { "--checkpoint", "checkpoint", O_STR, "create this checkpoint at the point in time" },
       { "--freeze-hook", "freeze-hook", O_STR, "command run with freeze / thaw" },
       { "--freeze-qga", "freeze-qga", O_STR, "qemu-guest-agent socket: fsfreeze through it" },
@@ -343,6 +427,7 @@ usage (FILE *fp)
               s->verb ? s->verb : "", s->pos_name ? " " : "", s->pos_name ? s->pos_name : "");
     fprintf (fp, "  %-28s %s\n", head, s->help);
   }
+  fprintf (fp, "  %-28s %s\n", "events [--follow] [--json]", "print events; --follow: stream them");
   fprintf (fp, "  %-28s %s\n", "raw COMMAND [JSON]", "send any control command");
   fprintf (fp, "\nexit status: 0 ok, 1 command failed, 2 usage error, 3 cannot connect\n");
 }
@@ -588,6 +673,89 @@ run (const char *sock, const char *command, struct json_object *args, printer pr
   return rc;
 }
 
+/* `cbw disk commit NAME --wait`: start the commit, then poll disk-chain
+ * until its operation ends.  0 completed, 1 failed/cancelled/refused. */
+static int
+commit_wait (const char *sock, struct json_object *args)
+{
+  struct cbw_err err = { 0 };
+  bool tty = isatty (2), drawn = false;
+  struct json_object *name_args = json_object_new_object ();
+  json_object_object_add (name_args, "name", json_object_new_string (jstr (args, "name", "")));
+  bool jo = json_out;
+  json_out = false;             /* one JSON document: the final chain */
+  int rc = run (sock, "disk-commit", args, jo ? NULL : print_commit);
+  json_out = jo;
+  if (rc != 0) {
+    json_object_put (name_args);
+    return rc;
+  }
+  struct cbw_ctl_client *c = cbw_ctl_client_connect (sock, &err);
+  if (c == NULL) {
+    json_object_put (name_args);
+    fprintf (stderr, "cbw: cannot connect to cbwd: %s\n", err.msg);
+    return EXIT_CONNECT;
+  }
+  rc = EXIT_CONNECT;
+  for (;;) {
+    struct json_object *reply = cbw_ctl_client_call (c, "disk-chain", json_object_get (name_args),
+                                                     &err);
+    struct json_object *ret, *e, *op;
+    if (reply == NULL) {
+      fprintf (stderr, "%scbw: connection to cbwd failed: %s\n", drawn ? "\n" : "", err.msg);
+      break;
+    }
+    if (json_object_object_get_ex (reply, "error", &e)) {
+      fprintf (stderr, "%scbw: error: %s: %s\n", drawn ? "\n" : "", jstr (e, "class", "?"),
+               jstr (e, "desc", "?"));
+      json_object_put (reply);
+      rc = EXIT_CMD;
+      break;
+    }
+    if (!json_object_object_get_ex (reply, "return", &ret)) {
+      fprintf (stderr, "cbw: malformed reply from cbwd\n");
+      json_object_put (reply);
+      break;
+    }
+    op = jget (ret, "operation");
+    const char *state = op ? jstr (op, "state", "?") : "none";
+    bool final = strcmp (state, "running") != 0;
+    if (tty) {
+      uint64_t done = (uint64_t) jint (op, "done"), total = (uint64_t) jint (op, "total");
+      double frac = total ? (double) done / (double) total : (final ? 1.0 : 0.0);
+      char bar[41];
+      for (int i = 0; i < 40; i++)
+        bar[i] = i < (int) (frac * 40) ? '#' : '.';
+      bar[40] = '\0';
+      fprintf (stderr, "\rcommit %s [%s] %5.1f%% %-9s", jstr (ret, "disk", "?"), bar,
+               frac * 100, state);
+      drawn = true;
+    }
+    if (final) {
+      if (drawn)
+        fprintf (stderr, "\n");
+      if (json_out)
+        printf ("%s\n", json_object_to_json_string_ext (ret, JSON_C_TO_STRING_PRETTY |
+                                                        JSON_C_TO_STRING_SPACED |
+                                                        JSON_C_TO_STRING_NOSLASHESCAPE));
+      else
+        print_chain (ret);
+      rc = strcmp (state, "completed") == 0 ? 0 : EXIT_CMD;
+      if (rc != 0)
+        fprintf (stderr, "cbw: commit of disk %s %s%s%s\n", jstr (ret, "disk", "?"), state,
+                 jstr (op, "error", NULL) ? ": " : "", jstr (op, "error", ""));
+      json_object_put (reply);
+      break;
+    }
+    json_object_put (reply);
+    struct timespec ts = { 0, 200 * 1000000 };
+    nanosleep (&ts, NULL);
+  }
+  cbw_ctl_client_close (c);
+  json_object_put (name_args);
+  return rc;
+}
+
 /* `cbw job wait ID`: poll job-status until the job ends; a progress bar on
  * stderr when it is a terminal.  0 completed, 1 failed/cancelled. */
 static int
@@ -669,6 +837,128 @@ job_wait (const char *sock, struct json_object *args)
   return rc;
 }
 
+/* ---- `cbw events`: the event ring, and with --follow the live stream ---- */
+
+/* One event, human-readable or as its JSON line. */
+static void
+print_event_line (const char *line)
+{
+  struct json_object *e = json_tokener_parse (line);
+  if (json_out || e == NULL) {
+    printf ("%s\n", line);
+    json_object_put (e);
+    return;
+  }
+  struct json_object *ts = jget (e, "timestamp");
+  time_t t = ts ? (time_t) jint (ts, "seconds") : (time_t) jint (e, "time");
+  long us = ts ? (long) jint (ts, "microseconds") : 0;
+  char when[32];
+  struct tm tm;
+  gmtime_r (&t, &tm);
+  strftime (when, sizeof when, "%H:%M:%S", &tm);
+  printf ("%6" PRId64 " %s.%03ld %-20s %s\n", jint (e, "seq"), when, us / 1000,
+          jstr (e, "event", "?"),
+          json_object_to_json_string_ext (jget (e, "data"), JSON_C_TO_STRING_PLAIN |
+                                          JSON_C_TO_STRING_NOSLASHESCAPE));
+  json_object_put (e);
+}
+
+static void
+on_stop_signal (int sig)
+{
+  (void) sig;
+  _exit (0);                    /* stdout is line-buffered: nothing is lost */
+}
+
+static void
+events_usage (FILE *fp)
+{
+  fprintf (fp, "usage: cbw events [--follow] [--json] [--since SEQ]\n"
+           "  print cbwd's recent events (the last 256 are kept), oldest first\n"
+           "  -f, --follow   then keep printing events as they happen, until interrupted\n"
+           "  --json         one JSON object per line, as cbwd sends them\n"
+           "  --since SEQ    only events with a sequence number above SEQ\n"
+           "exit status: 0 ok (also when interrupted with --follow), 1 cbwd refused,\n"
+           "2 usage error, 3 cannot connect or the connection was lost\n");
+}
+
+/* `cbw events`: without --follow the ring (event-list); with --follow one
+ * "subscribe" with since, which replays the ring and then streams, so
+ * nothing falls between the two.  The connection ends only when cbwd goes
+ * away or drops a reader that does not keep up: exit 3. */
+static int
+events_cmd (const char *sock, int argc, char **argv, int i)
+{
+  bool follow = false;
+  int64_t since = 0;
+  for (; i < argc; i++) {
+    const char *a = argv[i];
+    if (strcmp (a, "-f") == 0 || strcmp (a, "--follow") == 0)
+      follow = true;
+    else if (strcmp (a, "--json") == 0)
+      json_out = true;
+    else if (strcmp (a, "--since") == 0 || strncmp (a, "--since=", 8) == 0) {
+      const char *v = a[7] == '=' ? a + 8 : (i + 1 < argc ? argv[++i] : NULL);
+      if (v == NULL || !parse_uint (v, &since))
+        return usage_error ("--since needs a sequence number%s%s", "", "");
+    }
+    else if (strcmp (a, "-h") == 0 || strcmp (a, "--help") == 0) {
+      events_usage (stdout);
+      return 0;
+    }
+    else
+      return usage_error ("unexpected argument \"%s\" for `events`%s", a, "");
+  }
+  setvbuf (stdout, NULL, _IOLBF, 0);
+  struct cbw_err err = { 0 };
+  struct cbw_ctl_client *c = cbw_ctl_client_connect (sock, &err);
+  if (c == NULL) {
+    fprintf (stderr, "cbw: cannot connect to cbwd: %s\n", err.msg);
+    return EXIT_CONNECT;
+  }
+  struct json_object *args = json_object_new_object (), *ret = NULL;
+  json_object_object_add (args, "since", json_object_new_int64 (since));
+  int cls, rc = 0;
+  if (cbw_ctl_client_execute (c, follow ? "subscribe" : "event-list", args, &ret, &cls,
+                              &err) < 0) {
+    fprintf (stderr, "cbw: %s%s\n", cls < 0 ? "connection to cbwd failed: " : "error: ",
+             err.msg);
+    cbw_ctl_client_close (c);
+    return cls < 0 ? EXIT_CONNECT : EXIT_CMD;
+  }
+  if (json_object_get_boolean (jget (ret, "lost")))
+    fprintf (stderr, "cbw: older events were dropped (cbwd keeps the last 256)\n");
+  if (!follow) {
+    struct json_object *a = jget (ret, "events");
+    for (size_t k = 0; a && k < json_object_array_length (a); k++) {
+      struct json_object *e = json_object_array_get_idx (a, k);
+      if (jget (e, "timestamp"))
+        json_object_object_del (e, "time");   /* as pushed: one shape */
+      print_event_line (json_object_to_json_string_ext (e, JSON_C_TO_STRING_PLAIN |
+                                                        JSON_C_TO_STRING_NOSLASHESCAPE));
+    }
+    json_object_put (ret);
+    cbw_ctl_client_close (c);
+    return 0;
+  }
+  json_object_put (ret);
+  signal (SIGINT, on_stop_signal);
+  signal (SIGTERM, on_stop_signal);
+  signal (SIGPIPE, on_stop_signal);       /* the reader of our output went away */
+  for (;;) {
+    char *line = cbw_ctl_client_read_event (c, -1, &err);
+    if (line == NULL) {
+      fprintf (stderr, "cbw: event stream ended: %s\n", err.msg);
+      rc = EXIT_CONNECT;
+      break;
+    }
+    print_event_line (line);
+    free (line);
+  }
+  cbw_ctl_client_close (c);
+  return rc;
+}
+
 int
 main (int argc, char **argv)
 {
@@ -717,8 +1007,12 @@ main (int argc, char **argv)
     json_out = true;
     return run (sock, argv[i], args, NULL);
   }
-  if (strcmp (group, "events") == 0)
-    group = "event";
+  if (strcmp (group, "events") == 0) {
+    if (i < argc && strcmp (argv[i], "list") == 0)
+      group = "event";          /* `cbw events list` as before */
+    else
+      return events_cmd (sock, argc, argv, i);
+  }
 
   bool group_known = false;
   const struct sub *s = NULL;
@@ -746,7 +1040,8 @@ main (int argc, char **argv)
       return 0;
     }
     return usage_error ("`%s` needs a subcommand (%s)", group,
-                        strcmp (group, "disk") == 0 ? "add, list, remove, start, stop"
+                        strcmp (group, "disk") == 0 ? "add, list, remove, start, stop, "
+                        "snapshot, commit, commit-cancel, chain"
                         : strcmp (group, "checkpoint") == 0 ? "create, list, delete"
                         : strcmp (group, "backup") == 0 ? "begin, end, status"
                         : strcmp (group, "job") == 0 ? "start, list, status, wait, pause, "
@@ -760,5 +1055,9 @@ main (int argc, char **argv)
   }
   if (strcmp (s->group, "job") == 0 && strcmp (s->verb, "wait") == 0)
     return job_wait (sock, args);
+  if (strcmp (s->command, "disk-commit") == 0 && json_object_object_get_ex (args, "wait", NULL)) {
+    json_object_object_del (args, "wait");      /* the CLI's own option */
+    return commit_wait (sock, args);
+  }
   return run (sock, s->command, args, s->print);
 }

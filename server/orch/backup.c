@@ -15,7 +15,9 @@
  *            held writes
  *   quiesce  every disk (cbw filter: writes drained and held)
  *   bitmap   incremental: bitmap backup-DISK (disabled) = union of the
- *            checkpoint bitmaps since the base checkpoint (plan.c)
+ *            checkpoint bitmaps since the base checkpoint (plan.c);
+ *            top: bitmap backup-DISK (disabled) = the top overlay's
+ *            allocated extents (overlay.c)
  *   begin    cbw session per disk (the point in time)
  *   checkpoint  optional new checkpoint: bitmap rotation as in checkpoint.c
  *   resume, thaw
@@ -123,6 +125,35 @@ start_store (struct cbw_orch *o, const char *id, struct orch_disk *d,
   return 0;
 }
 
+/* Direct PIT reads (export_pit.c): the cbw session's shared state map.  A
+ * plain raw disk (no overlay chain) whose store cbwd serves qualifies.  The
+ * map lives in RAM ($XDG_RUNTIME_DIR, else /dev/shm, else the backup's
+ * directory); its name is derived from the state directory, backup and disk,
+ * so teardown and recovery find it again.  The filter removes it at `end`. */
+static bool
+pit_direct_ok (struct cbw_orch *o, const struct orch_disk *d,
+               const struct orch_backup_disk *bd)
+{
+  const char *off = getenv ("CBW_PIT_DIRECT");    /* "0": proxy only (A/B, escape hatch) */
+  return !(off && strcmp (off, "0") == 0) && o->exports && o->exports->add_pit_export_direct && d->chain == NULL &&
+    d->file && bd->store_pid == 0 && bd->store_path;
+}
+
+static char *
+pit_state_path (struct cbw_orch *o, const char *id, const char *disk)
+{
+  const char *dir = getenv ("XDG_RUNTIME_DIR");
+  uint64_t h = 14695981039346656037ULL;          /* FNV-1a of the state dir */
+  for (const char *c = o->state_dir; *c; c++)
+    h = (h ^ (unsigned char) *c) * 1099511628211ULL;
+  if (dir == NULL || dir[0] != '/' || access (dir, W_OK) < 0)
+    dir = access ("/dev/shm", W_OK) == 0 ? "/dev/shm" : NULL;
+  if (dir == NULL)
+    return orch_strdup_printf ("%s/backups/%s/%s.states", o->state_dir, id, disk);
+  return orch_strdup_printf ("%s/cbw-%016llx-%s-%s.states", dir,
+                             (unsigned long long) h, id, disk);
+}
+
 static char *
 store_uri (const struct orch_backup_disk *bd)
 {
@@ -173,6 +204,9 @@ teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
         orch_kill_wait ((pid_t) bd->store_pid, -1);
       bd->store_pid = 0;
     }
+    CLEANUP_FREE char *states = pit_state_path (o, b->id, bd->name);
+    if (states)
+      unlink (states);          /* the filter's, if its nbdkit died */
     if (bd->store_path) {
       unlink (bd->store_path);
       CLEANUP_FREE char *s = orch_strdup_printf ("%s.sock", bd->store_path);
@@ -219,9 +253,11 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
 
   if (!orch_valid_name (id))
     return cbw_err_set (err, EINVAL, "invalid backup id \"%.80s\"", id);
-  if (strcmp (mode, "full") && strcmp (mode, "incremental") && strcmp (mode, "none"))
-    return cbw_err_set (err, EINVAL, "mode must be full, incremental or none, not \"%.40s\"",
-                        mode);
+  if (strcmp (mode, "full") && strcmp (mode, "incremental") && strcmp (mode, "none") &&
+      strcmp (mode, "top"))
+    return cbw_err_set (err, EINVAL, "mode must be full, incremental, top or none, not "
+                        "\"%.40s\"", mode);
+  bool top = strcmp (mode, "top") == 0;
   if (strcmp (mode, "incremental") == 0 && (r->since == NULL || r->since[0] == '\0'))
     return cbw_err_set (err, EINVAL, "an incremental backup needs \"since\" (a checkpoint)");
   if (strcmp (mode, "incremental") != 0 && r->since && r->since[0])
@@ -241,6 +277,38 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   }
   if (orch_check_disks (o, r->disks, r->ndisks, err) < 0)
     return -1;
+  /* Overlays (overlay.c): `top` needs an overlay on every disk; no backup
+   * begins while a commit runs on one of its disks (the chain changes when
+   * it ends).  top_gran: the backup bitmap's granularity, at most the
+   * chain's cluster size so the bitmap holds exactly the top's clusters. */
+  CLEANUP_FREE uint64_t *top_gran = calloc (r->ndisks, sizeof *top_gran);
+  if (top_gran == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  for (size_t i = 0; i < r->ndisks; i++) {
+    struct orch_disk *d = disk_by_name (o, r->disks[i]);
+    struct orch_chain_info ci;
+    if (d->chain == NULL) {
+      if (top)
+        return cbw_err_set (err, EINVAL, "disk %s has no overlay chain: mode top backs up "
+                            "what the top overlay holds (add the disk with overlays, then "
+                            "`cbw disk snapshot %s`)", d->name, d->name);
+      continue;
+    }
+    if (orch_chain_info (d, &ci, err) < 0)
+      return -1;
+    if (ci.commit_running)
+      return cbw_err_set (err, EBUSY, "disk %s: a commit is running (see `cbw disk chain "
+                          "%s`; wait for it or cancel it)", d->name, d->name);
+    if (top && ci.overlays == 0)
+      return cbw_err_set (err, EINVAL, "disk %s has no overlay yet: mode top backs up what "
+                          "the top overlay holds (take one with `cbw disk snapshot %s`)",
+                          d->name, d->name);
+    top_gran[i] = ci.cluster_size < d->granularity ? ci.cluster_size : d->granularity;
+  }
+  /* direct[i]: disk i's session was begun with a state map (direct PIT reads) */
+  CLEANUP_FREE bool *direct = calloc (r->ndisks + 1, sizeof *direct);
+  if (direct == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
   /* Incremental: every disk must be covered by the base checkpoint. */
   size_t *idx = calloc (o->st.ncps + 1, sizeof *idx);
   if (idx == NULL)
@@ -272,7 +340,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     struct orch_disk *d = disk_by_name (o, r->disks[i]);
     if (start_store (o, id, d, &b->disks[i], err) < 0)
       goto fail_unrecorded;
-    if (strcmp (mode, "incremental") == 0)
+    if (strcmp (mode, "incremental") == 0 || top)
       b->disks[i].bitmap = orch_strdup_printf ("backup-%s", d->name);
   }
   {
@@ -325,7 +393,18 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   for (size_t i = 0; i < r->ndisks; i++) {
     struct orch_disk *d = disk_by_name (o, r->disks[i]);
     struct orch_backup_disk *bd = &b->disks[i];
-    if (bd->bitmap) {
+    if (bd->bitmap && top) {
+      /* top: the clusters the top overlay holds now (we are quiesced) */
+      uint64_t bytes;
+      step = "bitmap";
+      if (orch_bm_remove (d, bd->bitmap, true, err) < 0 ||
+          orch_bm_add_gran (d, bd->bitmap, false, top_gran[i], err) < 0 ||
+          orch_chain_top_to_bitmap (d, bd->bitmap, d->size, &bytes, err) < 0) {
+        cbw_err_prefix (err, "disk %s", d->name);
+        goto fail;
+      }
+    }
+    else if (bd->bitmap) {
       step = "bitmap";
       ssize_t n = orch_plan_since (&o->st, d->name, r->since, idx, err);
       if (n < 0 || orch_bm_remove (d, bd->bitmap, true, err) < 0 ||
@@ -359,7 +438,22 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
       }
       json_object_object_add (a, "extents", ext);
     }
-    struct json_object *rr = orch_mod_call (d->ctl_cbw, "begin", a, NULL, 0, err);
+    CLEANUP_FREE char *states = pit_direct_ok (o, d, bd) ? pit_state_path (o, id, d->name) : NULL;
+    struct json_object *rr = NULL;
+    if (states) {
+      /* Direct PIT reads need the shared state map; if the filter cannot
+       * make one, the backup goes on with the proxy. */
+      unlink (states);                  /* stale, from a crashed nbdkit */
+      json_object_object_add (a, "state-file", json_object_new_string (states));
+      rr = orch_mod_call (d->ctl_cbw, "begin", json_object_get (a), NULL, 0, err);
+      if (rr)
+        direct[i] = true;
+      json_object_object_del (a, "state-file");
+    }
+    if (rr == NULL)
+      rr = orch_mod_call (d->ctl_cbw, "begin", a, NULL, 0, err);
+    else
+      json_object_put (a);
     if (rr == NULL) {
       cbw_err_prefix (err, "disk %s", d->name);
       goto fail;
@@ -407,7 +501,20 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
         goto fail;
       }
       char uri[512];
-      if (o->exports->add_pit_export (o->exports->opaque, bd->export_name, upstream,
+      CLEANUP_FREE char *states = direct[i] ? pit_state_path (o, id, d->name) : NULL;
+      struct cbw_err de = { 0 };
+      if (states &&
+          o->exports->add_pit_export_direct (o->exports->opaque, bd->export_name, upstream,
+                                             d->ctl_bitmap, bd->bitmap, ctx, states, d->file,
+                                             bd->store_path, uri, sizeof uri, &de) < 0) {
+        struct json_object *data = json_object_new_object ();
+        json_object_object_add (data, "disk", json_object_new_string (d->name));
+        json_object_object_add (data, "error", json_object_new_string (de.msg));
+        orch_event (o, "pit-direct-unavailable", data);
+        states[0] = '\0';               /* proxy only */
+      }
+      if ((!states || !states[0]) &&
+          o->exports->add_pit_export (o->exports->opaque, bd->export_name, upstream,
                                       d->ctl_bitmap, bd->bitmap, ctx, uri, sizeof uri,
                                       err) < 0)
         goto fail;

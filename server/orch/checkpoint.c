@@ -56,8 +56,16 @@ args1 (const char *k, const char *v)
 int
 orch_bm_add (struct orch_disk *d, const char *bm, bool enabled, struct cbw_err *err)
 {
+  return orch_bm_add_gran (d, bm, enabled, 0, err);
+}
+
+int
+orch_bm_add_gran (struct orch_disk *d, const char *bm, bool enabled, uint64_t gran,
+                  struct cbw_err *err)
+{
   struct json_object *a = args1 ("name", bm);
-  json_object_object_add (a, "granularity", json_object_new_int64 ((int64_t) d->granularity));
+  json_object_object_add (a, "granularity",
+                          json_object_new_int64 ((int64_t) (gran ? gran : d->granularity)));
   json_object_object_add (a, "enabled", json_object_new_boolean (enabled));
   return call (d->ctl_bitmap, "add", a, NULL, 0, err);
 }

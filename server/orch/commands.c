@@ -119,6 +119,7 @@ disk_json (struct orch_disk *d)
   json_object_object_add (j, "pid", json_object_new_int64 (d->pid > 0 ? d->pid : 0));
   json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
   json_object_object_add (j, "granularity", json_object_new_int64 ((int64_t) d->granularity));
+  json_object_object_add (j, "chain", d->chain ? json_object_new_string (d->chain) : NULL);
   CLEANUP_FREE char *uri = orch_strdup_printf ("nbd+unix:///?socket=%s", d->nbd_sock);
   json_object_object_add (j, "uri", json_object_new_string (uri ? uri : ""));
   json_object_object_add (j, "socket", json_object_new_string (d->nbd_sock));
@@ -163,6 +164,8 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   const char *name = cbw_ctl_arg_str (args, "name", NULL);
   const char *file = cbw_ctl_arg_str (args, "file", NULL);
   long long gran = cbw_ctl_arg_int (args, "granularity", 65536);
+  const char *chain_arg = cbw_ctl_arg_str (args, "chain", NULL);
+  bool overlays = cbw_ctl_arg_bool (args, "overlays", chain_arg != NULL);
   struct stat sb;
 
   if (!orch_valid_name (name))
@@ -178,6 +181,19 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   if (stat (path, &sb) < 0 || !(S_ISREG (sb.st_mode) || S_ISBLK (sb.st_mode)))
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "%s: not a regular file or "
                          "block device", path);
+  if (chain_arg && !overlays)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "\"chain\" needs overlays "
+                         "(or leave overlays out)");
+  if (chain_arg && (chain_arg[0] != '/' || strlen (chain_arg) > 4000))
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "chain \"%.200s\": must be an "
+                         "absolute path", chain_arg);
+  if (overlays && o->file_plugin)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "overlays need the chain plugin "
+                         "(this cbwd serves disks with nbdkit's file plugin)");
+  CLEANUP_FREE char *chain = !overlays ? NULL : chain_arg ? strdup (chain_arg)
+    : orch_chain_default_path (o->state_dir, name);
+  if (overlays && chain == NULL)
+    return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory");
   if (enter (o, r, false) < 0)
     return -1;
   struct orch_disk *d = NULL;
@@ -187,12 +203,18 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
       o->busy = false;
       return cbw_ctl_fail (r, CBW_CTL_EXISTS, "disk %s already exists", name);
     }
-    for (size_t i = 0; i < o->st.ndisks; i++)
+    for (size_t i = 0; i < o->st.ndisks; i++) {
       if (strcmp (o->st.disks[i]->file, path) == 0) {
         o->busy = false;
         return cbw_ctl_fail (r, CBW_CTL_EXISTS, "%s is already served as disk %s",
                              path, o->st.disks[i]->name);
       }
+      if (chain && o->st.disks[i]->chain && strcmp (o->st.disks[i]->chain, chain) == 0) {
+        o->busy = false;
+        return cbw_ctl_fail (r, CBW_CTL_EXISTS, "chain %s already belongs to disk %s",
+                             chain, o->st.disks[i]->name);
+      }
+    }
     if (o->st.ndisks >= ORCH_DISKS_MAX) {
       o->busy = false;
       return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "too many disks (limit %d)",
@@ -207,6 +229,8 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
       return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory");
     }
     o->st.disks = nd;
+    d->chain = chain;
+    chain = NULL;
     o->st.disks[o->st.ndisks++] = d;
   }
   /* Saved before nbdkit starts: after a crash the disk is known (dead),
@@ -256,6 +280,36 @@ disk_in_backup (struct cbw_orch *o, const char *name)
   return false;
 }
 
+/* The disk's directory is deleted with it: refuse while it holds overlays
+ * (guest writes that are not in the image yet).  A chain kept outside the
+ * state directory is the user's and stays where it is. */
+static int
+overlays_would_be_lost (struct cbw_orch *o, struct orch_disk *d, struct cbw_ctl_reply *r)
+{
+  struct cbw_err e = { 0 };
+  size_t dl = strlen (d->dir);
+  if (d->chain == NULL || strncmp (d->chain, d->dir, dl) != 0 || d->chain[dl] != '/')
+    return 0;
+  unsigned n = 0;
+  int rc;
+  if (orch_disk_running (o, d)) {
+    struct orch_chain_info ci;
+    rc = orch_chain_info (d, &ci, &e);
+    n = ci.overlays;
+  }
+  else
+    rc = orch_chain_overlays_offline (d, &n, &e);
+  if (rc < 0)
+    return cbw_ctl_fail (r, CBW_CTL_BUSY, "disk %s: cannot tell whether its overlays hold "
+                         "guest data (%s): not removed", d->name, e.msg);
+  if (n > 0)
+    return cbw_ctl_fail (r, CBW_CTL_BUSY, "disk %s has %u overlay%s in %s holding guest "
+                         "writes that are not in %s: commit %s first (`cbw disk commit %s`, "
+                         "once per overlay)", d->name, n, n == 1 ? "" : "s", d->chain,
+                         d->file, n == 1 ? "it" : "them", d->name);
+  return 0;
+}
+
 static int
 h_disk_remove (void *data, struct json_object *args, struct cbw_ctl_reply *r)
 {
@@ -273,6 +327,10 @@ h_disk_remove (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     orch_end_busy (o);
     return cbw_ctl_fail (r, CBW_CTL_BUSY, "disk %s is part of the running backup "
                          "(end it first)", name);
+  }
+  if (overlays_would_be_lost (o, d, r) < 0) {
+    orch_end_busy (o);
+    return -1;
   }
   orch_disk_stop (o, d, &e);
   {
@@ -376,6 +434,195 @@ h_disk_stop (void *data, struct json_object *args, struct cbw_ctl_reply *r)
  out:
   orch_end_busy (o);
   return ret;
+}
+
+/* ---- overlays (overlay.c): snapshot, commit, chain ---- */
+
+/* A disk for a chain operation: known, with a chain, running, not in the
+ * running backup (its readers, and the direct PIT path reading the base,
+ * need the chain to stay as it was at the point in time). */
+static struct orch_disk *
+chain_disk (struct cbw_orch *o, const char *name, const char *what, bool need_idle,
+            struct cbw_ctl_reply *r)
+{
+  struct orch_disk *d = find_disk_or_fail (o, name, r);
+  if (d == NULL)
+    return NULL;
+  if (d->chain == NULL) {
+    cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "disk %s has no overlay chain: it was "
+                  "added without overlays (its image is served raw); %s needs a disk "
+                  "added with `cbw disk add --overlays`", name, what);
+    return NULL;
+  }
+  if (!orch_disk_running (o, d)) {
+    cbw_ctl_fail (r, CBW_CTL_IO_ERROR, "disk %s is not running (its nbdkit is dead or "
+                  "stopped; see disk-list)", name);
+    return NULL;
+  }
+  if (need_idle) {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    if (o->st.backup)
+      for (size_t i = 0; i < o->st.backup->ndisks; i++)
+        if (strcmp (o->st.backup->disks[i].name, name) == 0) {
+          cbw_ctl_fail (r, CBW_CTL_BUSY, "disk %s is part of the running backup %s: "
+                        "%s would change the chain under its point in time (end the "
+                        "backup first)", name, o->st.backup->id, what);
+          return NULL;
+        }
+  }
+  return d;
+}
+
+static int
+h_disk_snapshot (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  const char *label = cbw_ctl_arg_str (args, "label", NULL);
+  if (enter (o, r, false) < 0)
+    return -1;
+  int ret = -1;
+  struct orch_disk *d = chain_disk (o, name, "a snapshot", true, r);
+  if (d == NULL)
+    goto out;
+  struct json_object *a = json_object_new_object ();
+  if (label)
+    json_object_object_add (a, "label", json_object_new_string (label));
+  struct json_object *sr = orch_mod_call (d->ctl_chain, "snapshot", a, NULL, 0, &e), *v;
+  if (sr == NULL) {
+    cbw_err_prefix (&e, "disk %s: snapshot", name);
+    fail_err (r, &e);
+    goto out;
+  }
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "disk", json_object_new_string (name));
+  if (json_object_object_get_ex (sr, "layer", &v))
+    json_object_object_add (r->ret, "layer", json_object_get (v));
+  if (json_object_object_get_ex (sr, "index", &v)) {
+    json_object_object_add (r->ret, "index", json_object_get (v));
+    json_object_object_add (r->ret, "overlays", json_object_get (v));
+  }
+  struct json_object *ev = json_object_new_object ();
+  json_object_object_add (ev, "disk", json_object_new_string (name));
+  if (json_object_object_get_ex (sr, "layer", &v))
+    json_object_object_add (ev, "layer", json_object_get (v));
+  json_object_put (sr);
+  orch_event (o, "disk-snapshot", ev);
+  ret = 0;
+ out:
+  orch_end_busy (o);
+  return ret;
+}
+
+static int
+h_disk_commit (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  long long speed = cbw_ctl_arg_int (args, "speed", 0);
+  if (enter (o, r, false) < 0)
+    return -1;
+  int ret = -1;
+  struct orch_disk *d = chain_disk (o, name, "a commit", true, r);
+  if (d == NULL)
+    goto out;
+  struct json_object *a = json_object_new_object ();
+  json_object_object_add (a, "speed", json_object_new_int64 (speed));
+  struct json_object *cr = orch_mod_call (d->ctl_chain, "commit", a, NULL, 0, &e), *v;
+  if (cr == NULL) {
+    cbw_err_prefix (&e, "disk %s: commit", name);
+    fail_err (r, &e);
+    goto out;
+  }
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "disk", json_object_new_string (name));
+  struct json_object *ev = json_object_new_object ();
+  json_object_object_add (ev, "disk", json_object_new_string (name));
+  const char *keys[] = { "lo", "hi", "active" };
+  for (size_t i = 0; i < 3; i++)
+    if (json_object_object_get_ex (cr, keys[i], &v)) {
+      json_object_object_add (r->ret, keys[i], json_object_get (v));
+      json_object_object_add (ev, keys[i], json_object_get (v));
+    }
+  json_object_put (cr);
+  orch_event (o, "disk-commit-started", ev);
+  ret = 0;
+ out:
+  orch_end_busy (o);
+  return ret;
+}
+
+static int
+h_disk_commit_cancel (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  struct orch_disk *d = chain_disk (o, name, "commit-cancel", false, r);
+  if (d == NULL)
+    return -1;
+  struct json_object *cr = orch_mod_call (d->ctl_chain, "commit-cancel", NULL, NULL, 0, &e);
+  if (cr == NULL) {
+    cbw_err_prefix (&e, "disk %s: commit-cancel", name);
+    return fail_err (r, &e);
+  }
+  json_object_put (cr);
+  struct json_object *ev = json_object_new_object ();
+  json_object_object_add (ev, "disk", json_object_new_string (name));
+  orch_event (o, "disk-commit-cancelled", ev);
+  return 0;
+}
+
+static int
+h_disk_chain (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  struct orch_disk *d = find_disk_or_fail (o, name, r);
+  if (d == NULL)
+    return -1;
+  r->ret = json_object_new_object ();
+  json_object_object_add (r->ret, "disk", json_object_new_string (name));
+  if (d->chain == NULL) {
+    /* a raw disk: the image is the only layer */
+    struct json_object *layers = json_object_new_array (), *base = json_object_new_object ();
+    json_object_object_add (base, "index", json_object_new_int (0));
+    json_object_object_add (base, "name", json_object_new_string (d->file));
+    json_object_object_add (base, "kind", json_object_new_string ("base"));
+    json_object_object_add (base, "writable", json_object_new_boolean (true));
+    json_object_array_add (layers, base);
+    json_object_object_add (r->ret, "chain", NULL);
+    json_object_object_add (r->ret, "overlays", json_object_new_int (0));
+    json_object_object_add (r->ret, "layers", layers);
+    json_object_object_add (r->ret, "operation", NULL);
+    return 0;
+  }
+  json_object_object_add (r->ret, "chain", json_object_new_string (d->chain));
+  if (!orch_disk_running (o, d)) {
+    json_object_put (r->ret);
+    r->ret = NULL;
+    return cbw_ctl_fail (r, CBW_CTL_IO_ERROR, "disk %s is not running (its nbdkit is dead "
+                         "or stopped; see disk-list)", name);
+  }
+  struct json_object *c = orch_chain_status (d, &e), *v;
+  if (c == NULL) {
+    json_object_put (r->ret);
+    r->ret = NULL;
+    return fail_err (r, &e);
+  }
+  size_t nl = json_object_object_get_ex (c, "layers", &v) ? json_object_array_length (v) : 0;
+  json_object_object_add (r->ret, "overlays", json_object_new_int (nl ? (int) nl - 1 : 0));
+  json_object_object_add (r->ret, "layers", v ? json_object_get (v) : json_object_new_array ());
+  if (json_object_object_get_ex (c, "cluster_size", &v))
+    json_object_object_add (r->ret, "cluster-size", json_object_get (v));
+  json_object_object_add (r->ret, "operation",
+                          json_object_object_get_ex (c, "operation", &v) && v
+                          ? json_object_get (v) : NULL);
+  json_object_put (c);
+  return 0;
 }
 
 static int
@@ -578,8 +825,12 @@ h_event_list (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   uint64_t first = o->next_seq > ORCH_EVENTS_MAX ? o->next_seq - ORCH_EVENTS_MAX + 1 : 1;
   for (uint64_t s = since + 1 > first ? since + 1 : first; s <= o->next_seq; s++) {
     struct orch_event *ev = &o->events[s % ORCH_EVENTS_MAX];
-    if (ev->seq == s && ev->json)
-      json_object_array_add (a, json_tokener_parse (ev->json));
+    struct json_object *ej;
+    if (ev->seq == s && ev->json && (ej = json_tokener_parse (ev->json)) != NULL) {
+      /* the pushed line plus "time" (unix seconds), as before */
+      json_object_object_add (ej, "time", json_object_new_int64 (ev->time));
+      json_object_array_add (a, ej);
+    }
   }
   r->ret = json_object_new_object ();
   json_object_object_add (r->ret, "events", a);
@@ -729,6 +980,23 @@ static const struct cbw_ctl_arg disk_add_args[] = {
   { "file", CBW_ARG_STRING, true, "image: a raw file or block device (made absolute)" },
   { "granularity", CBW_ARG_UINT, false, "dirty bitmap granularity in bytes, power of two, "
     "512..2 GiB (default 65536)" },
+  { "overlays", CBW_ARG_BOOL, false, "serve the image through an overlay chain, so that live "
+    "snapshots and commits (`disk-snapshot`, `disk-commit`) and `top` backups work "
+    "(default false: the raw fast path, no overlays). The chain descriptor is "
+    "STATE/disks/NAME/overlays/NAME.chain unless `chain` is given" },
+  { "chain", CBW_ARG_STRING, false, "absolute path of the chain descriptor to use (an "
+    "existing chain whose base is `file`, or a new one created over it; its overlays live "
+    "in its directory); implies `overlays`" },
+  { NULL }
+};
+static const struct cbw_ctl_arg snapshot_args[] = {
+  { "name", CBW_ARG_STRING, true, "the disk" },
+  { "label", CBW_ARG_STRING, false, "free text stored with the new overlay" },
+  { NULL }
+};
+static const struct cbw_ctl_arg commit_args[] = {
+  { "name", CBW_ARG_STRING, true, "the disk" },
+  { "speed", CBW_ARG_UINT, false, "bytes/s, 0 = unlimited (default)" },
   { NULL }
 };
 static const struct cbw_ctl_arg cp_create_args[] = {
@@ -743,8 +1011,9 @@ static const struct cbw_ctl_arg cp_list_args[] = {
 static const struct cbw_ctl_arg backup_begin_args[] = {
   { "id", CBW_ARG_STRING, false, "backup id (default `backup`)" },
   { "disks", CBW_ARG_ARRAY, false, "disk names (strings); default: every disk" },
-  { "mode", CBW_ARG_STRING, false, "`full` (default), `incremental` (needs `since`) or "
-    "`none` (copy-before-write only)" },
+  { "mode", CBW_ARG_STRING, false, "`full` (default), `incremental` (needs `since`), "
+    "`top` (only what each disk's top overlay holds: the writes since its last snapshot; "
+    "disks added with overlays) or `none` (copy-before-write only)" },
   { "since", CBW_ARG_STRING, false, "incremental: the base checkpoint; any earlier "
     "checkpoint works (differential = since the checkpoint of the last full backup)" },
   { "checkpoint", CBW_ARG_STRING, false, "create this checkpoint at the backup's point in time" },
@@ -822,10 +1091,38 @@ static const struct cbw_ctl_command commands[] = {
     "Stop the disk's nbdkit (clients are disconnected). Refused while it is part of the "
     "running backup.",
     NULL },
+  { "disk-snapshot", h_disk_snapshot, snapshot_args,
+    "Live snapshot of a disk added with overlays: guest writes in flight drain, a new "
+    "empty overlay becomes the top and receives every write from now on; the layers below "
+    "become read-only. Crash-atomic (the chain descriptor is the commit point). Errors: "
+    "`NotFound` (no such disk), `InvalidParameter` (the disk has no overlay chain), "
+    "`Busy` (the disk is part of the running backup, or a commit runs), `IOError` (not "
+    "running).",
+    "`{\"disk\", \"layer\": NAME, \"index\": N, \"overlays\": N}`" },
+  { "disk-commit", h_disk_commit, commit_args,
+    "Live commit: merge the top overlay into the layer below it (the image itself when "
+    "it is the only overlay) in the background while the guest keeps running; writes "
+    "meanwhile go to both. When it completes the top leaves the chain and the layer below "
+    "is the writable top again. Progress and the result are in `disk-chain` "
+    "(`operation`); `cbw disk commit --wait` follows it. Refused like `disk-snapshot`, "
+    "and with `InvalidParameter` when the chain has no overlay.",
+    "`{\"disk\", \"lo\", \"hi\", \"active\"}` (the layers merged)" },
+  { "disk-commit-cancel", h_disk_commit_cancel, name_arg,
+    "Cancel the disk's running commit; the chain stays as it was.",
+    NULL },
+  { "disk-chain", h_disk_chain, name_arg,
+    "The layers of a disk, bottom (the image) to top, and the running or last commit. A "
+    "disk without overlays has one layer, its image.",
+    "`{\"disk\", \"chain\": PATH|null, \"overlays\": N, \"cluster-size\"?, "
+    "\"layers\": [{\"index\", \"name\", \"kind\", \"writable\", "
+    "\"allocated_bytes\"?, \"zero_bytes\"?, \"label\"?}], \"operation\": {\"type\", "
+    "\"state\": running|completed|failed|cancelled, \"done\", \"total\", \"speed\", "
+    "\"error\"?, ...}|null}`" },
   { "disk-list", h_disk_list, no_args,
     "List disks with their run state (`running`, `stopped`, `dead`: an nbdkit that "
     "exited unasked; see also the `disk-dead` event).",
     "`{\"disks\": [{\"name\", \"file\", \"state\", \"pid\", \"size\", \"granularity\", "
+    "\"chain\": PATH|null, "
     "\"uri\", \"socket\", \"control\": {\"chain\", \"cbw\", \"dirtybitmap\"}, \"log\", "
     "\"wait-status\"?}]}`" },
   { "checkpoint-create", h_cp_create, cp_create_args,
@@ -843,7 +1140,9 @@ static const struct cbw_ctl_command commands[] = {
   { "backup-begin", h_backup_begin, backup_begin_args,
     "Begin a pull backup of a set of disks at one point in time: quiesce all, optional "
     "guest freeze, per disk a copy-before-write session (and for `incremental` the bitmap "
-    "`backup-DISK` = changes since `since`), optional new checkpoint, thaw, resume, then "
+    "`backup-DISK` = changes since `since`; for `top` the bitmap `backup-DISK` = the "
+    "clusters the top overlay holds at the point in time), optional new checkpoint, thaw, "
+    "resume, then "
     "one point-in-time export per disk. Any failure rolls everything back; the error "
     "says `backup-begin failed at step S`.",
     "`{\"id\", \"mode\", \"since\", \"checkpoint\", \"started\", \"disks\": [{\"name\", "
@@ -859,7 +1158,8 @@ static const struct cbw_ctl_command commands[] = {
   { "job-start", h_job_start, job_start_args,
     "Start a push job: copy the point in time of the running backup's disks (their PIT "
     "exports) to targets, on a thread of its own. Mode follows the backup: `full` (and "
-    "`none`) copies the whole disk, `incremental` only the extents of `backup-DISK`. Holes "
+    "`none`) copies the whole disk, `incremental` and `top` only the extents of `backup-DISK` (a `top` job may create its "
+    "target: it then holds just those ranges). Holes "
     "and zeroes (base:allocation) are not read; on a target the job created they are not "
     "written either. Every range on the target is released with the cbw filter's `skip`, "
     "so the store shrinks. Errors (nothing started, files the job created are removed): "
@@ -896,12 +1196,14 @@ static const struct cbw_ctl_command commands[] = {
   { "event-list", h_event_list, event_args,
     "Events after sequence number `since` (the last 256 are kept): `started`, "
     "`disk-added`, `disk-removed`, `disk-started`, `disk-stopped`, `disk-dead`, "
+    "`disk-snapshot`, `disk-commit-started`, `disk-commit-cancelled`, "
     "`checkpoint-created`, `checkpoint-deleted`, `backup-begun`, `backup-ended`, "
     "`backup-failed`, `freeze-failed`, `thaw-failed`, `resume-failed`, `recovered`, "
     "`job-started`, `job-progress` (at most every 2 s per job), `job-paused`, "
     "`job-resumed`, `job-completed`, `job-cancelled`, `job-failed`, `jobs-file-invalid`.",
-    "`{\"events\": [{\"seq\", \"time\", \"event\", \"data\"}], \"last\": SEQ, "
+    "`{\"events\": [{\"event\", \"data\", \"seq\", \"timestamp\", \"time\"}], \"last\": SEQ, "
     "\"lost\": bool}`" },
+  CBW_CTL_EVENT_COMMANDS,
   { NULL }
 };
 

@@ -6,6 +6,9 @@
  *     dirtybitmap=DISKDIR/bitmaps.json dirtybitmap-image=IMAGE \
  *     dirtybitmap-control=DISKDIR/dirtybitmap.ctl cbw-control=DISKDIR/cbw.ctl
  *     cbw-pit-export=pit
+ * plus chain=DISKDIR/overlays/NAME.chain (or the descriptor given to
+ * disk-add) for a disk added with overlays; without it the chain plugin
+ * serves the raw image on its fast path and cannot take snapshots
  * (the bitmaps live in the state directory, not beside the image: an image
  * may be a block device, and all of cbwd's state is in one place).  With
  * plugin "file", nbdkit's own file plugin replaces chain (no chain.ctl).
@@ -292,6 +295,7 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   CLEANUP_FREE char *fdb = module_path (o, "nbdkit-dirtybitmap-filter.so", "dirtybitmap");
   CLEANUP_FREE char *a_fcbw = NULL, *a_fdb = NULL, *a_file = NULL, *a_ctl = NULL;
   CLEANUP_FREE char *a_dbimg = NULL, *a_dbctl = NULL, *a_cbwctl = NULL, *a_desc = NULL;
+  CLEANUP_FREE char *a_chain = NULL, *chain_dir = NULL;
   char *argv[64];
   size_t n = 0;
 
@@ -306,6 +310,22 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   }
   if (mkdir (d->dir, 0700) < 0 && errno != EEXIST)
     return cbw_err_set (err, errno, "%s: mkdir: %s", d->dir, strerror (errno));
+  if (d->chain) {
+    if (o->file_plugin)
+      return cbw_err_set (err, EINVAL, "disk %s has an overlay chain: it needs the chain "
+                          "plugin (this cbwd runs disks with nbdkit's file plugin)", d->name);
+    /* the chain plugin creates the descriptor over file= when it is missing */
+    chain_dir = strdup (d->chain);
+    char *slash = chain_dir ? strrchr (chain_dir, '/') : NULL;
+    if (slash == NULL)
+      return cbw_err_set (err, ENOMEM, "out of memory");
+    *slash = '\0';
+    if (chain_dir[0] && mkdir (chain_dir, 0700) < 0 && errno != EEXIST)
+      return cbw_err_set (err, errno, "%s: mkdir: %s", chain_dir, strerror (errno));
+    a_chain = orch_strdup_printf ("chain=%s", d->chain);
+    if (a_chain == NULL)
+      return cbw_err_set (err, ENOMEM, "out of memory");
+  }
   /* Stale sockets of a dead nbdkit: nothing answers on them any more. */
   const char *socks[] = { d->nbd_sock, d->ctl_cbw, d->ctl_bitmap, d->ctl_chain };
   size_t nsocks = o->file_plugin ? 3 : 4;
@@ -337,6 +357,8 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   argv[n++] = a_file;
   if (!o->file_plugin)
     argv[n++] = a_ctl;
+  if (a_chain)
+    argv[n++] = a_chain;        /* overlays: every request goes through the chain */
   argv[n++] = a_desc;
   argv[n++] = a_dbimg;
   argv[n++] = a_dbctl;

@@ -10,7 +10,7 @@
  * ranges are not read: nothing is written to a target we just created
  * sparse, write-zeroes otherwise) over the whole disk (full) or only the
  * extents dirty in the backup's bitmap (incremental, onto the previous full
- * copy).  Every range is aligned to the cbw session's block size, so that
+ * copy; top, the top overlay's clusters, onto any target).  Every range is aligned to the cbw session's block size, so that
  * after a range is on the target the job releases it with the cbw filter's
  * `skip` (batched): the filter stops protecting it and trims it from the
  * store, which shrinks instead of growing.
@@ -1653,6 +1653,9 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
   /* What to copy, and each session's block size (for aligned releases).
    * Unlocked I/O: the disks stay put while we are the busy owner. */
   bool incremental = strcmp (mode, "incremental") == 0;
+  /* top: only the backup bitmap's extents too, but onto any target (a new
+   * one then holds just the top overlay's clusters) */
+  bool ranged = incremental || strcmp (mode, "top") == 0;
   for (size_t i = 0; i < nd; i++) {
     struct orch_job_disk *jd = &j->disks[i];
     struct json_object *st = orch_mod_call (jd->ctl_cbw, "status", NULL, NULL, 0, err), *g, *s;
@@ -1672,7 +1675,7 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
     }
     if (jd->gran == 0 || (jd->gran & (jd->gran - 1)))
       jd->gran = 65536;
-    if (incremental) {
+    if (ranged) {
       uint64_t dirty;
       struct json_object *ext = orch_bm_extents (jd->disk, jd->bitmap, jd->size, 1u << 20,
                                                  &dirty, err);

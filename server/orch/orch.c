@@ -6,13 +6,26 @@
  * adopt or report each disk's nbdkit, start the supervisor, then finish or
  * undo the operation that a crash interrupted (state.pending).
  *
+ * Events: orch_event() numbers each event (1, 2, 3 ... per cbwd run), keeps
+ * it in a ring of ORCH_EVENTS_MAX (polled with `event-list since=SEQ`) and
+ * pushes the same line to the control connections that sent `subscribe`
+ * (common/control.h).  Recording and broadcasting happen under o->lock, and
+ * the replay of `subscribe since=SEQ` (event_history) reads the ring
+ * under o->lock too, so a subscriber sees every event once, in order.
+ * cbw_ctl_server_broadcast() only queues the line (it takes the control
+ * server's leaf queue lock), so holding o->lock across it is no I/O.
+ *
+ * Disks from the config file (cbw_orch_apply_disks): checked first, all of
+ * them, without side effects; then the missing ones are added through the
+ * `disk-add` command itself (cbw_ctl_call_local), so the config file and
+ * the control API share one validation.
+ *
  * Locking: o->lock guards the state, the disks' run-time fields, the event
- * ring and `busy` (see orch_internal.h).  Events are kept in a ring of
- * ORCH_EVENTS_MAX with increasing sequence numbers; clients poll them with
- * `event-list since=SEQ` (the control library has no push channel).
+ * ring, `ctl` and `busy` (see orch_internal.h).
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,18 +41,70 @@ void
 orch_event_locked (struct cbw_orch *o, const char *type, struct json_object *data)
 {
   struct json_object *e = json_object_new_object ();
+  struct json_object *ts = json_object_new_object ();
+  struct timespec now;
   uint64_t seq = ++o->next_seq;
-  json_object_object_add (e, "seq", json_object_new_int64 ((int64_t) seq));
-  json_object_object_add (e, "time", json_object_new_int64 ((int64_t) time (NULL)));
+
+  clock_gettime (CLOCK_REALTIME, &now);
+  /* QMP's event shape, plus our sequence number. */
   json_object_object_add (e, "event", json_object_new_string (type));
   json_object_object_add (e, "data", data ? data : json_object_new_object ());
+  json_object_object_add (e, "seq", json_object_new_int64 ((int64_t) seq));
+  json_object_object_add (ts, "seconds", json_object_new_int64 ((int64_t) now.tv_sec));
+  json_object_object_add (ts, "microseconds",
+                          json_object_new_int64 ((int64_t) (now.tv_nsec / 1000)));
+  json_object_object_add (e, "timestamp", ts);
   struct orch_event *slot = &o->events[seq % ORCH_EVENTS_MAX];
   free (slot->json);
   slot->seq = seq;
-  slot->time = (int64_t) time (NULL);
-  slot->json = strdup (json_object_to_json_string_ext (e, JSON_C_TO_STRING_PLAIN));
+  slot->time = (int64_t) now.tv_sec;
+  slot->json = strdup (json_object_to_json_string_ext (e, JSON_C_TO_STRING_PLAIN |
+                                                       JSON_C_TO_STRING_NOSLASHESCAPE));
   json_object_put (e);
+  /* No subscriber misses it: a full queue drops the subscribers instead. */
+  if (slot->json && o->ctl &&
+      cbw_ctl_server_broadcast (o->ctl, seq, slot->json) == -1 && errno != ENOBUFS)
+    fprintf (stderr, "cbwd: event %s (%" PRIu64 ") not pushed: %s\n", type, seq,
+             strerror (errno));
 }
+
+/* The event source of cbwd's control socket: replay from the ring. */
+static int
+event_history (void *data, uint64_t since, cbw_ctl_emit_fn emit, void *ctx,
+               uint64_t *last, bool *lost)
+{
+  struct cbw_orch *o = data;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  uint64_t first = o->next_seq > ORCH_EVENTS_MAX ? o->next_seq - ORCH_EVENTS_MAX + 1 : 1;
+  *last = o->next_seq;
+  *lost = false;
+  if (since >= o->next_seq)
+    return 0;
+  if (since + 1 < first)
+    *lost = true;
+  for (uint64_t s = since + 1 > first ? since + 1 : first; s <= o->next_seq; s++) {
+    struct orch_event *ev = &o->events[s % ORCH_EVENTS_MAX];
+    if (ev->seq != s || ev->json == NULL) {
+      *lost = true;             /* out of memory when it was recorded */
+      continue;
+    }
+    if (emit (ctx, s, ev->json) < 0)
+      return -1;
+  }
+  return 0;
+}
+
+static void
+event_log (void *data, const char *msg)
+{
+  (void) data;
+  fprintf (stderr, "cbwd: control: %s\n", msg);
+}
+
+static const struct cbw_ctl_event_source orch_event_source = {
+  .history = event_history,
+  .log = event_log,
+};
 
 void
 orch_event (struct cbw_orch *o, const char *type, struct json_object *data)
@@ -276,17 +341,28 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
 int
 cbw_orch_serve (struct cbw_orch *o, struct cbw_err *err)
 {
-  o->ctl = cbw_ctl_server_start (o->ctl_path, &cbw_orch_ctl_table, o, err);
-  return o->ctl ? 0 : -1;
+  struct cbw_ctl_server *ctl =
+    cbw_ctl_server_start_events (o->ctl_path, &cbw_orch_ctl_table, o,
+                                 &orch_event_source, err);
+  if (ctl == NULL)
+    return -1;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  o->ctl = ctl;
+  return 0;
 }
 
 void
 cbw_orch_close (struct cbw_orch *o, bool stop_disks)
 {
+  struct cbw_ctl_server *ctl;
   if (o == NULL)
     return;
-  cbw_ctl_server_stop (o->ctl);
-  o->ctl = NULL;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    ctl = o->ctl;
+    o->ctl = NULL;              /* producers stop pushing before it goes */
+  }
+  cbw_ctl_server_stop (ctl);
   orch_jobs_shutdown (o);
   if (stop_disks)
     for (size_t i = 0; i < o->st.ndisks; i++)
@@ -298,4 +374,178 @@ cbw_orch_close (struct cbw_orch *o, bool stop_disks)
       o->st.disks[i]->pidfd = -1;
     }
   orch_free (o);
+}
+
+/* ---- disks from the config file ---- */
+
+static const struct cbw_ctl_command *
+table_command (const char *name)
+{
+  for (const struct cbw_ctl_command *c = cbw_orch_ctl_table.commands; c->name; c++)
+    if (strcmp (c->name, name) == 0)
+      return c;
+  return NULL;
+}
+
+/* Phase 1 for one entry: keys and types against disk-add's own spec, and
+ * the settings of a disk of that name already in the state directory.
+ * *exists tells which.  No side effects. */
+static int
+check_disk_def (struct cbw_orch *o, struct json_object *def, size_t i,
+                const char *source, bool *exists, struct cbw_err *err)
+{
+  const struct cbw_ctl_command *add = table_command ("disk-add");
+  struct cbw_ctl_reply reply = { .ret = NULL };
+  struct json_object *v;
+  const char *name = "?";
+
+  *exists = false;
+  if (add == NULL)
+    return cbw_err_set (err, ENOSYS, "%s: the control table has no disk-add", source);
+  if (!json_object_is_type (def, json_type_object))
+    return cbw_err_set (err, EINVAL, "%s: disks[%zu] must be an object", source, i);
+  if (json_object_object_get_ex (def, "name", &v) && json_object_is_type (v, json_type_string))
+    name = json_object_get_string (v);
+  json_object_object_foreach (def, key, val) {
+    const struct cbw_ctl_arg *a;
+    (void) val;
+    for (a = add->args; a->name; a++)
+      if (strcmp (a->name, key) == 0)
+        break;
+    if (a->name == NULL) {
+      char allowed[256] = "";
+      for (a = add->args; a->name; a++)
+        snprintf (allowed + strlen (allowed), sizeof allowed - strlen (allowed), "%s%s",
+                  allowed[0] ? ", " : "", a->name);
+      return cbw_err_set (err, EINVAL, "%s: disk \"%.80s\": unknown key \"%.80s\" "
+                          "(allowed: %s)", source, name, key, allowed);
+    }
+  }
+  if (cbw_ctl_validate_args (&cbw_orch_ctl_table, "disk-add", def, &reply) < 0)
+    return cbw_err_set (err, EINVAL, "%s: disk \"%.80s\": %s", source, name,
+                        reply.err_desc);
+
+  /* The existing disk as `disk-list` shows it: every key the listing has
+   * is compared, so options added to disk-add later are covered as soon as
+   * disk-list reports them. */
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    *exists = orch_find_disk (&o->st, name) != NULL;
+  }
+  if (!*exists)
+    return 0;
+  struct json_object *list = NULL, *cur = NULL, *arr;
+  if (cbw_ctl_call_local (&cbw_orch_ctl_table, o, "disk-list", NULL, &list, &reply) < 0)
+    return cbw_err_set (err, EIO, "%s: disk \"%s\": disk-list: %s", source, name,
+                        reply.err_desc);
+  if (json_object_object_get_ex (list, "disks", &arr))
+    for (size_t k = 0; k < json_object_array_length (arr); k++) {
+      struct json_object *dj = json_object_array_get_idx (arr, k);
+      if (strcmp (cbw_ctl_arg_str (dj, "name", ""), name) == 0)
+        cur = dj;
+    }
+  int r = 0;
+  json_object_object_foreach (def, k, kv) {
+    struct json_object *have = NULL;
+    if (strcmp (k, "name") == 0 || cur == NULL)
+      continue;
+    if (strcmp (k, "overlays") == 0 && json_object_object_get_ex (cur, "chain", &have)) {
+      /* overlays <=> the disk has a chain descriptor */
+      bool want = json_object_get_boolean (kv), is = have != NULL &&
+        !json_object_is_type (have, json_type_null);
+      if (want != is) {
+        r = cbw_err_set (err, EEXIST, "%s: disk \"%s\": key \"overlays\" is %s, but disk %s "
+                         "in the state directory is served %s overlays (remove and re-add "
+                         "the disk to change it)", source, name, want ? "true" : "false",
+                         name, is ? "with" : "without");
+        break;
+      }
+      continue;
+    }
+    if (!json_object_object_get_ex (cur, k, &have)) {
+      fprintf (stderr, "cbwd: %s: disk \"%s\": key \"%s\" is not reported by disk-list: "
+               "not compared with the existing disk\n", source, name, k);
+      continue;
+    }
+    bool same;
+    if (json_object_is_type (kv, json_type_string) && have &&
+        json_object_is_type (have, json_type_string) &&
+        (strcmp (k, "file") == 0 || strcmp (k, "chain") == 0)) {
+      /* paths: as disk-add would store them */
+      CLEANUP_FREE char *real = realpath (json_object_get_string (kv), NULL);
+      same = strcmp (real ? real : json_object_get_string (kv),
+                     json_object_get_string (have)) == 0;
+    }
+    else
+      same = json_object_equal (kv, have);
+    if (!same) {
+      const char *hs = have ? json_object_to_json_string_ext (have, JSON_C_TO_STRING_PLAIN |
+                                                              JSON_C_TO_STRING_NOSLASHESCAPE)
+        : "null";
+      r = cbw_err_set (err, EEXIST, "%s: disk \"%s\": key \"%s\" is %s, but disk %s in the "
+                       "state directory has %s (remove the disk with `cbw disk remove %s` "
+                       "and restart to re-add it, or fix the config)", source, name, k,
+                       json_object_to_json_string_ext (kv, JSON_C_TO_STRING_PLAIN |
+                                                       JSON_C_TO_STRING_NOSLASHESCAPE),
+                       name, hs, name);
+      break;
+    }
+  }
+  json_object_put (list);
+  return r;
+}
+
+int
+cbw_orch_apply_disks (struct cbw_orch *o, struct json_object *disks, const char *source,
+                      struct cbw_err *err)
+{
+  size_t n;
+  CLEANUP_FREE bool *exists = NULL;
+
+  if (disks == NULL)
+    return 0;
+  if (!json_object_is_type (disks, json_type_array))
+    return cbw_err_set (err, EINVAL, "%s: \"disks\" must be an array", source);
+  n = json_object_array_length (disks);
+  if (n == 0)
+    return 0;
+  exists = calloc (n, sizeof *exists);
+  if (exists == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  for (size_t i = 0; i < n; i++) {
+    struct json_object *di = json_object_array_get_idx (disks, i);
+    const char *ni = cbw_ctl_arg_str (di, "name", NULL);
+    if (check_disk_def (o, di, i, source, &exists[i], err) < 0)
+      return -1;
+    for (size_t j = 0; j < i; j++)
+      if (strcmp (ni, cbw_ctl_arg_str (json_object_array_get_idx (disks, j), "name", "")) == 0)
+        return cbw_err_set (err, EINVAL, "%s: disk \"%s\" defined twice", source, ni);
+  }
+  for (size_t i = 0; i < n; i++) {
+    struct json_object *di = json_object_array_get_idx (disks, i);
+    const char *name = cbw_ctl_arg_str (di, "name", "?");
+    if (exists[i]) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+      struct orch_disk *d = orch_find_disk (&o->st, name);
+      fprintf (stderr, "cbwd: %s: disk \"%s\" already in the state directory (%s): kept\n",
+               source, name, d ? orch_disk_run_name (d->run) : "?");
+      continue;
+    }
+    struct cbw_ctl_reply reply = { .ret = NULL };
+    if (cbw_ctl_call_local (&cbw_orch_ctl_table, o, "disk-add", di, NULL, &reply) < 0) {
+      int e = EIO;
+      switch (reply.err_class) {
+      case CBW_CTL_INVALID_PARAMETER: e = EINVAL; break;
+      case CBW_CTL_NOT_FOUND: e = ENOENT; break;
+      case CBW_CTL_EXISTS: e = EEXIST; break;
+      case CBW_CTL_BUSY: e = EBUSY; break;
+      case CBW_CTL_TIMEOUT: e = ETIMEDOUT; break;
+      default: break;
+      }
+      return cbw_err_set (err, e, "%s: disk \"%s\": disk-add failed: %s: %s", source, name,
+                          cbw_ctl_error_class_name (reply.err_class), reply.err_desc);
+    }
+    fprintf (stderr, "cbwd: %s: disk \"%s\" added\n", source, name);
+  }
+  return 0;
 }

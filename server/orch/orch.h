@@ -54,6 +54,18 @@ struct cbw_orch *cbw_orch_open (const struct cbw_orch_config *cfg,
 int cbw_orch_serve (struct cbw_orch *o, struct cbw_err *err);
 void cbw_orch_close (struct cbw_orch *o, bool stop_disks);
 
+/* Disks declared in cbwd's config file: `disks` is a JSON array of
+ * objects holding the arguments of the `disk-add` command (name, file,
+ * granularity, ...); file paths are already absolute.  Applied once at
+ * start-up, after cbw_orch_open(): every entry is checked first (unknown
+ * or ill-typed keys; a disk of that name already in the state directory
+ * with another file or granularity is a conflict), nothing is changed if
+ * one fails; then disks already present with the same settings are kept
+ * as they are and the others are added through `disk-add` itself.  Errors
+ * name `source` (the config file), the disk and the key. */
+int cbw_orch_apply_disks (struct cbw_orch *o, struct json_object *disks,
+                          const char *source, struct cbw_err *err);
+
 /* The cbwd control command table (one source of truth for commands,
  * arguments, dispatch and docs). */
 extern const struct cbw_ctl_table cbw_orch_ctl_table;

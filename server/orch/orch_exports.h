@@ -42,6 +42,17 @@ struct cbw_orch_exports {
                          const char *bitmap, const char *context,
                          char *uri_out, size_t uri_len, struct cbw_err *err);
   int (*remove_export) (void *opaque, const char *name, struct cbw_err *err);
+  /* Optional (NULL: not offered).  add_pit_export with direct reads: cbwd
+   * reads the raw live disk `live_file` and the store file `store_file`
+   * itself, following the cbw session's shared state map `state_file`
+   * (begin "state-file", docs/formats/cbw-state-map.md), and uses
+   * upstream_uri only for what it cannot prove from the map. */
+  int (*add_pit_export_direct) (void *opaque, const char *name,
+                                const char *upstream_uri, const char *bitmap_ctl,
+                                const char *bitmap, const char *context,
+                                const char *state_file, const char *live_file,
+                                const char *store_file,
+                                char *uri_out, size_t uri_len, struct cbw_err *err);
 };
 
 #endif

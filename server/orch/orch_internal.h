@@ -51,6 +51,8 @@ struct orch_disk {
   char *file;                   /* image path (absolute) */
   uint64_t granularity;         /* dirty bitmap granularity, bytes */
   int64_t pid;                  /* nbdkit pid, 0 if none */
+  char *chain;                  /* overlay chain descriptor (absolute), NULL =
+                                   raw fast path, no overlays (overlay.c) */
   /* derived paths under STATE_DIR/disks/NAME/ */
   char *dir, *nbd_sock, *ctl_chain, *ctl_cbw, *ctl_bitmap, *log_path;
   char *bitmaps;                /* dirtybitmap descriptor DISKDIR/bitmaps.json */
@@ -73,7 +75,9 @@ struct orch_backup_disk {
   char name[ORCH_NAME_MAX + 1];
   char *pit_uri;                /* where a reader reads the point in time */
   char *bitmap;                 /* "backup-NAME" bitmap in the disk's dirtybitmap
-                                   filter, NULL for full/none backups */
+                                   filter (incremental: changes since `since`;
+                                   top: the top overlay's extents), NULL for
+                                   full/none backups */
   char *store_path;             /* sparse backup target file */
   char *store_sock;             /* its NBD socket when served by our own nbdkit */
   int64_t store_pid;            /* that nbdkit, 0 if cbwd serves the store */
@@ -84,7 +88,7 @@ struct orch_backup_disk {
 
 struct orch_backup {
   char id[ORCH_NAME_MAX + 1];
-  char mode[16];                /* full | incremental | none */
+  char mode[16];                /* full | incremental | top | none */
   char since[ORCH_NAME_MAX + 1];      /* incremental base checkpoint or "" */
   char checkpoint[ORCH_NAME_MAX + 1]; /* checkpoint created with it or "" */
   int64_t started;
@@ -248,6 +252,9 @@ int orch_check_disks (struct cbw_orch *o, char **disks, size_t n, struct cbw_err
 void orch_set_pending (struct cbw_orch *o, const char *op, const char *name);
 /* dirtybitmap filter primitives on one disk (checkpoint.c) */
 int orch_bm_add (struct orch_disk *d, const char *bm, bool enabled, struct cbw_err *err);
+/* The same with an explicit granularity (0 = the disk's). */
+int orch_bm_add_gran (struct orch_disk *d, const char *bm, bool enabled, uint64_t gran,
+                      struct cbw_err *err);
 int orch_bm_remove (struct orch_disk *d, const char *bm, bool missing_ok, struct cbw_err *err);
 int orch_bm_enable (struct orch_disk *d, const char *bm, bool on, struct cbw_err *err);
 int orch_bm_merge (struct orch_disk *d, const char *src, const char *dst, struct cbw_err *err);
@@ -261,6 +268,27 @@ int orch_bm_exists (struct orch_disk *d, const char *bm, struct cbw_err *err);
 int orch_quiesce (struct cbw_orch *o, char **disks, size_t n, size_t *done,
                   struct cbw_err *err);
 void orch_resume (struct cbw_orch *o, char **disks, size_t n);
+
+/* ---- overlay.c: a disk's overlay chain ---- */
+/* STATE/disks/NAME/overlays/NAME.chain (malloc'd) */
+char *orch_chain_default_path (const char *state_dir, const char *name);
+/* The chain plugin's status "chain" object (layers, operation); NULL + err
+ * (EINVAL if the disk has no chain). */
+struct json_object *orch_chain_status (struct orch_disk *d, struct cbw_err *err);
+struct orch_chain_info {
+  unsigned overlays;            /* layers above the base */
+  uint64_t cluster_size;
+  bool commit_running;
+  char top[256];                /* name of the top layer */
+};
+int orch_chain_info (struct orch_disk *d, struct orch_chain_info *ci, struct cbw_err *err);
+/* Overlays listed in the descriptor on disk (for a disk that is not
+ * running); 0 if there is no descriptor yet. */
+int orch_chain_overlays_offline (struct orch_disk *d, unsigned *n, struct cbw_err *err);
+/* Mark the top overlay's allocated extents in bitmap bm (which must exist)
+ * of the disk's dirtybitmap filter; *bytes = bytes marked.  Call quiesced. */
+int orch_chain_top_to_bitmap (struct orch_disk *d, const char *bm, uint64_t size,
+                              uint64_t *bytes, struct cbw_err *err);
 
 /* ---- guest.c ---- */
 struct orch_freeze {
@@ -330,7 +358,7 @@ struct orch_job {
   bool backup_ended;            /* j->lock: its backup has ended (backup-end);
                                    `started` has 1 s resolution, so a new
                                    backup with the same id may share it */
-  char mode[16];                /* full | incremental */
+  char mode[16];                /* full | incremental | top */
   unsigned requests;            /* requests in flight */
   uint64_t request_size;
   bool pipelined;               /* source takes pipelined requests (cbwd's PIT export) */

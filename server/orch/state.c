@@ -107,6 +107,7 @@ orch_disk_free (struct orch_disk *d)
     return;
   free (d->file); free (d->dir); free (d->nbd_sock); free (d->ctl_chain);
   free (d->ctl_cbw); free (d->ctl_bitmap); free (d->log_path); free (d->bitmaps);
+  free (d->chain);
   free (d);
 }
 
@@ -215,6 +216,8 @@ orch_state_to_json (const struct orch_state *st)
                             json_object_new_int64 ((int64_t) d->granularity));
     json_object_object_add (o, "pid",
                             json_object_new_int64 (d->pid > 0 ? d->pid : 0));
+    if (d->chain)                 /* absent = raw disk (files of older cbwd) */
+      add_str (o, "chain", d->chain);
     json_object_array_add (disks, o);
   }
   json_object_object_add (body, "disks", disks);
@@ -408,10 +411,24 @@ orch_state_from_json (const char *text, size_t len, const char *what,
       cbw_err_set (err, EINVAL, "%s: %s: bad pid %" PRId64, what, where, pid);
       goto fail;
     }
+    bool bad;
+    char *chain = get_optstr (d, "chain", what, where, err, &bad);
+    if (bad) goto fail;
+    if (chain && chain[0] != '/') {
+      cbw_err_set (err, EINVAL, "%s: %s: chain \"%.80s\" is not an absolute path",
+                   what, where, chain);
+      free (chain);
+      goto fail;
+    }
     /* state_dir is not known here: paths are filled by the caller. */
     struct orch_disk *od = orch_disk_new ("", name, file, (uint64_t) g);
-    if (od == NULL) { cbw_err_set (err, ENOMEM, "%s: out of memory", what); goto fail; }
+    if (od == NULL) {
+      free (chain);
+      cbw_err_set (err, ENOMEM, "%s: out of memory", what);
+      goto fail;
+    }
     od->pid = pid;
+    od->chain = chain;
     st->disks[st->ndisks++] = od;
   }
 
@@ -464,7 +481,8 @@ orch_state_from_json (const char *text, size_t len, const char *what,
     struct orch_backup *ob = st->backup;
     if (get_name (b, "id", ob->id, false, what, "backup", err) < 0) goto fail;
     const char *mode = json_object_get_string (GET (b, "mode", json_type_string, "backup"));
-    if (strcmp (mode, "full") && strcmp (mode, "incremental") && strcmp (mode, "none")) {
+    if (strcmp (mode, "full") && strcmp (mode, "incremental") && strcmp (mode, "none") &&
+        strcmp (mode, "top")) {
       cbw_err_set (err, EINVAL, "%s: backup: bad mode \"%.20s\"", what, mode);
       goto fail;
     }
@@ -574,6 +592,8 @@ orch_state_load (struct cbw_orch *o, struct cbw_err *err)
       return cbw_err_set (err, ENOMEM, "%s: out of memory", o->state_path);
     }
     d->pid = old->pid;
+    d->chain = old->chain;
+    old->chain = NULL;
     orch_disk_free (old);
     st.disks[i] = d;
   }

@@ -354,6 +354,94 @@ Test (session, dead_target_policies)
   cbw_session_end (bs); cbw_session_put (bs);
 }
 
+/* ---- the shared state map (begin "state-file") ---- */
+#include <fcntl.h>
+#include <sys/mman.h>
+
+static bool
+map_locked (int fd)
+{
+  struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 0,
+                      .l_len = 1 };
+  cr_assert_eq (fcntl (fd, F_OFD_GETLK, &fl), 0);
+  return fl.l_type != F_UNLCK;
+}
+
+Test (session, state_map)
+{
+  struct cbw_err err = { 0 };
+  char path[128];
+  struct stat sb;
+  uint64_t seed = 11, b;
+  snprintf (path, sizeof path, "%s/states", tdir);
+  struct cbw_session_params p = {
+    .size = SIZE, .granularity = 4096, .policy = CBW_BREAK_SNAPSHOT,
+    .timeout_ns = 10000000000LL, .workers = 1, .state_file = path,
+  };
+  struct cbw_target *t = cbw_target_open (turi, 1, cbw_now_ns () + 10000000000LL,
+                                          &err);
+  cr_assert_not_null (t, "%s", err.msg);
+  struct cbw_session *s = cbw_session_new (&p, t, &err);
+  cr_assert_not_null (s, "%s", err.msg);
+  uint64_t nb = (SIZE + 4095) / 4096;
+
+  /* Another "process": a read-only shared mapping of the file. */
+  int fd = open (path, O_RDONLY);
+  cr_assert_geq (fd, 0);
+  cr_assert_eq (fstat (fd, &sb), 0);
+  cr_assert_eq ((sb.st_mode & 0777), 0600);
+  cr_assert_eq ((uint64_t) sb.st_size, CBW_SM_HEADER_SIZE + nb);
+  const uint8_t *m = mmap (NULL, sb.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  cr_assert_neq (m, MAP_FAILED);
+  const struct cbw_sm_header *h = (const void *) m;
+  cr_assert_eq (cbw_sm_check_header (h, sb.st_size, SIZE, 4096, path, &err), 0,
+                "%s", err.msg);
+  cr_assert_eq (h->gran_shift, 12);
+  cr_assert (map_locked (fd), "an active session holds the liveness lock");
+  for (b = 0; b < nb; ++b)
+    cr_assert_eq (m[CBW_SM_HEADER_SIZE + b], CBW_SM_NOT_NEEDED);
+
+  /* The states seen through the file are the session's. */
+  cbw_session_mark_needed (s, 4096 * 10, 4096 * 5);
+  cr_assert_eq (m[CBW_SM_HEADER_SIZE + 9], CBW_SM_NOT_NEEDED);
+  for (b = 10; b < 15; ++b)
+    cr_assert_eq (m[CBW_SM_HEADER_SIZE + b], CBW_SM_NEEDED);
+  cr_assert_eq (guest_write (s, 4096 * 11, 100, &seed), 0);
+  cr_assert_eq (m[CBW_SM_HEADER_SIZE + 11], CBW_SM_COPIED);
+  cr_assert_eq (m[CBW_SM_HEADER_SIZE + 12], CBW_SM_NEEDED);
+
+  /* A second session on the same path must not reuse the file. */
+  struct cbw_target *t2 = cbw_target_open (turi, 1, cbw_now_ns () + 10000000000LL,
+                                           &err);
+  cr_assert_not_null (t2);
+  cr_assert_null (cbw_session_new (&p, t2, &err));
+  cr_assert_eq (err.errnum, EEXIST);
+  cr_assert (strstr (err.msg, path) != NULL, "%s", err.msg);
+  /* A path in a missing directory. */
+  char bad[160];
+  snprintf (bad, sizeof bad, "%s/no/such/dir", tdir);
+  p.state_file = bad;
+  cr_assert_null (cbw_session_new (&p, t2, &err));
+  cr_assert_eq (err.errnum, ENOENT);
+  cbw_target_close (t2);
+  cr_assert_eq (stat (path, &sb), 0, "a failed begin must not remove the "
+                "active session's file");
+
+  /* publish_end: status ENDED, lock released, file unlinked. */
+  cbw_session_publish_end (s);
+  cr_assert_eq (__atomic_load_n (&h->status, __ATOMIC_SEQ_CST),
+                CBW_SM_STATUS_ENDED);
+  cr_assert_not (map_locked (fd));
+  cr_assert_eq (stat (path, &sb), -1);
+  char buf[512];
+  int e2 = 0;
+  cr_assert_eq (cbw_session_pit_read (s, next, buf, 512, 4096 * 12, &e2), -1);
+  cbw_session_end (s);
+  cbw_session_put (s);
+  munmap ((void *) m, CBW_SM_HEADER_SIZE + nb);
+  close (fd);
+}
+
 /* ---- local-file target (file:///PATH, target_file.c) ---- */
 
 static struct cbw_session *

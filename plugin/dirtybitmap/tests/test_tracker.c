@@ -173,6 +173,33 @@ Test (tracker, disable_enable_clear_merge_remove)
   dbm_tracker_close (t, true, &err);
 }
 
+/* mark: ranges become dirty (whole granules), survive a clean reopen; a bad
+ * range marks nothing. */
+Test (tracker, mark_extents)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_tracker *t = topen (64 * MiB, MiB);
+  struct dbm_extent x[2] = { { 65536 + 1, 10 }, { 3 * MiB, 2 * 65536 } };
+  struct dbm_extent bad[2] = { { 0, 4096 }, { 64 * MiB - 4096, 8192 } };
+  struct dbm_extent out[4];
+  size_t n;
+  uint64_t next;
+
+  cr_assert_eq (dbm_tracker_add (t, "m", 65536, false, &err), 0);
+  cr_assert_eq (dbm_tracker_mark (t, "m", bad, 2, &err), -1);
+  cr_assert_eq (err.errnum, EINVAL);
+  cr_assert_eq (dbm_tracker_mark (t, "nope", x, 2, &err), -1);
+  cr_assert_eq (err.errnum, ENOENT);
+  cr_assert_eq (dbm_tracker_mark (t, "m", x, 2, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_close (t, true, &err), 0);
+  t = topen (64 * MiB, MiB);
+  cr_assert_eq (dbm_tracker_extents (t, "m", 0, 64 * MiB, 4, out, &n, &next, &err), 0);
+  cr_assert_eq (n, 2, "bad range marked something or marks lost: %zu extents", n);
+  cr_assert (out[0].offset == 65536 && out[0].length == 65536);
+  cr_assert (out[1].offset == 3 * MiB && out[1].length == 2 * 65536);
+  dbm_tracker_close (t, true, &err);
+}
+
 /* Unclean close after a checkpoint: writes since then come back through the
  * journal (over-reported to their regions); a disabled bitmap is exact. */
 Test (tracker, unclean_close_recovers_from_journal)

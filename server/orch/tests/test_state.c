@@ -394,3 +394,41 @@ Test (names, validity)
   long_name[ORCH_NAME_MAX] = '\0';
   cr_assert (orch_valid_name (long_name));
 }
+
+/* Overlays: a disk's chain path and a `top` backup round-trip; a disk
+ * without "chain" (a file of an older cbwd) is a raw disk; a relative or
+ * non-string chain is refused. */
+Test (state, chain_and_top)
+{
+  struct orch_state a, b;
+  struct cbw_err err = { 0 };
+  make_state (&a);
+  a.disks[0]->chain = strdup ("/s/disks/vda/overlays/vda.chain");
+  strcpy (a.backup->mode, "top");
+  a.backup->since[0] = '\0';
+  char *text = to_text (&a);
+  cr_assert_eq (orch_state_from_json (text, strlen (text), "t.json", &b, &err), 0, "%s", err.msg);
+  cr_assert_str_eq (b.disks[0]->chain, "/s/disks/vda/overlays/vda.chain");
+  cr_assert_null (b.disks[1]->chain);
+  cr_assert_str_eq (b.backup->mode, "top");
+  char *text2 = to_text (&b);
+  cr_assert_str_eq (text, text2);
+  cr_assert_null (strstr (strstr (text, "\"vdb\""), "\"chain\""),
+                  "a raw disk must not get a chain key");
+  free (text); free (text2);
+  orch_state_free (&b);
+
+  struct json_object *top = orch_state_to_json (&a), *disks, *d0;
+  json_object_object_get_ex (body_of (top), "disks", &disks);
+  d0 = json_object_array_get_idx (disks, 0);
+  json_object_object_add (d0, "chain", json_object_new_string ("rel/vda.chain"));
+  char *t = resign (top);
+  expect_bad (t, "is not an absolute path");
+  free (t);
+  json_object_object_add (d0, "chain", json_object_new_int (3));
+  t = resign (top);
+  expect_bad (t, "\"chain\" must be a string");
+  free (t);
+  json_object_put (top);
+  orch_state_free (&a);
+}

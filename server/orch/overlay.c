@@ -1,0 +1,220 @@
+/* cbw — server/orch/overlay.c: a disk's overlay chain, seen from the
+ * orchestrator: where its descriptor lives, what the chain plugin says about
+ * it (layers, running commit), how many overlays a stopped disk has (read
+ * from the descriptor, so `disk-remove` never deletes overlays holding guest
+ * data), and the `top` backup set: the top overlay's allocated extents,
+ * paged out of the chain plugin (`layer-extents`) and loaded into a bitmap
+ * of the disk's dirtybitmap filter (`mark`), from where the cbw session,
+ * the PIT export's qemu:dirty-bitmap context and push jobs read it exactly
+ * as they read an incremental backup's bitmap (docs/design/orchestration.md,
+ * "Overlays and sync mode top").
+ *
+ * The chain descriptor is the one source of truth for the layers: the
+ * orchestrator's state file only records where it is (disk field "chain").
+ *
+ * Locking: none of its own; called by the busy owner (or a read-only
+ * command) without o->lock held, doing only module control calls and file
+ * reads.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "orch_internal.h"
+#ifdef ORCH_HAVE_FORMATS
+#include "overlay.h"
+#endif
+
+/* Extents per `mark` request: ~40 bytes each in JSON, well under the
+ * control protocol's 1 MiB request line. */
+#define MARK_BATCH 16384
+
+char *
+orch_chain_default_path (const char *state_dir, const char *name)
+{
+  return orch_strdup_printf ("%s/disks/%s/overlays/%s.chain", state_dir, name, name);
+}
+
+struct json_object *
+orch_chain_status (struct orch_disk *d, struct cbw_err *err)
+{
+  if (d->chain == NULL) {
+    cbw_err_set (err, EINVAL, "disk %s has no overlay chain (it was added without "
+                 "overlays: its image is served raw)", d->name);
+    return NULL;
+  }
+  struct json_object *r = orch_mod_call (d->ctl_chain, "status", NULL, NULL, 0, err), *c;
+  if (r == NULL) {
+    cbw_err_prefix (err, "disk %s", d->name);
+    return NULL;
+  }
+  if (!json_object_object_get_ex (r, "chain", &c) || !json_object_is_type (c, json_type_object)) {
+    json_object_put (r);
+    cbw_err_set (err, EPROTO, "disk %s: %s: status has no \"chain\" (is nbdkit running "
+                 "without chain=?)", d->name, d->ctl_chain);
+    return NULL;
+  }
+  json_object_get (c);
+  json_object_put (r);
+  return c;
+}
+
+int
+orch_chain_info (struct orch_disk *d, struct orch_chain_info *ci, struct cbw_err *err)
+{
+  memset (ci, 0, sizeof *ci);
+  struct json_object *c = orch_chain_status (d, err), *v, *op;
+  if (c == NULL)
+    return -1;
+  if (json_object_object_get_ex (c, "layers", &v) && json_object_is_type (v, json_type_array) &&
+      json_object_array_length (v) >= 1) {
+    ci->overlays = (unsigned) json_object_array_length (v) - 1;
+    struct json_object *top = json_object_array_get_idx (v, json_object_array_length (v) - 1), *nm;
+    if (json_object_object_get_ex (top, "name", &nm))
+      snprintf (ci->top, sizeof ci->top, "%s", json_object_get_string (nm));
+  }
+  if (json_object_object_get_ex (c, "cluster_size", &v))
+    ci->cluster_size = (uint64_t) json_object_get_int64 (v);
+  if (json_object_object_get_ex (c, "operation", &op) && op &&
+      json_object_object_get_ex (op, "state", &v))
+    ci->commit_running = strcmp (json_object_get_string (v), "running") == 0;
+  json_object_put (c);
+  if (ci->cluster_size == 0 || (ci->cluster_size & (ci->cluster_size - 1)))
+    return cbw_err_set (err, EPROTO, "disk %s: chain status: bad cluster size %" PRIu64,
+                        d->name, ci->cluster_size);
+  return 0;
+}
+
+int
+orch_chain_overlays_offline (struct orch_disk *d, unsigned *n, struct cbw_err *err)
+{
+  *n = 0;
+  if (d->chain == NULL)
+    return 0;
+  if (access (d->chain, F_OK) < 0) {
+    if (errno == ENOENT)
+      return 0;                 /* never started: no chain yet */
+    return cbw_err_set (err, errno, "%s: %s", d->chain, strerror (errno));
+  }
+#ifdef ORCH_HAVE_FORMATS
+  struct cbw_chain_desc cd = { 0 };
+  if (cbw_chain_desc_load (d->chain, &cd, err) < 0)
+    return -1;
+  *n = (unsigned) cd.nlayers;
+  cbw_chain_desc_free (&cd);
+  return 0;
+#else
+  return cbw_err_set (err, ENOTSUP, "%s: this cbwd cannot read chain descriptors (built "
+                      "without formats/): assuming it has overlays", d->chain);
+#endif
+}
+
+/* Send one batch of extents to the dirtybitmap filter's `mark`. */
+static int
+mark_batch (struct orch_disk *d, const char *bm, struct json_object *batch,
+            struct cbw_err *err)
+{
+  struct json_object *a = json_object_new_object ();
+  json_object_object_add (a, "name", json_object_new_string (bm));
+  json_object_object_add (a, "extents", batch);
+  struct json_object *r = orch_mod_call (d->ctl_bitmap, "mark", a, NULL, 0, err);
+  if (r == NULL)
+    return -1;
+  json_object_put (r);
+  return 0;
+}
+
+int
+orch_chain_top_to_bitmap (struct orch_disk *d, const char *bm, uint64_t size,
+                          uint64_t *bytes, struct cbw_err *err)
+{
+  uint64_t pos = 0;
+  char name0[256] = "";
+  struct json_object *batch = json_object_new_array ();
+  size_t nbatch = 0;
+  unsigned pages = 0;
+  *bytes = 0;
+  for (;;) {
+    struct json_object *a = json_object_new_object (), *r, *ext, *nx, *nm;
+    json_object_object_add (a, "offset", json_object_new_int64 ((int64_t) pos));
+    json_object_object_add (a, "max-extents", json_object_new_int (65536));
+    r = orch_mod_call (d->ctl_chain, "layer-extents", a, NULL, 0, err);
+    if (r == NULL)
+      goto fail;
+    if (!json_object_object_get_ex (r, "extents", &ext) ||
+        !json_object_is_type (ext, json_type_array) ||
+        !json_object_object_get_ex (r, "next", &nx) ||
+        !json_object_object_get_ex (r, "name", &nm)) {
+      json_object_put (r);
+      cbw_err_set (err, EPROTO, "%s: layer-extents: malformed reply", d->ctl_chain);
+      goto fail;
+    }
+    /* the top must stay the same layer across pages */
+    if (name0[0] == '\0')
+      snprintf (name0, sizeof name0, "%s", json_object_get_string (nm));
+    else if (strcmp (name0, json_object_get_string (nm)) != 0) {
+      cbw_err_set (err, EBUSY, "%s: the top overlay changed while its extents were read "
+                   "(%s, then %s): a snapshot or commit ran meanwhile", d->ctl_chain, name0,
+                   json_object_get_string (nm));
+      json_object_put (r);
+      goto fail;
+    }
+    uint64_t last = pos;
+    for (size_t i = 0; i < json_object_array_length (ext); i++) {
+      struct json_object *e = json_object_array_get_idx (ext, i), *vo, *vl;
+      if (!json_object_object_get_ex (e, "offset", &vo) ||
+          !json_object_object_get_ex (e, "length", &vl)) {
+        json_object_put (r);
+        cbw_err_set (err, EPROTO, "%s: layer-extents: malformed extent", d->ctl_chain);
+        goto fail;
+      }
+      int64_t o = json_object_get_int64 (vo), l = json_object_get_int64 (vl);
+      /* never trust a length or offset from a socket */
+      if (o < (int64_t) last || l <= 0 || (uint64_t) o >= size ||
+          (uint64_t) l > size - (uint64_t) o) {
+        json_object_put (r);
+        cbw_err_set (err, EPROTO, "%s: layer-extents: extent %" PRId64 "+%" PRId64
+                     " out of order or past the disk (%" PRIu64 " bytes)", d->ctl_chain, o, l,
+                     size);
+        goto fail;
+      }
+      last = (uint64_t) (o + l);
+      *bytes += (uint64_t) l;
+      struct json_object *p = json_object_new_array ();
+      json_object_array_add (p, json_object_new_int64 (o));
+      json_object_array_add (p, json_object_new_int64 (l));
+      json_object_array_add (batch, p);
+      if (++nbatch == MARK_BATCH) {
+        struct json_object *full = batch;
+        batch = json_object_new_array ();
+        nbatch = 0;
+        if (mark_batch (d, bm, full, err) < 0) {
+          json_object_put (r);
+          goto fail;
+        }
+      }
+    }
+    bool more = nx && json_object_is_type (nx, json_type_int);
+    uint64_t next = more ? (uint64_t) json_object_get_int64 (nx) : 0;
+    json_object_put (r);
+    if (!more)
+      break;
+    if (next <= pos || next < last || next > size || ++pages > 100000000) {
+      cbw_err_set (err, EPROTO, "%s: layer-extents: paging does not advance (%" PRIu64
+                   " after %" PRIu64 ")", d->ctl_chain, next, pos);
+      goto fail;
+    }
+    pos = next;
+  }
+  if (nbatch > 0)
+    return mark_batch (d, bm, batch, err);
+  json_object_put (batch);
+  return 0;
+ fail:
+  json_object_put (batch);
+  return -1;
+}
