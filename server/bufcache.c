@@ -3,8 +3,16 @@
  * 32 MiB (CBWD_MAX_PAYLOAD); a free buffer's first bytes link it into its
  * class's list.
  *
+ * When the workload changes size (nbdcopy reads 256 KiB requests, then a
+ * writer sends 1 MiB ones), the cache is full of the old class and the
+ * peak rule would unmap every new buffer on free: each request then pays a
+ * fresh mapping and a page fault per 4 KiB received (1 MiB writes fell from
+ * ~2000 to ~150 MiB/s after a read phase).  So a buffer that does not fit
+ * evicts cached buffers of other classes (largest first) to make room: the
+ * cache follows the current workload, and the bounds still hold.
+ *
  * Locking: `lock` guards freel[], in_use, cached, peak, cap and maps; no
- * system call runs under it.
+ * system call runs under it (evicted buffers are unmapped after it).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -28,7 +36,7 @@
 _Static_assert ((1u << (MIN_SHIFT + NCLASS - 1)) == CBWD_MAX_PAYLOAD,
                 "size classes must reach CBWD_MAX_PAYLOAD");
 
-struct fbuf { struct fbuf *next; };
+struct fbuf { struct fbuf *next; int cls; };   /* in a free buffer's first bytes */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct fbuf *freel[NCLASS];
@@ -88,20 +96,43 @@ cbwd_buf_free (void *p, size_t len)
   }
   size_t sz = (size_t) 1 << (MIN_SHIFT + k);
   bool keep;
+  struct fbuf *victims = NULL;     /* evicted, unmapped after the lock */
   pthread_mutex_lock (&lock);
   in_use -= sz;
 #ifdef CBWD_BUF_PLAIN
   keep = false;                    /* never cached: ASan sees use-after-free */
 #else
-  keep = in_use + cached + sz <= peak && cached + sz <= cap;
+  keep = in_use + sz <= peak && sz <= cap;
+  /* make room by evicting other classes, largest first */
+  for (int j = NCLASS - 1; keep && j >= 0 &&
+         (in_use + cached + sz > peak || cached + sz > cap); j--) {
+    size_t jsz = (size_t) 1 << (MIN_SHIFT + j);
+    while (j != k && freel[j] &&
+           (in_use + cached + sz > peak || cached + sz > cap)) {
+      struct fbuf *v = freel[j];
+      freel[j] = v->next;
+      cached -= jsz;
+      v->next = victims;
+      victims = v;
+    }
+  }
+  keep = keep && in_use + cached + sz <= peak && cached + sz <= cap;
 #endif
   if (keep) {
     struct fbuf *b = p;
     b->next = freel[k];
+    b->cls = k;
     freel[k] = b;
     cached += sz;
   }
   pthread_mutex_unlock (&lock);
+#ifndef CBWD_BUF_PLAIN
+  while (victims) {
+    struct fbuf *v = victims;
+    victims = v->next;
+    munmap (v, (size_t) 1 << (MIN_SHIFT + v->cls));
+  }
+#endif
   if (keep) return;
 #ifdef CBWD_BUF_PLAIN
   free (p);

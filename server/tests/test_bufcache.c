@@ -78,3 +78,39 @@ Test (bufcache, size_classes)
   }
   check_bounds (64 << 20);
 }
+
+/* The workload changes size: after a phase of 256 KiB requests has filled
+ * the cache, 1 MiB requests must be served from the cache again after their
+ * first round (older classes are evicted to make room), not mapped afresh
+ * every time (each fresh mapping pays a page fault per 4 KiB). */
+Test (bufcache, follows_a_new_size)
+{
+  enum { N = 16, SMALL = 256 * 1024, BIG = 1 << 20, ROUNDS = 8 };
+  void *b[N];
+  struct cbwd_bufcache_stats s0, s1;
+  cbwd_bufcache_set_cap (64 << 20);
+  for (int i = 0; i < N; i++)                  /* phase 1: 4 MiB of 256K */
+    cr_assert (b[i] = cbwd_buf_alloc (SMALL));
+  for (int i = 0; i < N; i++)
+    cbwd_buf_free (b[i], SMALL);
+  for (int r = 0; r < ROUNDS; r++) {           /* phase 2: 4 x 1 MiB at a time */
+    if (r == 1)
+      cbwd_bufcache_stats (&s0);
+    for (int i = 0; i < 4; i++) {
+      cr_assert (b[i] = cbwd_buf_alloc (BIG));
+      memset (b[i], r, BIG);
+    }
+    for (int i = 0; i < 4; i++) {
+      cbwd_buf_free (b[i], BIG);
+      check_bounds (64 << 20);
+    }
+  }
+  cbwd_bufcache_stats (&s1);
+#if defined(__SANITIZE_ADDRESS__)
+  cr_assert_eq (s1.cached, 0);                 /* sanitizer builds never cache */
+#else
+  cr_assert_eq (s1.maps, s0.maps, "1 MiB buffers were mapped %llu more times "
+                "after the first round (the cache kept the old size class)",
+                (unsigned long long) (s1.maps - s0.maps));
+#endif
+}
