@@ -101,6 +101,7 @@ cbwd_buf_free (void *p, size_t len)
   in_use -= sz;
 #ifdef CBWD_BUF_PLAIN
   keep = false;                    /* never cached: ASan sees use-after-free */
+  (void) victims;
 #else
   keep = in_use + sz <= peak && sz <= cap;
   /* make room by evicting other classes, largest first */
