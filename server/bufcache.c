@@ -159,4 +159,9 @@ cbwd_bufcache_stats (struct cbwd_bufcache_stats *s)
   s->peak = peak;
   s->maps = maps;
   pthread_mutex_unlock (&lock);
+#ifdef CBWD_BUF_PLAIN
+  s->plain = 1;
+#else
+  s->plain = 0;
+#endif
 }

@@ -30,7 +30,10 @@ void cbwd_buf_free (void *p, size_t len);
 /* Most bytes kept idle in the cache (default 64 MiB). */
 void cbwd_bufcache_set_cap (uint64_t bytes);
 /* For tests and logs. */
-struct cbwd_bufcache_stats { uint64_t in_use, cached, peak, maps; };
+struct cbwd_bufcache_stats {
+  uint64_t in_use, cached, peak, maps;
+  int plain;      /* 1: this build never caches (bufcache.c compiled with ASan) */
+};
 void cbwd_bufcache_stats (struct cbwd_bufcache_stats *s);
 
 #endif
