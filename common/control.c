@@ -234,6 +234,19 @@ find_command (const struct cbw_ctl_table *table, const char *name,
   return NULL;
 }
 
+/* find_command, or NULL with the CommandNotFound error in *reply. */
+static const struct cbw_ctl_command *
+lookup_command (const struct cbw_ctl_table *table, const char *name,
+                bool *builtin, struct cbw_ctl_reply *reply)
+{
+  const struct cbw_ctl_command *cmd = find_command (table, name, builtin);
+  if (cmd == NULL)
+    cbw_ctl_fail (reply, CBW_CTL_COMMAND_NOT_FOUND,
+                  "the '%s' module has no command '%.200s'", table->module,
+                  name);
+  return cmd;
+}
+
 static int
 query_commands (void *ctxv, struct json_object *args,
                 struct cbw_ctl_reply *reply)
@@ -526,13 +539,10 @@ dispatch (struct builtin_ctx *bctx, const char *line, size_t len)
                   json_type_to_name (json_object_get_type (exec)));
     goto out;
   }
-  cmd = find_command (table, json_object_get_string (exec), &builtin);
-  if (cmd == NULL) {
-    cbw_ctl_fail (&reply, CBW_CTL_COMMAND_NOT_FOUND,
-                  "the '%s' module has no command '%.200s'", table->module,
-                  json_object_get_string (exec));
+  cmd = lookup_command (table, json_object_get_string (exec), &builtin,
+                        &reply);
+  if (cmd == NULL)
     goto out;
-  }
   if (json_object_object_get_ex (req, "arguments", &a)) {
     if (!json_object_is_type (a, json_type_object)) {
       cbw_ctl_fail (&reply, CBW_CTL_INVALID_PARAMETER,
@@ -582,11 +592,9 @@ cbw_ctl_validate_args (const struct cbw_ctl_table *table, const char *command,
 
   reply->ret = NULL;
   reply->err_desc[0] = '\0';
-  cmd = find_command (table, command, &builtin);
+  cmd = lookup_command (table, command, &builtin, reply);
   if (cmd == NULL)
-    return cbw_ctl_fail (reply, CBW_CTL_COMMAND_NOT_FOUND,
-                         "the '%s' module has no command '%.200s'",
-                         table->module, command);
+    return -1;
   if (args == NULL || !json_object_is_type (args, json_type_object))
     return cbw_ctl_fail (reply, CBW_CTL_INVALID_PARAMETER,
                          "arguments must be an object");
@@ -609,11 +617,9 @@ cbw_ctl_call_local (const struct cbw_ctl_table *table, void *module_data,
   reply->ret = NULL;
   reply->err_class = CBW_CTL_GENERIC_ERROR;
   reply->err_desc[0] = '\0';
-  cmd = find_command (table, command, &builtin);
+  cmd = lookup_command (table, command, &builtin, reply);
   if (cmd == NULL)
-    return cbw_ctl_fail (reply, CBW_CTL_COMMAND_NOT_FOUND,
-                         "the '%s' module has no command '%.200s'",
-                         table->module, command);
+    return -1;
   if (args == NULL && (args = empty = json_object_new_object ()) == NULL)
     return cbw_ctl_fail (reply, CBW_CTL_GENERIC_ERROR, "out of memory");
   if (!json_object_is_type (args, json_type_object))

@@ -24,13 +24,13 @@ start_file_target() {
   TGT_URI="file://$TGT_IMG"
 }
 
-# start_live DISK [filter args...]: nbdkit file DISK under the cbw filter.
-# Sets LIVE (URI), PIT (URI), CTL (socket), LIVE_PID.
-start_live() {
-  local disk=$1; shift
+# start_live_plugin PLUGIN PLUGIN-ARG [filter args...]: nbdkit PLUGIN under
+# the cbw filter.  Sets LIVE (URI), PIT (URI), CTL (socket), LIVE_PID.
+start_live_plugin() {
+  local plugin=$1 parg=$2; shift 2
   CTL=$T/ctl.sock
   rm -f "$CTL"
-  start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" file "$disk" \
+  start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" "$plugin" "$parg" \
     cbw-control="$CTL" cbw-pit-export=pit "$@"
   LIVE_PID=$NBDKIT_PID
   LIVE="nbd+unix:///?socket=$T/live.sock"
@@ -38,6 +38,8 @@ start_live() {
   wait_socket "$CTL"
   sanitizer_probe
 }
+# start_live DISK [filter args...]: nbdkit file DISK under the cbw filter.
+start_live() { local disk=$1; shift; start_live_plugin file "$disk" "$@"; }
 
 # Known problem (not in this filter): with libasan preloaded into nbdkit, the
 # first JSON parse on a module's control thread deadlocks in glibc's locale
@@ -90,15 +92,7 @@ wait_copies() { wait_status buffered-blocks 0 "${1:-30}"; wait_status in-flight 
 # process only limits the target), loaded with REF through the idle filter.
 start_live_memory() {
   local size=$1 ref=$2; shift 2
-  CTL=$T/ctl.sock
-  rm -f "$CTL"
-  start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" memory "$size" \
-    cbw-control="$CTL" cbw-pit-export=pit "$@"
-  LIVE_PID=$NBDKIT_PID
-  LIVE="nbd+unix:///?socket=$T/live.sock"
-  PIT="nbd+unix:///pit?socket=$T/live.sock"
-  wait_socket "$CTL"
-  sanitizer_probe
+  start_live_plugin memory "$size" "$@"
   nbdcopy "$ref" "$LIVE" || fail "cannot load $ref into the live disk"
 }
 
