@@ -32,7 +32,7 @@ rm -rf "$RES"
 . "$ANCHORS/lib.sh"
 [ -f "$FILTER" ] && [ -x "$CBW_IO" ] || { log "build first: $FILTER / $CBW_IO missing"; exit 1; }
 ensure_disk; warm_cache
-CBW_ARGS=${CBW_ARGS:-cbw-granularity=4096 cbw-connections=16}
+CBW_ARGS=${CBW_ARGS:-cbw-granularity=4096}
 
 # nbdkit_start TAG [FILTER-PARAMS...]: nbdkit file on disk.img, with the cbw
 # filter if params are given; sets U, P

@@ -32,6 +32,7 @@ struct cbw_config cbw_cfg = {
   .policy = CBW_BREAK_SNAPSHOT,
   .timeout_ns = 30LL * 1000000000,
   .connections = 8,
+  .workers = 1,
   .buffer_bytes = 64 * 1024 * 1024,
 };
 _Atomic (struct cbw_session *) cbw_active;
@@ -63,9 +64,7 @@ cbw_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
       return 0;
     }
     g = nbdkit_parse_size (value);
-    if (g == -1)
-      return -1;
-    if (g < 512 || g > (1 << 30) || (g & (g - 1))) {
+    if (g == -1 || g < 512 || g > (1 << 30) || (g & (g - 1))) {
       nbdkit_error ("cbw-granularity=%s: must be a power of 2 between 512 "
                     "and 1G (or auto)", value);
       return -1;
@@ -106,10 +105,21 @@ cbw_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     }
     return 0;
   }
+  if (strcmp (key, "cbw-workers") == 0) {
+    if (nbdkit_parse_unsigned (key, value, &cbw_cfg.workers) == -1)
+      return -1;
+    if (cbw_cfg.workers < 1 || cbw_cfg.workers > 64) {
+      nbdkit_error ("cbw-workers=%s: expected 1..64", value);
+      return -1;
+    }
+    return 0;
+  }
   if (strcmp (key, "cbw-buffer") == 0) {
     int64_t b = nbdkit_parse_size (value);
-    if (b == -1)
+    if (b == -1) {           /* nbdkit's message does not name the key */
+      nbdkit_error ("cbw-buffer=%s: expected a size (64M, 1G, 0)", value);
       return -1;
+    }
     if (b > (int64_t) 1 << 40) {
       nbdkit_error ("cbw-buffer=%s: too large", value);
       return -1;
@@ -138,6 +148,7 @@ cbw_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "on-cbw-error=break-snapshot|break-guest-write\n" \
   "cbw-timeout=SECONDS       Max wait of a guest write for its copy (30).\n" \
   "cbw-connections=N         Connections to the backup target (8).\n" \
+  "cbw-workers=N             Threads writing the buffer to the target (1).\n" \
   "cbw-buffer=SIZE           Write-back buffer for old data (64M; 0 = copy\n" \
   "                          synchronously).  break-snapshot only."
 

@@ -20,6 +20,7 @@ struct cbw_config {
   enum cbw_policy policy;       /* on-cbw-error= */
   int64_t timeout_ns;           /* cbw-timeout= */
   unsigned connections;         /* cbw-connections= */
+  unsigned workers;             /* cbw-workers= (write-back copy workers) */
   uint64_t buffer_bytes;        /* cbw-buffer= (break-snapshot write-back) */
   uint32_t debug_pit_delay_us;  /* cbw-debug-pit-delay-us= (tests) */
   bool debug_no_recheck;        /* cbw-debug-unsafe-no-recheck= (tests) */

@@ -231,6 +231,7 @@ stats_json (struct cbw_session *s)
     ADD ("guest-write-waits", st.guest_write_waits);
     ADD ("pit-rechecks", st.pit_rechecks);
     ADD ("buffered-blocks", st.buffered_blocks);
+    ADD ("copy-workers", st.copy_workers);
 #undef ADD
     json_object_object_add (o, "broken", json_object_new_boolean (st.broken));
     json_object_object_add (o, "last-error",
@@ -313,7 +314,11 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   p.debug_pit_delay_us = cbw_cfg.debug_pit_delay_us;
   p.debug_no_recheck = cbw_cfg.debug_no_recheck;
   p.buffer_bytes = cbw_cfg.buffer_bytes;
-  p.workers = conns;
+  /* Each worker pipelines a batch of copies on one connection; fewer,
+   * fuller batches cost less CPU per copy than many half-empty ones (see
+   * cbw-workers in the man page).  The rest of the pool serves synchronous
+   * copies (buffer full, break-guest-write). */
+  p.workers = cbw_cfg.workers < conns ? cbw_cfg.workers : (unsigned) conns;
   p.state_file = state_file;
   s = cbw_session_new (&p, t, &err);
   if (s == NULL) {
@@ -503,7 +508,7 @@ static const struct cbw_ctl_command commands[] = {
     "`state`, `size`, `granularity`, `blocks`, `needed-blocks`, "
     "`copied-blocks`, `copied-bytes`, `zero-bytes`, `skipped-blocks`, "
     "`failed-blocks`, `in-flight`, `errors`, `guest-write-waits`, "
-    "`pit-rechecks`, `buffered-blocks`, `broken`, `last-error`, `state-file`, `quiesced`, "
+    "`pit-rechecks`, `buffered-blocks`, `copy-workers`, `broken`, `last-error`, `state-file`, `quiesced`, "
     "`on-cbw-error`, `pit-export`" },
   { "skip", h_skip, skip_args,
     "Release a range the backup reader has finished with: its whole blocks "

@@ -72,7 +72,9 @@
 #define NSHARD 64
 #define COPY_CHUNK (4 * 1024 * 1024)    /* max bytes per target request */
 #define ZERO_SCAN (64 * 1024)           /* zero detection unit inside a run */
+#ifndef WORKER_BATCH
 #define WORKER_BATCH 16                 /* copies a worker pipelines at once */
+#endif
 
 struct shard {
   pthread_mutex_t lock;
@@ -1100,6 +1102,7 @@ cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st)
   st->guest_write_waits = atomic_load_explicit (&s->waits, RLX);
   st->pit_rechecks = atomic_load_explicit (&s->rechecks, RLX);
   st->buffered_blocks = atomic_load_explicit (&s->buffered_blocks, RLX);
+  st->copy_workers = s->nworkers;
   st->broken = atomic_load (&s->broken);
   st->ended = atomic_load (&s->ended);
   if (s->map)

@@ -35,7 +35,8 @@ _Static_assert (CBW_B_NOT_NEEDED == 0 && CBW_B_NEEDED == 1 &&
 struct cbw_session_stats {
   uint64_t size, granularity, blocks, needed_blocks, copied_blocks,
     copied_bytes, zero_bytes, skipped_blocks, failed_blocks, in_flight,
-    errors, guest_write_waits, pit_rechecks, buffered_blocks;
+    errors, guest_write_waits, pit_rechecks, buffered_blocks,
+    copy_workers;               /* write-back workers running (0: none) */
   bool broken, ended;
   char last_error[256];
   char state_file[256];        /* "" if none */
