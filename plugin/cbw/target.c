@@ -391,13 +391,34 @@ fail_rest (struct cbw_target_wr *w, size_t n, int errnum)
   return failed;
 }
 
+/* Completion callback of a batched command (runs inside nbd_poll or
+ * nbd_close in the batch's own thread). */
+struct batch { size_t left, failed; };
+
+static int
+batch_done (void *user_data, int *error)
+{
+  struct cbw_target_wr *w = user_data;
+  struct batch *b = w->batch;
+
+  if (w->cookie != 0) {         /* not already failed by fail_rest */
+    w->cookie = 0;
+    w->result = *error ? *error : 0;
+    if (*error)
+      b->failed++;
+    b->left--;
+  }
+  return 1;                     /* retire the command */
+}
+
 size_t
 cbw_target_write_batch (struct cbw_target *t, struct cbw_target_wr *w,
                         size_t n, int64_t deadline_ns, struct cbw_err *err)
 {
   struct slot *s;
   struct nbd_handle *h;
-  size_t i, failed = 0, left = 0;
+  size_t i, failed = 0;
+  struct batch b = { 0, 0 };
   bool drop = false, have_err = false;
   int ms;
 
@@ -447,18 +468,24 @@ cbw_target_write_batch (struct cbw_target *t, struct cbw_target_wr *w,
   }
   h = s->h;
 
+  /* Issue everything, then let nbd_poll run the completion callbacks
+   * (batch_done, called in this thread): O(1) per reply however big the
+   * batch. */
   for (i = 0; i < n; ++i) {
     if (w[i].cookie == 0)
       continue;
+    w[i].batch = &b;
+    b.left++;                   /* before: the callback may run inside */
+    nbd_completion_callback cb = { .callback = batch_done, .user_data = &w[i] };
     int64_t c = w[i].zero && t->can_zero
-      ? nbd_aio_zero (h, w[i].len, w[i].off, NBD_NULL_COMPLETION, 0)
-      : nbd_aio_pwrite (h, w[i].buf, w[i].len, w[i].off, NBD_NULL_COMPLETION,
-                        0);
+      ? nbd_aio_zero (h, w[i].len, w[i].off, cb, 0)
+      : nbd_aio_pwrite (h, w[i].buf, w[i].len, w[i].off, cb, 0);
     if (c == -1) {
       FIRST_ERR (nbd_errno_or (EIO), "target %s: write at %llu: %s", t->uri,
                  (unsigned long long) w[i].off, nbd_get_error ());
       w[i].result = err->errnum;
       w[i].cookie = 0;
+      b.left--;                 /* not issued: no callback */
       failed++;
       if (!nbd_aio_is_ready (h) && !nbd_aio_is_processing (h)) {
         drop = true;
@@ -466,57 +493,40 @@ cbw_target_write_batch (struct cbw_target *t, struct cbw_target_wr *w,
       }
       continue;
     }
-    w[i].cookie = c;
-    left++;
   }
   if (drop) {
-    failed += fail_rest (w, n, EIO);
-    checkin (t, s, true);
+    failed += b.failed + fail_rest (w, n, EIO);
+    checkin (t, s, true);       /* nbd_close: late callbacks find cookie 0 */
     return failed;
   }
 
-  while (left > 0) {
-    for (i = 0; i < n; ++i) {
-      if (w[i].cookie == 0 || w[i].result != -1)
-        continue;
-      int r = nbd_aio_command_completed (h, w[i].cookie);
-      if (r == 0)
-        continue;
-      left--;
-      w[i].cookie = 0;
-      if (r == 1) {
-        w[i].result = 0;
-        continue;
-      }
-      FIRST_ERR (nbd_errno_or (EIO), "target %s: write at %llu: %s", t->uri,
-                 (unsigned long long) w[i].off, nbd_get_error ());
-      w[i].result = nbd_errno_or (EIO);
-      failed++;
-      if (nbd_aio_is_dead (h) || nbd_aio_is_closed (h)) {
-        failed += fail_rest (w, n, EIO);
-        checkin (t, s, true);
-        return failed;
-      }
-    }
-    if (left == 0)
-      break;
+  while (b.left > 0) {
     ms = ms_left (deadline_ns);
     if (ms == 0) {
       FIRST_ERR (ETIMEDOUT, "target %s: %zu writes timed out; connection "
-                 "dropped", t->uri, left);
-      failed += fail_rest (w, n, ETIMEDOUT);
+                 "dropped", t->uri, b.left);
+      failed += b.failed + fail_rest (w, n, ETIMEDOUT);
       checkin (t, s, true);
       return failed;
     }
-    if (nbd_poll (h, ms) == -1) {
+    if (nbd_poll (h, ms) == -1 || nbd_aio_is_dead (h) ||
+        nbd_aio_is_closed (h)) {
       FIRST_ERR (nbd_errno_or (EIO), "target %s: %s", t->uri,
-                 nbd_get_error ());
-      failed += fail_rest (w, n, err->errnum);
+                 nbd_get_error () ? nbd_get_error () : "connection lost");
+      failed += b.failed + fail_rest (w, n, err->errnum);
       checkin (t, s, true);
       return failed;
     }
   }
-  checkin (t, s, false);
-  return failed;
+  if (b.failed > 0)
+    for (i = 0; i < n; ++i)
+      if (w[i].result > 0 && w[i].batch == &b) {
+        FIRST_ERR (w[i].result, "target %s: write at %llu: %s", t->uri,
+                   (unsigned long long) w[i].off, strerror (w[i].result));
+        break;
+      }
+  /* A connection that died with the last replies is reopened next time. */
+  checkin (t, s, nbd_aio_is_dead (h) || nbd_aio_is_closed (h));
+  return failed + b.failed;
 #undef FIRST_ERR
 }

@@ -56,7 +56,8 @@ struct cbw_target_wr {
   uint64_t off;
   bool zero;
   int result;               /* out */
-  int64_t cookie;           /* private */
+  int64_t cookie;           /* private: != 0 while the command is pending */
+  void *batch;              /* private: the batch's counters */
 };
 size_t cbw_target_write_batch (struct cbw_target *t, struct cbw_target_wr *w,
                                size_t n, int64_t deadline_ns,

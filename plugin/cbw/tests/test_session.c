@@ -304,6 +304,58 @@ Test (session, concurrent_buffered_copies)
   cbw_session_put (s);
 }
 
+/* Big buffered copies (1 MiB guest writes, 64 KiB blocks): one worker
+ * pipelines whole 1 MiB entries, split into data and write-zeroes pieces
+ * (the disk has 1 MiB of zeros at SIZE/2; one write straddles its start).
+ * The PIT view must be exact and the byte counters must add up. */
+Test (session, buffered_big_copies)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_session_params p = {
+    .size = SIZE, .granularity = 65536, .policy = CBW_BREAK_SNAPSHOT,
+    .timeout_ns = 10000000000LL, .buffer_bytes = 8 << 20, .workers = 1,
+  };
+  struct cbw_target *t = cbw_target_open (turi, 2, cbw_now_ns () + 10000000000LL,
+                                          &err);
+  cr_assert_not_null (t, "%s", err.msg);
+  struct cbw_session *s = cbw_session_new (&p, t, &err);
+  cr_assert_not_null (s, "%s", err.msg);
+  cbw_session_mark_all_needed (s);
+  struct cbw_session_stats st;
+  uint64_t seed = 7, o, z = SIZE / 2, copied;
+  int i;
+
+  cr_assert_eq (guest_write (s, z - 512 * 1024, 1 << 20, &seed), 0);
+  for (o = 0; o + (1 << 20) <= SIZE; o += 1 << 20)
+    cr_assert_eq (guest_write (s, o, 1 << 20, &seed), 0);
+  cr_assert_eq (guest_write (s, SIZE - 4096, 4096, &seed), 0);
+  for (i = 0; i < 1000; ++i) {
+    cbw_session_stats (s, &st);
+    if (st.buffered_blocks == 0 && st.in_flight == 0) break;
+    usleep (10000);
+  }
+  cr_assert_eq (st.buffered_blocks, 0, "copies did not drain");
+  cr_assert_eq (st.copy_workers, 1);
+  check_full_pit (s);
+  cr_expect_eq (st.errors, 0);
+  cr_expect_eq (st.copied_blocks, st.blocks);
+  copied = st.copied_bytes + st.zero_bytes;
+  cr_expect_eq (copied, SIZE, "copied %" PRIu64 " + zero %" PRIu64 " bytes, "
+                "disk %d", st.copied_bytes, st.zero_bytes, SIZE);
+  /* Every 64 KiB block that was all zero at begin went as write-zeroes. */
+  uint64_t want_zero = 0;
+  for (o = 0; o < SIZE; o += 65536) {
+    uint64_t n = SIZE - o < 65536 ? SIZE - o : 65536, k;
+    for (k = 0; k < n && ref[o + k] == 0; ++k) ;
+    if (k == n) want_zero += n;
+  }
+  cr_assert_gt (want_zero, 0);
+  cr_expect_eq (st.zero_bytes, want_zero, "zero bytes %" PRIu64 ", want %"
+                PRIu64, st.zero_bytes, want_zero);
+  cbw_session_end (s);
+  cbw_session_put (s);
+}
+
 Test (session, skip_releases)
 {
   struct cbw_session *s = new_session (CBW_BREAK_SNAPSHOT, 0, 65536, 10);
