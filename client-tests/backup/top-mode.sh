@@ -206,6 +206,14 @@ cmp "$T/before-commit.img" "$T/after-commit.img" || fail "the commit changed the
 cmp "$T/a.img" "$T/after-commit.img" || fail "after the commit the image file is not the disk"
 "$CBW" --json event list | jq -e '[.events[].event] | index("disk-snapshot") and index("disk-commit-started")' \
   >/dev/null || fail "no disk-snapshot / disk-commit-started events"
+if command -v script >/dev/null; then
+  # on a terminal, `cbw disk commit --wait` draws a progress bar that ends at 100 %
+  expect_rc 0 "$CBW" disk snapshot vda
+  script -qec "timeout 60 '$CBW' disk commit vda --wait" /dev/null > "$T/tty.out" ||
+    fail "commit --wait on a tty: $(cat "$T/tty.out")"
+  grep -q $'\r'"commit vda \[#\{40\}\] 100.0% completed" "$T/tty.out" ||
+    fail "no commit progress bar on the tty: $(tr '\r' '\n' < "$T/tty.out" | tail -3)"
+fi
 expect_rc 1 "$CBW" backup begin --mode top --disk vda
 grep -q "no overlay yet" <<<"$ERR" || fail "top after commit: $ERR"
 expect_rc 0 "$CBW" disk remove vda

@@ -560,38 +560,6 @@ is_zero (const char *p, size_t n)
   return n <= 16 || memcmp (p, p + 16, n - 16) == 0;
 }
 
-/* Write old data buf[0..n) (from disk offset pos) to the target: runs of
- * all-zero ZERO_SCAN pieces as write-zeroes.  0 or -1 (*err set). */
-static int
-write_out (struct cbw_session *s, const char *buf, uint64_t n, uint64_t pos,
-           int64_t deadline_ns, int *err)
-{
-  struct cbw_err e = { 0 };
-  uint64_t q, r, k;
-
-  for (q = 0; q < n; q = r) {
-    bool z = is_zero (buf + q, n - q < ZERO_SCAN ? n - q : ZERO_SCAN);
-    for (r = q + ZERO_SCAN; r < n; r += ZERO_SCAN)
-      if (is_zero (buf + r, n - r < ZERO_SCAN ? n - r : ZERO_SCAN) != z)
-        break;
-    if (r > n)
-      r = n;
-    for (k = q; k < r; k += COPY_CHUNK) {
-      uint64_t m = r - k < COPY_CHUNK ? r - k : COPY_CHUNK;
-      if ((z ? cbw_target_zero (s->target, m, pos + k, deadline_ns, &e)
-           : cbw_target_pwrite (s->target, buf + k, m, pos + k, deadline_ns,
-                                &e)) == -1) {
-        *err = e.errnum ? e.errnum : EIO;
-        note_error (s, "%s", e.msg);
-        return -1;
-      }
-    }
-    atomic_fetch_add_explicit (z ? &s->zero_bytes : &s->copied_bytes,
-                               r - q, RLX);
-  }
-  return 0;
-}
-
 /* Append the target commands for old data buf[0..len) of disk offset off
  * to wr[nw..]: runs of all-zero ZERO_SCAN pieces as write-zeroes, the rest
  * as writes, each at most COPY_CHUNK.  At most MAX_PIECES (len) commands. */
@@ -615,6 +583,30 @@ add_pieces (struct cbw_target_wr *wr, size_t nw, const char *buf,
       };
   }
   return nw;
+}
+
+/* Write old data buf[0..n) (n <= COPY_CHUNK, from disk offset pos) to the
+ * target now: its data and zero pieces pipelined as one batch.  0 or -1
+ * (*err set). */
+static int
+write_out (struct cbw_session *s, const char *buf, uint64_t n, uint64_t pos,
+           int64_t deadline_ns, int *err)
+{
+  struct cbw_target_wr wr[MAX_PIECES (COPY_CHUNK)];
+  struct cbw_err e = { 0 };
+  size_t nw = add_pieces (wr, 0, buf, n, pos), i;
+  int r = 0;
+
+  if (cbw_target_write_batch (s->target, wr, nw, deadline_ns, &e) > 0) {
+    *err = e.errnum ? e.errnum : EIO;
+    note_error (s, "%s", e.msg);
+    r = -1;
+  }
+  for (i = 0; i < nw; ++i)
+    if (wr[i].result == 0)
+      atomic_fetch_add_explicit (wr[i].zero ? &s->zero_bytes
+                                 : &s->copied_bytes, wr[i].len, RLX);
+  return r;
 }
 
 /* Copy worker: takes buffered copies off the queue and writes them to the

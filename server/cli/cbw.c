@@ -673,34 +673,63 @@ run (const char *sock, const char *command, struct json_object *args, printer pr
   return rc;
 }
 
-/* `cbw disk commit NAME --wait`: start the commit, then poll disk-chain
- * until its operation ends.  0 completed, 1 failed/cancelled/refused. */
+/* ---- waiting for a long operation (`disk commit --wait`, `job wait`) ---- */
+
+/* One kind of long operation, as poll_until_final() follows it. */
+struct poll_ops {
+  const char *command;          /* status command polled with the args */
+  long interval_ms;
+  /* The object holding state/progress in a reply's "return" (may be NULL). */
+  struct json_object *(*progress) (struct json_object *ret);
+  bool (*is_final) (const char *state);
+  /* Progress line on a tty, without the leading "\r". */
+  void (*draw) (struct json_object *args, struct json_object *ret,
+                struct json_object *pr, const char *state, bool final, double secs);
+  void (*print) (struct json_object *ret);              /* final, human */
+  void (*failed) (struct json_object *args, struct json_object *ret,
+                  struct json_object *pr, const char *state);   /* not completed */
+};
+
+/* 40 columns of '#' for the done fraction, '.' for the rest. */
+static void
+progress_bar (char bar[41], uint64_t done, uint64_t total, bool final)
+{
+  double frac = total ? (double) done / (double) total : (final ? 1.0 : 0.0);
+  int fill = (int) (frac * 40);
+  for (int i = 0; i < 40; i++)
+    bar[i] = i < fill ? '#' : '.';
+  bar[40] = '\0';
+}
+
+static double
+progress_percent (uint64_t done, uint64_t total, bool final)
+{
+  return (total ? (double) done / (double) total : (final ? 1.0 : 0.0)) * 100;
+}
+
+/* Poll ops->command until the operation's state is final; a progress line
+ * on stderr when it is a terminal.  Returns 0 (completed), EXIT_CMD
+ * (failed, cancelled, or an error reply) or EXIT_CONNECT.  Takes args. */
 static int
-commit_wait (const char *sock, struct json_object *args)
+poll_until_final (const char *sock, struct json_object *args,
+                  const struct poll_ops *ops)
 {
   struct cbw_err err = { 0 };
   bool tty = isatty (2), drawn = false;
-  struct json_object *name_args = json_object_new_object ();
-  json_object_object_add (name_args, "name", json_object_new_string (jstr (args, "name", "")));
-  bool jo = json_out;
-  json_out = false;             /* one JSON document: the final chain */
-  int rc = run (sock, "disk-commit", args, jo ? NULL : print_commit);
-  json_out = jo;
-  if (rc != 0) {
-    json_object_put (name_args);
-    return rc;
-  }
+  struct timespec t0;
+  int rc = EXIT_CONNECT;
   struct cbw_ctl_client *c = cbw_ctl_client_connect (sock, &err);
+
   if (c == NULL) {
-    json_object_put (name_args);
+    json_object_put (args);
     fprintf (stderr, "cbw: cannot connect to cbwd: %s\n", err.msg);
     return EXIT_CONNECT;
   }
-  rc = EXIT_CONNECT;
+  clock_gettime (CLOCK_MONOTONIC, &t0);
   for (;;) {
-    struct json_object *reply = cbw_ctl_client_call (c, "disk-chain", json_object_get (name_args),
+    struct json_object *reply = cbw_ctl_client_call (c, ops->command, json_object_get (args),
                                                      &err);
-    struct json_object *ret, *e, *op;
+    struct json_object *ret, *e, *pr;
     if (reply == NULL) {
       fprintf (stderr, "%scbw: connection to cbwd failed: %s\n", drawn ? "\n" : "", err.msg);
       break;
@@ -717,18 +746,15 @@ commit_wait (const char *sock, struct json_object *args)
       json_object_put (reply);
       break;
     }
-    op = jget (ret, "operation");
-    const char *state = op ? jstr (op, "state", "?") : "none";
-    bool final = strcmp (state, "running") != 0;
+    pr = ops->progress (ret);
+    const char *state = pr ? jstr (pr, "state", "?") : "none";
+    bool final = ops->is_final (state);
     if (tty) {
-      uint64_t done = (uint64_t) jint (op, "done"), total = (uint64_t) jint (op, "total");
-      double frac = total ? (double) done / (double) total : (final ? 1.0 : 0.0);
-      char bar[41];
-      for (int i = 0; i < 40; i++)
-        bar[i] = i < (int) (frac * 40) ? '#' : '.';
-      bar[40] = '\0';
-      fprintf (stderr, "\rcommit %s [%s] %5.1f%% %-9s", jstr (ret, "disk", "?"), bar,
-               frac * 100, state);
+      struct timespec t1;
+      clock_gettime (CLOCK_MONOTONIC, &t1);
+      fputc ('\r', stderr);
+      ops->draw (args, ret, pr, state, final, (double) (t1.tv_sec - t0.tv_sec) +
+                 (double) (t1.tv_nsec - t0.tv_nsec) / 1e9);
       drawn = true;
     }
     if (final) {
@@ -739,102 +765,128 @@ commit_wait (const char *sock, struct json_object *args)
                                                         JSON_C_TO_STRING_SPACED |
                                                         JSON_C_TO_STRING_NOSLASHESCAPE));
       else
-        print_chain (ret);
+        ops->print (ret);
       rc = strcmp (state, "completed") == 0 ? 0 : EXIT_CMD;
       if (rc != 0)
-        fprintf (stderr, "cbw: commit of disk %s %s%s%s\n", jstr (ret, "disk", "?"), state,
-                 jstr (op, "error", NULL) ? ": " : "", jstr (op, "error", ""));
+        ops->failed (args, ret, pr, state);
       json_object_put (reply);
       break;
     }
     json_object_put (reply);
-    struct timespec ts = { 0, 200 * 1000000 };
-    nanosleep (&ts, NULL);
-  }
-  cbw_ctl_client_close (c);
-  json_object_put (name_args);
-  return rc;
-}
-
-/* `cbw job wait ID`: poll job-status until the job ends; a progress bar on
- * stderr when it is a terminal.  0 completed, 1 failed/cancelled. */
-static int
-job_wait (const char *sock, struct json_object *args)
-{
-  struct cbw_err err = { 0 };
-  bool tty = isatty (2);
-  const char *id = jstr (args, "id", "");
-  struct cbw_ctl_client *c = cbw_ctl_client_connect (sock, &err);
-  if (c == NULL) {
-    json_object_put (args);
-    fprintf (stderr, "cbw: cannot connect to cbwd: %s\n", err.msg);
-    return EXIT_CONNECT;
-  }
-  struct timespec t0;
-  clock_gettime (CLOCK_MONOTONIC, &t0);
-  int rc = EXIT_CONNECT;
-  bool drawn = false;
-  for (;;) {
-    struct json_object *reply = cbw_ctl_client_call (c, "job-status", json_object_get (args), &err);
-    struct json_object *ret, *e;
-    if (reply == NULL) {
-      fprintf (stderr, "%scbw: connection to cbwd failed: %s\n", drawn ? "\n" : "", err.msg);
-      break;
-    }
-    if (json_object_object_get_ex (reply, "error", &e)) {
-      fprintf (stderr, "%scbw: error: %s: %s\n", drawn ? "\n" : "", jstr (e, "class", "?"),
-               jstr (e, "desc", "?"));
-      json_object_put (reply);
-      rc = EXIT_CMD;
-      break;
-    }
-    if (!json_object_object_get_ex (reply, "return", &ret)) {
-      fprintf (stderr, "cbw: malformed reply from cbwd\n");
-      json_object_put (reply);
-      break;
-    }
-    const char *state = jstr (ret, "state", "?");
-    bool final = strcmp (state, "running") && strcmp (state, "paused");
-    if (tty) {
-      uint64_t done = (uint64_t) jint (ret, "bytes-done"), total = (uint64_t) jint (ret, "bytes-total");
-      struct timespec t1;
-      clock_gettime (CLOCK_MONOTONIC, &t1);
-      double secs = (double) (t1.tv_sec - t0.tv_sec) + (double) (t1.tv_nsec - t0.tv_nsec) / 1e9;
-      double frac = total ? (double) done / (double) total : (final ? 1.0 : 0.0);
-      char bar[41], d[32], tt[32], rate[32];
-      int fill = (int) (frac * 40);
-      for (int i = 0; i < 40; i++)
-        bar[i] = i < fill ? '#' : '.';
-      bar[40] = '\0';
-      human_size (done, d, sizeof d);
-      human_size (total, tt, sizeof tt);
-      human_size (secs > 0.5 ? (uint64_t) ((double) jint (ret, "data-bytes") / secs) : 0,
-                  rate, sizeof rate);
-      fprintf (stderr, "\r%s [%s] %5.1f%% %s / %s %s/s %-9s", id, bar, frac * 100, d, tt, rate, state);
-      drawn = true;
-    }
-    if (final) {
-      if (drawn)
-        fprintf (stderr, "\n");
-      if (json_out)
-        printf ("%s\n", json_object_to_json_string_ext (ret, JSON_C_TO_STRING_PRETTY |
-                                                        JSON_C_TO_STRING_SPACED | JSON_C_TO_STRING_NOSLASHESCAPE));
-      else
-        print_job (ret);
-      rc = strcmp (state, "completed") == 0 ? 0 : EXIT_CMD;
-      if (rc != 0)
-        fprintf (stderr, "cbw: job %s %s%s%s\n", id, state, jstr (ret, "error", NULL) ? ": " : "",
-                 jstr (ret, "error", ""));
-      json_object_put (reply);
-      break;
-    }
-    json_object_put (reply);
-    struct timespec ts = { 0, 250 * 1000000 };
+    struct timespec ts = { 0, ops->interval_ms * 1000000 };
     nanosleep (&ts, NULL);
   }
   cbw_ctl_client_close (c);
   json_object_put (args);
   return rc;
+}
+
+/* `cbw disk commit NAME --wait`: disk-chain's "operation". */
+static struct json_object *
+commit_progress (struct json_object *ret)
+{
+  return jget (ret, "operation");
+}
+
+static bool
+commit_is_final (const char *state)
+{
+  return strcmp (state, "running") != 0;
+}
+
+static void
+commit_draw (struct json_object *args, struct json_object *ret, struct json_object *op,
+             const char *state, bool final, double secs)
+{
+  uint64_t done = (uint64_t) jint (op, "done"), total = (uint64_t) jint (op, "total");
+  char bar[41];
+  (void) args; (void) secs;
+  progress_bar (bar, done, total, final);
+  fprintf (stderr, "commit %s [%s] %5.1f%% %-9s", jstr (ret, "disk", "?"), bar,
+           progress_percent (done, total, final), state);
+}
+
+static void
+commit_failed (struct json_object *args, struct json_object *ret, struct json_object *op,
+               const char *state)
+{
+  (void) args;
+  fprintf (stderr, "cbw: commit of disk %s %s%s%s\n", jstr (ret, "disk", "?"), state,
+           jstr (op, "error", NULL) ? ": " : "", jstr (op, "error", ""));
+}
+
+static const struct poll_ops commit_ops = {
+  .command = "disk-chain", .interval_ms = 200, .progress = commit_progress,
+  .is_final = commit_is_final, .draw = commit_draw, .print = print_chain,
+  .failed = commit_failed,
+};
+
+/* Start the commit, then poll disk-chain until its operation ends.  0
+ * completed, 1 failed/cancelled/refused. */
+static int
+commit_wait (const char *sock, struct json_object *args)
+{
+  struct json_object *name_args = json_object_new_object ();
+  json_object_object_add (name_args, "name", json_object_new_string (jstr (args, "name", "")));
+  bool jo = json_out;
+  json_out = false;             /* one JSON document: the final chain */
+  int rc = run (sock, "disk-commit", args, jo ? NULL : print_commit);
+  json_out = jo;
+  if (rc != 0) {
+    json_object_put (name_args);
+    return rc;
+  }
+  return poll_until_final (sock, name_args, &commit_ops);
+}
+
+/* `cbw job wait ID`: job-status itself. */
+static struct json_object *
+job_progress (struct json_object *ret)
+{
+  return ret;
+}
+
+static bool
+job_is_final (const char *state)
+{
+  return strcmp (state, "running") && strcmp (state, "paused");
+}
+
+static void
+job_draw (struct json_object *args, struct json_object *ret, struct json_object *pr,
+          const char *state, bool final, double secs)
+{
+  uint64_t done = (uint64_t) jint (ret, "bytes-done"), total = (uint64_t) jint (ret, "bytes-total");
+  char bar[41], d[32], tt[32], rate[32];
+  (void) pr;
+  progress_bar (bar, done, total, final);
+  human_size (done, d, sizeof d);
+  human_size (total, tt, sizeof tt);
+  human_size (secs > 0.5 ? (uint64_t) ((double) jint (ret, "data-bytes") / secs) : 0,
+              rate, sizeof rate);
+  fprintf (stderr, "%s [%s] %5.1f%% %s / %s %s/s %-9s", jstr (args, "id", ""), bar,
+           progress_percent (done, total, final), d, tt, rate, state);
+}
+
+static void
+job_failed (struct json_object *args, struct json_object *ret, struct json_object *pr,
+            const char *state)
+{
+  (void) pr;
+  fprintf (stderr, "cbw: job %s %s%s%s\n", jstr (args, "id", ""), state,
+           jstr (ret, "error", NULL) ? ": " : "", jstr (ret, "error", ""));
+}
+
+static const struct poll_ops job_ops = {
+  .command = "job-status", .interval_ms = 250, .progress = job_progress,
+  .is_final = job_is_final, .draw = job_draw, .print = print_job, .failed = job_failed,
+};
+
+/* Poll job-status until the job ends.  0 completed, 1 failed/cancelled. */
+static int
+job_wait (const char *sock, struct json_object *args)
+{
+  return poll_until_final (sock, args, &job_ops);
 }
 
 /* ---- `cbw events`: the event ring, and with --follow the live stream ---- */
