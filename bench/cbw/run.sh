@@ -15,6 +15,7 @@
 # seqwrite1m_pass (one 1 MiB sequential pass) for base/first/qsd/qsd-first;
 # timed randwrite4k + seqwrite1m for base/idle/steady.
 # Knobs (env): everything of lib.sh (DISK_SIZE, FIO_RUNS, FIO_RUNTIME, ...),
+# PASS_ORDER (consecutive | interleaved, see below),
 # CBW_BUILD (build tree with modules/), CBW_ARGS (extra filter args),
 # OUT (results.md path, default bench/cbw/results.md).
 # Reduced run: DISK_SIZE=1G FIO_RUNS=1 FIO_RUNTIME=5 DROP_CACHES=0 bench/cbw/run.sh
@@ -66,20 +67,13 @@ cbw_start() {
 }
 cbw_stop() { stop_pid $P; [ -z "$TP" ] || stop_pid $TP; }
 
-pass_jobs() {                 # pass_jobs CASE START-FN STOP-FN
-  local c=$1 start=$2 stop=$3 job m i files
-  for job in randwrite4k_1pc seqwrite1m; do
-    m=$job; [ $job = seqwrite1m ] && m=seqwrite1m_pass
-    files=()
-    for i in $(seq "$FIO_RUNS"); do
-      $start "$c"; warm_server "$U"; sync
-      fio_once "$U" $job "$RES/$c.$m.$i.json" pass
-      files+=("$RES/$c.$m.$i.json")
-      case $c in first*) log "status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' | cut -c1-300)" ;; esac
-      $stop
-    done
-    record_fio "$c" $m $job "${files[@]}"
-  done
+# pass_run CASE JOB METRIC I: one fresh server of CASE, one pass of JOB.
+pass_run() {
+  local c=$1 job=$2 m=$3 i=$4
+  CASE=$c; ${START[$c]} "$c"; warm_server "$U"; sync
+  fio_once "$U" $job "$RES/$c.$m.$i.json" pass
+  case $c in first*) log "status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' | cut -c1-300 || true)" ;; esac
+  ${STOP[$c]}
 }
 plain_start() { nbdkit_start "$1"; }
 plain_stop() { stop_pid $P; }
@@ -93,23 +87,61 @@ qsd_start() {
 }
 fleece_start_c() { fleece_start "$1"; P=$FL_PID; U=$FL_LIVE; }
 
-CASE=base;      pass_jobs base plain_start plain_stop
-CASE=first;     pass_jobs first cbw_start cbw_stop
-CASE=first-file; pass_jobs first-file cbw_start cbw_stop
-CASE=qsd;       pass_jobs qsd qsd_start plain_stop
-CASE=qsd-first; pass_jobs qsd-first fleece_start_c plain_stop
+# Pass cases.  PASS_ORDER=consecutive (default): FIO_RUNS runs of one case,
+# then the next case, as the QSD anchor (d1-qsd-fleecing-first.sh) measures
+# it.  PASS_ORDER=interleaved: one run of each case per round.  Our cases
+# come out about the same either way; QSD fleecing does not: interleaved,
+# its 4k first-write rate rose from ~0.35 to 0.53 of plain QSD and its p99
+# fell from 13-14 ms to 6.3 ms (bench/cbw/results.md keeps both runs).
+declare -A START=([base]=plain_start [first]=cbw_start [first-file]=cbw_start
+                  [qsd]=qsd_start [qsd-first]=fleece_start_c)
+declare -A STOP=([base]=plain_stop [first]=cbw_stop [first-file]=cbw_stop
+                 [qsd]=plain_stop [qsd-first]=plain_stop)
+PASS_CASES=(base first first-file qsd qsd-first)
+for job in randwrite4k_1pc seqwrite1m; do
+  m=$job; [ $job = seqwrite1m ] && m=seqwrite1m_pass
+  if [ "${PASS_ORDER:-consecutive}" = interleaved ]; then
+    for i in $(seq "$FIO_RUNS"); do
+      for c in "${PASS_CASES[@]}"; do pass_run $c $job $m $i; done
+    done
+  else
+    for c in "${PASS_CASES[@]}"; do
+      for i in $(seq "$FIO_RUNS"); do pass_run $c $job $m $i; done
+    done
+  fi
+  for c in "${PASS_CASES[@]}"; do
+    record_fio $c $m $job $(for i in $(seq "$FIO_RUNS"); do echo "$RES/$c.$m.$i.json"; done)
+  done
+done
 
 # The pass cases above left GiBs of target images being written back: let
 # that finish before the timed cases, or base/idle/steady compete with it.
 sync; rm -f "$WORK/cbw-target.img"; sync
-CASE=base; nbdkit_start base; warm_server "$U"; sync; bench_fio base "$U"; stop_pid $P
-CASE=idle; C=$SOCKDIR/idle-ctl.sock; rm -f "$C"; sync
+# Timed cases: the three servers run side by side (one at a time under
+# load) and the runs interleave base, idle, steady per round, so that drift
+# of the machine over the minutes of the run hits all three alike (run in
+# sequence, 5 idle runs once drifted from 18.0k to 14.1k IOPS while base and
+# steady held).
+CASE=base; nbdkit_start base; warm_server "$U"; UB=$U PB=$P
+CASE=idle; C=$SOCKDIR/idle-ctl.sock; rm -f "$C"
 nbdkit_start idle cbw-control="$C" cbw-pit-export=pit $CBW_ARGS; warm_server "$U"
-bench_fio idle "$U"; stop_pid $P
+UI=$U PI=$P
 CASE=steady; cbw_start steady; warm_server "$U"; sync
 fio_once "$U" seqwrite1m "$RES/steady.precondition.json" pass
 log "steady status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' | cut -c1-300)"
-bench_fio steady "$U"; cbw_stop
+US=$U
+for job in randwrite4k seqwrite1m; do
+  for i in $(seq "$FIO_RUNS"); do
+    for c in base idle steady; do
+      CASE=$c; u=$UB; [ $c = idle ] && u=$UI; [ $c = steady ] && u=$US
+      sync; fio_once "$u" $job "$RES/$c.$job.$i.json" timed
+    done
+  done
+  for c in base idle steady; do
+    record_fio $c $job $job $(for i in $(seq "$FIO_RUNS"); do echo "$RES/$c.$job.$i.json"; done)
+  done
+done
+stop_pid $PB; stop_pid $PI; cbw_stop
 
 "$PY" - "$RES/results.tsv" "$OUT" <<'PYEOF'
 import sys, collections
