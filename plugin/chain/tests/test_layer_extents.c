@@ -285,23 +285,9 @@ static const struct cbw_ctl_table table = { "chain", cmds };
 static struct json_object *
 call (struct ovc *c, const char *line)
 {
-  char *reply = cbw_ctl_dispatch_line (&table, c, line, strlen (line));
-  cr_assert_not_null (reply);
-  struct json_object *o = json_tokener_parse (reply);
-  cr_assert_not_null (o, "%s", reply);
-  free (reply);
-  return o;
+  return tu_call (&table, c, line);
 }
 
-static const char *
-err_class (struct json_object *o)
-{
-  struct json_object *e, *c;
-  if (!json_object_object_get_ex (o, "error", &e))
-    return NULL;
-  json_object_object_get_ex (e, "class", &c);
-  return json_object_get_string (c);
-}
 
 Test (layer_extents, control_command)
 {
@@ -310,7 +296,7 @@ Test (layer_extents, control_command)
   struct json_object *o, *ret, *v, *x;
   mt_init (&t, 1024 * 1024, 65536, 5);
   o = call (t.c, "{\"execute\":\"layer-extents\"}");
-  cr_assert_str_eq (err_class (o), "NotFound", "%s", json_object_to_json_string (o));
+  cr_assert_str_eq (tu_err_class (o), "NotFound", "%s", json_object_to_json_string (o));
   json_object_put (o);
   cr_assert_eq (ovc_snapshot (t.c, "s1", NULL, &err), 0, "%s", err.msg);
   m_write (&t, 65536 * 2, 65536 * 2);       /* clusters 2,3 data */
@@ -351,7 +337,7 @@ Test (layer_extents, control_command)
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     o = call (t.c, bad[i][0]);
-    cr_assert_str_eq (err_class (o) ? err_class (o) : "(none)", bad[i][1], "%s -> %s",
+    cr_assert_str_eq (tu_err_class (o) ? tu_err_class (o) : "(none)", bad[i][1], "%s -> %s",
                       bad[i][0], json_object_to_json_string (o));
     json_object_put (o);
   }

@@ -16,48 +16,29 @@
 
 #include "fileutil.h"
 #include "orch_internal.h"
+#include "orch_test_util.h"
 
 static char dir[64];
 static struct cbw_orch *orch;
 
 static void
-rm_rf (const char *d)
-{
-  char cmd[128];
-  snprintf (cmd, sizeof cmd, "rm -rf '%s'", d);
-  cr_assert_eq (system (cmd), 0);
-}
-
-static void
 setup (void)
 {
-  struct cbw_err err = { 0 };
-  strcpy (dir, "/tmp/cbw-orch-test.XXXXXX");
-  cr_assert_not_null (mkdtemp (dir));
-  char mods[96];
-  snprintf (mods, sizeof mods, "%s/no-modules", dir);
-  mkdir (mods, 0700);
-  struct cbw_orch_config cfg = { .state_dir = dir, .module_dir = mods, .start_timeout = 5 };
-  orch = cbw_orch_open (&cfg, &err);
-  cr_assert_not_null (orch, "%s", err.msg);
+  orch_test_mkdtemp (dir, sizeof dir, "orch-test");
+  orch = orch_test_open (dir);
 }
 
 static void
 teardown (void)
 {
   cbw_orch_close (orch, true);
-  rm_rf (dir);
+  orch_test_rm_rf (dir);
 }
 
 static struct json_object *
 call (const char *line)
 {
-  char *r = cbw_ctl_dispatch_line (&cbw_orch_ctl_table, orch, line, strlen (line));
-  cr_assert_not_null (r);
-  struct json_object *j = json_tokener_parse (r);
-  cr_assert_not_null (j, "unparsable reply %s", r);
-  free (r);
-  return j;
+  return orch_test_call (orch, line);
 }
 
 static char *
@@ -221,7 +202,7 @@ Test (startup, corrupt_state_refused)
   struct cbw_orch_config cfg = { .state_dir = d };
   cr_assert_null (cbw_orch_open (&cfg, &err));
   cr_assert (strstr (err.msg, p) && strstr (err.msg, "bad checksum"), "%s", err.msg);
-  rm_rf (d);
+  orch_test_rm_rf (d);
 }
 
 Test (docs, committed_reference_matches_table)

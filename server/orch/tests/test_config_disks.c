@@ -23,6 +23,7 @@
 #include "cleanup.h"
 #include "fileutil.h"
 #include "orch_internal.h"
+#include "orch_test_util.h"
 
 static char dir[64], img_a[128], img_b[128];
 static struct cbw_orch *orch;
@@ -39,18 +40,12 @@ static void
 setup (void)
 {
   struct cbw_err err = { 0 };
-  strcpy (dir, "/tmp/cbw-cfgdisks.XXXXXX");
-  cr_assert_not_null (mkdtemp (dir));
-  char mods[96];
-  snprintf (mods, sizeof mods, "%s/no-modules", dir);
-  mkdir (mods, 0700);
+  orch_test_mkdtemp (dir, sizeof dir, "cfgdisks");
   snprintf (img_a, sizeof img_a, "%s/a.img", dir);
   snprintf (img_b, sizeof img_b, "%s/b.img", dir);
   touch (img_a);
   touch (img_b);
-  struct cbw_orch_config cfg = { .state_dir = dir, .module_dir = mods, .start_timeout = 5 };
-  orch = cbw_orch_open (&cfg, &err);
-  cr_assert_not_null (orch, "%s", err.msg);
+  orch = orch_test_open (dir);
   /* an existing disk "vda" on a.img, granularity 4096, as a previous run
    * would have left it (not running here) */
   struct orch_disk *d = orch_disk_new (orch->state_dir, "vda", img_a, 4096);
@@ -67,10 +62,8 @@ setup (void)
 static void
 teardown (void)
 {
-  char cmd[128];
   cbw_orch_close (orch, false);
-  snprintf (cmd, sizeof cmd, "rm -rf '%s'", dir);
-  cr_assert_eq (system (cmd), 0);
+  orch_test_rm_rf (dir);
 }
 
 static char *

@@ -18,6 +18,7 @@
 
 #include "fileutil.h"
 #include "orch_internal.h"
+#include "orch_test_util.h"
 
 static char dir[64];
 static struct cbw_orch *orch;
@@ -25,20 +26,13 @@ static struct cbw_orch *orch;
 static void
 open_orch (void)
 {
-  struct cbw_err err = { 0 };
-  char mods[96];
-  snprintf (mods, sizeof mods, "%s/no-modules", dir);
-  mkdir (mods, 0700);
-  struct cbw_orch_config cfg = { .state_dir = dir, .module_dir = mods, .start_timeout = 5 };
-  orch = cbw_orch_open (&cfg, &err);
-  cr_assert_not_null (orch, "%s", err.msg);
+  orch = orch_test_open (dir);
 }
 
 static void
 setup (void)
 {
-  strcpy (dir, "/tmp/cbw-jobs-test.XXXXXX");
-  cr_assert_not_null (mkdtemp (dir));
+  orch_test_mkdtemp (dir, sizeof dir, "jobs-test");
 }
 
 static void
@@ -47,20 +41,13 @@ teardown (void)
   if (orch)
     cbw_orch_close (orch, true);
   orch = NULL;
-  char cmd[128];
-  snprintf (cmd, sizeof cmd, "rm -rf '%s'", dir);
-  cr_assert_eq (system (cmd), 0);
+  orch_test_rm_rf (dir);
 }
 
 static struct json_object *
 call (const char *line)
 {
-  char *r = cbw_ctl_dispatch_line (&cbw_orch_ctl_table, orch, line, strlen (line));
-  cr_assert_not_null (r);
-  struct json_object *j = json_tokener_parse (r);
-  cr_assert_not_null (j, "unparsable reply %s", r);
-  free (r);
-  return j;
+  return orch_test_call (orch, line);
 }
 
 static void
