@@ -40,7 +40,7 @@ session_workers() {
   start_live "$T/disk.img" cbw-granularity=65536 "$@"
   begin_full "$extra"
   assert_eq "$what: copy-workers" "$want" "$(status_field copy-workers)"
-  "$CBW_IO" stress "$LIVE" "$PIT" "$T/ref.img" 7 2 4 2 > "$T/stress.out" ||
+  "$CBW_IO" stress "$LIVE" "$PIT" "$T/ref.img" 7 1 4 2 > "$T/stress.out" ||
     fail "$what: stress: $(cat "$T/stress.out")"
   wait_copies
   nbdcopy "$PIT" "$T/pit.img" || fail "$what: PIT read failed"
