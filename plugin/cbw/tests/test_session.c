@@ -174,21 +174,31 @@ teardown (void)
   free (ref);
 }
 
+/* A session on the whole disk with `workers` write-back workers over
+ * `conns` target connections. */
 static struct cbw_session *
-new_session (enum cbw_policy pol, uint64_t buffer, uint32_t gran, double tmo)
+new_session_w (enum cbw_policy pol, uint64_t buffer, uint32_t gran, double tmo,
+               unsigned workers, size_t conns)
 {
   struct cbw_err err = { 0 };
   struct cbw_session_params p = {
     .size = SIZE, .granularity = gran, .policy = pol,
-    .timeout_ns = (int64_t) (tmo * 1e9), .buffer_bytes = buffer, .workers = 4,
+    .timeout_ns = (int64_t) (tmo * 1e9), .buffer_bytes = buffer,
+    .workers = workers,
   };
-  struct cbw_target *t = cbw_target_open (turi, 4, cbw_now_ns () + 10000000000LL,
-                                          &err);
+  struct cbw_target *t = cbw_target_open (turi, conns,
+                                          cbw_now_ns () + 10000000000LL, &err);
   cr_assert_not_null (t, "%s", err.msg);
   struct cbw_session *s = cbw_session_new (&p, t, &err);
   cr_assert_not_null (s, "%s", err.msg);
   cbw_session_mark_all_needed (s);
   return s;
+}
+
+static struct cbw_session *
+new_session (enum cbw_policy pol, uint64_t buffer, uint32_t gran, double tmo)
+{
+  return new_session_w (pol, buffer, gran, tmo, 4, 4);
 }
 
 /* A guest write through the session, like cbw.c's guest_write(). */
@@ -310,17 +320,8 @@ Test (session, concurrent_buffered_copies)
  * The PIT view must be exact and the byte counters must add up. */
 Test (session, buffered_big_copies)
 {
-  struct cbw_err err = { 0 };
-  struct cbw_session_params p = {
-    .size = SIZE, .granularity = 65536, .policy = CBW_BREAK_SNAPSHOT,
-    .timeout_ns = 10000000000LL, .buffer_bytes = 8 << 20, .workers = 1,
-  };
-  struct cbw_target *t = cbw_target_open (turi, 2, cbw_now_ns () + 10000000000LL,
-                                          &err);
-  cr_assert_not_null (t, "%s", err.msg);
-  struct cbw_session *s = cbw_session_new (&p, t, &err);
-  cr_assert_not_null (s, "%s", err.msg);
-  cbw_session_mark_all_needed (s);
+  struct cbw_session *s = new_session_w (CBW_BREAK_SNAPSHOT, 8 << 20, 65536,
+                                         10, 1, 2);
   struct cbw_session_stats st;
   uint64_t seed = 7, o, z = SIZE / 2, copied;
   int i;

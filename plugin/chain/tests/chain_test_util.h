@@ -14,35 +14,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <json-c/json.h>
-
-#include "control.h"
+#include "ctl_test_util.h"
 #include "fileutil.h"
 #include "overlay_chain.h"
-
-/* One control request line through table (on this thread); the parsed
- * reply. */
-static inline struct json_object *
-tu_call (const struct cbw_ctl_table *table, struct ovc *c, const char *line)
-{
-  char *reply = cbw_ctl_dispatch_line (table, c, line, strlen (line));
-  cr_assert_not_null (reply);
-  struct json_object *o = json_tokener_parse (reply);
-  cr_assert_not_null (o, "bad reply %s", reply);
-  free (reply);
-  return o;
-}
-
-/* The error class of a reply; NULL if it succeeded. */
-static inline const char *
-tu_err_class (struct json_object *o)
-{
-  struct json_object *e, *c;
-  if (!json_object_object_get_ex (o, "error", &e))
-    return NULL;
-  json_object_object_get_ex (e, "class", &c);
-  return json_object_get_string (c);
-}
 
 /* xorshift64* — deterministic, seedable */
 static inline uint64_t

@@ -285,7 +285,7 @@ static const struct cbw_ctl_table table = { "chain", cmds };
 static struct json_object *
 call (struct ovc *c, const char *line)
 {
-  return tu_call (&table, c, line);
+  return ctl_test_call (&table, c, line);
 }
 
 
@@ -296,7 +296,7 @@ Test (layer_extents, control_command)
   struct json_object *o, *ret, *v, *x;
   mt_init (&t, 1024 * 1024, 65536, 5);
   o = call (t.c, "{\"execute\":\"layer-extents\"}");
-  cr_assert_str_eq (tu_err_class (o), "NotFound", "%s", json_object_to_json_string (o));
+  cr_assert_str_eq (ctl_test_err_class (o), "NotFound", "%s", json_object_to_json_string (o));
   json_object_put (o);
   cr_assert_eq (ovc_snapshot (t.c, "s1", NULL, &err), 0, "%s", err.msg);
   m_write (&t, 65536 * 2, 65536 * 2);       /* clusters 2,3 data */
@@ -337,7 +337,7 @@ Test (layer_extents, control_command)
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     o = call (t.c, bad[i][0]);
-    cr_assert_str_eq (tu_err_class (o) ? tu_err_class (o) : "(none)", bad[i][1], "%s -> %s",
+    cr_assert_str_eq (ctl_test_err_class (o) ? ctl_test_err_class (o) : "(none)", bad[i][1], "%s -> %s",
                       bad[i][0], json_object_to_json_string (o));
     json_object_put (o);
   }

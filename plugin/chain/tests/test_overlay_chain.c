@@ -737,7 +737,7 @@ static const struct cbw_ctl_table table = { "chain", cmds };
 static struct json_object *
 call (struct ovc *c, const char *line)
 {
-  return tu_call (&table, c, line);
+  return ctl_test_call (&table, c, line);
 }
 
 
@@ -748,10 +748,10 @@ Test (chain, control_commands)
   struct json_object *o, *ret, *v;
   rt_init (&t, 1024 * 1024, 65536, 12);
   o = call (t.c, "{\"execute\":\"commit\"}");
-  cr_assert_str_eq (tu_err_class (o), "InvalidParameter");
+  cr_assert_str_eq (ctl_test_err_class (o), "InvalidParameter");
   json_object_put (o);
   o = call (t.c, "{\"execute\":\"snapshot\",\"arguments\":{\"label\":\"one\"}}");
-  cr_assert_null (tu_err_class (o));
+  cr_assert_null (ctl_test_err_class (o));
   cr_assert (json_object_object_get_ex (o, "return", &ret));
   json_object_object_get_ex (ret, "index", &v);
   cr_assert_eq (json_object_get_int (v), 1);
@@ -763,25 +763,25 @@ Test (chain, control_commands)
   t.nlayers = 2;
   do_write (&t, t.c);
   o = call (t.c, "{\"execute\":\"commit\",\"arguments\":{\"base\":2,\"top\":2}}");
-  cr_assert_str_eq (tu_err_class (o), "InvalidParameter");
+  cr_assert_str_eq (ctl_test_err_class (o), "InvalidParameter");
   json_object_put (o);
   o = call (t.c, "{\"execute\":\"commit\",\"arguments\":{\"top\":5}}");
-  cr_assert_str_eq (tu_err_class (o), "InvalidParameter");
+  cr_assert_str_eq (ctl_test_err_class (o), "InvalidParameter");
   json_object_put (o);
   o = call (t.c, "{\"execute\":\"commit\",\"arguments\":{\"mode\":\"squash\"}}");
-  cr_assert_str_eq (tu_err_class (o), "InvalidParameter");
+  cr_assert_str_eq (ctl_test_err_class (o), "InvalidParameter");
   json_object_put (o);
   o = call (t.c, "{\"execute\":\"commit-cancel\"}");
-  cr_assert_str_eq (tu_err_class (o), "NotFound");
+  cr_assert_str_eq (ctl_test_err_class (o), "NotFound");
   json_object_put (o);
   o = call (t.c, "{\"execute\":\"commit\",\"arguments\":{\"base\":0,\"mode\":\"make-empty\",\"speed\":1}}");
-  cr_assert_null (tu_err_class (o), "%s", json_object_to_json_string (o));
+  cr_assert_null (ctl_test_err_class (o), "%s", json_object_to_json_string (o));
   json_object_put (o);
   o = call (t.c, "{\"execute\":\"snapshot\"}");
-  cr_assert_str_eq (tu_err_class (o), "Busy");
+  cr_assert_str_eq (ctl_test_err_class (o), "Busy");
   json_object_put (o);
   o = call (t.c, "{\"execute\":\"commit-speed\",\"arguments\":{\"speed\":0}}");
-  cr_assert_null (tu_err_class (o));
+  cr_assert_null (ctl_test_err_class (o));
   json_object_put (o);
   cr_assert_eq (ovc_commit_wait (t.c, &err), 0, "%s", err.msg);
   o = call (t.c, "{\"execute\":\"list\"}");

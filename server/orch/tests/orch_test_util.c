@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "ctl_test_util.h"
 #include "orch_test_util.h"
 
 void
@@ -39,10 +40,5 @@ orch_test_rm_rf (const char *dir)
 struct json_object *
 orch_test_call (struct cbw_orch *o, const char *line)
 {
-  char *r = cbw_ctl_dispatch_line (&cbw_orch_ctl_table, o, line, strlen (line));
-  cr_assert_not_null (r);
-  struct json_object *j = json_tokener_parse (r);
-  cr_assert_not_null (j, "unparsable reply %s", r);
-  free (r);
-  return j;
+  return ctl_test_call (&cbw_orch_ctl_table, o, line);
 }
