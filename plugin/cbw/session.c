@@ -72,9 +72,7 @@
 #define NSHARD 64
 #define COPY_CHUNK (4 * 1024 * 1024)    /* max bytes per target request */
 #define ZERO_SCAN (64 * 1024)           /* zero detection unit inside a run */
-#ifndef WORKER_BATCH
 #define WORKER_BATCH 16                 /* copies a worker pipelines at once */
-#endif
 /* Target commands for one copy of len bytes (add_pieces), and per worker. */
 #define MAX_PIECES(len) (((len) + ZERO_SCAN - 1) / ZERO_SCAN)
 #define WORKER_PIECES (WORKER_BATCH * MAX_PIECES (COPY_CHUNK))
@@ -585,6 +583,15 @@ add_pieces (struct cbw_target_wr *wr, size_t nw, const char *buf,
   return nw;
 }
 
+/* Count the bytes of a target command that succeeded, by kind. */
+static void
+count_written (struct cbw_session *s, const struct cbw_target_wr *w)
+{
+  if (w->result == 0)
+    atomic_fetch_add_explicit (w->zero ? &s->zero_bytes : &s->copied_bytes,
+                               w->len, RLX);
+}
+
 /* Write old data buf[0..n) (n <= COPY_CHUNK, from disk offset pos) to the
  * target now: its data and zero pieces pipelined as one batch.  0 or -1
  * (*err set). */
@@ -603,9 +610,7 @@ write_out (struct cbw_session *s, const char *buf, uint64_t n, uint64_t pos,
     r = -1;
   }
   for (i = 0; i < nw; ++i)
-    if (wr[i].result == 0)
-      atomic_fetch_add_explicit (wr[i].zero ? &s->zero_bytes
-                                 : &s->copied_bytes, wr[i].len, RLX);
+    count_written (s, &wr[i]);
   return r;
 }
 
@@ -666,13 +671,9 @@ worker (void *arg)
     }
     for (i = 0; i < nb; ++i)
       for (j = first[i]; j < first[i + 1]; ++j) {
-        if (wr[j].result != 0) {
-          if (res[i] == 0)
-            res[i] = wr[j].result > 0 ? wr[j].result : EIO;
-          continue;
-        }
-        atomic_fetch_add_explicit (wr[j].zero ? &s->zero_bytes
-                                   : &s->copied_bytes, wr[j].len, RLX);
+        count_written (s, &wr[j]);
+        if (wr[j].result != 0 && res[i] == 0)
+          res[i] = wr[j].result > 0 ? wr[j].result : EIO;
       }
     atomic_fetch_sub_explicit (&s->in_flight, nb, RLX);
 

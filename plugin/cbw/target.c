@@ -391,10 +391,11 @@ fail_rest (struct cbw_target_wr *w, size_t n, int errnum)
   return failed;
 }
 
-/* Completion callback of a batched command (runs inside nbd_poll or
- * nbd_close in the batch's own thread). */
+/* Counters of one cbw_target_write_batch call (each op's `batch`). */
 struct batch { size_t left, failed; };
 
+/* Completion callback of a batched command (runs inside nbd_poll or
+ * nbd_close in the batch's own thread). */
 static int
 batch_done (void *user_data, int *error)
 {

@@ -690,8 +690,9 @@ struct poll_ops {
                   struct json_object *pr, const char *state);   /* not completed */
 };
 
-/* 40 columns of '#' for the done fraction, '.' for the rest. */
-static void
+/* The done fraction (a final state with no total counts as all done), and
+ * 40 columns of '#' for it, '.' for the rest. */
+static double
 progress_bar (char bar[41], uint64_t done, uint64_t total, bool final)
 {
   double frac = total ? (double) done / (double) total : (final ? 1.0 : 0.0);
@@ -699,12 +700,7 @@ progress_bar (char bar[41], uint64_t done, uint64_t total, bool final)
   for (int i = 0; i < 40; i++)
     bar[i] = i < fill ? '#' : '.';
   bar[40] = '\0';
-}
-
-static double
-progress_percent (uint64_t done, uint64_t total, bool final)
-{
-  return (total ? (double) done / (double) total : (final ? 1.0 : 0.0)) * 100;
+  return frac;
 }
 
 /* Poll ops->command until the operation's state is final; a progress line
@@ -801,9 +797,9 @@ commit_draw (struct json_object *args, struct json_object *ret, struct json_obje
   uint64_t done = (uint64_t) jint (op, "done"), total = (uint64_t) jint (op, "total");
   char bar[41];
   (void) args; (void) secs;
-  progress_bar (bar, done, total, final);
+  double frac = progress_bar (bar, done, total, final);
   fprintf (stderr, "commit %s [%s] %5.1f%% %-9s", jstr (ret, "disk", "?"), bar,
-           progress_percent (done, total, final), state);
+           frac * 100, state);
 }
 
 static void
@@ -859,13 +855,13 @@ job_draw (struct json_object *args, struct json_object *ret, struct json_object 
   uint64_t done = (uint64_t) jint (ret, "bytes-done"), total = (uint64_t) jint (ret, "bytes-total");
   char bar[41], d[32], tt[32], rate[32];
   (void) pr;
-  progress_bar (bar, done, total, final);
+  double frac = progress_bar (bar, done, total, final);
   human_size (done, d, sizeof d);
   human_size (total, tt, sizeof tt);
   human_size (secs > 0.5 ? (uint64_t) ((double) jint (ret, "data-bytes") / secs) : 0,
               rate, sizeof rate);
   fprintf (stderr, "%s [%s] %5.1f%% %s / %s %s/s %-9s", jstr (args, "id", ""), bar,
-           progress_percent (done, total, final), d, tt, rate, state);
+           frac * 100, d, tt, rate, state);
 }
 
 static void
