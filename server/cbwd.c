@@ -91,7 +91,7 @@ main (int argc, char **argv)
   struct cbw_err err = { 0 };
 
   signal (SIGPIPE, SIG_IGN);
-  /* Memory (issue 5): request buffers >= 64 KiB come from bufcache.c
+  /* Memory (issue 5): request buffers >= 64 KiB come from common/bufcache.c
    * (reused mappings, never more cached than the in-flight high-water), so
    * malloc only sees small objects.  Without a limit glibc gives each worker
    * thread its own arena, which keeps its own high-water of small objects

@@ -23,6 +23,11 @@
 #include "nbd_proto.h"
 #include "nbd_session.h"
 
+/* READ and WRITE buffers come from the buffer cache; above its largest
+ * class they would be plain mallocs, paying a fresh mapping each time. */
+_Static_assert (CBWD_MAX_PAYLOAD <= CBW_BUF_MAX,
+                "cbwd's largest payload must fit the buffer cache's classes");
+
 uint32_t
 cbwd_nbd_errno (int err)
 {
@@ -44,8 +49,8 @@ void
 cbwd_request_free (struct cbwd_request *r)
 {
   if (!r) return;
-  cbwd_buf_free (r->payload, r->length);
-  cbwd_buf_free (r->data, r->length);
+  cbw_buf_free (r->payload, r->length);
+  cbw_buf_free (r->data, r->length);
   cbwd_holes_free (&r->holes);
   for (size_t i = 0; i < r->nctx; i++)
     cbwd_extents_free (&r->ctx[i].x);
@@ -154,7 +159,7 @@ cbwd_tx_parse (struct cbwd_session *s, const uint8_t hdr[28],
   if (type == NBD_CMD_WRITE && r->length > 0) {
     *payload = r->length;
     if (!r->preset_errno) {
-      r->payload = cbwd_buf_alloc (r->length);
+      r->payload = cbw_buf_alloc (r->length);
       if (!r->payload) { r->preset_errno = ENOMEM; r->preset_msg = "out of memory"; }
     }
     *discard = r->preset_errno != 0;
@@ -188,17 +193,17 @@ cbwd_request_try_nowait (struct cbwd_request *r)
   if (r->preset_errno || r->length == 0)
     return false;
   if (r->type == NBD_CMD_READ && e->ops->pread_nowait) {
-    r->data = cbwd_buf_alloc (r->length);
+    r->data = cbw_buf_alloc (r->length);
     if (!r->data) return false;
     if (e->ops->pread_nowait (e, r->data, r->length, r->offset) == 0)
       return true;
-    cbwd_buf_free (r->data, r->length);
+    cbw_buf_free (r->data, r->length);
     r->data = NULL;
     return false;
   }
   if (r->type == NBD_CMD_WRITE && e->ops->pwrite_nowait && !(r->flags & NBD_CMD_FLAG_FUA) &&
       e->ops->pwrite_nowait (e, r->payload, r->length, r->offset) == 0) {
-    cbwd_buf_free (r->payload, r->length);
+    cbw_buf_free (r->payload, r->length);
     r->payload = NULL;
     return true;
   }
@@ -216,7 +221,7 @@ cbwd_request_execute (struct cbwd_request *r)
   switch (r->type) {
   case NBD_CMD_READ:
     if (r->length == 0) break;
-    r->data = cbwd_buf_alloc (r->length);
+    r->data = cbw_buf_alloc (r->length);
     if (!r->data) { cbw_err_set (&r->err, ENOMEM, "out of memory"); return; }
     rc = e->ops->pread (e, r->data, r->length, r->offset,
                         (r->structured && !(r->flags & NBD_CMD_FLAG_DF)) ? &r->holes : NULL,
@@ -225,7 +230,7 @@ cbwd_request_execute (struct cbwd_request *r)
   case NBD_CMD_WRITE:
     if (r->length == 0) break;
     rc = e->ops->pwrite (e, r->payload, r->length, r->offset, fua, &r->err);
-    cbwd_buf_free (r->payload, r->length);
+    cbw_buf_free (r->payload, r->length);
     r->payload = NULL;
     break;
   case NBD_CMD_FLUSH:

@@ -36,8 +36,12 @@
  * count, so copiers broadcast only when someone waits (Dekker-style pairing
  * of the state store and the waiter count, both seq_cst).  plock guards the
  * write-back queue (never held across I/O; a BUFFERED state and its queue
- * entry are published in one plock section).  err_lock guards last_error.  Counters are relaxed atomics.  The session is reference
- * counted: the filter's "active" pointer and every PIT connection hold one.
+ * entry are published in one plock section).  err_lock guards last_error.
+ * Counters are relaxed atomics.  The session is reference counted: the
+ * filter's "active" pointer and every PIT connection hold one.  Copy buffers
+ * (write-back entries, synchronous copies) come from the process's buffer
+ * cache (common/bufcache.c: reused mappings, so a copy does not fault in
+ * fresh pages; its own lock, never held across I/O).
  *
  * Shared state map (begin "state-file": PATH).  The state bytes then live in
  * a MAP_SHARED mapping of a new file (docs/formats/cbw-state-map.md), so
@@ -66,6 +70,7 @@
 
 #include <nbdkit-filter.h>
 
+#include "bufcache.h"
 #include "cleanup.h"
 #include "session.h"
 
@@ -76,9 +81,8 @@
 /* Target commands for one copy of len bytes (add_pieces), and per worker. */
 #define MAX_PIECES(len) (((len) + ZERO_SCAN - 1) / ZERO_SCAN)
 #define WORKER_PIECES (WORKER_BATCH * MAX_PIECES (COPY_CHUNK))
-#define POOL_MIN_SHIFT 9                /* smallest pooled buffer: 512 bytes */
-#define POOL_CLASSES 14                 /* 512 bytes .. 4 MiB (COPY_CHUNK) */
-#define POOL_MAX (32 * 1024 * 1024)     /* free buffers kept per session */
+_Static_assert (COPY_CHUNK <= CBW_BUF_MAX,
+                "copy buffers must fit the buffer cache's classes");
 
 struct shard {
   pthread_mutex_t lock;
@@ -130,23 +134,13 @@ struct cbw_session {
   pthread_t *workers;
   bool workers_joined;
   _Atomic uint64_t buffered_blocks;
-
-  /* Pool of copy buffers (pool_get/pool_put): freed buffers are kept, per
-   * power-of-2 size class, up to POOL_MAX bytes, and reused.  malloc gave
-   * 1 MiB buffers back to the kernel and every copy into a new one paid a
-   * page fault per 4 KiB (on the paravirtualised benchmark host half of the
-   * filter's CPU in the 1 MiB pass).  pool_lock guards pool[] and
-   * pool_bytes; never held across I/O. */
-  pthread_mutex_t pool_lock;
-  void *pool[POOL_CLASSES];     /* stacks linked through the first word */
-  uint64_t pool_bytes;
 };
 
 /* One buffered copy: blocks [b0,b1) whose old data is buf[0..len) at off. */
 struct pending {
   struct pending *next;
   uint64_t b0, b1, off, len;
-  char *buf;                    /* from the buffer pool (pool_get) */
+  char *buf;                    /* cbw_buf_alloc (len) */
 };
 
 #define RLX memory_order_relaxed
@@ -155,75 +149,11 @@ struct worker_arg { struct cbw_session *s; unsigned slot; };
 static void *worker (void *arg);
 static void stop_workers (struct cbw_session *s);
 
-/* Size class of a buffer of n bytes (n <= COPY_CHUNK). */
-static unsigned
-pool_class (uint64_t n)
-{
-  unsigned c = 0;
-  while (((uint64_t) 1 << (c + POOL_MIN_SHIFT)) < n)
-    c++;
-  return c;
-}
-
-/* A buffer of at least n bytes (n <= COPY_CHUNK), or NULL. */
-static char *
-pool_get (struct cbw_session *s, uint64_t n)
-{
-  unsigned c = pool_class (n);
-  void *p;
-  {
-    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->pool_lock);
-    p = s->pool[c];
-    if (p) {
-      s->pool[c] = *(void **) p;
-      s->pool_bytes -= (uint64_t) 1 << (c + POOL_MIN_SHIFT);
-      return p;
-    }
-  }
-  return malloc ((size_t) 1 << (c + POOL_MIN_SHIFT));
-}
-
-/* Give back a buffer from pool_get (n: the size asked for). */
-static void
-pool_put (struct cbw_session *s, char *p, uint64_t n)
-{
-  unsigned c;
-  uint64_t sz;
-
-  if (p == NULL)
-    return;
-  c = pool_class (n);
-  sz = (uint64_t) 1 << (c + POOL_MIN_SHIFT);
-  {
-    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&s->pool_lock);
-    if (s->pool_bytes + sz <= POOL_MAX) {
-      *(void **) p = s->pool[c];
-      s->pool[c] = p;
-      s->pool_bytes += sz;
-      return;
-    }
-  }
-  free (p);
-}
-
-static void
-pool_destroy (struct cbw_session *s)
-{
-  unsigned c;
-  for (c = 0; c < POOL_CLASSES; ++c)
-    while (s->pool[c]) {
-      void *p = s->pool[c];
-      s->pool[c] = *(void **) p;
-      free (p);
-    }
-  s->pool_bytes = 0;
-}
-
 /* Free a write-back entry and its buffer. */
 static void
-pending_free (struct cbw_session *s, struct pending *e)
+pending_free (struct pending *e)
 {
-  pool_put (s, e->buf, e->len);
+  cbw_buf_free (e->buf, e->len);
   free (e);
 }
 
@@ -374,7 +304,6 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
   atomic_init (&s->refs, 1);
 
   pthread_mutex_init (&s->plock, NULL);
-  pthread_mutex_init (&s->pool_lock, NULL);
   pthread_cond_init (&s->pcond, &ca);
   pthread_cond_init (&s->qcond, NULL);
   /* A local-file target is written in the guest write's own thread: a
@@ -453,8 +382,6 @@ cbw_session_put (struct cbw_session *s)
   stop_workers (s);
   cbw_target_close (s->target);
   pthread_mutex_destroy (&s->plock);
-  pool_destroy (s);
-  pthread_mutex_destroy (&s->pool_lock);
   pthread_cond_destroy (&s->pcond);
   pthread_cond_destroy (&s->qcond);
   free (s->inprog);
@@ -702,7 +629,7 @@ worker (void *arg)
         pthread_cond_broadcast (&s->pcond);
     }
     for (i = 0; i < nb; ++i)
-      pending_free (s, batch[i]);
+      pending_free (batch[i]);
   }
 }
 
@@ -727,7 +654,7 @@ stop_workers (struct cbw_session *s)
   s->workers_joined = true;
   while ((e = s->qhead) != NULL) {
     s->qhead = e->next;
-    pending_free (s, e);
+    pending_free (e);
   }
   s->qtail = NULL;
 }
@@ -755,7 +682,7 @@ buffer_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
     return 1;
   e->next = NULL;
   e->b0 = b0; e->b1 = b1; e->off = off; e->len = len;
-  e->buf = pool_get (s, len);
+  e->buf = cbw_buf_alloc (len);
   if (e->buf == NULL) {
     free (e);
     return 1;
@@ -763,7 +690,7 @@ buffer_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
   if (next->pread (next, e->buf, len, off, 0, err) == -1) {
     note_error (s, "reading old data at %" PRIu64 "+%" PRIu64
                 " from the live disk: %s", off, len, strerror (*err));
-    pending_free (s, e);
+    pending_free (e);
     return -1;
   }
   {
@@ -777,7 +704,7 @@ buffer_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
         note_error (s, "copy buffer full past cbw-timeout (target too "
                     "slow)");
         *err = ETIMEDOUT;
-        pending_free (s, e);
+        pending_free (e);
         return -1;
       }
     }
@@ -837,7 +764,7 @@ copy_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
   if (end > s->p.size)
     end = s->p.size;
   bufsize = n = end - off < COPY_CHUNK ? end - off : COPY_CHUNK;
-  buf = pool_get (s, bufsize);
+  buf = cbw_buf_alloc (bufsize);
   if (buf == NULL) {
     *err = ENOMEM;
     note_error (s, "out of memory for a %" PRIu64 " byte copy", n);
@@ -856,7 +783,7 @@ copy_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
       break;
     }
   }
-  pool_put (s, buf, bufsize);
+  cbw_buf_free (buf, bufsize);
   return r;
 }
 

@@ -1,40 +1,45 @@
-/* cbw — server/bufcache.c: cbwd's cache of big request buffers (see
- * bufcache.h for why).  Size classes are powers of two from 64 KiB to
- * 32 MiB (CBWD_MAX_PAYLOAD); a free buffer's first bytes link it into its
- * class's list.
+/* cbw — common/bufcache.c: the process's cache of big I/O buffers, for
+ * cbwd's request buffers and the cbw filter's copy buffers (see bufcache.h
+ * for why each needs it).  Size classes are powers of two from CBW_BUF_MIN
+ * (64 KiB) to CBW_BUF_MAX (32 MiB, also cbwd's largest payload); a free
+ * buffer's first bytes link it into its class's list.
  *
  * When the workload changes size (nbdcopy reads 256 KiB requests, then a
- * writer sends 1 MiB ones), the cache is full of the old class and the
- * peak rule would unmap every new buffer on free: each request then pays a
- * fresh mapping and a page fault per 4 KiB received (1 MiB writes fell from
- * ~2000 to ~150 MiB/s after a read phase).  So a buffer that does not fit
- * evicts cached buffers of other classes (largest first) to make room: the
- * cache follows the current workload, and the bounds still hold.
+ * writer sends 1 MiB ones; or the filter's copies grow from 256 KiB runs
+ * to 1 MiB ones), the cache is full of the old class and the peak rule
+ * would unmap every new buffer on free: each request then pays a fresh
+ * mapping and a page fault per 4 KiB received (1 MiB writes to cbwd fell
+ * from ~2000 to ~150 MiB/s after a read phase).  So a buffer that does not
+ * fit evicts cached buffers of other classes (largest first) to make room:
+ * the cache follows the current workload, and the bounds still hold.
  *
  * Locking: `lock` guards freel[], in_use, cached, peak, cap and maps; no
  * system call runs under it (evicted buffers are unmapped after it).
  */
 #include <errno.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 
 #include "bufcache.h"
-#include "nbd_proto.h"
 
 #if defined(__SANITIZE_ADDRESS__)
-#define CBWD_BUF_PLAIN 1
+#define CBW_BUF_PLAIN 1
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
-#define CBWD_BUF_PLAIN 1
+#define CBW_BUF_PLAIN 1
 #endif
 #endif
 
 #define MIN_SHIFT 16                   /* 64 KiB */
 #define NCLASS 10                      /* 64 KiB .. 32 MiB */
-_Static_assert ((1u << (MIN_SHIFT + NCLASS - 1)) == CBWD_MAX_PAYLOAD,
-                "size classes must reach CBWD_MAX_PAYLOAD");
+_Static_assert ((1u << MIN_SHIFT) == CBW_BUF_MIN,
+                "the smallest class must be CBW_BUF_MIN");
+_Static_assert ((1u << (MIN_SHIFT + NCLASS - 1)) == CBW_BUF_MAX,
+                "size classes must reach CBW_BUF_MAX");
 
 struct fbuf { struct fbuf *next; int cls; };   /* in a free buffer's first bytes */
 
@@ -47,14 +52,14 @@ static uint64_t cap = 64ULL << 20;
 static int
 class_of (size_t len)
 {
-  if (len < (1u << MIN_SHIFT) || len > CBWD_MAX_PAYLOAD) return -1;
+  if (len < (1u << MIN_SHIFT) || len > CBW_BUF_MAX) return -1;
   int k = 0;
   while (((size_t) 1 << (MIN_SHIFT + k)) < len) k++;
   return k;
 }
 
 void *
-cbwd_buf_alloc (size_t len)
+cbw_buf_alloc (size_t len)
 {
   int k = class_of (len);
   if (k < 0)
@@ -71,7 +76,7 @@ cbwd_buf_alloc (size_t len)
   if (!b) maps++;
   pthread_mutex_unlock (&lock);
   if (b) return b;
-#ifdef CBWD_BUF_PLAIN
+#ifdef CBW_BUF_PLAIN
   void *p = malloc (len);          /* exact size: ASan sees overflows */
   if (p) return p;
 #else
@@ -86,9 +91,19 @@ cbwd_buf_alloc (size_t len)
 }
 
 void
-cbwd_buf_free (void *p, size_t len)
+cbw_buf_free (void *p, size_t len)
 {
   if (!p) return;
+#ifdef CBW_BUF_PLAIN
+  /* A free with another length than the alloc would unmap the wrong size
+   * or file the buffer in the wrong class in normal builds; ASan's
+   * malloc_usable_size is the exact size asked for, so catch it here. */
+  if (malloc_usable_size (p) != len) {
+    fprintf (stderr, "cbw_buf_free: buffer of %zu bytes freed as %zu\n",
+             malloc_usable_size (p), len);
+    abort ();
+  }
+#endif
   int k = class_of (len);
   if (k < 0) {
     free (p);
@@ -99,7 +114,7 @@ cbwd_buf_free (void *p, size_t len)
   struct fbuf *victims = NULL;     /* evicted, unmapped after the lock */
   pthread_mutex_lock (&lock);
   in_use -= sz;
-#ifdef CBWD_BUF_PLAIN
+#ifdef CBW_BUF_PLAIN
   keep = false;                    /* never cached: ASan sees use-after-free */
   (void) victims;
 #else
@@ -127,7 +142,7 @@ cbwd_buf_free (void *p, size_t len)
     cached += sz;
   }
   pthread_mutex_unlock (&lock);
-#ifndef CBWD_BUF_PLAIN
+#ifndef CBW_BUF_PLAIN
   while (victims) {
     struct fbuf *v = victims;
     victims = v->next;
@@ -135,7 +150,7 @@ cbwd_buf_free (void *p, size_t len)
   }
 #endif
   if (keep) return;
-#ifdef CBWD_BUF_PLAIN
+#ifdef CBW_BUF_PLAIN
   free (p);
 #else
   munmap (p, sz);
@@ -143,7 +158,7 @@ cbwd_buf_free (void *p, size_t len)
 }
 
 void
-cbwd_bufcache_set_cap (uint64_t bytes)
+cbw_bufcache_set_cap (uint64_t bytes)
 {
   pthread_mutex_lock (&lock);
   cap = bytes;
@@ -151,7 +166,7 @@ cbwd_bufcache_set_cap (uint64_t bytes)
 }
 
 void
-cbwd_bufcache_stats (struct cbwd_bufcache_stats *s)
+cbw_bufcache_stats (struct cbw_bufcache_stats *s)
 {
   pthread_mutex_lock (&lock);
   s->in_use = in_use;
@@ -159,7 +174,7 @@ cbwd_bufcache_stats (struct cbwd_bufcache_stats *s)
   s->peak = peak;
   s->maps = maps;
   pthread_mutex_unlock (&lock);
-#ifdef CBWD_BUF_PLAIN
+#ifdef CBW_BUF_PLAIN
   s->plain = 1;
 #else
   s->plain = 0;
