@@ -24,6 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bufcache.h"
 #include "gate.h"
 #include "session.h"
 #include "target.h"
@@ -355,6 +356,56 @@ Test (session, buffered_big_copies)
                 PRIu64, st.zero_bytes, want_zero);
   cbw_session_end (s);
   cbw_session_put (s);
+}
+
+/* Copy buffers come from the process's buffer cache and go back to it:
+ * bytes in use return to where they were after each session, and later
+ * sessions of the same 1 MiB copies reuse the buffers of the first one.
+ * With a 2 MiB write-back buffer and one guest writer, at most 2 buffered
+ * copies plus the one being read are in use at once, so however many copies
+ * run, a cache that reuses maps at most a few buffers (without reuse: one
+ * per copy).  The 64 KiB pass first fills the cache with 64 KiB buffers,
+ * which the 1 MiB copies must evict instead of mapping every time. */
+#define REUSE_BUFFER (2 << 20)
+#define REUSE_MAX_MAPS 4                        /* concurrency bound, + 1 */
+static void
+one_pass (uint64_t wlen, uint64_t *seed)
+{
+  struct cbw_session *s = new_session_w (CBW_BREAK_SNAPSHOT, REUSE_BUFFER,
+                                         65536, 10, 1, 2);
+  for (uint64_t o = 0; o + wlen <= SIZE; o += wlen)
+    cr_assert_eq (guest_write (s, o, wlen, seed), 0);
+  cbw_session_end (s);
+  cbw_session_put (s);                          /* joins the worker */
+}
+
+Test (session, copy_buffers_reused)
+{
+  struct cbw_bufcache_stats b0, b1, b2, b3;
+  uint64_t seed = 11;
+  int i, copies = 4 * (SIZE >> 20);
+
+  cbw_bufcache_stats (&b0);
+  one_pass (65536, &seed);                      /* 64 KiB copies */
+  cbw_bufcache_stats (&b1);
+  one_pass (1 << 20, &seed);                    /* 1 MiB copies */
+  cbw_bufcache_stats (&b2);
+  for (i = 0; i < 4; ++i)
+    one_pass (1 << 20, &seed);
+  cbw_bufcache_stats (&b3);
+  cr_assert_eq (b1.in_use, b0.in_use, "64 KiB pass left %" PRIu64 " bytes in use",
+                b1.in_use - b0.in_use);
+  cr_assert_eq (b2.in_use, b0.in_use);
+  cr_assert_eq (b3.in_use, b0.in_use);
+  cr_assert_gt (b1.maps, b0.maps, "copy buffers do not come from the cache");
+  if (b0.plain)                                 /* ASan: exact mallocs, no reuse */
+    return;
+  cr_assert_gt (b2.maps, b1.maps, "1 MiB copies need 1 MiB buffers");
+  cr_assert_leq (b2.maps - b1.maps, REUSE_MAX_MAPS, "%" PRIu64 " buffers mapped "
+                 "for %d 1 MiB copies", b2.maps - b1.maps, SIZE >> 20);
+  cr_assert_leq (b3.maps - b2.maps, REUSE_MAX_MAPS, "%" PRIu64 " buffers mapped "
+                 "for %d more 1 MiB copies: not reused", b3.maps - b2.maps, copies);
+  cr_assert_leq (b3.cached, b3.peak - b3.in_use);
 }
 
 Test (session, skip_releases)
