@@ -77,8 +77,9 @@ cbw_buf_alloc (size_t len)
   pthread_mutex_unlock (&lock);
   if (b) return b;
 #ifdef CBW_BUF_PLAIN
-  void *p = malloc (len);          /* exact size: ASan sees overflows */
-  if (p) return p;
+  /* exact size, so ASan sees overflows; page-aligned like a mapping */
+  void *p = NULL;
+  if (posix_memalign (&p, CBW_BUF_ALIGN, len) == 0) return p;
 #else
   void *p = mmap (NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p != MAP_FAILED) return p;

@@ -24,7 +24,10 @@
  * changes, buffers of other classes are evicted to make room (bufcache.c).
  * Small buffers (< CBW_BUF_MIN) and huge ones (> CBW_BUF_MAX) come from
  * malloc.  In AddressSanitizer builds every buffer is an exact-size malloc,
- * so ASan still sees overflows and use after free.
+ * so ASan still sees overflows and use after free.  Buffers of CBW_BUF_MIN
+ * bytes or more are CBW_BUF_ALIGN-aligned in every build (mappings; aligned
+ * allocations under ASan), so they can be written with O_DIRECT (the filter's
+ * local targets with target-direct).
  *
  * Locking: one mutex guards the free lists and the counters; it is held for
  * list and counter updates only (mmap/munmap happen outside it).  All
@@ -38,8 +41,10 @@
 
 #define CBW_BUF_MIN (64 * 1024)         /* smallest cached size class */
 #define CBW_BUF_MAX (32 * 1024 * 1024)  /* largest cached size class */
+#define CBW_BUF_ALIGN 4096              /* alignment of buffers >= CBW_BUF_MIN */
 
-/* A buffer of len bytes (len > 0); NULL with errno = ENOMEM on failure. */
+/* A buffer of len bytes (len > 0), CBW_BUF_ALIGN-aligned if len >=
+ * CBW_BUF_MIN; NULL with errno = ENOMEM on failure. */
 void *cbw_buf_alloc (size_t len);
 /* p from cbw_buf_alloc(len) with the same len, or NULL.  ASan builds abort
  * on another len. */

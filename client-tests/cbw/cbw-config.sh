@@ -61,4 +61,29 @@ session_workers 0 "no buffer" "" cbw-buffer=0 cbw-workers=3
 kill "$TGT_PID"; wait "$TGT_PID" 2>/dev/null || true
 start_file_target ftgt $size
 session_workers 0 "local file target" "" cbw-workers=3
+
+# target-direct: copies of whole 64 KiB granules are written with O_DIRECT
+# (status direct-bytes), the PIT view is still exact; where the filesystem
+# has no direct I/O (tmpfs), begin fails naming target-direct.
+log "target-direct"
+cp "$T/ref.img" "$T/disk.img"
+start_live "$T/disk.img" cbw-granularity=65536
+r=$(cctl "$CTL" '{"execute":"begin","arguments":{"target":"'"$TGT_URI"'","target-direct":true}}')
+if [ "$(jget "$r" 'has("return")')" = true ]; then
+  "$CBW_IO" stress "$LIVE" "$PIT" "$T/ref.img" 7 1 4 2 > "$T/stress.out" ||
+    fail "target-direct: stress: $(cat "$T/stress.out")"
+  nbdcopy "$PIT" "$T/pit.img" || fail "target-direct: PIT read failed"
+  cmp "$T/ref.img" "$T/pit.img" || fail "target-direct: PIT view differs from begin"
+  copied=$(status_field copied-bytes) direct=$(status_field direct-bytes)
+  [ "$copied" -gt 0 ] && [ "$direct" -gt 0 ] && [ "$direct" -le "$copied" ] ||
+    fail "target-direct: copied $copied bytes, $direct of them direct"
+  log "  $direct of $copied copied bytes written with O_DIRECT, PIT view exact"
+  ok_ctl '{"execute":"end"}' > /dev/null
+else
+  case $(jget "$r" .error.desc) in
+    *target-direct*"no direct I/O"*) log "  no direct I/O here: $(jget "$r" .error.desc)" ;;
+    *) fail "target-direct: begin failed: $r" ;;
+  esac
+fi
+kill "$LIVE_PID"; wait "$LIVE_PID" 2>/dev/null || true
 log PASS

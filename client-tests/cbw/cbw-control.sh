@@ -24,6 +24,7 @@ err_ctl InvalidParameter "$B"',"extents":[{"offset":-1,"length":5}]}}'; idle "ne
 err_ctl InvalidParameter "$B"',"bitmap":"b0"}}'; idle "bitmap without its socket"
 err_ctl NotFound "$B"',"bitmap":"b0","bitmap-control":"'$T'/nothing.sock"}}'; idle "bitmap socket missing"
 err_ctl InvalidParameter "$B"',"granularity":3000}}'; idle "bad granularity"
+err_ctl InvalidParameter "$B"',"target-direct":true}}'; idle "target-direct on an NBD target"
 err_ctl InvalidParameter '{"execute":"begin","arguments":{}}'; idle "no target"
 err_ctl NotFound '{"execute":"end"}'
 err_ctl NotFound '{"execute":"skip","arguments":{"offset":0,"length":1}}'

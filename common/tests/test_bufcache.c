@@ -147,3 +147,20 @@ Test (bufcache, wrong_length_aborts_in_sanitizer_builds)
   void *p = cbw_buf_alloc (1 << 20);           /* the right length is fine */
   cbw_buf_free (p, 1 << 20);
 }
+
+/* Buffers of CBW_BUF_MIN bytes and more are CBW_BUF_ALIGN-aligned in every
+ * build (the filter writes them with O_DIRECT), reused ones too. */
+Test (bufcache, big_buffers_aligned)
+{
+  static const size_t sizes[] = { CBW_BUF_MIN, CBW_BUF_MIN + 1, 100000,
+                                  1 << 20, (1 << 20) - 512, CBW_BUF_MAX };
+  for (int round = 0; round < 2; round++)
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+      char *p = cbw_buf_alloc (sizes[i]);
+      cr_assert_not_null (p);
+      cr_assert_eq ((uintptr_t) p % CBW_BUF_ALIGN, 0, "%zu bytes at %p",
+                    sizes[i], (void *) p);
+      p[sizes[i] - 1] = 1;
+      cbw_buf_free (p, sizes[i]);
+    }
+}

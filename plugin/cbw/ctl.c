@@ -232,6 +232,7 @@ stats_json (struct cbw_session *s)
     ADD ("pit-rechecks", st.pit_rechecks);
     ADD ("buffered-blocks", st.buffered_blocks);
     ADD ("copy-workers", st.copy_workers);
+    ADD ("direct-bytes", st.direct_bytes);
 #undef ADD
     json_object_object_add (o, "broken", json_object_new_boolean (st.broken));
     json_object_object_add (o, "last-error",
@@ -262,6 +263,7 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   long long conns = cbw_ctl_arg_int (args, "connections",
                                      cbw_cfg.connections);
   long long tlimit = cbw_ctl_arg_int (args, "target-limit", 0);
+  bool direct = cbw_ctl_arg_bool (args, "target-direct", false);
   struct json_object *extents = NULL;
   struct cbw_session_params p = { 0 };
   struct cbw_target *t;
@@ -302,6 +304,10 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
                          " bytes)", uri, tsize, size);
   }
   if (tlimit > 0 && cbw_target_set_limit (t, (uint64_t) tlimit, &err) == -1) {
+    cbw_target_close (t);
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "%s", err.msg);
+  }
+  if (direct && cbw_target_set_direct (t, &err) == -1) {
     cbw_target_close (t);
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "%s", err.msg);
   }
@@ -471,6 +477,10 @@ static const struct cbw_ctl_arg begin_args[] = {
     "local `file:` targets only: at most this many bytes allocated to the "
     "target file on the host; copies past it fail with ENOSPC (handled by "
     "`on-cbw-error`); default 0 = no limit" },
+  { "target-direct", CBW_ARG_BOOL, false,
+    "local `file:` targets only: write copies of 64 KiB and more with "
+    "O_DIRECT, past the host's page cache (status `direct-bytes`); "
+    "default false" },
   { "state-file", CBW_ARG_STRING, false,
     "create this file (must not exist; mode 0600) and keep the session's "
     "block states in a shared mapping of it "
@@ -508,8 +518,9 @@ static const struct cbw_ctl_command commands[] = {
     "`state`, `size`, `granularity`, `blocks`, `needed-blocks`, "
     "`copied-blocks`, `copied-bytes`, `zero-bytes`, `skipped-blocks`, "
     "`failed-blocks`, `in-flight`, `errors`, `guest-write-waits`, "
-    "`pit-rechecks`, `buffered-blocks`, `copy-workers`, `broken`, `last-error`, `state-file`, `quiesced`, "
-    "`on-cbw-error`, `pit-export`" },
+    "`pit-rechecks`, `buffered-blocks`, `copy-workers`, `direct-bytes`, "
+    "`broken`, `last-error`, `state-file`, `quiesced`, `on-cbw-error`, "
+    "`pit-export`" },
   { "skip", h_skip, skip_args,
     "Release a range the backup reader has finished with: its whole blocks "
     "are no longer copied, point-in-time reads of them fail with EIO, and "

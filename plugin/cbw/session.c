@@ -1143,6 +1143,7 @@ cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st)
   st->pit_rechecks = atomic_load_explicit (&s->rechecks, RLX);
   st->buffered_blocks = atomic_load_explicit (&s->buffered_blocks, RLX);
   st->copy_workers = s->nworkers;
+  st->direct_bytes = s->target ? cbw_target_direct_bytes (s->target) : 0;
   st->broken = atomic_load (&s->broken);
   st->ended = atomic_load (&s->ended);
   if (s->map)

@@ -36,7 +36,8 @@ struct cbw_session_stats {
   uint64_t size, granularity, blocks, needed_blocks, copied_blocks,
     copied_bytes, zero_bytes, skipped_blocks, failed_blocks, in_flight,
     errors, guest_write_waits, pit_rechecks, buffered_blocks,
-    copy_workers;               /* write-back workers running (0: none) */
+    copy_workers,               /* write-back workers running (0: none) */
+    direct_bytes;               /* copied bytes written with O_DIRECT */
   bool broken, ended;
   char last_error[256];
   char state_file[256];        /* "" if none */

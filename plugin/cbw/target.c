@@ -198,6 +198,21 @@ cbw_target_set_limit (struct cbw_target *t, uint64_t bytes,
   return 0;
 }
 
+int
+cbw_target_set_direct (struct cbw_target *t, struct cbw_err *err)
+{
+  if (t->file == NULL)
+    return cbw_err_set (err, EINVAL, "target %s: target-direct applies only "
+                        "to a local file target (file:///PATH)", t->uri);
+  return cbw_file_target_set_direct (t->file, err);
+}
+
+uint64_t
+cbw_target_direct_bytes (const struct cbw_target *t)
+{
+  return t->file ? cbw_file_target_direct_bytes (t->file) : 0;
+}
+
 /* Take a free slot, waiting until the deadline; connect it if needed. */
 static struct slot *
 checkout (struct cbw_target *t, int64_t deadline_ns, struct cbw_err *err)

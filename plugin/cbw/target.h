@@ -31,6 +31,10 @@ bool cbw_target_is_local (const struct cbw_target *t);
  * enforces its own limits (e.g. cbwd's store export limit=). */
 int cbw_target_set_limit (struct cbw_target *t, uint64_t bytes,
                           struct cbw_err *err);
+/* Local file targets: write aligned copies with O_DIRECT (target_file.c);
+ * EINVAL for NBD targets.  Bytes so written (0 for NBD targets). */
+int cbw_target_set_direct (struct cbw_target *t, struct cbw_err *err);
+uint64_t cbw_target_direct_bytes (const struct cbw_target *t);
 
 /* Each returns 0, or -1 with *err filled: errnum ETIMEDOUT if the deadline
  * passed (that connection is then dropped and reopened on next use), the

@@ -30,14 +30,33 @@
  * written since (overwrites and holes punched are counted back only at the
  * next fstat, which happens when the estimate gets close to the limit).
  *
- * Threads and locking: no locks.  The fd is opened once and is only read
- * afterwards; pread/pwrite/fallocate on one fd are safe from many threads.
+ * Direct writes (cbw_file_target_set_direct, begin's "target-direct"): a
+ * second descriptor opened with O_DIRECT writes every copy whose buffer,
+ * length and offset are DIRECT_ALIGN-aligned (the copy buffers of 64 KiB
+ * and more from common/bufcache are page-aligned; smaller or unaligned ones,
+ * such as the disk's last partial block, take the page-cache path).  Why:
+ * a backup's copies are written once and read once, and through the page
+ * cache every copied byte first takes a fresh page-cache page, evicting the
+ * host's cached data; on the paravirtualised benchmark host a fresh page
+ * costs a first touch in the hypervisor too: copying 2 GiB into a new file
+ * ran at 271 MB/s through the page cache, 1.2 GB/s with O_DIRECT (dd), and
+ * the 1 MiB pass over a just-begun session 250-280 vs 980-1450 MiB/s.  Linux
+ * keeps the two descriptors coherent (a direct write writes back and drops
+ * cached pages of its range), so reads and the page-cache path see the
+ * direct writes.  A direct write refused with EINVAL (an alignment the
+ * device wants bigger than DIRECT_ALIGN) is retried through the page cache
+ * and turns direct writes off for the target.
+ *
+ * Threads and locking: no locks.  The fds are opened before the target is
+ * shared and only read afterwards; pread/pwrite/fallocate on one fd are safe
+ * from many threads.  `direct` only goes from true to false.
  * `can_punch` / `can_zero_range` are atomics that only ever go from true to
  * false (the first EOPNOTSUPP turns a method off for everyone).  `alloc` and
  * `inflight` are atomics; `limit` is set before the target is shared.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <limits.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -50,8 +69,13 @@
 #include "cleanup.h"
 #include "target_file.h"
 
+#define DIRECT_ALIGN 4096
+
 struct cbw_file_target {
   int fd;
+  int dfd;                      /* O_DIRECT, or -1 */
+  _Atomic bool direct;          /* use dfd for aligned writes */
+  _Atomic uint64_t direct_bytes;
   char *path;
   int64_t size;
   bool is_block;
@@ -101,6 +125,7 @@ cbw_file_target_open (const char *uri, struct cbw_err *err)
     cbw_err_set (err, ENOMEM, "target: out of memory");
     return NULL;
   }
+  t->dfd = -1;
   t->fd = open (path, O_RDWR | O_CLOEXEC | O_NOCTTY);
   if (t->fd == -1) {
     int e = errno;
@@ -130,6 +155,8 @@ cbw_file_target_open (const char *uri, struct cbw_err *err)
                  "block device", path);
     goto fail;
   }
+  atomic_init (&t->direct, false);
+  atomic_init (&t->direct_bytes, 0);
   atomic_init (&t->can_punch, true);
   atomic_init (&t->can_zero_range, !t->is_block);
   return t;
@@ -146,6 +173,8 @@ cbw_file_target_close (struct cbw_file_target *t)
     return;
   if (t->fd >= 0)
     close (t->fd);
+  if (t->dfd >= 0)
+    close (t->dfd);
   free (t->path);
   free (t);
 }
@@ -170,6 +199,28 @@ cbw_file_target_set_limit (struct cbw_file_target *t, uint64_t limit)
 {
   t->limit = limit;
   atomic_store (&t->alloc, allocated (t));
+}
+
+int
+cbw_file_target_set_direct (struct cbw_file_target *t, struct cbw_err *err)
+{
+  if (t->dfd >= 0)
+    return 0;
+  t->dfd = open (t->path, O_RDWR | O_CLOEXEC | O_NOCTTY | O_DIRECT);
+  if (t->dfd == -1) {
+    int e = errno;
+    return cbw_err_set (err, e, "target %s: open with O_DIRECT (target-direct): "
+                        "%s%s", t->path, strerror (e), e == EINVAL
+                        ? " (this filesystem has no direct I/O)" : "");
+  }
+  atomic_store (&t->direct, true);
+  return 0;
+}
+
+uint64_t
+cbw_file_target_direct_bytes (const struct cbw_file_target *t)
+{
+  return atomic_load_explicit (&t->direct_bytes, memory_order_relaxed);
 }
 
 /* Reserve len bytes under the limit (or fail with ENOSPC); every successful
@@ -227,15 +278,28 @@ cbw_file_target_pwrite (struct cbw_file_target *t, const void *buf,
 
   if (range_ok (t, len, off, err) == -1 || reserve (t, n, err) == -1)
     return -1;
+  int fd = t->fd;
+  if (atomic_load_explicit (&t->direct, memory_order_relaxed) &&
+      (uintptr_t) buf % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 &&
+      off % DIRECT_ALIGN == 0)
+    fd = t->dfd;
   while (len > 0) {
-    ssize_t r = pwrite (t->fd, p, len, (off_t) off);
+    ssize_t r = pwrite (fd, p, len, (off_t) off);
     if (r == -1) {
       if (errno == EINTR)
         continue;
+      if (errno == EINVAL && fd == t->dfd) {
+        atomic_store (&t->direct, false);       /* alignment: page cache */
+        fd = t->fd;
+        continue;
+      }
       release (t, n, true);     /* part may have been written */
       return cbw_err_set (err, errno, "target %s: pwrite: %s", t->path,
                           strerror (errno));
     }
+    if (fd == t->dfd)
+      atomic_fetch_add_explicit (&t->direct_bytes, (uint64_t) r,
+                                 memory_order_relaxed);
     p += r; off += (uint64_t) r; len -= (size_t) r;
   }
   release (t, n, true);

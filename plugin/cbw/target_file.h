@@ -23,6 +23,12 @@ int64_t cbw_file_target_size (const struct cbw_file_target *t);
 /* Cap the bytes allocated to the file on the host (0: no cap); set before
  * the target is used.  Writes past the cap fail with ENOSPC. */
 void cbw_file_target_set_limit (struct cbw_file_target *t, uint64_t limit);
+/* Write aligned copies with O_DIRECT, past the host's page cache (see
+ * target_file.c); set before the target is used.  -1 with *err when the
+ * file cannot be opened so (e.g. EINVAL: no direct I/O on tmpfs). */
+int cbw_file_target_set_direct (struct cbw_file_target *t, struct cbw_err *err);
+/* Bytes written with O_DIRECT so far. */
+uint64_t cbw_file_target_direct_bytes (const struct cbw_file_target *t);
 
 /* 0, or -1 with *err filled (errno of the failed system call; ENOSPC for a
  * range past the end of the target). */
