@@ -135,6 +135,11 @@ cbwd_parse_export_kv (const char *kv, struct cbwd_export_spec *s, struct cbw_err
       else if (strcmp (v, "off") == 0 || strcmp (v, "false") == 0) s->release = 0;
       else r = cbw_err_set (err, EINVAL, "release must be on or off");
     }
+    else if (strcmp (k, "direct") == 0) {
+      if (strcmp (v, "on") == 0 || strcmp (v, "true") == 0) s->direct = 1;
+      else if (strcmp (v, "off") == 0 || strcmp (v, "false") == 0) s->direct = 0;
+      else r = cbw_err_set (err, EINVAL, "direct must be on or off");
+    }
     else if (strcmp (k, "bitmap") == 0) r = parse_bitmap_kv (v, s, err);
     else if (strcmp (k, "state-file") == 0) r = set_str (&s->state_file, v, k, err);
     else if (strcmp (k, "live-file") == 0) r = set_str (&s->live_file, v, k, err);
@@ -177,9 +182,15 @@ cbwd_build_export (const struct cbwd_export_spec *s, struct cbw_err *err)
   if (is_store || is_file) {
     if (!s->path) { cbw_err_set (err, EINVAL, "export '%s': type %s needs path=", s->name, s->type); return NULL; }
     if (is_file && s->limit) { cbw_err_set (err, EINVAL, "export '%s': limit= is for stores", s->name); return NULL; }
+    if (is_file && s->direct) { cbw_err_set (err, EINVAL, "export '%s': direct= is for stores", s->name); return NULL; }
     struct cbwd_store_opts o = { .path = s->path, .size = s->size, .limit = s->limit,
-                                 .readonly = is_file, .create = is_store };
+                                 .readonly = is_file, .create = is_store,
+                                 .direct = s->direct == 1 };
     e = cbwd_export_file_new (s->name, &o, err);
+  }
+  else if (s->direct) {
+    cbw_err_set (err, EINVAL, "export '%s': direct= is for stores", s->name);
+    return NULL;
   }
   else if (strcmp (s->type, "pit") == 0) {
     if (!s->upstream) { cbw_err_set (err, EINVAL, "export '%s': type pit needs upstream=", s->name); return NULL; }
@@ -294,7 +305,7 @@ static int
 json_export (struct json_object *o, struct cbwd_export_spec *s, struct cbw_err *err)
 {
   static const char *const keys[] = { "name", "type", "path", "description", "upstream",
-    "size", "limit", "connections", "release", "bitmaps", "state-file", "live-file",
+    "size", "limit", "connections", "release", "direct", "bitmaps", "state-file", "live-file",
     "store-file", "state-granularity", NULL };
   static const char *const bkeys[] = { "name", "source", "path", "granularity", "bitmap", NULL };
   memset (s, 0, sizeof *s);
@@ -321,6 +332,11 @@ json_export (struct json_object *o, struct cbwd_export_spec *s, struct cbw_err *
   struct json_object *v;
   if (json_object_object_get_ex (o, "release", &v))
     s->release = json_object_get_boolean (v);
+  if (json_object_object_get_ex (o, "direct", &v)) {
+    if (!json_object_is_type (v, json_type_boolean))
+      return cbw_err_set (err, EINVAL, "%s: \"direct\" must be true or false", s->name);
+    s->direct = json_object_get_boolean (v);
+  }
   if (json_object_object_get_ex (o, "bitmaps", &v)) {
     if (!json_object_is_type (v, json_type_array))
       return cbw_err_set (err, EINVAL, "%s: \"bitmaps\" must be an array", s->name);

@@ -27,6 +27,7 @@ struct cbwd_export_spec {
   uint64_t size, limit;
   unsigned connections;
   int release;                /* pit: forward TRIM upstream */
+  int direct;                 /* store: aligned writes with O_DIRECT */
   /* pit: direct reads (export_pit.c); the debug knobs are for tests */
   char *state_file, *live_file, *store_file;
   uint64_t state_granularity;

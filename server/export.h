@@ -139,6 +139,7 @@ struct cbwd_store_opts {
   uint64_t limit;         /* bytes allocated; 0 = no limit */
   bool readonly;          /* true for type=file */
   bool create;            /* create/extend the file (store) */
+  bool direct;            /* store: aligned writes with O_DIRECT */
 };
 struct cbwd_export *cbwd_export_file_new (const char *name,
                                           const struct cbwd_store_opts *o,

@@ -9,6 +9,21 @@
  *  type=file   a read-only raw file or block device (a stopped VM's disk)
  *              served with its bitmaps for offline backups.
  *
+ * direct=on (stores): WRITEs whose payload, length and offset are 4096-
+ * aligned (payloads of 64 KiB and more come page-aligned from
+ * common/bufcache) go to a second descriptor opened with O_DIRECT, past the
+ * page cache: a backup target is written once and read once, and through
+ * the page cache every copied byte takes a fresh page (evicting the host's
+ * cache; on a VM also a first touch in the hypervisor: 271 MB/s buffered vs
+ * 1.2 GB/s direct for a 2 GiB copy on the benchmark host).  Such writes
+ * skip the loop's RWF_NOWAIT fast path.  Reads stay buffered, with readahead
+ * off (POSIX_FADV_RANDOM): the cbw filter reads a block of its target only
+ * after its copy completed, and a direct write covers whole pages of blocks
+ * being copied, so only readahead could cache a page while its direct write
+ * is under way (Linux does not keep that race coherent).  An EINVAL from a
+ * direct write (a device wanting larger alignment) retries through the page
+ * cache and turns direct writes off.
+ *
  * Locking: the fd is shared by every worker thread (pread/pwrite are
  * positional).  `lock` guards only `reserved` (bytes promised to writes in
  * flight under the limit); it is held for arithmetic, never across a
@@ -32,8 +47,12 @@
 #include "fileutil.h"
 #include "nbd_proto.h"
 
+#define DIRECT_ALIGN 4096
+
 struct file_priv {
   int fd;
+  int dfd;                     /* O_DIRECT (direct=on), or -1 */
+  bool direct;                 /* use dfd for aligned writes (atomic) */
   bool readonly;
   uint64_t limit;              /* 0 = none */
   uint64_t blksize;            /* allocation unit for accounting */
@@ -163,6 +182,15 @@ file_pread (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off,
   return 0;
 }
 
+/* Does this write go to the O_DIRECT descriptor? */
+static bool
+direct_ok (struct file_priv *p, const void *buf, uint64_t len, uint64_t off)
+{
+  return __atomic_load_n (&p->direct, __ATOMIC_RELAXED) &&
+    (uintptr_t) buf % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 &&
+    off % DIRECT_ALIGN == 0;
+}
+
 static int
 file_pwrite (struct cbwd_export *e, const void *buf, uint32_t len, uint64_t off,
              bool fua, struct cbw_err *err)
@@ -171,7 +199,16 @@ file_pwrite (struct cbwd_export *e, const void *buf, uint32_t len, uint64_t off,
   uint64_t res;
   if (reserve (p, off, len, &res, err) == -1)
     return -1;
-  int r = cbw_pwrite_full (p->fd, buf, len, off);
+  int r;
+  if (direct_ok (p, buf, len, off)) {
+    r = cbw_pwrite_full (p->dfd, buf, len, off);
+    if (r == -1 && errno == EINVAL) {
+      __atomic_store_n (&p->direct, false, __ATOMIC_RELAXED);
+      r = cbw_pwrite_full (p->fd, buf, len, off);
+    }
+  }
+  else
+    r = cbw_pwrite_full (p->fd, buf, len, off);
   if (r == 0 && fua)
     r = cbw_fdatasync (p->fd);
   int saved = errno;
@@ -315,7 +352,8 @@ static int
 file_pwrite_nowait (struct cbwd_export *e, const void *buf, uint32_t len, uint64_t off)
 {
   struct file_priv *p = e->priv;
-  if (p->limit || __atomic_load_n (&p->no_nowait_write, __ATOMIC_RELAXED))
+  if (p->limit || __atomic_load_n (&p->no_nowait_write, __ATOMIC_RELAXED) ||
+      direct_ok (p, buf, len, off))
     return -1;
   struct iovec iov = { (void *) buf, len };
   ssize_t r = pwritev2 (p->fd, &iov, 1, off, RWF_NOWAIT);
@@ -330,6 +368,7 @@ file_close (struct cbwd_export *e)
   struct file_priv *p = e->priv;
   if (!p) return;
   if (p->fd >= 0) close (p->fd);
+  if (p->dfd >= 0) close (p->dfd);
   pthread_mutex_destroy (&p->lock);
   free (p->path);
   free (p);
@@ -364,7 +403,7 @@ cbwd_export_file_new (const char *name, const struct cbwd_store_opts *o,
     cbw_err_set (err, ENOMEM, "out of memory");
     return NULL;
   }
-  p->fd = -1;
+  p->fd = p->dfd = -1;
   pthread_mutex_init (&p->lock, NULL);
   e->refs = 1;
   e->priv = p;
@@ -412,6 +451,24 @@ cbwd_export_file_new (const char *name, const struct cbwd_store_opts *o,
     cbw_err_set (err, EINVAL, "export '%s': %s is empty (give size= to create a store)",
                  name, o->path);
     goto fail;
+  }
+
+  if (o->direct) {
+    p->dfd = open (o->path, O_RDWR | O_CLOEXEC | O_DIRECT);
+    if (p->dfd == -1) {
+      int en = errno;
+      cbw_err_set (err, en, "export '%s': direct=on: open %s with O_DIRECT: %s%s", name,
+                   o->path, strerror (en),
+                   en == EINVAL ? " (this filesystem has no direct I/O)" : "");
+      goto fail;
+    }
+    int fr = posix_fadvise (p->fd, 0, 0, POSIX_FADV_RANDOM);   /* see the top */
+    if (fr != 0) {
+      cbw_err_set (err, fr, "export '%s': direct=on: posix_fadvise %s: %s", name,
+                   o->path, strerror (fr));
+      goto fail;
+    }
+    p->direct = true;
   }
 
   e->eflags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_CAN_MULTI_CONN | NBD_FLAG_SEND_CACHE;

@@ -478,4 +478,13 @@ Test (config, sizes_and_specs)
   cbwd_export_spec_free (&s);
   cr_assert_eq (cbwd_parse_export_kv ("noequals", &s, &err), -1);
   cbwd_export_spec_free (&s);
+  cr_assert_eq (cbwd_parse_export_kv ("name=a,type=store,path=/x,direct=on", &s, &err), 0);
+  cr_assert_eq (s.direct, 1);
+  cbwd_export_spec_free (&s);
+  cr_assert_eq (cbwd_parse_export_kv ("name=a,type=store,path=/x", &s, &err), 0);
+  cr_assert_eq (s.direct, 0);
+  cbwd_export_spec_free (&s);
+  cr_assert_eq (cbwd_parse_export_kv ("name=a,type=store,path=/x,direct=maybe", &s, &err), -1);
+  cr_assert (strstr (err.msg, "direct"), "%s", err.msg);
+  cbwd_export_spec_free (&s);
 }
