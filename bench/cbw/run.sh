@@ -8,6 +8,10 @@
 #              (fresh target + session per run: every first write copies)
 #   first-file the same with a local-file target (file:///, sparse raw file):
 #              the same kind of target as QSD's fleecing image
+#   first-direct  first-file with begin's target-direct (copies of 64 KiB and
+#              more written with O_DIRECT, past the page cache)
+#   first-cbwd the NBD target is cbwd's store export with direct=on (our own
+#              backup target server; aligned copies written with O_DIRECT)
 #   steady     cbw session after one full 1 MiB pass (everything copied)
 #   qsd        plain qemu-storage-daemon                (QSD's no-backup stack)
 #   qsd-first  QSD fleecing, fresh per run (the d1 anchor)
@@ -28,6 +32,7 @@ ANCHORS=${ANCHORS:-$HERE/../../../shared/bench/anchors}
 CBW_BUILD=${CBW_BUILD:-$HERE/../../build}
 FILTER=$CBW_BUILD/modules/nbdkit-cbw-filter.so
 CBW_IO=$CBW_BUILD/client-tests/cbw/cbw-io
+CBWD=$CBW_BUILD/server/cbwd
 OUT=${OUT:-$HERE/results.md}
 export WORK=${WORK:-/tmp/cbw-bench}
 export RES=${RES:-$WORK/results}
@@ -65,15 +70,22 @@ cbw_start() {
   local tag=$1 turi
   TS=$SOCKDIR/$tag-tgt.sock; TIMG=$WORK/cbw-target.img; TP=
   rm -f "$TS" "$TIMG"; truncate -s "$(stat -c %s "$DISK")" "$TIMG"
-  if [ "$tag" = first-file ]; then
+  local bargs=
+  [ "$tag" = first-direct ] && bargs=',"target-direct":true'
+  if [ "$tag" = first-file ] || [ "$tag" = first-direct ]; then
     turi="file://$TIMG"
+  elif [ "$tag" = first-cbwd ]; then
+    srv "$CBWD" --listen "unix:$TS" \
+      --export "name=t,type=store,path=$TIMG,size=$(stat -c %s "$DISK"),direct=on"
+    TP=$!; register_pid $TP
+    turi="nbd+unix:///t?socket=$TS"; wait_nbd "$turi"
   else
     srv nbdkit -t "$NBDKIT_THREADS" -f -U "$TS" file "$TIMG"; TP=$!; register_pid $TP
     turi="nbd+unix:///?socket=$TS"; wait_nbd "$turi"
   fi
   C=$SOCKDIR/$tag-ctl.sock; rm -f "$C"
   nbdkit_start "$tag" cbw-control="$C" cbw-pit-export=pit $CBW_ARGS
-  local r; r=$("$CBW_IO" ctl "$C" '{"execute":"begin","arguments":{"target":"'"$turi"'"}}')
+  local r; r=$("$CBW_IO" ctl "$C" '{"execute":"begin","arguments":{"target":"'"$turi"'"'"$bargs"'}}')
   case $r in *'"return"'*) ;; *) log "begin failed: $r"; exit 1 ;; esac
 }
 cbw_stop() { stop_pid $P; [ -z "$TP" ] || stop_pid $TP; }
@@ -83,7 +95,9 @@ pass_run() {
   local c=$1 job=$2 m=$3 i=$4
   CASE=$c; ${START[$c]} "$c"; warm_server "$U"; sync
   fio_once "$U" $job "$RES/$c.$m.$i.json" pass
-  case $c in first*) log "status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' | cut -c1-300 || true)" ;; esac
+  case $c in first*) log "status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' |
+    jq -c '.return | {state, "copied-bytes", "zero-bytes", "direct-bytes",
+                      "buffered-blocks", errors, "guest-write-waits"}' || true)" ;; esac
   ${STOP[$c]}
 }
 plain_start() { nbdkit_start "$1"; }
@@ -105,10 +119,12 @@ fleece_start_c() { fleece_start "$1"; P=$FL_PID; U=$FL_LIVE; }
 # its 4k first-write rate rose from ~0.35 to 0.53 of plain QSD and its p99
 # fell from 13-14 ms to 6.3 ms (bench/cbw/results.md keeps both runs).
 declare -A START=([base]=plain_start [first]=cbw_start [first-file]=cbw_start
+                  [first-direct]=cbw_start [first-cbwd]=cbw_start
                   [qsd]=qsd_start [qsd-first]=fleece_start_c)
 declare -A STOP=([base]=plain_stop [first]=cbw_stop [first-file]=cbw_stop
+                 [first-direct]=cbw_stop [first-cbwd]=cbw_stop
                  [qsd]=plain_stop [qsd-first]=plain_stop)
-PASS_CASES=(base first first-file qsd qsd-first)
+PASS_CASES=(base first first-cbwd first-file first-direct qsd qsd-first)
 for job in randwrite4k_1pc seqwrite1m; do
   m=$job; [ $job = seqwrite1m ] && m=seqwrite1m_pass
   if [ "${PASS_ORDER:-consecutive}" = interleaved ]; then
@@ -176,7 +192,10 @@ out += ["", "Ratios (medians) and the bars:", "",
 def bar(name, ours, qsd, need, ok):
     out.append(f"| {name} | {ours:.3f} | {qsd if isinstance(qsd, str) else f'{qsd:.3f}'} | {need} | {'yes' if ok else 'NO'} |")
 try:
-    for c, what in (("first-file", "local file target"), ("first", "NBD target")):
+    for c, what in (("first-file", "local file target"),
+                    ("first-direct", "local file target, target-direct"),
+                    ("first", "NBD target"),
+                    ("first-cbwd", "NBD target: cbwd store, direct=on")):
         if c not in rows: continue
         r = med(c, "randwrite4k_1pc_iops") / med("base", "randwrite4k_1pc_iops")
         q = med("qsd-first", "randwrite4k_1pc_iops") / med("qsd", "randwrite4k_1pc_iops")
