@@ -43,6 +43,44 @@ cbw_pwrite_full (int fd, const void *buf, size_t len, uint64_t offset)
 }
 
 int
+cbw_open_direct (const char *path, int fd)
+{
+  int dfd = open (path, O_RDWR | O_CLOEXEC | O_NOCTTY | O_DIRECT);
+  if (dfd == -1)
+    return -1;
+  int e = posix_fadvise (fd, 0, 0, POSIX_FADV_RANDOM);
+  if (e != 0) {
+    close (dfd);
+    errno = e;
+    return -1;
+  }
+  return dfd;
+}
+
+bool
+cbw_direct_aligned (_Atomic bool *direct, const void *buf, size_t len,
+                    uint64_t off)
+{
+  return atomic_load_explicit (direct, memory_order_relaxed) &&
+    (uintptr_t) buf % CBW_DIRECT_ALIGN == 0 && len % CBW_DIRECT_ALIGN == 0 &&
+    off % CBW_DIRECT_ALIGN == 0;
+}
+
+ssize_t
+cbw_pwrite_maybe_direct (int fd, int dfd, _Atomic bool *direct,
+                         const void *buf, size_t len, uint64_t off)
+{
+  if (cbw_direct_aligned (direct, buf, len, off)) {
+    if (cbw_pwrite_full (dfd, buf, len, off) == 0)
+      return (ssize_t) len;
+    if (errno != EINVAL)
+      return -1;
+    atomic_store (direct, false);       /* alignment: page cache from now on */
+  }
+  return cbw_pwrite_full (fd, buf, len, off) == 0 ? 0 : -1;
+}
+
+int
 cbw_fsync (int fd)
 {
   int r;

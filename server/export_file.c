@@ -9,20 +9,12 @@
  *  type=file   a read-only raw file or block device (a stopped VM's disk)
  *              served with its bitmaps for offline backups.
  *
- * direct=on (stores): WRITEs whose payload, length and offset are 4096-
- * aligned (payloads of 64 KiB and more come page-aligned from
- * common/bufcache) go to a second descriptor opened with O_DIRECT, past the
- * page cache: a backup target is written once and read once, and through
- * the page cache every copied byte takes a fresh page (evicting the host's
- * cache; on a VM also a first touch in the hypervisor: 271 MB/s buffered vs
- * 1.2 GB/s direct for a 2 GiB copy on the benchmark host).  Such writes
- * skip the loop's RWF_NOWAIT fast path.  Reads stay buffered, with readahead
- * off (POSIX_FADV_RANDOM): the cbw filter reads a block of its target only
- * after its copy completed, and a direct write covers whole pages of blocks
- * being copied, so only readahead could cache a page while its direct write
- * is under way (Linux does not keep that race coherent).  An EINVAL from a
- * direct write (a device wanting larger alignment) retries through the page
- * cache and turns direct writes off.
+ * direct=on (stores): WRITEs whose payload, length and offset are
+ * CBW_DIRECT_ALIGN-aligned (payloads of 64 KiB and more come page-aligned
+ * from common/bufcache) go to a second descriptor opened with O_DIRECT,
+ * past the page cache; reads stay buffered, readahead off.  Why, in
+ * common/fileutil.h (cbw_open_direct).  Such writes skip the loop's
+ * RWF_NOWAIT fast path.
  *
  * Locking: the fd is shared by every worker thread (pread/pwrite are
  * positional).  `lock` guards only `reserved` (bytes promised to writes in
@@ -35,6 +27,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,12 +40,10 @@
 #include "fileutil.h"
 #include "nbd_proto.h"
 
-#define DIRECT_ALIGN 4096
-
 struct file_priv {
   int fd;
   int dfd;                     /* O_DIRECT (direct=on), or -1 */
-  bool direct;                 /* use dfd for aligned writes (atomic) */
+  _Atomic bool direct;         /* use dfd for aligned writes */
   bool readonly;
   uint64_t limit;              /* 0 = none */
   uint64_t blksize;            /* allocation unit for accounting */
@@ -182,15 +173,6 @@ file_pread (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off,
   return 0;
 }
 
-/* Does this write go to the O_DIRECT descriptor? */
-static bool
-direct_ok (struct file_priv *p, const void *buf, uint64_t len, uint64_t off)
-{
-  return __atomic_load_n (&p->direct, __ATOMIC_RELAXED) &&
-    (uintptr_t) buf % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 &&
-    off % DIRECT_ALIGN == 0;
-}
-
 static int
 file_pwrite (struct cbwd_export *e, const void *buf, uint32_t len, uint64_t off,
              bool fua, struct cbw_err *err)
@@ -199,16 +181,8 @@ file_pwrite (struct cbwd_export *e, const void *buf, uint32_t len, uint64_t off,
   uint64_t res;
   if (reserve (p, off, len, &res, err) == -1)
     return -1;
-  int r;
-  if (direct_ok (p, buf, len, off)) {
-    r = cbw_pwrite_full (p->dfd, buf, len, off);
-    if (r == -1 && errno == EINVAL) {
-      __atomic_store_n (&p->direct, false, __ATOMIC_RELAXED);
-      r = cbw_pwrite_full (p->fd, buf, len, off);
-    }
-  }
-  else
-    r = cbw_pwrite_full (p->fd, buf, len, off);
+  int r = cbw_pwrite_maybe_direct (p->fd, p->dfd, &p->direct, buf, len, off) == -1
+    ? -1 : 0;
   if (r == 0 && fua)
     r = cbw_fdatasync (p->fd);
   int saved = errno;
@@ -353,7 +327,7 @@ file_pwrite_nowait (struct cbwd_export *e, const void *buf, uint32_t len, uint64
 {
   struct file_priv *p = e->priv;
   if (p->limit || __atomic_load_n (&p->no_nowait_write, __ATOMIC_RELAXED) ||
-      direct_ok (p, buf, len, off))
+      cbw_direct_aligned (&p->direct, buf, len, off))
     return -1;
   struct iovec iov = { (void *) buf, len };
   ssize_t r = pwritev2 (p->fd, &iov, 1, off, RWF_NOWAIT);
@@ -454,7 +428,7 @@ cbwd_export_file_new (const char *name, const struct cbwd_store_opts *o,
   }
 
   if (o->direct) {
-    p->dfd = open (o->path, O_RDWR | O_CLOEXEC | O_DIRECT);
+    p->dfd = cbw_open_direct (o->path, p->fd);
     if (p->dfd == -1) {
       int en = errno;
       cbw_err_set (err, en, "export '%s': direct=on: open %s with O_DIRECT: %s%s", name,
@@ -462,13 +436,7 @@ cbwd_export_file_new (const char *name, const struct cbwd_store_opts *o,
                    en == EINVAL ? " (this filesystem has no direct I/O)" : "");
       goto fail;
     }
-    int fr = posix_fadvise (p->fd, 0, 0, POSIX_FADV_RANDOM);   /* see the top */
-    if (fr != 0) {
-      cbw_err_set (err, fr, "export '%s': direct=on: posix_fadvise %s: %s", name,
-                   o->path, strerror (fr));
-      goto fail;
-    }
-    p->direct = true;
+    atomic_store (&p->direct, true);
   }
 
   e->eflags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_CAN_MULTI_CONN | NBD_FLAG_SEND_CACHE;

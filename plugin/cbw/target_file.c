@@ -30,30 +30,17 @@
  * written since (overwrites and holes punched are counted back only at the
  * next fstat, which happens when the estimate gets close to the limit).
  *
- * Direct writes (cbw_file_target_set_direct, begin's "target-direct"): a
- * second descriptor opened with O_DIRECT writes every copy whose buffer,
- * length and offset are DIRECT_ALIGN-aligned (the copy buffers of 64 KiB
- * and more from common/bufcache are page-aligned; smaller or unaligned ones,
- * such as the disk's last partial block, take the page-cache path).  Why:
- * a backup's copies are written once and read once, and through the page
- * cache every copied byte first takes a fresh page-cache page, evicting the
- * host's cached data; on the paravirtualised benchmark host a fresh page
- * costs a first touch in the hypervisor too: copying 2 GiB into a new file
- * ran at 271 MB/s through the page cache, 1.2 GB/s with O_DIRECT (dd), and
- * the 1 MiB pass over a just-begun session 250-280 vs 980-1450 MiB/s.  Linux
- * keeps the two descriptors coherent (a direct write writes back and drops
- * cached pages of its range), so reads and the page-cache path see the
- * direct writes, with one exception: a buffered read that races with a
- * direct write of the same pages can leave the old contents cached.  Our
- * reads of the target are point-in-time reads of blocks already copied, and
- * a direct write covers whole pages of blocks being copied now, so the two
- * never touch the same page, except through readahead, which would read
- * pages of blocks still being copied: set_direct turns readahead off for
- * the buffered descriptor (POSIX_FADV_RANDOM).  No other process may read
- * the file while the session runs (cbwd's direct reads, store-file=, would
- * bring their own readahead).  A direct write refused with EINVAL (an alignment the
- * device wants bigger than DIRECT_ALIGN) is retried through the page cache
- * and turns direct writes off for the target.
+ * Direct writes (cbw_file_target_set_direct, begin's "target-direct"):
+ * copies whose buffer, length and offset are CBW_DIRECT_ALIGN-aligned go to
+ * a second descriptor opened with O_DIRECT, the rest (small copies, the
+ * disk's last partial block) through the page cache; why, and why readahead
+ * is turned off, in common/fileutil.h (cbw_open_direct).  The copy buffers
+ * of 64 KiB and more from common/bufcache are page-aligned.  Our reads of
+ * the target are point-in-time reads of blocks already copied; no other
+ * process may read the file while the session runs (cbwd's direct reads,
+ * store-file=, would bring their own readahead).  The 1 MiB pass over a
+ * just-begun session: 250-280 MiB/s through the page cache, 980-1450 with
+ * target-direct on the benchmark VM.
  *
  * Threads and locking: no locks.  The fds are opened before the target is
  * shared and only read afterwards; pread/pwrite/fallocate on one fd are safe
@@ -75,9 +62,8 @@
 #include <linux/fs.h>
 
 #include "cleanup.h"
+#include "fileutil.h"
 #include "target_file.h"
-
-#define DIRECT_ALIGN 4096
 
 struct cbw_file_target {
   int fd;
@@ -214,20 +200,12 @@ cbw_file_target_set_direct (struct cbw_file_target *t, struct cbw_err *err)
 {
   if (t->dfd >= 0)
     return 0;
-  t->dfd = open (t->path, O_RDWR | O_CLOEXEC | O_NOCTTY | O_DIRECT);
+  t->dfd = cbw_open_direct (t->path, t->fd);
   if (t->dfd == -1) {
     int e = errno;
     return cbw_err_set (err, e, "target %s: open with O_DIRECT (target-direct): "
                         "%s%s", t->path, strerror (e), e == EINVAL
                         ? " (this filesystem has no direct I/O)" : "");
-  }
-  /* no readahead into pages being written directly (see the top) */
-  int e = posix_fadvise (t->fd, 0, 0, POSIX_FADV_RANDOM);
-  if (e != 0) {
-    close (t->dfd);
-    t->dfd = -1;
-    return cbw_err_set (err, e, "target %s: posix_fadvise (target-direct): %s",
-                        t->path, strerror (e));
   }
   atomic_store (&t->direct, true);
   return 0;
@@ -289,36 +267,16 @@ int
 cbw_file_target_pwrite (struct cbw_file_target *t, const void *buf,
                         size_t len, uint64_t off, struct cbw_err *err)
 {
-  const char *p = buf;
-  size_t n = len;
-
-  if (range_ok (t, len, off, err) == -1 || reserve (t, n, err) == -1)
+  if (range_ok (t, len, off, err) == -1 || reserve (t, len, err) == -1)
     return -1;
-  int fd = t->fd;
-  if (atomic_load_explicit (&t->direct, memory_order_relaxed) &&
-      (uintptr_t) buf % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 &&
-      off % DIRECT_ALIGN == 0)
-    fd = t->dfd;
-  while (len > 0) {
-    ssize_t r = pwrite (fd, p, len, (off_t) off);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      if (errno == EINVAL && fd == t->dfd) {
-        atomic_store (&t->direct, false);       /* alignment: page cache */
-        fd = t->fd;
-        continue;
-      }
-      release (t, n, true);     /* part may have been written */
-      return cbw_err_set (err, errno, "target %s: pwrite: %s", t->path,
-                          strerror (errno));
-    }
-    if (fd == t->dfd)
-      atomic_fetch_add_explicit (&t->direct_bytes, (uint64_t) r,
-                                 memory_order_relaxed);
-    p += r; off += (uint64_t) r; len -= (size_t) r;
-  }
-  release (t, n, true);
+  ssize_t direct = cbw_pwrite_maybe_direct (t->fd, t->dfd, &t->direct, buf,
+                                            len, off);
+  int e = errno;
+  release (t, len, true);       /* on failure part may have been written */
+  if (direct == -1)
+    return cbw_err_set (err, e, "target %s: pwrite: %s", t->path, strerror (e));
+  atomic_fetch_add_explicit (&t->direct_bytes, (uint64_t) direct,
+                             memory_order_relaxed);
   return 0;
 }
 
