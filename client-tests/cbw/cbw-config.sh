@@ -45,10 +45,22 @@ session_workers() {
   wait_copies
   nbdcopy "$PIT" "$T/pit.img" || fail "$what: PIT read failed"
   cmp "$T/ref.img" "$T/pit.img" || fail "$what: PIT view differs from begin"
-  [ "$(status_field copied-blocks)" -gt 0 ] || fail "$what: nothing was copied"
+  local st blocks batches copies
+  st=$(ok_ctl '{"execute":"status"}'); blocks=$(jget "$st" '.return["copied-blocks"]')
+  batches=$(jget "$st" '.return["write-back-batches"]')
+  copies=$(jget "$st" '.return["write-back-copies"]')
+  [ "$blocks" -gt 0 ] || fail "$what: nothing was copied"
+  # Write-back counters: none without workers; else every batch holds at
+  # least one copy and every copy at least one block.
+  if [ "$want" = 0 ]; then
+    assert_eq "$what: write-back batches/copies" "0/0" "$batches/$copies"
+  elif ! [ "$copies" -gt 0 ] || ! [ "$batches" -ge 1 ] ||
+       ! [ "$batches" -le "$copies" ] || ! [ "$copies" -le "$blocks" ]; then
+    fail "$what: write-back batches $batches, copies $copies, blocks $blocks"
+  fi
   ok_ctl '{"execute":"end"}' > /dev/null
   kill "$LIVE_PID"; wait "$LIVE_PID" 2>/dev/null || true
-  log "  $what: copy-workers $want, PIT view exact"
+  log "  $what: copy-workers $want, PIT view exact, write-back $copies copies in $batches batches"
 }
 log "write-back workers"
 start_target tgt $size

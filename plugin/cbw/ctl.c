@@ -233,6 +233,8 @@ stats_json (struct cbw_session *s)
     ADD ("buffered-blocks", st.buffered_blocks);
     ADD ("copy-workers", st.copy_workers);
     ADD ("direct-bytes", st.direct_bytes);
+    ADD ("write-back-batches", st.writeback_batches);
+    ADD ("write-back-copies", st.writeback_copies);
 #undef ADD
     json_object_object_add (o, "broken", json_object_new_boolean (st.broken));
     json_object_object_add (o, "last-error",
@@ -519,6 +521,7 @@ static const struct cbw_ctl_command commands[] = {
     "`copied-blocks`, `copied-bytes`, `zero-bytes`, `skipped-blocks`, "
     "`failed-blocks`, `in-flight`, `errors`, `guest-write-waits`, "
     "`pit-rechecks`, `buffered-blocks`, `copy-workers`, `direct-bytes`, "
+    "`write-back-batches`, `write-back-copies`, "
     "`broken`, `last-error`, `state-file`, `quiesced`, `on-cbw-error`, "
     "`pit-export`" },
   { "skip", h_skip, skip_args,

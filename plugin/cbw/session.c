@@ -108,7 +108,8 @@ struct cbw_session {
   _Atomic bool ended;
   struct shard shards[NSHARD];
   _Atomic uint64_t needed, copied_blocks, copied_bytes, zero_bytes, skipped,
-    failed, in_flight, errors, waits, rechecks;
+    failed, in_flight, errors, waits, rechecks,
+    wb_batches, wb_copies;      /* write-back: target batches, copies in them */
   pthread_mutex_t err_lock;
   char last_error[256];         /* guarded by err_lock */
 
@@ -580,6 +581,8 @@ worker (void *arg)
         pthread_cond_signal (&s->qcond);   /* more for another worker */
     }
     atomic_fetch_add_explicit (&s->in_flight, nb, RLX);
+    atomic_fetch_add_explicit (&s->wb_batches, 1, RLX);
+    atomic_fetch_add_explicit (&s->wb_copies, nb, RLX);
 
     int res[WORKER_BATCH];
     bool broken = atomic_load (&s->broken);
@@ -1144,6 +1147,8 @@ cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st)
   st->buffered_blocks = atomic_load_explicit (&s->buffered_blocks, RLX);
   st->copy_workers = s->nworkers;
   st->direct_bytes = s->target ? cbw_target_direct_bytes (s->target) : 0;
+  st->writeback_batches = atomic_load_explicit (&s->wb_batches, RLX);
+  st->writeback_copies = atomic_load_explicit (&s->wb_copies, RLX);
   st->broken = atomic_load (&s->broken);
   st->ended = atomic_load (&s->ended);
   if (s->map)

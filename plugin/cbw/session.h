@@ -37,7 +37,9 @@ struct cbw_session_stats {
     copied_bytes, zero_bytes, skipped_blocks, failed_blocks, in_flight,
     errors, guest_write_waits, pit_rechecks, buffered_blocks,
     copy_workers,               /* write-back workers running (0: none) */
-    direct_bytes;               /* copied bytes written with O_DIRECT */
+    direct_bytes,               /* copied bytes written with O_DIRECT */
+    writeback_batches,          /* target batches written by the workers */
+    writeback_copies;           /* buffered copies in those batches */
   bool broken, ended;
   char last_error[256];
   char state_file[256];        /* "" if none */
