@@ -73,10 +73,21 @@ nbdkit_start() {
 }
 # cbw_start TAG: target + nbdkit with the cbw filter, session begun; the
 # target is an NBD server (nbdkit file), or a local file for TAG first-file
+# target_image TAG: a fresh sparse raw image the size of the disk (TIMG) and
+# the socket path for its server (TS); TP (its pid) unset
+target_image() {
+  TS=$SOCKDIR/$1-tgt.sock; TIMG=$WORK/cbw-target.img; TP=
+  rm -f "$TS" "$TIMG"; truncate -s "$(stat -c %s "$DISK")" "$TIMG"
+}
+# nbdkit_target: nbdkit file on TIMG at TS (the NBD target of `first` and of
+# qsd-first-nbd); sets TP and TURI
+nbdkit_target() {
+  srv nbdkit -t "$NBDKIT_THREADS" -f -U "$TS" file "$TIMG"; TP=$!; register_pid $TP
+  TURI="nbd+unix:///?socket=$TS"; wait_nbd "$TURI"
+}
 cbw_start() {
   local tag=$1 turi
-  TS=$SOCKDIR/$tag-tgt.sock; TIMG=$WORK/cbw-target.img; TP=
-  rm -f "$TS" "$TIMG"; truncate -s "$(stat -c %s "$DISK")" "$TIMG"
+  target_image "$tag"
   local bargs=
   [ "$tag" = first-direct ] && bargs=',"target-direct":true'
   if [ "$tag" = first-file ] || [ "$tag" = first-direct ]; then
@@ -87,8 +98,7 @@ cbw_start() {
     TP=$!; register_pid $TP
     turi="nbd+unix:///t?socket=$TS"; wait_nbd "$turi"
   else
-    srv nbdkit -t "$NBDKIT_THREADS" -f -U "$TS" file "$TIMG"; TP=$!; register_pid $TP
-    turi="nbd+unix:///?socket=$TS"; wait_nbd "$turi"
+    nbdkit_target; turi=$TURI
   fi
   C=$SOCKDIR/$tag-ctl.sock; rm -f "$C"
   nbdkit_start "$tag" cbw-control="$C" cbw-pit-export=pit $CBW_ARGS
@@ -122,10 +132,7 @@ fleece_start_c() { fleece_start "$1"; P=$FL_PID; U=$FL_LIVE; }
 # server (nbdkit file, same threads as ours) instead of a local image
 qsd_nbd_start() {
   local tag=$1
-  TS=$SOCKDIR/$tag-tgt.sock; TIMG=$WORK/cbw-target.img
-  rm -f "$TS" "$TIMG"; truncate -s "$(stat -c %s "$DISK")" "$TIMG"
-  srv nbdkit -t "$NBDKIT_THREADS" -f -U "$TS" file "$TIMG"; TP=$!; register_pid $TP
-  wait_nbd "nbd+unix:///?socket=$TS"
+  target_image "$tag"; nbdkit_target
   S=$SOCKDIR/$tag.sock; rm -f "$S"
   srv qemu-storage-daemon \
     --blockdev driver=file,node-name=src,filename="$DISK" \
