@@ -23,6 +23,11 @@
  * subscriber ever misses an event silently.  A subscriber that shut down its
  * sending side stays connected (it may only want events) until it closes.
  *
+ * Access: the socket file is made 0600 between bind and listen, whatever
+ * the umask, and every accepted peer is checked with SO_PEERCRED (root or
+ * the server's euid): cbwd's commands run freeze hooks, so a control socket
+ * is a root shell for whoever reaches it.
+ *
  * Threads and locking: cbw_ctl_dispatch_line() keeps no state of its own and
  * may be called from any thread.  A server owns one thread; every field of
  * struct cbw_ctl_server and of its clients is touched only by that thread,
@@ -86,6 +91,7 @@ static const char *const class_names[CBW_CTL_ERROR_CLASS_COUNT] = {
   [CBW_CTL_BUSY] = "Busy",
   [CBW_CTL_IO_ERROR] = "IOError",
   [CBW_CTL_TIMEOUT] = "Timeout",
+  [CBW_CTL_PERMISSION_DENIED] = "PermissionDenied",
 };
 
 const char *
@@ -1100,6 +1106,38 @@ client_read (struct cbw_ctl_server *srv, struct client *c)
   return client_process (srv, c);
 }
 
+/* Who may talk to a control socket: root and the server's own effective
+ * uid.  The socket file is created 0600 (bind_socket), so this only
+ * matters when its mode was widened by hand or the kernel's file check is
+ * bypassed (a descriptor passed on); commands such as cbwd's backup-begin
+ * run hooks as the server's user, so another uid must never reach them. */
+static bool
+peer_allowed (int fd)
+{
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+
+  if (getsockopt (fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == -1 ||
+      len != sizeof cred)
+    return false;
+  return cred.uid == 0 || cred.uid == geteuid ();
+}
+
+/* Send one error line to a client that is not taken on, and close it. */
+static void
+reject_client (int fd, enum cbw_ctl_error_class cls, const char *desc)
+{
+  char msg[320];
+  int n = snprintf (msg, sizeof msg,
+                    "{\"error\":{\"class\":\"%s\",\"desc\":\"%s\"}}\n",
+                    cbw_ctl_error_class_name (cls), desc);
+  if (n > 0 && (size_t) n < sizeof msg &&
+      send (fd, msg, (size_t) n, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+    /* nothing more we can do for this client */
+  }
+  close (fd);
+}
+
 static void
 accept_one (struct cbw_ctl_server *srv)
 {
@@ -1110,22 +1148,22 @@ accept_one (struct cbw_ctl_server *srv)
   fd = accept4 (srv->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
   if (fd < 0)
     return;                      /* EAGAIN, ECONNABORTED, EMFILE: try later */
+  if (!peer_allowed (fd)) {
+    reject_client (fd, CBW_CTL_PERMISSION_DENIED,
+                   "permission denied: only root and the server's own uid "
+                   "may use this control socket");
+    return;
+  }
   for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i)
     if (srv->clients[i].fd < 0) {
       c = &srv->clients[i];
       break;
     }
   if (c == NULL) {
-    char msg[256];
-    int n = snprintf (msg, sizeof msg,
-                      "{\"error\":{\"class\":\"%s\",\"desc\":\"too many "
-                      "control clients (limit %d)\"}}\n",
-                      cbw_ctl_error_class_name (CBW_CTL_BUSY),
-                      CBW_CTL_MAX_CLIENTS);
-    if (send (fd, msg, (size_t) n, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
-      /* nothing more we can do for this client */
-    }
-    close (fd);
+    char desc[64];
+    snprintf (desc, sizeof desc, "too many control clients (limit %d)",
+              CBW_CTL_MAX_CLIENTS);
+    reject_client (fd, CBW_CTL_BUSY, desc);
     return;
   }
   c->fd = fd;
@@ -1262,6 +1300,16 @@ bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
   if (fd < 0)
     return cbw_err_set (err, EADDRINUSE, "control socket %s: bind failed",
                         path);
+  /* Owner-only before anyone can connect (connect fails until listen):
+   * the file's mode is what the kernel checks on connect, and bind gave it
+   * the umask's mode, which may let every local user in. */
+  if (chmod (path, S_IRUSR | S_IWUSR) == -1) {
+    int e = errno;
+    close (fd);
+    unlink (path);
+    return cbw_err_set (err, e, "control socket %s: chmod 0600: %s",
+                        path, errstr (e));
+  }
   if (listen (fd, CBW_CTL_MAX_CLIENTS) == -1) {
     int e = errno;
     close (fd);

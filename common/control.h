@@ -53,6 +53,7 @@ enum cbw_ctl_error_class {
   CBW_CTL_BUSY,                /* "Busy": conflicting operation in progress */
   CBW_CTL_IO_ERROR,            /* "IOError": an I/O error, desc has details */
   CBW_CTL_TIMEOUT,             /* "Timeout" */
+  CBW_CTL_PERMISSION_DENIED,   /* "PermissionDenied": peer not allowed on this socket */
   CBW_CTL_ERROR_CLASS_COUNT
 };
 const char *cbw_ctl_error_class_name (enum cbw_ctl_error_class c);

@@ -393,6 +393,7 @@ class_errno (int cls)
   case CBW_CTL_PARSE_ERROR: return EINVAL;
   case CBW_CTL_COMMAND_NOT_FOUND: return ENOTSUP;
   case CBW_CTL_TIMEOUT: return ETIMEDOUT;
+  case CBW_CTL_PERMISSION_DENIED: return EACCES;
   default: return EIO;
   }
 }

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <signal.h>
@@ -935,4 +936,75 @@ Test (client, timeout)
   close (lfd);
   unlink (sock);
   rmdir (dir);
+}
+
+/* Run fn in a child process as uid/gid 65534 (nobody); its exit status. */
+static int
+as_nobody (int (*fn) (void))
+{
+  pid_t pid = fork ();
+  cr_assert_geq (pid, 0);
+  if (pid == 0) {
+    if (setgroups (0, NULL) == -1 || setgid (65534) == -1 || setuid (65534) == -1)
+      _exit (100);
+    _exit (fn ());
+  }
+  int st;
+  cr_assert_eq (waitpid (pid, &st, 0), pid);
+  cr_assert (WIFEXITED (st), "child killed");
+  return WEXITSTATUS (st);
+}
+
+static int
+connect_errno (void)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  int fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  strcpy (sun.sun_path, sock);
+  if (connect (fd, (struct sockaddr *) &sun, sizeof sun) == 0)
+    return 0;
+  return errno == EACCES ? 13 : 1;
+}
+
+/* Connected as another uid: the only line is PermissionDenied, then EOF. */
+static int
+connect_denied (void)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  int fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  strcpy (sun.sun_path, sock);
+  if (connect (fd, (struct sockaddr *) &sun, sizeof sun) == -1)
+    return 2;
+  const char req[] = "{\"execute\":\"echo\",\"arguments\":{\"s\":\"x\"}}\n";
+  if (send (fd, req, sizeof req - 1, MSG_NOSIGNAL) < 0) { /* the server may have closed */ }
+  char *line = raw_line (fd);
+  if (line == NULL || strstr (line, "\"PermissionDenied\"") == NULL ||
+      strstr (line, "\"cbw\"") != NULL)
+    return 3;
+  free (line);
+  line = raw_line (fd);
+  return line == NULL ? 0 : 4;  /* closed: no greeting, no reply */
+}
+
+/* A control socket is owner-only whatever the umask, and a peer of another
+ * uid that gets through (mode widened by hand) is refused before any
+ * command: cbwd's control commands run hooks as root. */
+Test (socket, owner_only_and_peer_checked)
+{
+  mode_t old = umask (0);
+  start_server ();
+  umask (old);
+  struct stat st;
+  cr_assert_eq (stat (sock, &st), 0);
+  cr_assert_eq (st.st_mode & 07777, 0600, "socket mode %o", st.st_mode & 07777);
+  if (geteuid () != 0) {
+    stop_server ();
+    cr_skip_test ("needs root to connect as another uid");
+  }
+  cr_assert_eq (chmod (dir, 0711), 0);
+  cr_assert_eq (as_nobody (connect_errno), 13, "another uid could connect to a 0600 socket");
+  cr_assert_eq (chmod (sock, 0666), 0);
+  cr_assert_eq (as_nobody (connect_denied), 0, "another uid was served");
+  check_healthy ();              /* the owner still is */
+  stop_server ();
 }
