@@ -36,6 +36,7 @@
 
 #include "cbw_err.h"
 #include "control.h"
+#include "disk_id.h"
 #include "rawdisk.h"
 #include "overlay_chain.h"
 
@@ -46,6 +47,7 @@ static struct chain {
   bool direct;                   /* direct= */
   char *control_path;            /* control= (absolute), or NULL */
   char *chain_path;              /* chain= (absolute), or NULL: overlay chain */
+  char *description;             /* "cbw-disk-id:UUID" from disk-id=, or NULL */
 
   /* state after get_ready */
   struct rawdisk *raw;           /* the base layer: the data path */
@@ -97,6 +99,19 @@ chain_config (const char *key, const char *value)
     if (chain.chain_path == NULL)
       return -1;
   }
+  else if (strcmp (key, "disk-id") == 0) {
+    if (!cbw_disk_id_valid (value)) {
+      nbdkit_error ("disk-id=%s: not a lowercase UUID (8-4-4-4-12 hex digits)", value);
+      errno = EINVAL;
+      return -1;
+    }
+    free (chain.description);
+    if (asprintf (&chain.description, "%s%s", CBW_DISK_ID_DESC_PREFIX, value) < 0) {
+      chain.description = NULL;
+      nbdkit_error ("asprintf: %m");
+      return -1;
+    }
+  }
   else if (strcmp (key, "control") == 0) {
     free (chain.control_path);
     chain.control_path = nbdkit_absolute_path (value);
@@ -141,7 +156,9 @@ chain_config_complete (void)
   "control=<SOCKET>    Unix socket for run-time control (JSON lines).\n" \
   "chain=<DESC>        Serve the overlay chain described by DESC (snapshots,\n" \
   "                    commit; docs/formats/overlay.md).  Created over file=\n" \
-  "                    (as its base) if DESC does not exist."
+  "                    (as its base) if DESC does not exist.\n" \
+  "disk-id=<UUID>      Announce \"cbw-disk-id:UUID\" as the export description\n" \
+  "                    (clients can tell a live cbw disk from a backup target)."
 
 /* chain=DESC: open (creating it over file= if missing) the overlay chain. */
 static int
@@ -349,6 +366,7 @@ chain_unload (void)
   free (chain.file);
   free (chain.control_path);
   free (chain.chain_path);
+  free (chain.description);
 }
 
 /* ---- overlay chain data path (chain.ovc != NULL) ------------------------ */
@@ -590,6 +608,14 @@ chain_cache (void *h, uint32_t count, uint64_t offset, uint32_t flags)
   return 0;
 }
 
+/* The disk's identity, for clients that ask (NBD_INFO_DESCRIPTION). */
+static const char *
+chain_export_description (void *h)
+{
+  (void) h;
+  return chain.description;
+}
+
 static struct nbdkit_plugin plugin = {
   .name              = "chain",
   .longname          = "cbw chain plugin (raw disk + overlay chain)",
@@ -624,6 +650,7 @@ static struct nbdkit_plugin plugin = {
   .zero              = chain_zero,
   .extents           = chain_extents,
   .cache             = chain_cache,
+  .export_description = chain_export_description,
   .errno_is_preserved = 1,
 };
 
