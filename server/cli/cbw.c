@@ -115,6 +115,8 @@ print_disk (struct json_object *d)
 {
   printf ("disk %s: %s, %s\n  nbd: %s\n", jstr (d, "name", "?"), jstr (d, "state", "?"),
           jstr (d, "file", "?"), jstr (d, "uri", "?"));
+  if (jstr (d, "id", NULL))
+    printf ("  id: %s\n", jstr (d, "id", ""));
   if (jstr (d, "chain", NULL))
     printf ("  overlay chain: %s\n", jstr (d, "chain", ""));
 }
@@ -128,13 +130,14 @@ print_disks (struct json_object *ret)
     printf ("no disks\n");
     return;
   }
-  printf ("%-16s %-8s %-8s %10s  %s\n", "NAME", "STATE", "PID", "SIZE", "FILE");
+  printf ("%-16s %-8s %-8s %10s  %-36s  %s\n", "NAME", "STATE", "PID", "SIZE", "ID", "FILE");
   for (size_t i = 0; i < n; i++) {
     struct json_object *d = json_object_array_get_idx (a, i);
     char sz[32];
     human_size ((uint64_t) jint (d, "size"), sz, sizeof sz);
-    printf ("%-16s %-8s %-8" PRId64 " %10s  %s\n", jstr (d, "name", "?"),
-            jstr (d, "state", "?"), jint (d, "pid"), sz, jstr (d, "file", "?"));
+    printf ("%-16s %-8s %-8" PRId64 " %10s  %-36s  %s\n", jstr (d, "name", "?"),
+            jstr (d, "state", "?"), jint (d, "pid"), sz, jstr (d, "id", "-"),
+            jstr (d, "file", "?"));
   }
 }
 

@@ -115,6 +115,7 @@ disk_json (struct orch_disk *d)
   struct json_object *j = json_object_new_object ();
   json_object_object_add (j, "name", json_object_new_string (d->name));
   json_object_object_add (j, "file", json_object_new_string (d->file));
+  json_object_object_add (j, "id", json_object_new_string (d->id));
   json_object_object_add (j, "state", json_object_new_string (orch_disk_run_name (d->run)));
   json_object_object_add (j, "pid", json_object_new_int64 (d->pid > 0 ? d->pid : 0));
   json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));

@@ -5,7 +5,7 @@
  *     file=IMAGE control=DISKDIR/chain.ctl \
  *     dirtybitmap=DISKDIR/bitmaps.json dirtybitmap-image=IMAGE \
  *     dirtybitmap-control=DISKDIR/dirtybitmap.ctl cbw-control=DISKDIR/cbw.ctl
- *     cbw-pit-export=pit
+ *     cbw-pit-export=pit disk-id=UUID
  * plus chain=DISKDIR/overlays/NAME.chain (or the descriptor given to
  * disk-add) for a disk added with overlays; without it the chain plugin
  * serves the raw image on its fast path and cannot take snapshots
@@ -295,7 +295,7 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   CLEANUP_FREE char *fdb = module_path (o, "nbdkit-dirtybitmap-filter.so", "dirtybitmap");
   CLEANUP_FREE char *a_fcbw = NULL, *a_fdb = NULL, *a_file = NULL, *a_ctl = NULL;
   CLEANUP_FREE char *a_dbimg = NULL, *a_dbctl = NULL, *a_cbwctl = NULL, *a_desc = NULL;
-  CLEANUP_FREE char *a_chain = NULL, *chain_dir = NULL;
+  CLEANUP_FREE char *a_chain = NULL, *chain_dir = NULL, *a_id = NULL;
   char *argv[64];
   size_t n = 0;
 
@@ -344,7 +344,8 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   a_desc = orch_strdup_printf ("dirtybitmap=%s", d->bitmaps);
   a_dbctl = orch_strdup_printf ("dirtybitmap-control=%s", d->ctl_bitmap);
   a_cbwctl = orch_strdup_printf ("cbw-control=%s", d->ctl_cbw);
-  if (!a_fcbw || !a_fdb || !a_file || !a_ctl || !a_dbimg || !a_dbctl || !a_cbwctl || !a_desc)
+  a_id = orch_strdup_printf ("disk-id=%s", d->id);
+  if (!a_id || !a_fcbw || !a_fdb || !a_file || !a_ctl || !a_dbimg || !a_dbctl || !a_cbwctl || !a_desc)
     return cbw_err_set (err, ENOMEM, "out of memory");
   for (size_t i = 0; o->nbdkit_argv[i] && n < 40; i++)
     argv[n++] = o->nbdkit_argv[i];
@@ -355,8 +356,10 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   argv[n++] = a_fdb;
   argv[n++] = chain;
   argv[n++] = a_file;
-  if (!o->file_plugin)
+  if (!o->file_plugin) {
     argv[n++] = a_ctl;
+    argv[n++] = a_id;           /* the export description names the disk */
+  }
   if (a_chain)
     argv[n++] = a_chain;        /* overlays: every request goes through the chain */
   argv[n++] = a_desc;

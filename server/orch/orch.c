@@ -319,6 +319,14 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
   }
   if (orch_state_load (o, err) < 0)
     goto fail;
+  /* One-time upgrade: disks of an older cbwd get their identity now, kept
+   * from here on (their running nbdkit announces it from its next start). */
+  for (size_t i = 0; i < o->st.ndisks; i++)
+    if (o->st.disks[i]->id_new) {
+      if (orch_state_save (o, err) < 0)
+        goto fail;
+      break;
+    }
   for (size_t i = 0; i < o->st.ndisks; i++)
     orch_disk_adopt (o, o->st.disks[i]);
   if (orch_supervisor_start (o, err) < 0)

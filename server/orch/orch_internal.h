@@ -53,6 +53,9 @@ struct orch_disk {
   int64_t pid;                  /* nbdkit pid, 0 if none */
   char *chain;                  /* overlay chain descriptor (absolute), NULL =
                                    raw fast path, no overlays (overlay.c) */
+  char id[37];                  /* stable disk identity (UUID, common/disk_id.h),
+                                   announced as the live export's description */
+  bool id_new;                  /* id made at load: the state file had none */
   /* derived paths under STATE_DIR/disks/NAME/ */
   char *dir, *nbd_sock, *ctl_chain, *ctl_cbw, *ctl_bitmap, *log_path;
   char *bitmaps;                /* dirtybitmap descriptor DISKDIR/bitmaps.json */

@@ -28,6 +28,7 @@
 #include <xxhash.h>
 
 #include "cleanup.h"
+#include "disk_id.h"
 #include "fileutil.h"
 #include "orch_internal.h"
 
@@ -91,7 +92,8 @@ orch_disk_new (const char *state_dir, const char *name, const char *file,
   d->ctl_bitmap = orch_strdup_printf ("%s/disks/%s/dirtybitmap.ctl", state_dir, name);
   d->log_path = orch_strdup_printf ("%s/disks/%s/nbdkit.log", state_dir, name);
   d->bitmaps = orch_strdup_printf ("%s/disks/%s/bitmaps.json", state_dir, name);
-  if (!d->bitmaps || !d->file || !d->dir || !d->nbd_sock || !d->ctl_chain || !d->ctl_cbw ||
+  /* a new disk's identity; a loaded disk's is overwritten with its own */
+  if (cbw_disk_id_new (d->id) < 0 || !d->bitmaps || !d->file || !d->dir || !d->nbd_sock || !d->ctl_chain || !d->ctl_cbw ||
       !d->ctl_bitmap || !d->log_path) {
     orch_disk_free (d);
     errno = ENOMEM;
@@ -218,6 +220,7 @@ orch_state_to_json (const struct orch_state *st)
                             json_object_new_int64 (d->pid > 0 ? d->pid : 0));
     if (d->chain)                 /* absent = raw disk (files of older cbwd) */
       add_str (o, "chain", d->chain);
+    add_str (o, "id", d->id);
     json_object_array_add (disks, o);
   }
   json_object_object_add (body, "disks", disks);
@@ -429,7 +432,23 @@ orch_state_from_json (const char *text, size_t len, const char *what,
     }
     od->pid = pid;
     od->chain = chain;
+    /* absent in files of older cbwd: orch_disk_new made one (saved at load) */
+    char *id = get_optstr (d, "id", what, where, err, &bad);
+    if (bad) goto fail_od;
+    if (id && !cbw_disk_id_valid (id)) {
+      cbw_err_set (err, EINVAL, "%s: %s: id \"%.80s\" is not a UUID", what, where, id);
+      free (id);
+      goto fail_od;
+    }
+    if (id)
+      snprintf (od->id, sizeof od->id, "%s", id);
+    od->id_new = id == NULL;
+    free (id);
     st->disks[st->ndisks++] = od;
+    continue;
+  fail_od:
+    orch_disk_free (od);
+    goto fail;
   }
 
   /* checkpoints */
@@ -593,6 +612,8 @@ orch_state_load (struct cbw_orch *o, struct cbw_err *err)
     }
     d->pid = old->pid;
     d->chain = old->chain;
+    memcpy (d->id, old->id, sizeof d->id);
+    d->id_new = old->id_new;
     old->chain = NULL;
     orch_disk_free (old);
     st.disks[i] = d;

@@ -22,6 +22,7 @@
 
 #include <xxhash.h>
 
+#include "disk_id.h"
 #include "orch_internal.h"
 
 static void
@@ -428,6 +429,44 @@ Test (state, chain_and_top)
   json_object_object_add (d0, "chain", json_object_new_int (3));
   t = resign (top);
   expect_bad (t, "\"chain\" must be a string");
+  free (t);
+  json_object_put (top);
+  orch_state_free (&a);
+}
+
+/* Disk identity: every disk gets a distinct UUID, it round-trips; a disk
+ * without "id" (a file of an older cbwd) gets a new one marked id_new
+ * (saved at load); an id that is not a UUID is refused. */
+Test (state, disk_id)
+{
+  struct orch_state a, b;
+  struct cbw_err err = { 0 };
+  make_state (&a);
+  cr_assert (cbw_disk_id_valid (a.disks[0]->id), "bad id %s", a.disks[0]->id);
+  cr_assert_str_neq (a.disks[0]->id, a.disks[1]->id);
+  char *text = to_text (&a);
+  cr_assert_eq (orch_state_from_json (text, strlen (text), "t.json", &b, &err), 0, "%s", err.msg);
+  cr_assert_str_eq (b.disks[0]->id, a.disks[0]->id);
+  cr_assert_str_eq (b.disks[1]->id, a.disks[1]->id);
+  cr_assert (!b.disks[0]->id_new);
+  free (text);
+  orch_state_free (&b);
+
+  struct json_object *top = orch_state_to_json (&a), *disks, *d0;
+  json_object_object_get_ex (body_of (top), "disks", &disks);
+  d0 = json_object_array_get_idx (disks, 0);
+  json_object_object_del (d0, "id");
+  char *t = resign (top);
+  cr_assert_eq (orch_state_from_json (t, strlen (t), "t.json", &b, &err), 0, "%s", err.msg);
+  cr_assert (b.disks[0]->id_new);
+  cr_assert (cbw_disk_id_valid (b.disks[0]->id));
+  cr_assert_str_neq (b.disks[0]->id, a.disks[0]->id);
+  cr_assert (!b.disks[1]->id_new);
+  orch_state_free (&b);
+  free (t);
+  json_object_object_add (d0, "id", json_object_new_string ("not-a-uuid"));
+  t = resign (top);
+  expect_bad (t, "id \"not-a-uuid\" is not a UUID");
   free (t);
   json_object_put (top);
   orch_state_free (&a);
