@@ -178,7 +178,9 @@ main (int argc, char **argv)
     cbwd_orch_exports_init (&orch_exports, &srv);
     struct cbw_orch_config oc = { .state_dir = state_dir, .control_socket = control,
                                   .module_dir = module_dir, .nbdkit = getenv ("CBW_NBDKIT"),
-                                  .exports = &orch_exports };
+                                  .exports = &orch_exports,
+                                  .listen_paths = srv.unix_paths,
+                                  .nlisten_paths = srv.nlisteners };
     orch = cbw_orch_open (&oc, &err);
     if (orch == NULL || cbw_orch_apply_disks (orch, config_disks, config, &err) == -1 ||
         cbw_orch_serve (orch, &err) == -1) {

@@ -122,7 +122,7 @@ expect_rc 1 "$CBW" job start --target "$T/missing.qcow2"
 grep -q "does not exist: an incremental job writes onto the previous full copy" <<<"$ERR" ||
   fail "incremental onto a missing target: $ERR"
 expect_rc 1 "$CBW" job start --target "raw:$T/a.img"
-grep -q "is the image of disk vda" <<<"$ERR" || fail "target = disk image: $ERR"
+grep -q "is disk vda's served image" <<<"$ERR" || fail "target = disk image: $ERR"
 head -c 4096 /dev/zero > "$T/small.raw"
 expect_rc 1 "$CBW" job start --target "$T/small.raw"
 grep -q "has 4096 bytes" <<<"$ERR" || fail "wrong-size raw target: $ERR"

@@ -60,6 +60,7 @@
 #include <libnbd.h>
 
 #include "cleanup.h"
+#include "disk_id.h"
 #include "fileutil.h"
 #include "orch_internal.h"
 
@@ -205,6 +206,9 @@ job_disk_clear (struct orch_job_disk *jd)
   if (jd->fd >= 0)
     close (jd->fd);
   jd->fd = -1;
+  if (jd->pin_fd >= 0)
+    close (jd->pin_fd);
+  jd->pin_fd = -1;
   free (jd->src_uri); free (jd->ctl_cbw); free (jd->target); free (jd->path);
   free (jd->helper_sock); free (jd->helper_log); free (jd->want);
   jd->src_uri = jd->ctl_cbw = jd->target = jd->path = NULL;
@@ -243,6 +247,7 @@ job_new (size_t ndisks)
   j->wakefd = -1;
   for (size_t i = 0; i < ndisks; i++) {
     j->disks[i].fd = -1;
+    j->disks[i].pin_fd = -1;
     snprintf (j->disks[i].format, sizeof j->disks[i].format, "raw");
   }
   j->ndisks = ndisks;
@@ -341,14 +346,76 @@ run_helper (char *const argv[], const char *log, int timeout, struct cbw_err *er
   return cbw_err_set (err, EIO, "%s failed%s%s", argv[0], tail[0] ? ": " : "", tail);
 }
 
+/* The socket path of an nbd+unix:// or nbds+unix:// URI (query parameter
+ * socket=, percent-decoded), malloc'd; NULL if the URI has none. */
+static char *
+uri_socket_path (const char *uri)
+{
+  const char *q = strchr (uri, '?');
+  while (q) {
+    q++;
+    if (strncmp (q, "socket=", 7) == 0) {
+      q += 7;
+      size_t n = strcspn (q, "&");
+      char *p = malloc (n + 1), *w = p;
+      if (p == NULL)
+        return NULL;
+      for (size_t i = 0; i < n; i++) {
+        unsigned v;
+        if (q[i] == '%' && i + 2 < n + 1 && sscanf (q + i + 1, "%2x", &v) == 1) {
+          *w++ = (char) v;
+          i += 2;
+        }
+        else
+          *w++ = q[i];
+      }
+      *w = '\0';
+      return p;
+    }
+    q = strchr (q, '&');
+  }
+  return NULL;
+}
+
+/* A target must not be a live cbw disk: refuse an export that announces a
+ * cbw disk identity (ours or another cbwd's, whatever the transport). */
 static int
-connect_target_nbd (struct orch_job_disk *jd, const char *uri, struct cbw_err *err)
+check_target_identity (struct cbw_orch *o, struct orch_job_disk *jd, const char *uri,
+                       struct cbw_err *err)
+{
+  CLEANUP_FREE char *desc = nbd_get_export_description (jd->dst);
+  const char *id = cbw_disk_id_from_desc (desc);
+  if (id == NULL)
+    return 0;
+  char name[ORCH_NAME_MAX + 1] = "";
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    for (size_t i = 0; i < o->st.ndisks; i++)
+      if (strcmp (o->st.disks[i]->id, id) == 0)
+        snprintf (name, sizeof name, "%s", o->st.disks[i]->name);
+  }
+  if (name[0])
+    return cbw_err_set (err, EPERM, "job target %s is disk %s's live export (it announces "
+                        "cbw disk id %.40s); refusing to overwrite a live disk", uri, name, id);
+  return cbw_err_set (err, EPERM, "job target %s is a live cbw disk of another cbwd (it "
+                      "announces cbw disk id %.40s); refusing to overwrite a live disk",
+                      uri, id);
+}
+
+static int
+connect_target_nbd (struct cbw_orch *o, struct orch_job_disk *jd, const char *uri,
+                    struct cbw_err *err)
 {
   jd->dst = nbd_create ();
   if (jd->dst == NULL)
     return cbw_err_set (err, ENOMEM, "nbd_create: %s", nbd_get_error ());
+  /* ask for the export description: a live cbw disk announces its id */
+  if (nbd_set_full_info (jd->dst, true) == -1)
+    return cbw_err_set (err, EIO, "target %s: %s", uri, nbd_get_error ());
   if (nbd_connect_uri (jd->dst, uri) == -1)
     return cbw_err_set (err, EIO, "cannot connect to target %s: %s", uri, nbd_get_error ());
+  if (check_target_identity (o, jd, uri, err) < 0)
+    return -1;
   if (nbd_is_read_only (jd->dst) == 1)
     return cbw_err_set (err, EINVAL, "target %s is read-only", uri);
   int64_t sz = nbd_get_size (jd->dst);
@@ -364,16 +431,77 @@ connect_target_nbd (struct orch_job_disk *jd, const char *uri, struct cbw_err *e
   return 0;
 }
 
+/* Open an existing target file, or create a new one with O_EXCL (a symlink
+ * or another file put there meanwhile makes it fail, never redirects it),
+ * and check what was opened (by device and inode, not by name) against
+ * everything cbwd serves or keeps.  A new file's directory entry is made
+ * durable at once. */
+static int
+target_file_open (struct orch_job_disk *jd, const struct orch_protect *ps, bool exists,
+                  int flags, struct cbw_err *err)
+{
+  const char *t = jd->path;
+  int fd;
+  if (exists) {
+    fd = open (t, flags | O_CLOEXEC);
+    if (fd < 0)
+      return cbw_err_set (err, errno, "target %s: %s", t, strerror (errno));
+  }
+  else {
+    CLEANUP_FREE char *dir = strdup (t);
+    char *slash = dir ? strrchr (dir, '/') : NULL;
+    if (slash == NULL)
+      return cbw_err_set (err, ENOMEM, "out of memory");
+    const char *base = slash + 1;
+    slash[0] = '\0';
+    CLEANUP_CLOSE int dfd = open (dir[0] ? dir : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+      return cbw_err_set (err, errno, "target %s: directory: %s", t, strerror (errno));
+    if (orch_protect_check_newdir (ps, "job target", t, dfd, err) < 0)
+      return -1;
+    fd = openat (dfd, base, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+      return cbw_err_set (err, errno, "target %s: cannot create: %s", t, strerror (errno));
+    jd->created = true;
+    if (cbw_fsync (dfd) < 0) {
+      int e = errno;
+      close (fd);
+      return cbw_err_set (err, e, "target %s: fsync of its directory: %s", t, strerror (e));
+    }
+  }
+  struct stat sb;
+  if (fstat (fd, &sb) < 0) {
+    int e = errno;
+    close (fd);
+    return cbw_err_set (err, e, "target %s: fstat: %s", t, strerror (e));
+  }
+  if (orch_protect_check_stat (ps, "job target", t, &sb, err) < 0) {
+    close (fd);
+    return -1;
+  }
+  if (!S_ISREG (sb.st_mode) && !(S_ISBLK (sb.st_mode) && strcmp (jd->format, "raw") == 0)) {
+    close (fd);
+    return cbw_err_set (err, EINVAL, "target %s is not a regular file%s", t,
+                        strcmp (jd->format, "raw") == 0 ? " or block device" : "");
+  }
+  jd->regular = S_ISREG (sb.st_mode);
+  return fd;
+}
+
 /* Open (or create) the target of one disk.  Runs on the control thread
  * without o->lock.  On failure, a file it created is removed. */
 static int
 target_open (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
-             bool incremental, struct cbw_err *err)
+             const struct orch_protect *ps, bool incremental, struct cbw_err *err)
 {
   const char *t = jd->target;
   if (is_nbd_uri (t)) {
     snprintf (jd->format, sizeof jd->format, "nbd");
-    return connect_target_nbd (jd, t, err);
+    /* The sockets of our disks and of cbwd, by device and inode. */
+    CLEANUP_FREE char *sock = uri_socket_path (t);
+    if (sock && orch_protect_check_path (ps, "job target's socket", sock, err) < 0)
+      return -1;
+    return connect_target_nbd (o, jd, t, err);
   }
   if (strncmp (t, "raw:", 4) == 0) {
     snprintf (jd->format, sizeof jd->format, "raw");
@@ -404,25 +532,13 @@ target_open (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
   if (!exists && incremental)
     return cbw_err_set (err, ENOENT, "target %s does not exist: an incremental job writes "
                         "onto the previous full copy", t);
-  if (exists) {
-    /* Never write a backup over a disk's own image or a backup store. */
-    CLEANUP_FREE char *real = realpath (t, NULL);
-    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
-    for (size_t i = 0; real && i < o->st.ndisks; i++)
-      if (strcmp (o->st.disks[i]->file, real) == 0)
-        return cbw_err_set (err, EINVAL, "target %s is the image of disk %s", t,
-                            o->st.disks[i]->name);
-    if (real && o->st.backup)
-      for (size_t i = 0; i < o->st.backup->ndisks; i++)
-        if (o->st.backup->disks[i].store_path &&
-            strcmp (o->st.backup->disks[i].store_path, real) == 0)
-          return cbw_err_set (err, EINVAL, "target %s is a backup store", t);
-  }
 
   if (strcmp (jd->format, "raw") == 0) {
+    jd->fd = target_file_open (jd, ps, exists, O_RDWR, err);
+    if (jd->fd < 0)
+      return -1;
     if (exists) {
-      jd->fd = open (t, O_RDWR | O_CLOEXEC);
-      if (jd->fd < 0)
+      if (fstat (jd->fd, &sb) < 0)
         return cbw_err_set (err, errno, "target %s: %s", t, strerror (errno));
       off_t end = lseek (jd->fd, 0, SEEK_END);
       if (end < 0)
@@ -432,21 +548,23 @@ target_open (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
                             " (not a copy of this disk)", t, (long long) end, jd->name, jd->size);
       return 0;
     }
-    jd->fd = open (t, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (jd->fd < 0)
-      return cbw_err_set (err, errno, "target %s: cannot create: %s", t, strerror (errno));
-    jd->created = true;
     if (ftruncate (jd->fd, (off_t) jd->size) < 0)
       return cbw_err_set (err, errno, "target %s: ftruncate: %s", t, strerror (errno));
     jd->fresh = true;
     return 0;
   }
 
-  /* qcow2: qemu-img create if new, then qemu-nbd on a socket of ours. */
+  /* qcow2: qemu-img create if new, then qemu-nbd on a socket of ours; both
+   * reach the file we opened and checked through /proc/CBWD/fd/N. */
+  jd->pin_fd = target_file_open (jd, ps, exists, O_RDWR, err);
+  if (jd->pin_fd < 0)
+    return -1;
+  CLEANUP_FREE char *pinned = orch_strdup_printf ("/proc/%ld/fd/%d", (long) getpid (),
+                                                  jd->pin_fd);
   CLEANUP_FREE char *jdir = orch_strdup_printf ("%s/jobs", o->state_dir);
   jd->helper_sock = orch_strdup_printf ("%s/jobs/%s-%s.sock", o->state_dir, j->id, jd->name);
   jd->helper_log = orch_strdup_printf ("%s/jobs/%s-%s.log", o->state_dir, j->id, jd->name);
-  if (!jdir || !jd->helper_sock || !jd->helper_log)
+  if (!pinned || !jdir || !jd->helper_sock || !jd->helper_log)
     return cbw_err_set (err, ENOMEM, "out of memory");
   if (mkdir (jdir, 0700) < 0 && errno != EEXIST)
     return cbw_err_set (err, errno, "%s: mkdir: %s", jdir, strerror (errno));
@@ -455,18 +573,22 @@ target_open (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
     char size[32];
     snprintf (size, sizeof size, "%" PRIu64, jd->size);
     char *argv[] = { (char *) "qemu-img", (char *) "create", (char *) "-q", (char *) "-f",
-                     (char *) "qcow2", jd->path, size, NULL };
-    if (run_helper (argv, jd->helper_log, 60, err) < 0) {
-      unlink (jd->path);
+                     (char *) "qcow2", pinned, size, NULL };
+    if (run_helper (argv, jd->helper_log, 60, err) < 0)
       return cbw_err_prefix (err, "target %s", t);
-    }
-    jd->created = true;
+    if (cbw_fsync (jd->pin_fd) < 0)
+      return cbw_err_set (err, errno, "target %s: fsync: %s", t, strerror (errno));
     jd->fresh = true;
   }
   unlink (jd->helper_sock);
+  /* the description names the file (ps, logs) */
+  CLEANUP_FREE char *desc = orch_strdup_printf ("--description=cbw job %s target %s",
+                                                j->id, t);
+  if (desc == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
   char *argv[] = { (char *) "qemu-nbd", (char *) "--format=qcow2", (char *) "--socket",
                    jd->helper_sock, (char *) "--cache=writeback", (char *) "--discard=unmap",
-                   jd->path, NULL };
+                   desc, pinned, NULL };
   pid_t pid = orch_spawn (argv, jd->helper_log, err);
   if (pid < 0)
     return cbw_err_prefix (err, "target %s", t);
@@ -491,7 +613,7 @@ target_open (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
   CLEANUP_FREE char *uri = orch_strdup_printf ("nbd+unix:///?socket=%s", jd->helper_sock);
   if (uri == NULL)
     return cbw_err_set (err, ENOMEM, "out of memory");
-  return connect_target_nbd (jd, uri, err);
+  return connect_target_nbd (o, jd, uri, err);
 }
 
 /* Undo target_open after a job-start failure. */
@@ -512,6 +634,10 @@ target_abandon (struct orch_job_disk *jd)
   if (jd->fd >= 0) {
     close (jd->fd);
     jd->fd = -1;
+  }
+  if (jd->pin_fd >= 0) {
+    close (jd->pin_fd);
+    jd->pin_fd = -1;
   }
   if (jd->created && jd->path)
     unlink (jd->path);
@@ -1388,6 +1514,10 @@ close_target (struct orch_job_disk *jd)
     jd->helper_pid = 0;
     unlink (jd->helper_sock);
   }
+  if (jd->pin_fd >= 0) {
+    close (jd->pin_fd);
+    jd->pin_fd = -1;
+  }
 }
 
 static void *
@@ -1728,11 +1858,34 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
       jd->total += jd->want[k][1];
     j->total += jd->total;
   }
-  for (size_t i = 0; i < nd; i++)
-    if (target_open (o, j, &j->disks[i], incremental, err) < 0) {
-      cbw_err_prefix (err, "disk %s", j->disks[i].name);
+  {
+    /* What a target must never be: collected now, checked on what each
+     * target_open actually opens (device and inode, not names). */
+    struct orch_protect ps;
+    if (orch_protect_collect (o, &ps, err) < 0)
       goto fail;
-    }
+    int tr = 0;
+    for (size_t i = 0; i < nd && tr == 0; i++)
+      if ((tr = target_open (o, j, &j->disks[i], &ps, incremental, err)) < 0)
+        cbw_err_prefix (err, "disk %s", j->disks[i].name);
+    orch_protect_free (&ps);
+    if (tr < 0)
+      goto fail;
+    /* two names of one file are one target */
+    for (size_t i = 0; i < nd; i++)
+      for (size_t k = 0; k < i; k++) {
+        int fi = j->disks[i].fd >= 0 ? j->disks[i].fd : j->disks[i].pin_fd;
+        int fk = j->disks[k].fd >= 0 ? j->disks[k].fd : j->disks[k].pin_fd;
+        struct stat si, sk;
+        if (fi >= 0 && fk >= 0 && fstat (fi, &si) == 0 && fstat (fk, &sk) == 0 &&
+            si.st_dev == sk.st_dev && si.st_ino == sk.st_ino) {
+          cbw_err_set (err, EINVAL, "disks %s and %s have the same target (%s and %s are "
+                       "one file)", j->disks[k].name, j->disks[i].name, j->disks[k].path,
+                       j->disks[i].path);
+          goto fail;
+        }
+      }
+  }
 
   j->wakefd = eventfd (0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (j->wakefd < 0) {

@@ -179,6 +179,9 @@ orch_free (struct cbw_orch *o)
   for (size_t i = 0; i < ORCH_EVENTS_MAX; i++)
     free (o->events[i].json);
   free (o->state_dir); free (o->state_path); free (o->ctl_path); free (o->module_dir);
+  for (size_t i = 0; i < o->nlisten; i++)
+    free (o->listen[i]);
+  free (o->listen);
   if (o->lock_fd >= 0)
     close (o->lock_fd);
   pthread_mutex_destroy (&o->lock);
@@ -273,6 +276,19 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
   o->nbdkit_argv = split_words (cfg->nbdkit && cfg->nbdkit[0] ? cfg->nbdkit : "nbdkit");
   o->start_timeout = cfg->start_timeout > 0 ? cfg->start_timeout : 30;
   o->exports = cfg->exports;
+  if (cfg->nlisten_paths) {
+    o->listen = calloc (cfg->nlisten_paths, sizeof *o->listen);
+    if (o->listen == NULL) {
+      cbw_err_set (err, ENOMEM, "out of memory");
+      goto fail;
+    }
+    for (size_t i = 0; i < cfg->nlisten_paths; i++)
+      if (cfg->listen_paths[i] &&
+          (o->listen[o->nlisten++] = strdup (cfg->listen_paths[i])) == NULL) {
+        cbw_err_set (err, ENOMEM, "out of memory");
+        goto fail;
+      }
+  }
   const char *plugin = cfg->plugin ? cfg->plugin : getenv ("CBW_ORCH_PLUGIN");
   if (plugin && strcmp (plugin, "chain") != 0) {
     if (strcmp (plugin, "file") != 0) {

@@ -45,6 +45,9 @@ struct cbw_orch_config {
                                    environment variable CBW_ORCH_STORE_TARGET,
                                    else "local" */
   const struct cbw_orch_exports *exports;  /* cbwd's export API, or NULL */
+  char *const *listen_paths;    /* cbwd's Unix listener sockets (NULL entries
+                                   skipped), never a push job's target */
+  size_t nlisten_paths;
 };
 
 struct cbw_orch;

@@ -24,6 +24,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <json-c/json.h>
@@ -148,7 +149,37 @@ struct cbw_orch {
   struct orch_job **jobs;
   size_t njobs;
   uint64_t job_seq;             /* last N of generated ids job-N */
+  char **listen;                /* cbwd's Unix NBD listener sockets (protect.c) */
+  size_t nlisten;
 };
+
+/* ---- protect.c: is a file or socket one of ours (by device + inode)? ---- */
+struct orch_prot;
+struct orch_protect {
+  size_t n, cap;
+  struct orch_prot *v;
+  char *state_dir;
+  bool have_state;
+  dev_t state_dev;
+  ino_t state_ino;
+};
+/* Snapshot of everything cbwd serves or keeps: served images, chain files,
+ * stores, bitmap and state files, every file in the state directory, the
+ * sockets of the disks and of cbwd.  Takes o->lock briefly. */
+int orch_protect_collect (struct cbw_orch *o, struct orch_protect *ps,
+                          struct cbw_err *err);
+void orch_protect_free (struct orch_protect *ps);
+/* 0 if the file described by sb (named `name`, a `label` such as "job
+ * target") is none of ours; else -1 (EPERM) with *err naming what it is. */
+int orch_protect_check_stat (const struct orch_protect *ps, const char *label,
+                             const char *name, const struct stat *sb,
+                             struct cbw_err *err);
+int orch_protect_check_path (const struct orch_protect *ps, const char *label,
+                             const char *path, struct cbw_err *err);
+/* A new file `name` is about to be created in directory dirfd: refused in
+ * the state directory (at any depth) and in a chain's directory. */
+int orch_protect_check_newdir (const struct orch_protect *ps, const char *label,
+                               const char *name, int dirfd, struct cbw_err *err);
 
 /* ---- names ---- */
 bool orch_valid_name (const char *s);
@@ -346,6 +377,10 @@ struct orch_job_disk {
   bool created;                 /* the file was created by this job */
   bool dst_can_zero;
   int fd;                       /* raw file, -1 otherwise */
+  int pin_fd;                   /* qcow2 file, opened (or created O_EXCL) and
+                                   checked by us; qemu-img and qemu-nbd open
+                                   it as /proc/CBWD/fd/N, never by name */
+  bool regular;                 /* a regular file (its directory is fsynced) */
   struct nbd_handle *dst;       /* NBD target (also qcow2 via qemu-nbd) */
   int64_t helper_pid;           /* qemu-nbd, 0 if none */
   char *helper_sock, *helper_log;
