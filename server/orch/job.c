@@ -1454,6 +1454,10 @@ copy_disk (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
     }
     else if (nbd_can_flush (jd->dst) == 1 && nbd_flush (jd->dst, 0) == -1)
       copier_fail (c, "flush of the target: %s", nbd_get_error ());
+    /* and its directory entry: a "completed" file must survive a power cut */
+    struct cbw_err de = { 0 };
+    if (!c->failed && jd->path && jd->regular && cbw_fsync_dir_of (jd->path, &de) < 0)
+      copier_fail (c, "target %s: %s", jd->path, de.msg);
   }
   ret = c->failed ? -1 : cancelled ? 1 : 0;
 
