@@ -1122,8 +1122,9 @@ static const struct cbw_ctl_command commands[] = {
   { "disk-list", h_disk_list, no_args,
     "List disks with their run state (`running`, `stopped`, `dead`: an nbdkit that "
     "exited unasked; see also the `disk-dead` event).",
-    "`{\"disks\": [{\"name\", \"file\", \"state\", \"pid\", \"size\", \"granularity\", "
-    "\"chain\": PATH|null, "
+    "`{\"disks\": [{\"name\", \"file\", \"id\" (the disk's UUID, announced as its live "
+    "export's NBD description `cbw-disk-id:UUID`), \"state\", \"pid\", \"size\", "
+    "\"granularity\", \"chain\": PATH|null, "
     "\"uri\", \"socket\", \"control\": {\"chain\", \"cbw\", \"dirtybitmap\"}, \"log\", "
     "\"wait-status\"?}]}`" },
   { "checkpoint-create", h_cp_create, cp_create_args,
@@ -1165,7 +1166,10 @@ static const struct cbw_ctl_command commands[] = {
     "written either. Every range on the target is released with the cbw filter's `skip`, "
     "so the store shrinks. Errors (nothing started, files the job created are removed): "
     "`NotFound` (no such backup or disk, incremental target missing), `InvalidParameter` "
-    "(bad target, wrong size), `Busy` (the disk is being or was already pushed in this "
+    "(bad target, wrong size; a target that is one of cbwd's files by device and inode "
+    "— a served image, a chain's file, a store, a bitmap or state file, anything in the "
+    "state directory, a block device holding one, a disk's or cbwd's socket — or an NBD "
+    "export announcing a cbw disk id), `Busy` (the disk is being or was already pushed in this "
     "backup), `IOError` (target unreachable, session not active).",
     "the job, as in `job-status`" },
   { "job-list", h_job_list, no_args,

@@ -395,9 +395,9 @@ check_target_identity (struct cbw_orch *o, struct orch_job_disk *jd, const char 
         snprintf (name, sizeof name, "%s", o->st.disks[i]->name);
   }
   if (name[0])
-    return cbw_err_set (err, EPERM, "job target %s is disk %s's live export (it announces "
+    return cbw_err_set (err, EINVAL, "job target %s is disk %s's live export (it announces "
                         "cbw disk id %.40s); refusing to overwrite a live disk", uri, name, id);
-  return cbw_err_set (err, EPERM, "job target %s is a live cbw disk of another cbwd (it "
+  return cbw_err_set (err, EINVAL, "job target %s is a live cbw disk of another cbwd (it "
                       "announces cbw disk id %.40s); refusing to overwrite a live disk",
                       uri, id);
 }

@@ -170,7 +170,7 @@ int orch_protect_collect (struct cbw_orch *o, struct orch_protect *ps,
                           struct cbw_err *err);
 void orch_protect_free (struct orch_protect *ps);
 /* 0 if the file described by sb (named `name`, a `label` such as "job
- * target") is none of ours; else -1 (EPERM) with *err naming what it is. */
+ * target") is none of ours; else -1 (EINVAL) with *err naming what it is. */
 int orch_protect_check_stat (const struct orch_protect *ps, const char *label,
                              const char *name, const struct stat *sb,
                              struct cbw_err *err);

@@ -314,7 +314,7 @@ orch_protect_check_stat (const struct orch_protect *ps, const char *label,
   for (size_t i = 0; i < ps->n; i++) {
     const struct orch_prot *e = &ps->v[i];
     if (e->dev == sb->st_dev && e->ino == sb->st_ino)
-      return cbw_err_set (err, EPERM, "%s %s is %s (same device and inode as %s); %s",
+      return cbw_err_set (err, EINVAL, "%s %s is %s (same device and inode as %s); %s",
                           label, name, e->what, e->path, e->why);
   }
   if (!S_ISBLK (sb->st_mode))
@@ -322,11 +322,11 @@ orch_protect_check_stat (const struct orch_protect *ps, const char *label,
   for (size_t i = 0; i < ps->n; i++) {
     const struct orch_prot *e = &ps->v[i];
     if (e->rdev && e->rdev == sb->st_rdev)
-      return cbw_err_set (err, EPERM, "%s %s is %s (same block device %u:%u as %s); %s",
+      return cbw_err_set (err, EINVAL, "%s %s is %s (same block device %u:%u as %s); %s",
                           label, name, e->what, major (sb->st_rdev), minor (sb->st_rdev),
                           e->path, e->why);
     if (e->dev == sb->st_rdev)
-      return cbw_err_set (err, EPERM, "%s %s is block device %u:%u, which holds the "
+      return cbw_err_set (err, EINVAL, "%s %s is block device %u:%u, which holds the "
                           "filesystem of %s (%s); %s", label, name, major (sb->st_rdev),
                           minor (sb->st_rdev), e->what, e->path, e->why);
   }
@@ -341,7 +341,7 @@ orch_protect_check_stat (const struct orch_protect *ps, const char *label,
         continue;               /* neighbours often share a filesystem */
       CLEANUP_FREE char *esys = sys_block_path (ds[k]);
       if (esys && sys_related (tsys, esys))
-        return cbw_err_set (err, EPERM, "%s %s is block device %u:%u, the whole disk or a "
+        return cbw_err_set (err, EINVAL, "%s %s is block device %u:%u, the whole disk or a "
                             "partition of block device %u:%u, which %s %s (%s); %s", label,
                             name, major (sb->st_rdev), minor (sb->st_rdev), major (ds[k]),
                             minor (ds[k]), k == 0 ? "is" : "holds the filesystem of",
@@ -380,14 +380,14 @@ orch_protect_check_newdir (const struct orch_protect *ps, const char *label,
     }
     if (sb.st_dev == ps->state_dev && sb.st_ino == ps->state_ino) {
       close (fd);
-      return cbw_err_set (err, EPERM, "%s %s would be created inside cbwd's state "
+      return cbw_err_set (err, EINVAL, "%s %s would be created inside cbwd's state "
                           "directory %s; %s", label, name, ps->state_dir, WHY_META);
     }
     /* a chain's directory: only its own files belong there */
     for (size_t i = 0; depth == 0 && i < ps->n; i++)
       if (S_ISDIR (ps->v[i].mode) && ps->v[i].dev == sb.st_dev && ps->v[i].ino == sb.st_ino) {
         close (fd);
-        return cbw_err_set (err, EPERM, "%s %s would be created inside %s (%s); %s",
+        return cbw_err_set (err, EINVAL, "%s %s would be created inside %s (%s); %s",
                             label, name, ps->v[i].what, ps->v[i].path, ps->v[i].why);
       }
     int up = openat (fd, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
