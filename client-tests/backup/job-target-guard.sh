@@ -18,7 +18,9 @@
 #    export announces (NBD export description), which `cbw disk list` shows.
 # Then a legitimate new raw target completes and equals the image, and under
 # strace the job fsyncs the new file's directory after the file itself,
-# before `completed` is seen.
+# before `completed` is seen.  Last, under cbwd (the NBD server) with stores
+# served over NBD: the store export on cbwd's listener, and a symlink to that
+# socket, are refused.
 . "$(dirname "$0")/lib.sh"
 need_modules
 requires jq
@@ -155,5 +157,22 @@ dlast=$(grep -n "sync([0-9]*<$T/dur>)" "$T/strace.log" | tail -n 1 | cut -d: -f1
 [ -n "$dlast" ] || fail "the target's directory was never fsynced: $(cat "$T/strace.log")"
 [ "$dlast" -gt "$flast" ] || fail "the directory was fsynced before the file (lines $dlast, $flast)"
 log "fsync order: file at line $flast, directory at line $dlast"
+expect_rc 0 "$CBW" backup end
+
+log "section: cbwd's own NBD listener (its store exports)"
+[ -x "$CBW_BUILD/server/cbwd" ] || skip "cbwd not built"
+stop_orchd
+rm -f "$CBW_SOCKET"
+start_bg env CBW_NBDKIT="${NBDKIT[*]}" CBW_ORCH_STORE_TARGET=nbd "$CBW_BUILD/server/cbwd" \
+  --listen "unix:$T/cbwd.sock" --state-dir "$STATE" --module-dir "$CBW_MODULES" 2>"$T/cbwd.log"
+ORCHD_PID=$BG_PID
+wait_socket "$CBW_SOCKET" 30
+expect_rc 0 "$CBW" backup begin
+expect_rc 0 "$CBW" --json backup status
+SURI=$(jq -r '.disks[] | select(.name == "vda") | .["store-socket"]' "$T/out")
+[[ "$SURI" == nbd+unix://*"socket=$T/cbwd.sock"* ]] || fail "vda's store is not on cbwd's listener: $SURI"
+refused "$SURI" "socket $T/cbwd.sock is cbwd's NBD listener socket \(same device and inode"
+ln -s "$T/cbwd.sock" "$T/cbwd-alias.sock"
+refused "nbd+unix:///?socket=$T/cbwd-alias.sock" "socket $T/cbwd-alias.sock is cbwd's NBD listener socket \(same device and inode as $T/cbwd.sock"
 expect_rc 0 "$CBW" backup end
 log "OK"
