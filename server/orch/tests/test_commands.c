@@ -14,6 +14,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <xxhash.h>
+
+#include "disk_id.h"
 #include "fileutil.h"
 #include "orch_internal.h"
 #include "orch_test_util.h"
@@ -202,6 +205,68 @@ Test (startup, corrupt_state_refused)
   struct cbw_orch_config cfg = { .state_dir = d };
   cr_assert_null (cbw_orch_open (&cfg, &err));
   cr_assert (strstr (err.msg, p) && strstr (err.msg, "bad checksum"), "%s", err.msg);
+  orch_test_rm_rf (d);
+}
+
+/* The id of a disk in cbwd-state.json, or "" (caller frees). */
+static char *
+state_disk_id (const char *path)
+{
+  char *buf = NULL;
+  size_t len;
+  struct cbw_err err = { 0 };
+  cr_assert_eq (cbw_read_file (path, 1 << 20, &buf, &len, &err), 0, "%s", err.msg);
+  struct json_object *top = json_tokener_parse (buf), *body, *disks, *id;
+  free (buf);
+  cr_assert (json_object_object_get_ex (top, "body", &body));
+  cr_assert (json_object_object_get_ex (body, "disks", &disks));
+  struct json_object *d0 = json_object_array_get_idx (disks, 0);
+  char *r = strdup (json_object_object_get_ex (d0, "id", &id) ? json_object_get_string (id) : "");
+  json_object_put (top);
+  return r;
+}
+
+/* A state file of an older cbwd (disks without "id"): its disks get an id
+ * at start-up, saved at once, and the same id from then on. */
+Test (startup, disk_ids_added_at_load)
+{
+  char d[] = "/tmp/cbw-orch-test.XXXXXX", p[128];
+  cr_assert_not_null (mkdtemp (d));
+  snprintf (p, sizeof p, "%s/%s", d, ORCH_STATE_FILE);
+  struct orch_state st = { 0 };
+  st.generation = 1;
+  st.ndisks = 1;
+  st.disks = calloc (1, sizeof *st.disks);
+  st.disks[0] = orch_disk_new (d, "vda", "/nonexistent/a.img", 65536);
+  struct json_object *top = orch_state_to_json (&st), *body, *disks;
+  orch_state_free (&st);
+  json_object_object_get_ex (top, "body", &body);
+  json_object_object_get_ex (body, "disks", &disks);
+  json_object_object_del (json_object_array_get_idx (disks, 0), "id");
+  const char *t = json_object_to_json_string_ext (body, JSON_C_TO_STRING_PLAIN);
+  char sum[40];
+  snprintf (sum, sizeof sum, "xxh64:%016llx", (unsigned long long) XXH64 (t, strlen (t), 0));
+  json_object_object_add (top, "checksum", json_object_new_string (sum));
+  t = json_object_to_json_string_ext (top, JSON_C_TO_STRING_PLAIN);
+  struct cbw_err err = { 0 };
+  cr_assert_eq (cbw_write_file_atomic (p, t, strlen (t), &err), 0, "%s", err.msg);
+  json_object_put (top);
+  char *before = state_disk_id (p);
+  cr_assert_str_eq (before, "", "the old file already has an id");
+
+  struct cbw_orch_config cfg = { .state_dir = d };
+  struct cbw_orch *o = cbw_orch_open (&cfg, &err);
+  cr_assert_not_null (o, "%s", err.msg);
+  char *saved = state_disk_id (p);
+  cr_assert (cbw_disk_id_valid (saved), "id not saved at load: \"%s\"", saved);
+  cr_assert_str_eq (o->st.disks[0]->id, saved);
+  cbw_orch_close (o, false);
+  o = cbw_orch_open (&cfg, &err);
+  cr_assert_not_null (o, "%s", err.msg);
+  cr_assert_str_eq (o->st.disks[0]->id, saved, "the id changed across a restart");
+  cbw_orch_close (o, false);
+  free (before);
+  free (saved);
   orch_test_rm_rf (d);
 }
 
