@@ -40,6 +40,7 @@
  * jobs_save_lock only serialises writers of jobs.json (it guards no memory).
  * The copy thread owns the handles, buffers and plan of its job.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -362,7 +363,8 @@ uri_socket_path (const char *uri)
         return NULL;
       for (size_t i = 0; i < n; i++) {
         unsigned v;
-        if (q[i] == '%' && i + 2 < n + 1 && sscanf (q + i + 1, "%2x", &v) == 1) {
+        if (q[i] == '%' && i + 2 < n && isxdigit ((unsigned char) q[i + 1]) &&
+            isxdigit ((unsigned char) q[i + 2]) && sscanf (q + i + 1, "%2x", &v) == 1) {
           *w++ = (char) v;
           i += 2;
         }
