@@ -3,7 +3,9 @@
  * libuv loop until SIGTERM/SIGINT, then closes connections (requests in
  * flight finish first) and exits.  With --state-dir it embeds the
  * orchestrator and adds the disks of the config file's "disks" section
- * (cbw_orch_apply_disks) before its control socket opens.
+ * (cbw_orch_apply_disks) before its control socket opens.  Under systemd
+ * (Type=notify) it reports READY=1 once it listens and STOPPING=1 on a
+ * stop signal (common/sdnotify.c).
  *
  * Threads: the loop thread runs everything here; cbwd's worker pool
  * (pool.c, --threads, started with the first request) runs export I/O and
@@ -21,6 +23,7 @@
 #include <json-c/json.h>
 
 #include "config.h"
+#include "sdnotify.h"
 #include "server.h"
 #ifdef CBWD_HAVE_ORCH
 #include "export_admin.h"
@@ -35,7 +38,7 @@ usage (FILE *f)
 "            [--export name=NAME,type=store|file|pit,KEY=VALUE...]...\n"
 "            [--max-connections N] [--handshake-timeout SECS] [--threads N]\n"
 "            [--max-inflight-bytes SIZE]\n"
-"            [--pidfile FILE] [-v]\n"
+"            [--pidfile FILE] [-v] [--version]\n"
 "            [--state-dir DIR [--control PATH] [--module-dir DIR]]  (orchestrator;\n"
 "             the config file may then declare \"disks\")\n"
 "export keys: path= size= limit= description= upstream= connections= release=on|off\n"
@@ -48,6 +51,7 @@ on_signal (uv_signal_t *h, int sig)
 {
   struct cbwd_server *srv = h->data;
   cbwd_log ("signal %d: shutting down", sig);
+  cbw_sd_notify ("STOPPING=1");
   uv_signal_stop (&srv->sigterm);
   uv_signal_stop (&srv->sigint);
   uv_close ((uv_handle_t *) &srv->sigterm, NULL);
@@ -72,6 +76,7 @@ main (int argc, char **argv)
     { "control", required_argument, 0, 'C' },
     { "module-dir", required_argument, 0, 'M' },
     { "help", no_argument, 0, 'h' },
+    { "version", no_argument, 0, 'V' },
     { 0, 0, 0, 0 },
   };
   struct cbwd_server srv;
@@ -118,6 +123,7 @@ main (int argc, char **argv)
     case 'C': control = optarg; break;
     case 'M': module_dir = optarg; break;
     case 'h': usage (stdout); return 0;
+    case 'V': printf ("cbwd %s\n", CBW_VERSION); return 0;
     default: usage (stderr); return 2;
     }
   }
@@ -211,6 +217,11 @@ main (int argc, char **argv)
     }
   }
   cbwd_log ("serving %zu export(s)", srv.exports.n);
+  /* Listeners bound, orchestrator serving: systemd (Type=notify) may now
+   * start the units ordered after cbwd. */
+  int nr = cbw_sd_notify ("READY=1\nSTATUS=serving");
+  if (nr < 0)
+    cbwd_log ("NOTIFY_SOCKET: cannot report readiness: %s", strerror (-nr));
   uv_run (srv.loop, UV_RUN_DEFAULT);
   cbwd_server_cleanup (&srv);
 #ifdef CBWD_HAVE_ORCH
