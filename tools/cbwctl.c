@@ -35,6 +35,7 @@ main (int argc, char *argv[])
     { "timeout", required_argument, NULL, 't' },
     { "raw", no_argument, NULL, 'r' },
     { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   struct cbw_err err = { 0 };
@@ -56,6 +57,7 @@ main (int argc, char *argv[])
       break;
     case 'r': raw = 1; break;
     case 'h': usage (stdout); return 0;
+    case 'V': printf ("cbwctl %s\n", CBW_VERSION); return 0;
     default: usage (stderr); return 2;
     }
   }

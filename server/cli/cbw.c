@@ -12,7 +12,10 @@
  * the job completed (1 if it failed or was cancelled) and draws a progress
  * bar on stderr when stderr is a terminal.  `cbw events [--follow]` prints
  * the event ring, then (--follow) the events cbwd pushes after `subscribe`
- * until interrupted (0) or until the stream ends (3).
+ * until interrupted (0) or until the stream ends (3).  `cbw --complete
+ * WORD...` (hidden; used by the bash completion, cbw-completion.bash) prints the
+ * candidates for the word after WORDs: subcommands and options from subs[],
+ * disk, checkpoint, backup and job names from the running daemon.
  *
  * Locking: single-threaded.
  */
@@ -422,7 +425,8 @@ usage (FILE *fp)
   fprintf (fp, "usage: cbw [-c SOCKET] [--json] COMMAND [SUBCOMMAND] [ARGS]\n\n"
            "  -c, --connect SOCKET  cbwd control socket (default $CBW_SOCKET or %s)\n"
            "  --json                print cbwd's reply as JSON\n"
-           "  -h, --help            this help; `cbw COMMAND --help` for one command\n\n"
+           "  -h, --help            this help; `cbw COMMAND --help` for one command\n"
+           "  --version             print cbw's version\n\n"
            "commands:\n", DEFAULT_SOCKET);
   for (const struct sub *s = subs; s->group; s++) {
     char head[64];
@@ -1010,6 +1014,136 @@ events_cmd (const char *sock, int argc, char **argv, int i)
   return rc;
 }
 
+/* ---- shell completion (the bash script cbw-completion.bash calls
+ * `cbw --complete WORD...` with the words before the cursor and filters the
+ * candidates printed here, one a line).  Subcommands and options come from
+ * subs[], names from the running daemon; "@files" asks for file names. ---- */
+
+static void
+print_names (const char *sock, const char *command, const char *array, const char *key)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_ctl_client *c = cbw_ctl_client_connect (sock, &err);
+  struct json_object *ret = NULL;
+  int cls;
+  if (c == NULL)
+    return;                     /* no daemon: no names, never an error */
+  if (cbw_ctl_client_execute (c, command, NULL, &ret, &cls, &err) == 0) {
+    struct json_object *a = array ? jget (ret, array) : NULL;
+    if (array == NULL)
+      printf ("%s\n", jstr (ret, key, ""));
+    for (size_t k = 0; a && k < json_object_array_length (a); k++)
+      printf ("%s\n", jstr (json_object_array_get_idx (a, k), key, ""));
+  }
+  json_object_put (ret);
+  cbw_ctl_client_close (c);
+}
+
+/* Existing names of a kind: "disk", "checkpoint", "backup" or "job". */
+static void
+complete_names (const char *sock, const char *kind)
+{
+  if (strcmp (kind, "disk") == 0)
+    print_names (sock, "disk-list", "disks", "name");
+  else if (strcmp (kind, "checkpoint") == 0)
+    print_names (sock, "checkpoint-list", "checkpoints", "name");
+  else if (strcmp (kind, "backup") == 0)
+    print_names (sock, "backup-status", NULL, "id");
+  else if (strcmp (kind, "job") == 0)
+    print_names (sock, "job-list", "jobs", "id");
+}
+
+/* The kind of name an option's value is, or "@files", or NULL (free text). */
+static const char *
+opt_value_kind (const struct sub *s, const struct opt *o)
+{
+  if (strcmp (o->flag, "--disk") == 0)
+    return "disk";
+  if (o->type == O_INCR)
+    return "checkpoint";
+  if (strcmp (o->flag, "--backup") == 0 ||
+      (strcmp (o->flag, "--id") == 0 && strcmp (s->group, "backup") == 0 &&
+       strcmp (s->verb, "begin") != 0))
+    return "backup";
+  if (strcmp (o->key, "file") == 0 || strcmp (o->key, "chain") == 0 ||
+      strncmp (o->key, "freeze-", 7) == 0 || o->type == O_TARGET)
+    return "@files";
+  return NULL;
+}
+
+static int
+complete (const char *sock, int n, char **w)
+{
+  int i = 0;
+  for (; i < n && w[i][0] == '-'; i++)
+    if ((strcmp (w[i], "-c") == 0 || strcmp (w[i], "--connect") == 0) && i + 1 < n)
+      sock = w[++i];
+  if (i == n || (i == n - 1 && (strcmp (w[i], "-c") == 0 || strcmp (w[i], "--connect") == 0))) {
+    if (i < n) {                /* the socket itself */
+      printf ("@files\n");
+      return 0;
+    }
+    const char *prev = NULL;
+    for (const struct sub *t = subs; t->group; t++)
+      if (prev == NULL || strcmp (prev, t->group) != 0)
+        printf ("%s\n", prev = t->group);
+    printf ("events\nraw\nhelp\n-c\n--connect\n--json\n--help\n--version\n");
+    return 0;
+  }
+  const char *group = w[i++];
+  const struct sub *s = NULL;
+  for (const struct sub *t = subs; t->group; t++) {
+    if (strcmp (t->group, group) != 0)
+      continue;
+    if (t->verb == NULL) {
+      s = t;
+      break;
+    }
+    if (i == n) {               /* the verb */
+      printf ("%s\n", t->verb);
+      continue;
+    }
+    if (strcmp (t->verb, w[i]) == 0) {
+      s = t;
+      i++;
+      break;
+    }
+  }
+  if (s == NULL) {
+    if (strcmp (group, "events") == 0 && i == n)
+      printf ("--follow\n--json\n");
+    return 0;
+  }
+  bool pos_given = false;
+  for (; i < n; i++) {
+    const struct opt *o = NULL;
+    for (const struct opt *p = s->opts; p->flag; p++)
+      if (strcmp (p->flag, w[i]) == 0)
+        o = p;
+    if (o && o->type != O_BOOL && o->type != O_FULL) {
+      if (i == n - 1) {         /* the cursor is on this option's value */
+        const char *kind = opt_value_kind (s, o);
+        if (kind && kind[0] == '@')
+          printf ("%s\n", kind);
+        else if (kind)
+          complete_names (sock, kind);
+        return 0;
+      }
+      i++;
+    }
+    else if (o == NULL && w[i][0] != '-')
+      pos_given = true;
+  }
+  for (const struct opt *p = s->opts; p->flag; p++)
+    printf ("%s\n", p->flag);
+  printf ("--help\n");
+  /* A new name (disk add, checkpoint create) has nothing to complete. */
+  if (s->positional && !pos_given && !strstr (s->command, "-add") &&
+      !strstr (s->command, "-create"))
+    complete_names (sock, s->group);
+  return 0;
+}
+
 int
 main (int argc, char **argv)
 {
@@ -1030,6 +1164,12 @@ main (int argc, char **argv)
       usage (stdout);
       return 0;
     }
+    else if (strcmp (argv[i], "--version") == 0) {
+      printf ("cbw %s\n", CBW_VERSION);
+      return 0;
+    }
+    else if (strcmp (argv[i], "--complete") == 0)
+      return complete (sock && sock[0] ? sock : DEFAULT_SOCKET, argc - i - 1, argv + i + 1);
     else
       return usage_error ("unknown option %s%s", argv[i], "");
   }

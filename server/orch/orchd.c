@@ -22,7 +22,7 @@ usage (FILE *fp)
            "usage: cbwd-orch --state-dir DIR [--socket PATH] [--module-dir DIR]\n"
            "                 [--nbdkit 'CMD ...'] [--start-timeout SECS] [--stop-disks]\n"
            "                 [--plugin chain|file]\n"
-           "       cbwd-orch --control-docs\n"
+           "       cbwd-orch --control-docs | --version\n"
            "Serves the cbwd control API on PATH (default DIR/control.sock).\n"
            "The environment variable CBW_NBDKIT overrides the nbdkit command.\n");
 }
@@ -40,6 +40,7 @@ main (int argc, char **argv)
     { "plugin", required_argument, NULL, 'p' },
     { "control-docs", no_argument, NULL, 'D' },
     { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
     { NULL }
   };
   struct cbw_orch_config cfg = { .nbdkit = getenv ("CBW_NBDKIT") };
@@ -63,6 +64,7 @@ main (int argc, char **argv)
       return 0;
     }
     case 'h': usage (stdout); return 0;
+    case 'V': printf ("cbwd-orch %s\n", CBW_VERSION); return 0;
     default: usage (stderr); return 2;
     }
   }
