@@ -78,6 +78,7 @@ main (int argc, char **argv)
   printf ("fine checkpoint (8 GiB image, 64 KiB granularity, 16 KiB bitmap): %.2f ms\n",
           (now () - t0) * 1e3);
   dbm_tracker_close (t, true, &err);
-  system (cmd);
+  if (system (cmd) != 0)          /* remove the scratch directory */
+    fprintf (stderr, "%s: could not remove\n", argv[1]);
   return 0;
 }
