@@ -12,6 +12,7 @@ CBW_PACKAGES=(
   libuv1-dev libcriterion-dev libjson-c-dev libxxhash-dev
   qemu-utils qemu-system-common fio hyperfine jq python3 perl
   clang libclang-rt-dev util-linux procps psmisc
+  debhelper dpkg-dev lintian systemd man-db
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
