@@ -122,8 +122,12 @@ main (int argc, char **argv)
     case 'S': state_dir = optarg; break;
     case 'C': control = optarg; break;
     case 'M': module_dir = optarg; break;
-    case 'h': usage (stdout); return 0;
-    case 'V': printf ("cbwd %s\n", CBW_VERSION); return 0;
+    case 'h': usage (stdout); free (listens); free (exports); return 0;
+    case 'V':
+      printf ("cbwd %s\n", CBW_VERSION);
+      free (listens);
+      free (exports);
+      return 0;
     default: usage (stderr); return 2;
     }
   }
