@@ -122,6 +122,14 @@ kill "$NBDKIT_PID"; wait "$NBDKIT_PID" 2>/dev/null || true
 # directories created for it, a notify socket to report readiness on.
 read -r -a EXEC <<<"$(sed -n 's/^ExecStart=//p' "$UNIT")"
 assert_eq "ExecStart config" "/etc/cbw/cbwd.json" "$(printf '%s\n' "${EXEC[@]}" | grep -x /etc/cbw/cbwd.json)"
+# The default config's commented example, once its two marker lines are
+# deleted as it says, is valid for cbwd's parser (it gets as far as asking
+# for the orchestrator, which this check leaves out on purpose).
+grep -v 'delete this line' /etc/cbw/cbwd.json >"$T/example.json"
+cbwd --config "$T/example.json" --listen "unix:$T/example.sock" >"$T/example.out" 2>&1 &&
+  fail "cbwd accepted disks without the orchestrator"
+grep -q '"disks" needs the orchestrator' "$T/example.out" ||
+  fail "the config example does not parse: $(cat "$T/example.out")"
 install -d -m 0700 /var/lib/cbwd
 install -d -m 0755 /run/cbwd
 python3 - "$T/notify.sock" "$T/notify.log" <<'PYEOF' &
