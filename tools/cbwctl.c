@@ -24,6 +24,7 @@ usage (FILE *f)
 {
   fprintf (f,
            "usage: cbwctl [--timeout SECS] [--raw] SOCKET COMMAND ['{JSON arguments}']\n"
+           "       cbwctl --help | --version\n"
            "Send one command to a cbw control socket and print the reply.\n"
            "Try COMMAND query-commands to list what a socket understands.\n");
 }
