@@ -167,6 +167,7 @@ cbw_bitmap_init (struct cbw_bitmap *bm, uint64_t nbits)
   bm->nwords = div_up64 (nbits);
   bm->words = words;
   bm->summary = summary;
+  bm->external_words = false;
   return 0;
 }
 
@@ -175,10 +176,12 @@ cbw_bitmap_free (struct cbw_bitmap *bm)
 {
   if (bm == NULL)
     return;
-  free (bm->words);
+  if (!bm->external_words)
+    free (bm->words);
   free (bm->summary);
   bm->words = bm->summary = NULL;
   bm->nbits = bm->nwords = 0;
+  bm->external_words = false;
 }
 
 int
@@ -193,13 +196,15 @@ cbw_bitmap_resize (struct cbw_bitmap *bm, uint64_t nbits)
   n.nwords = div_up64 (nbits);
   n.words = words;
   n.summary = summary;
+  n.external_words = false;
   keep = n.nwords < bm->nwords ? n.nwords : bm->nwords;
   if (keep)
     memcpy (n.words, bm->words, keep * sizeof (uint64_t));
   if (nbits % 64 && n.nwords <= bm->nwords)
     n.words[n.nwords - 1] &= bit_mask_below (nbits % 64);
   summary_rebuild (&n);
-  free (bm->words);
+  if (!bm->external_words)
+    free (bm->words);
   free (bm->summary);
   *bm = n;
   return 0;
@@ -215,6 +220,19 @@ cbw_bitmap_copy (struct cbw_bitmap *dst, const struct cbw_bitmap *src)
     memcpy (dst->summary, src->summary, div_up64 (src->nwords) * sizeof (uint64_t));
   }
   return 0;
+}
+
+void
+cbw_bitmap_use_external_words (struct cbw_bitmap *bm, uint64_t *words)
+{
+  if (bm->words == words)
+    return;
+  if (bm->nwords)
+    memcpy (words, bm->words, bm->nwords * sizeof (uint64_t));
+  if (!bm->external_words)
+    free (bm->words);
+  bm->words = words;
+  bm->external_words = true;
 }
 
 void

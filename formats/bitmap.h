@@ -29,6 +29,8 @@ struct cbw_bitmap {
   uint64_t nwords;        /* ceil(nbits / 64) */
   uint64_t *words;
   uint64_t *summary;      /* ceil(nwords / 64) words */
+  bool external_words;    /* words belong to the caller (e.g. a file
+                           * mapping): free/resize leave them alone */
 };
 
 /* Initialise an all-clear map of nbits bits.  0, or -1 with errno (ENOMEM,
@@ -40,6 +42,14 @@ int cbw_bitmap_resize (struct cbw_bitmap *bm, uint64_t nbits);
 /* dst is treated as uninitialised: it is initialised to a copy of src
  * (free it first if it held a map). 0 or -1/errno. */
 int cbw_bitmap_copy (struct cbw_bitmap *dst, const struct cbw_bitmap *src);
+
+/* Move the bits into caller-owned memory of nwords words (e.g. a MAP_SHARED
+ * file mapping): copies the current words there, releases the map's own
+ * words (if it owned them) and uses words from now on; cbw_bitmap_free() then
+ * frees only the summary.  May be called again to move to other memory.  The
+ * caller serialises it with every other use of bm, and keeps words valid
+ * until the map is freed or moved again. */
+void cbw_bitmap_use_external_words (struct cbw_bitmap *bm, uint64_t *words);
 
 /* Ranges are [start, start+count); ranges past nbits are clipped. */
 void cbw_bitmap_set_range (struct cbw_bitmap *bm, uint64_t start, uint64_t count);

@@ -499,3 +499,31 @@ Test (bitmap, atomic_concurrent)
     cr_assert_eq (cbw_bitmap_test (&bm, i), i % 4 != 3, "bit %lu", (unsigned long) i);
   cbw_bitmap_free (&bm);
 }
+
+/* Words moved to caller memory keep their bits, take new ones there, and are
+ * not freed by the map (the caller's buffer is checked after the free). */
+Test (bitmap, external_words)
+{
+  struct cbw_bitmap bm;
+  uint64_t *a = calloc (3, sizeof *a), *b = calloc (3, sizeof *b);
+
+  cr_assert_eq (cbw_bitmap_init (&bm, 150), 0);
+  cbw_bitmap_set_range (&bm, 3, 2);
+  cbw_bitmap_use_external_words (&bm, a);
+  cr_assert (bm.external_words);
+  cr_assert_eq (a[0], 0x18);
+  cbw_bitmap_set_range_atomic (&bm, 140, 5);
+  cr_assert_eq (a[2], 0x1fULL << 12);
+  cr_assert_eq (cbw_bitmap_count (&bm), 7);
+  cr_assert_eq (cbw_bitmap_next_set (&bm, 5), 140, "summary kept");
+  cbw_bitmap_use_external_words (&bm, b);        /* external to external */
+  cr_assert_eq (b[0], 0x18);
+  cr_assert_eq (b[2], 0x1fULL << 12);
+  cbw_bitmap_clear_range (&bm, 3, 1);
+  cr_assert_eq (b[0], 0x10);
+  cr_assert_eq (a[0], 0x18, "old memory no longer written");
+  cbw_bitmap_free (&bm);
+  cr_assert_eq (b[2], 0x1fULL << 12, "caller memory not freed");
+  free (a);
+  free (b);
+}

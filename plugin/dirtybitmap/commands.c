@@ -231,6 +231,7 @@ do_info (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   dbm_tracker_stats (data, &s);
   json_object_object_add (o, "descriptor", json_object_new_string (s.descriptor));
   json_object_object_add (o, "journal", json_object_new_string (s.journal));
+  json_object_object_add (o, "livemap", json_object_new_boolean (s.livemap));
   json_object_object_add (o, "image-size", json_object_new_int64 ((int64_t) s.image_size));
   json_object_object_add (o, "region-size", json_object_new_int64 ((int64_t) s.region_size));
   json_object_object_add (o, "regions", json_object_new_int64 ((int64_t) s.nregions));
@@ -315,8 +316,10 @@ static const struct cbw_ctl_command commands[] = {
   { "info", do_info, no_args,
     "State of the filter's storage: descriptor and journal paths, image and region size, "
     "regions set in the journal, counters, and how the bitmaps were recovered at startup "
-    "(\"clean\", \"journal\" or \"all-dirty\").",
-    "`{\"descriptor\", \"journal\", \"image-size\", \"region-size\", \"regions\", "
+    "(\"clean\", \"map\": exact, from the live-bitmap map after a process crash, "
+    "\"journal\": whole regions, or \"all-dirty\"); \"livemap\" says whether the "
+    "live bitmaps are kept in the map file (false: a crash recovers from the journal).",
+    "`{\"descriptor\", \"journal\", \"livemap\", \"image-size\", \"region-size\", \"regions\", "
     "\"journal-regions\", \"journal-writes\", \"checkpoints\", \"recovery\"}`" },
   { NULL },
 };

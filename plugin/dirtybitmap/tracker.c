@@ -33,7 +33,21 @@
  * the copy, so every write is in the durable bitmaps or its region is in the
  * durable journal, at every instant.
  *
- * Two copies of every bitmap: live[] (in memory, written by the data path)
+ * Exact after a process crash.  The words of the live bitmaps are not in
+ * ordinary memory but in a MAP_SHARED mapping of DESCRIPTOR.livemap
+ * (livemap.h), so the atomic OR that records a write before it goes down is
+ * in the page cache at once and survives kill -9: recovery ORs the map into
+ * the saved bitmaps and the journal's coarse regions are not needed.  The
+ * map's header holds the boot id and the descriptor generation it belongs
+ * to (updated around every save), so after a reboot, or when another
+ * process saved the store since, it is ignored and the journal is used: the
+ * journal is still written exactly as before, for power loss.  The hot path
+ * costs the same either way (the words just live elsewhere).  A change of
+ * the bitmap list (add/remove) moves every live bitmap into a new map file
+ * (livemap_rebuild); if that fails the old map is invalidated, never left
+ * half-true, and recovery falls back to the journal.
+ *
+ * Two copies of every bitmap: live[] (in the map, written by the data path)
  * and the store's (formats/bitmap_store, the save buffer).  The store is only
  * touched under ckpt_lock, so it can be saved without blocking the data
  * path; a checkpoint copies live[] into it under bm_lock first.
@@ -43,7 +57,9 @@
  *              only; held across the bitmap save, no I/O thread waits on it);
  *   bm_lock    rwlock: read by writers while they test marks and set bits,
  *              write by control ops and the checkpoint copy.  Guards the
- *              live bitmaps (live[], nlive, n_enabled);
+ *              live bitmaps (live[], nlive, n_enabled) and where their words
+ *              are (map: changed under ckpt_lock + bm_lock write, so either
+ *              lock is enough to read it);
  *   j_lock     guards marks (written under it; read lock-free with atomics),
  *              guaranteed, jset, pending, writer_active and counters;
  *              j_cond signals the end of a journal write.
@@ -63,6 +79,7 @@
 #include "bitmap_store.h"
 #include "cleanup.h"
 #include "journal.h"
+#include "livemap.h"
 #include "powerloss.h"
 #include "tracker.h"
 
@@ -78,6 +95,9 @@ struct live_bitmap {
 struct dbm_tracker {
   struct cbw_bitmap_store *st;        /* ckpt_lock */
   char *journal_path;
+  char *livemap_path;
+  struct dbm_livemap *map;            /* ckpt_lock + bm_lock (see above) */
+  bool map_valid;                     /* map is published and trusted; atomics */
   uint64_t image_size, region_size, nregions;
   size_t jbytes;                      /* ceil(nregions / 8) */
   dbm_log_fn log;
@@ -118,6 +138,7 @@ dbm_recovery_name (enum dbm_recovery r)
   case DBM_RECOVERED_CLEAN: return "clean";
   case DBM_RECOVERED_JOURNAL: return "journal";
   case DBM_RECOVERED_ALL_DIRTY: return "all-dirty";
+  case DBM_RECOVERED_MAP: return "map";
   }
   return "?";
 }
@@ -373,9 +394,12 @@ checkpoint_locked (struct dbm_tracker *t, enum cbw_bitmap_state state,
   }
   pthread_rwlock_unlock (&t->bm_lock);
 
-  /* 3. durable save (I/O; only ckpt_lock held) */
+  /* 3. durable save (I/O; only ckpt_lock held); the map follows the
+   *    descriptor's generation so that recovery can tell it is current */
+  dbm_livemap_saving (t->map, t->st->generation + 1);
   ret = cbw_bitmap_store_save (t->st, err);
   if (ret == 0) {
+    dbm_livemap_saved (t->map, t->st->generation);
     pthread_rwlock_wrlock (&t->bm_lock);
     for (i = 0; i < t->nlive; ++i) {
       t->live[i].state = state;
@@ -560,6 +584,8 @@ tracker_free (struct dbm_tracker *t)
       cbw_bitmap_free (&t->live[i].bits);
     free (t->live);
   }
+  dbm_livemap_close (t->map, false);     /* after the bitmaps using it */
+  free (t->livemap_path);
   free (t->marks);
   free (t->guaranteed);
   free (t->jset);
@@ -568,15 +594,133 @@ tracker_free (struct dbm_tracker *t)
   free (t);
 }
 
-/* After an unclean shutdown: OR the journal's regions into every enabled
- * in-use bitmap; if the journal is unusable, set those bitmaps full. */
+/* OR a trusted map's bitmap into b.  false (b untouched) if the slot's bits
+ * are not a valid map of b's size. */
+static bool
+merge_slot (struct cbw_stored_bitmap *b, const struct dbm_livemap_slot *sl)
+{
+  struct cbw_bitmap tmp;
+  bool ok;
+
+  if (cbw_bitmap_init (&tmp, sl->nbits) < 0)
+    return false;
+  ok = cbw_bitmap_deserialize (&tmp, sl->words, (sl->nbits + 7) / 8) == 0 &&
+       cbw_bitmap_or (&b->bits, &tmp) == 0;
+  cbw_bitmap_free (&tmp);
+  return ok;
+}
+
+/* After a process crash the map of the dead process holds every bit it set:
+ * OR it into each enabled in-use bitmap it has a slot for (covered[i]).
+ * Returns how many it covered; 0 if the map is missing or not trusted. */
+static size_t
+recover_from_map (struct dbm_tracker *t, bool *covered)
+{
+  struct dbm_livemap_loaded *l;
+  struct cbw_err merr = { 0 };
+  size_t i, k, n = 0;
+
+  if (t->livemap_path == NULL)
+    return 0;
+  if (dbm_livemap_load (t->livemap_path, t->image_size, t->st->generation, &l, &merr) < 0) {
+    if (merr.errnum != ENOENT)
+      tlog (t, "%s: live-bitmap map not used, recovering from the journal: %s",
+            t->st->descriptor_path, merr.msg);
+    return 0;
+  }
+  for (i = 0; i < t->st->count; ++i) {
+    struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
+    if (b->state != CBW_BITMAP_IN_USE || !b->enabled)
+      continue;
+    for (k = 0; k < l->n; ++k)
+      if (strcmp (l->slots[k].name, b->name) == 0)
+        break;
+    if (k == l->n || l->slots[k].granularity != b->granularity ||
+        l->slots[k].nbits != b->bits.nbits) {
+      tlog (t, "%s: bitmap '%s' is not in the live-bitmap map: recovering it from "
+            "the journal", t->st->descriptor_path, b->name);
+      continue;
+    }
+    if (!merge_slot (b, &l->slots[k])) {
+      tlog (t, "%s: bitmap '%s': malformed bits in the live-bitmap map: recovering it "
+            "from the journal", t->st->descriptor_path, b->name);
+      continue;
+    }
+    covered[i] = true;
+    n++;
+  }
+  dbm_livemap_unload (l);
+  return n;
+}
+
+/* Move every live bitmap into a new map file, after open and after each
+ * change of the bitmap list (ckpt_lock held, which keeps the list stable;
+ * bm_lock is taken only for the switch).  If that fails, the old map is
+ * invalidated (it no longer describes the list) and the bitmaps not in a map
+ * stay in ordinary memory: recovery then uses the journal, as it does for
+ * anything the map cannot vouch for. */
+static void
+livemap_rebuild (struct dbm_tracker *t)
+{
+  CLEANUP_FREE struct dbm_livemap_slot *slots = NULL;
+  struct dbm_livemap *m, *old;
+  struct cbw_err err = { 0 };
+  size_t i;
+
+  slots = calloc (t->nlive ? t->nlive : 1, sizeof *slots);
+  if (slots == NULL) {
+    cbw_err_set (&err, ENOMEM, "out of memory");
+    m = NULL;
+  }
+  else {
+    for (i = 0; i < t->nlive; ++i) {
+      slots[i].name = t->live[i].name;
+      slots[i].granularity = t->live[i].granularity;
+      slots[i].nbits = t->live[i].bits.nbits;
+    }
+    m = dbm_livemap_create (t->livemap_path, t->image_size, t->st->generation,
+                            t->nlive, slots, &err);
+  }
+  if (m == NULL) {
+    tlog (t, "WARNING: %s: cannot create the live-bitmap map (%s): after a crash the "
+          "bitmaps will be recovered from the journal (whole regions)",
+          t->livemap_path, err.msg);
+    pthread_rwlock_wrlock (&t->bm_lock);
+    dbm_livemap_invalidate (t->map);
+    pthread_rwlock_unlock (&t->bm_lock);
+    __atomic_store_n (&t->map_valid, false, __ATOMIC_RELAXED);
+    return;
+  }
+  /* copy the bits and switch with no write between test and set */
+  pthread_rwlock_wrlock (&t->bm_lock);
+  for (i = 0; i < t->nlive; ++i)
+    cbw_bitmap_use_external_words (&t->live[i].bits, slots[i].words);
+  dbm_livemap_invalidate (t->map);
+  old = t->map;
+  t->map = m;
+  pthread_rwlock_unlock (&t->bm_lock);
+  if (dbm_livemap_publish (m, &err) < 0) {
+    tlog (t, "WARNING: %s (after a crash the bitmaps will be recovered from the "
+          "journal)", err.msg);
+    dbm_livemap_invalidate (m);
+    __atomic_store_n (&t->map_valid, false, __ATOMIC_RELAXED);
+  }
+  else
+    __atomic_store_n (&t->map_valid, true, __ATOMIC_RELAXED);
+  dbm_livemap_close (old, false);
+}
+
+/* After an unclean shutdown: OR the live-bitmap map (process crash: exact)
+ * or else the journal's regions into every enabled in-use bitmap; if neither
+ * is usable, set those bitmaps full. */
 static void
 recover (struct dbm_tracker *t)
 {
   struct dbm_journal_state js;
   struct cbw_err jerr = { 0 };
-  size_t i, need = 0;
+  size_t i, need = 0, from_map;
   uint64_t r;
+  CLEANUP_FREE bool *covered = NULL;
 
   for (i = 0; i < t->st->count; ++i)
     if (t->st->bitmaps[i].state == CBW_BITMAP_IN_USE && t->st->bitmaps[i].enabled)
@@ -585,6 +729,15 @@ recover (struct dbm_tracker *t)
     t->recovery = DBM_RECOVERED_CLEAN;
     return;
   }
+  covered = calloc (t->st->count, sizeof *covered);
+  from_map = covered ? recover_from_map (t, covered) : 0;
+  if (need > 0 && from_map == need) {
+    t->recovery = DBM_RECOVERED_MAP;
+    tlog (t, "%s: unclean shutdown (process crash): merged the live-bitmap map %s "
+          "into %zu bitmap(s), exact", t->st->descriptor_path, t->livemap_path, need);
+    return;
+  }
+  need -= from_map;                      /* the rest come from the journal */
   if (dbm_journal_read (t->journal_path, &js, &jerr) < 0) {
     t->recovery = DBM_RECOVERED_ALL_DIRTY;
     tlog (t, "WARNING: %s: unclean shutdown and the journal is unusable (%s): "
@@ -592,7 +745,7 @@ recover (struct dbm_tracker *t)
           jerr.msg, need);
     for (i = 0; i < t->st->count; ++i) {
       struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
-      if (b->state == CBW_BITMAP_IN_USE && b->enabled)
+      if (b->state == CBW_BITMAP_IN_USE && b->enabled && !(covered && covered[i]))
         cbw_bitmap_set_range (&b->bits, 0, b->bits.nbits);
     }
     return;
@@ -612,7 +765,7 @@ recover (struct dbm_tracker *t)
       len = t->image_size - off;
     for (i = 0; i < t->st->count; ++i) {
       struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
-      if (b->state == CBW_BITMAP_IN_USE && b->enabled)
+      if (b->state == CBW_BITMAP_IN_USE && b->enabled && !(covered && covered[i]))
         set_bytes (&b->bits, b->granularity, off, len);
     }
   }
@@ -620,7 +773,7 @@ recover (struct dbm_tracker *t)
   if (js.image_size < t->image_size) {
     for (i = 0; i < t->st->count; ++i) {
       struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
-      if (b->state == CBW_BITMAP_IN_USE && b->enabled)
+      if (b->state == CBW_BITMAP_IN_USE && b->enabled && !(covered && covered[i]))
         set_bytes (&b->bits, b->granularity, js.image_size, t->image_size - js.image_size);
     }
   }
@@ -671,12 +824,14 @@ dbm_tracker_open (const char *descriptor, const char *journal_path,
   }
   t->jbytes = (size_t) ((t->nregions + 7) / 8);
   t->journal_path = strdup (journal_path);
+  if (asprintf (&t->livemap_path, "%s.livemap", descriptor) < 0)
+    t->livemap_path = NULL;
   t->marks = calloc (t->nregions, 1);
   t->guaranteed = calloc (t->jbytes, 1);
   t->jset = calloc (t->jbytes, 1);
   t->pending = calloc (t->jbytes, 1);
   t->live = calloc (CBW_BITMAP_MAX_COUNT, sizeof *t->live);
-  if (!t->journal_path || !t->marks || !t->guaranteed || !t->jset || !t->pending || !t->live) {
+  if (!t->journal_path || !t->livemap_path || !t->marks || !t->guaranteed || !t->jset || !t->pending || !t->live) {
     cbw_err_set (err, ENOMEM, "out of memory");
     goto fail;
   }
@@ -721,6 +876,12 @@ dbm_tracker_open (const char *descriptor, const char *journal_path,
   t->journal = dbm_journal_create (journal_path, image_size, region_size, err);
   if (t->journal == NULL)
     goto fail;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
+    livemap_rebuild (t);
+    if (!t->map_valid)
+      unlink (t->livemap_path);   /* a map of an older life is never wanted */
+  }
   return t;
 
  fail:
@@ -749,6 +910,14 @@ dbm_tracker_close (struct dbm_tracker *t, bool clean, struct cbw_err *err)
       else if (memcmp (empty, t->jset, t->jbytes) != 0)
         ret = journal_write_locked (t, empty, err);
       pthread_mutex_unlock (&t->j_lock);
+    }
+    if (ret == 0) {
+      /* clean on disk: the map is not needed (nor trusted) any more */
+      if (t->map_valid)
+        dbm_livemap_close (t->map, true);
+      else
+        dbm_livemap_close (t->map, false);
+      t->map = NULL;
     }
     pthread_mutex_unlock (&t->ckpt_lock);
   }
@@ -818,6 +987,7 @@ dbm_tracker_add (struct dbm_tracker *t, const char *name, uint64_t granularity,
   if (enabled)
     t->n_enabled++;
   pthread_rwlock_unlock (&t->bm_lock);
+  livemap_rebuild (t);
   return persist (t, "add", err);
 }
 
@@ -841,6 +1011,7 @@ dbm_tracker_remove (struct dbm_tracker *t, const char *name, struct cbw_err *err
   t->nlive--;
   pthread_rwlock_unlock (&t->bm_lock);
   cbw_bitmap_free (&gone);
+  livemap_rebuild (t);
   if (cbw_bitmap_store_remove (t->st, name, err) < 0)
     return -1;
   return persist (t, "remove", err);
@@ -1037,6 +1208,7 @@ dbm_tracker_stats (struct dbm_tracker *t, struct dbm_tracker_stats *s)
   s->journal_waits = t->journal_waits;
   s->checkpoints = t->checkpoints;
   s->recovery = t->recovery;
+  s->livemap = __atomic_load_n (&t->map_valid, __ATOMIC_RELAXED);
   s->descriptor = t->st->descriptor_path;
   s->journal = t->journal_path;
 }

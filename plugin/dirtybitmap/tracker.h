@@ -27,12 +27,16 @@ enum dbm_recovery {
   DBM_RECOVERED_CLEAN = 0,     /* clean shutdown (or no bitmaps): nothing to do */
   DBM_RECOVERED_JOURNAL,       /* unclean: journal regions merged into bitmaps */
   DBM_RECOVERED_ALL_DIRTY,     /* unclean and journal unusable: bitmaps set full */
+  DBM_RECOVERED_MAP,           /* process crash: the live-bitmap map merged (exact) */
 };
 const char *dbm_recovery_name (enum dbm_recovery r);
 
 /* Open the store at descriptor (locking it), recover after an unclean
- * shutdown, save every bitmap as "in-use" and start an empty journal at
- * journal_path.  Nothing on disk changes if the store cannot be opened. */
+ * shutdown, save every bitmap as "in-use", start an empty journal at
+ * journal_path and put the live bitmaps into the map DESCRIPTOR.livemap
+ * (livemap.h).  Recovery uses the map when it is trusted (same boot, same
+ * descriptor generation: the last writer's process died), else the journal.
+ * Nothing on disk changes if the store cannot be opened. */
 struct dbm_tracker *dbm_tracker_open (const char *descriptor,
                                       const char *journal_path,
                                       uint64_t image_size,
@@ -111,6 +115,7 @@ struct dbm_tracker_stats {
   uint64_t journal_waits;         /* writes that waited for one */
   uint64_t checkpoints;           /* fine checkpoints since open */
   enum dbm_recovery recovery;
+  bool livemap;                   /* live bitmaps are in the map file */
   const char *descriptor, *journal;
 };
 void dbm_tracker_stats (struct dbm_tracker *t, struct dbm_tracker_stats *s);

@@ -1,10 +1,13 @@
 /* cbw — plugin/dirtybitmap/tests/test_tracker.c: unit tests of the tracker
  * (tracker.c): recording, extents, control operations, recovery after an
- * unclean close (journal merge, unusable journal → all dirty), and recording
+ * unclean close (live-bitmap map after a process crash: exact; after a
+ * simulated reboot, or with a corrupt, stale or foreign map: journal merge;
+ * unusable journal → all dirty), and recording
  * from many threads while checkpoints run, checked against a model.
  * Each test uses its own temporary directory. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <inttypes.h>
@@ -14,11 +17,12 @@
 
 #include "bitmap.h"
 #include "journal.h"
+#include "livemap.h"
 #include "tracker.h"
 
 #define MiB (1ULL << 20)
 
-static char dir[64], desc[128], jpath[160];
+static char dir[64], desc[128], jpath[160], mpath[160];
 
 static void
 setup (void)
@@ -27,7 +31,20 @@ setup (void)
   cr_assert_not_null (mkdtemp (dir));
   snprintf (desc, sizeof desc, "%s/d.json", dir);
   snprintf (jpath, sizeof jpath, "%s/d.json.journal", dir);
+  snprintf (mpath, sizeof mpath, "%s/d.json.livemap", dir);
   unsetenv ("CBW_TEST_POWERLOSS_DIR");
+  unsetenv (DBM_LIVEMAP_BOOT_ID_ENV);
+}
+
+/* The next open happens "after a reboot": the live-bitmap map, whatever it
+ * holds, is from another boot and must not be used. */
+static void
+simulate_reboot (void)
+{
+  static unsigned n;
+  char id[40];
+  snprintf (id, sizeof id, "test-boot-%u", ++n);
+  setenv (DBM_LIVEMAP_BOOT_ID_ENV, id, 1);
 }
 
 static void
@@ -215,6 +232,7 @@ Test (tracker, unclean_close_recovers_from_journal)
   cr_assert_eq (dbm_tracker_set_enabled (t, "off", false, &err), 0);   /* saves */
   cr_assert_eq (dbm_tracker_record (t, 100 * MiB + 7, 3, &err), 0);    /* region 12 */
   cr_assert_eq (dbm_tracker_close (t, false, &err), 0);               /* "crash" */
+  simulate_reboot ();                          /* the map is not used */
 
   t = topen (size, region);
   struct dbm_tracker_stats s;
@@ -242,6 +260,7 @@ Test (tracker, unusable_journal_means_all_dirty)
   cr_assert_eq (dbm_tracker_add (t, "b", 65536, true, &err), 0);
   cr_assert_eq (dbm_tracker_record (t, 0, 1, &err), 0);
   dbm_tracker_close (t, false, &err);
+  simulate_reboot ();
   cr_assert_eq (truncate (jpath, 100), 0);
   t = topen (32 * MiB, MiB);
   struct dbm_tracker_stats s;
@@ -382,6 +401,7 @@ Test (tracker, sequential_writer_marks_ahead)
   /* crash: everything written is dirty, the rest of the over-report is
    * whole regions ahead of the writer */
   cr_assert_eq (dbm_tracker_close (t, false, &err), 0);
+  simulate_reboot ();
   t = topen (size, region);
   dbm_tracker_stats (t, &s);
   cr_assert_eq (s.recovery, DBM_RECOVERED_JOURNAL);
@@ -430,5 +450,242 @@ Test (tracker, sequential_writer_prefetch_in_background)
   extents_to_model (t, "b", 65536, &m);
   cr_assert (cbw_bitmap_all_in_range (&m, 0, size / 65536));
   cbw_bitmap_free (&m);
+  dbm_tracker_close (t, true, &err);
+}
+
+/* ---- live-bitmap map ------------------------------------------------------ */
+
+/* Random writes of 512 B..64 KiB over the image with the journal's 8 MiB
+ * regions: returns how many granules of gran they touch (model in *m). */
+static void
+scatter_writes (struct dbm_tracker *t, uint64_t size, uint64_t gran, unsigned n,
+                unsigned seed, struct cbw_bitmap *m)
+{
+  struct cbw_err err = { 0 };
+
+  cr_assert_eq (cbw_bitmap_init (m, size / gran + (size % gran != 0)), 0);
+  for (unsigned i = 0; i < n; ++i) {
+    uint64_t len = 512 * (1 + rand_r (&seed) % 128);
+    uint64_t off = ((uint64_t) rand_r (&seed) * 4096) % (size - len);
+    cr_assert_eq (dbm_tracker_record (t, off, len, &err), 0, "%s", err.msg);
+    cbw_bitmap_set_range (m, off / gran, (off + len - 1) / gran - off / gran + 1);
+  }
+}
+
+static void
+assert_same (struct dbm_tracker *t, const char *name, uint64_t gran,
+             const struct cbw_bitmap *want)
+{
+  struct cbw_bitmap got;
+  extents_to_model (t, name, gran, &got);
+  cr_assert_eq (cbw_bitmap_count (&got), cbw_bitmap_count (want),
+                "'%s': %" PRIu64 " granules dirty, %" PRIu64 " written", name,
+                cbw_bitmap_count (&got), cbw_bitmap_count (want));
+  for (uint64_t g = 0; g < want->nbits; ++g)
+    cr_assert_eq (cbw_bitmap_test (&got, g), cbw_bitmap_test (want, g), "granule %" PRIu64, g);
+  cbw_bitmap_free (&got);
+}
+
+/* A process crash keeps the page cache: the bitmaps come back exactly as
+ * written, not as whole journal regions, before and after a checkpoint, for
+ * bitmaps of different granularities, and a disabled bitmap stays as it was. */
+Test (tracker, livemap_exact_after_process_crash)
+{
+  struct cbw_err err = { 0 };
+  uint64_t size = 1024 * MiB, region = 8 * MiB;
+  struct dbm_tracker *t = topen (size, region);
+  struct dbm_tracker_stats s;
+  struct cbw_bitmap m64, m4k, tail;
+
+  cr_assert_eq (dbm_tracker_add (t, "a", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_add (t, "off", 65536, false, &err), 0, "%s", err.msg);
+  dbm_tracker_stats (t, &s);
+  cr_assert (s.livemap, "live bitmaps not in the map");
+  scatter_writes (t, size, 65536, 300, 1, &m64);
+  cr_assert_eq (dbm_tracker_checkpoint (t, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_add (t, "b", 4096, true, &err), 0, "%s", err.msg);
+  /* after the checkpoint: only in the live bitmaps and the journal */
+  scatter_writes (t, size, 65536, 300, 2, &tail);
+  cr_assert_eq (cbw_bitmap_or (&m64, &tail), 0);
+  cbw_bitmap_free (&tail);
+  cr_assert_eq (cbw_bitmap_init (&m4k, size / 4096), 0);
+  {
+    unsigned seed = 2;          /* the same writes at 4 KiB */
+    for (unsigned i = 0; i < 300; ++i) {
+      uint64_t len = 512 * (1 + rand_r (&seed) % 128);
+      uint64_t off = ((uint64_t) rand_r (&seed) * 4096) % (size - len);
+      cbw_bitmap_set_range (&m4k, off / 4096, (off + len - 1) / 4096 - off / 4096 + 1);
+    }
+  }
+  dbm_tracker_stats (t, &s);
+  cr_assert_gt (s.journal_regions, 64, "writes not scattered over the regions");
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);             /* kill -9 */
+
+  t = topen (size, region);
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_MAP, "recovery %s", dbm_recovery_name (s.recovery));
+  assert_same (t, "a", 65536, &m64);
+  assert_same (t, "b", 4096, &m4k);
+  struct cbw_bitmap none;
+  cr_assert_eq (cbw_bitmap_init (&none, size / 65536), 0);
+  assert_same (t, "off", 65536, &none);
+
+  /* and a second crash right after the recovery is exact too */
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);
+  t = topen (size, region);
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_MAP);
+  assert_same (t, "a", 65536, &m64);
+  dbm_tracker_close (t, true, &err);
+  cr_assert_neq (access (mpath, F_OK), 0, "map left behind by a clean close");
+  cbw_bitmap_free (&m64);
+  cbw_bitmap_free (&m4k);
+  cbw_bitmap_free (&none);
+}
+
+/* Crash, then damage the map in one way: recovery must ignore it, say why,
+ * and fall back to the journal (whole regions, never less). */
+static void
+crash_damage_recover (void (*damage) (void), const char *why)
+{
+  struct cbw_err err = { 0 };
+  uint64_t size = 256 * MiB, region = 8 * MiB;
+  struct dbm_tracker *t;
+  struct dbm_tracker_stats s;
+  struct cbw_bitmap m, got;
+
+  teardown ();                  /* a fresh store for each case */
+  setup ();
+  t = topen (size, region);
+
+  cr_assert_eq (dbm_tracker_add (t, "a", 65536, true, &err), 0, "%s", err.msg);
+  dbm_tracker_stats (t, &s);
+  cr_assert (s.livemap);
+  scatter_writes (t, size, 65536, 50, 7, &m);
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);
+  damage ();
+  t = topen (size, region);
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_JOURNAL, "%s: recovery %s", why,
+                dbm_recovery_name (s.recovery));
+  extents_to_model (t, "a", 65536, &got);
+  for (uint64_t g = 0; g < m.nbits; ++g)
+    if (cbw_bitmap_test (&m, g))
+      cr_assert (cbw_bitmap_all_in_range (&got, g / 128 * 128, 128),
+                 "%s: region of granule %" PRIu64 " not dirty", why, g);
+  cbw_bitmap_free (&got);
+  cbw_bitmap_free (&m);
+  dbm_tracker_close (t, true, &err);
+}
+
+static void flip_byte (off_t at)
+{
+  int fd = open (mpath, O_RDWR);
+  unsigned char c;
+  cr_assert_geq (fd, 0);
+  cr_assert_eq (pread (fd, &c, 1, at), 1);
+  c ^= 0x40;
+  cr_assert_eq (pwrite (fd, &c, 1, at), 1);
+  close (fd);
+}
+static void dmg_short (void) { cr_assert_eq (truncate (mpath, 100), 0); }
+static void dmg_cut (void) { cr_assert_eq (truncate (mpath, 4096), 0); }
+static void dmg_grown (void) { cr_assert_eq (truncate (mpath, 1 << 20), 0); }
+static void dmg_magic (void) { flip_byte (1); }
+static void dmg_slot (void) { flip_byte (128 + 145); }     /* slot 0's nbits */
+static void dmg_version (void) { flip_byte (8); }
+static void dmg_reboot (void) { simulate_reboot (); }
+static void
+dmg_garbage (void)
+{
+  char cmd[256];
+  snprintf (cmd, sizeof cmd, "head -c 65536 /dev/urandom > '%s'", mpath);
+  cr_assert_eq (system (cmd), 0);
+}
+/* a well-formed map with a valid checksum, for another image size */
+static void
+dmg_foreign_size (void)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_livemap_slot sl = { "a", 65536, 512 * MiB / 65536, NULL };
+  /* generation of the store as the crashed process left it (one save, by
+   * add), so only the size tells this map apart */
+  struct dbm_livemap *m = dbm_livemap_create (mpath, 512 * MiB, 1, 1, &sl, &err);
+  cr_assert_not_null (m, "%s", err.msg);
+  memset (sl.words, 0, 512 * MiB / 65536 / 8);
+  cr_assert_eq (dbm_livemap_publish (m, &err), 0, "%s", err.msg);
+  dbm_livemap_close (m, false);
+}
+
+Test (tracker, livemap_damaged_is_ignored)
+{
+  crash_damage_recover (dmg_short, "truncated to 100 bytes");
+  crash_damage_recover (dmg_cut, "bitmap data cut off");
+  crash_damage_recover (dmg_grown, "grown to 1 MiB");
+  crash_damage_recover (dmg_magic, "bad magic");
+  crash_damage_recover (dmg_slot, "slot size changed (checksum)");
+  crash_damage_recover (dmg_version, "bad version");
+  crash_damage_recover (dmg_garbage, "random bytes");
+  crash_damage_recover (dmg_foreign_size, "map of another image size");
+  crash_damage_recover (dmg_reboot, "another boot");
+}
+
+/* A map left by an older life of the store (another process saved the
+ * descriptor since) must not be trusted: it lacks that life's writes. */
+Test (tracker, livemap_of_older_generation_is_ignored)
+{
+  struct cbw_err err = { 0 };
+  uint64_t size = 256 * MiB, region = 8 * MiB;
+  struct dbm_tracker *t = topen (size, region);
+  struct dbm_tracker_stats s;
+  char cmd[512];
+
+  cr_assert_eq (dbm_tracker_add (t, "a", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_record (t, 0, 4096, &err), 0);
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);
+  snprintf (cmd, sizeof cmd, "cp '%s' '%s.old'", mpath, mpath);
+  cr_assert_eq (system (cmd), 0);
+  t = topen (size, region);                         /* recovers, saves */
+  cr_assert_eq (dbm_tracker_record (t, 100 * MiB, 4096, &err), 0);   /* region 12 */
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);
+  snprintf (cmd, sizeof cmd, "mv '%s.old' '%s'", mpath, mpath);
+  cr_assert_eq (system (cmd), 0);
+  t = topen (size, region);
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_JOURNAL, "recovery %s", dbm_recovery_name (s.recovery));
+  struct cbw_bitmap got;
+  extents_to_model (t, "a", 65536, &got);
+  cr_assert (cbw_bitmap_all_in_range (&got, 96 * MiB / 65536, region / 65536));
+  cr_assert (cbw_bitmap_test (&got, 0));
+  cbw_bitmap_free (&got);
+  dbm_tracker_close (t, true, &err);
+}
+
+/* Removing and re-adding a bitmap moves the live bitmaps to a new map; the
+ * removed one's old bits never come back, the new one's writes do. */
+Test (tracker, livemap_follows_add_and_remove)
+{
+  struct cbw_err err = { 0 };
+  uint64_t size = 256 * MiB, region = 8 * MiB;
+  struct dbm_tracker *t = topen (size, region);
+  struct dbm_tracker_stats s;
+  struct cbw_bitmap want;
+
+  cr_assert_eq (dbm_tracker_add (t, "a", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_add (t, "x", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_record (t, 0, 4096, &err), 0);
+  cr_assert_eq (dbm_tracker_remove (t, "a", &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_add (t, "a", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_record (t, 200 * MiB, 1, &err), 0);
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);
+  t = topen (size, region);
+  dbm_tracker_stats (t, &s);
+  cr_assert_eq (s.recovery, DBM_RECOVERED_MAP, "recovery %s", dbm_recovery_name (s.recovery));
+  cr_assert_eq (cbw_bitmap_init (&want, size / 65536), 0);
+  cbw_bitmap_set_range (&want, 200 * MiB / 65536, 1);
+  assert_same (t, "a", 65536, &want);
+  cbw_bitmap_set_range (&want, 0, 1);
+  assert_same (t, "x", 65536, &want);
+  cbw_bitmap_free (&want);
   dbm_tracker_close (t, true, &err);
 }
