@@ -17,6 +17,11 @@
  * aio), plus, if CONTROL_SOCKET is given, one thread that sends the
  * filter's "checkpoint" command every 20 ms over one control connection (so
  * fine checkpoints race with the writes) until that connection fails.
+ *
+ * DBM_CW_PROFILE=large switches to the workload of the crash-tightness test
+ * (a guest doing random writes): writes only, 512 B..1 MiB (multiples of
+ * 512), uniformly anywhere in the image (512-aligned), at most 8 in flight,
+ * no flushes.  The log is the same.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -34,6 +39,8 @@
 
 #define QD 16
 #define MAXLEN (32 * 1024)
+#define LARGE_QD 8
+#define LARGE_MAXLEN (1024 * 1024)
 #define NHOT 8
 #define HOT (1024 * 1024)
 
@@ -71,7 +78,10 @@ main (int argc, char **argv)
   int64_t size, sent = 0;
   unsigned seed;
   double deadline;
-  static char buf[MAXLEN];
+  static char buf[LARGE_MAXLEN];
+  const char *profile = getenv ("DBM_CW_PROFILE");
+  int large = profile && strcmp (profile, "large") == 0;
+  int qd = large ? LARGE_QD : QD;
   int log, can_trim, can_zero;
 
   pthread_t ckpt;
@@ -92,7 +102,10 @@ main (int argc, char **argv)
   size = nbd_get_size (nbd);
   can_trim = nbd_can_trim (nbd) == 1;
   can_zero = nbd_can_zero (nbd) == 1;
-  if (size < MAXLEN * 2) { fprintf (stderr, "export too small\n"); return 1; }
+  if (size < (large ? LARGE_MAXLEN : MAXLEN) * 2) {
+    fprintf (stderr, "export too small\n");
+    return 1;
+  }
   memset (buf, 0xa5, sizeof buf);
   if (argc == 6 && pthread_create (&ckpt, NULL, checkpointer, argv[5]) != 0) {
     fprintf (stderr, "pthread_create failed\n");
@@ -107,7 +120,7 @@ main (int argc, char **argv)
 
   while (now () < deadline) {
     int issued = 0;
-    while (nbd_aio_in_flight (nbd) < QD && issued++ < 2) {
+    while (nbd_aio_in_flight (nbd) < qd && issued++ < 2) {
       char line[96];
       int64_t r, len = 1 + rand_r (&seed) % MAXLEN;
       int64_t off = (int64_t) (((uint64_t) rand_r (&seed) << 31 ^ (uint64_t) rand_r (&seed))
@@ -124,6 +137,12 @@ main (int argc, char **argv)
       if (rand_r (&seed) % 2)          /* half the requests 4k-aligned */
         { off &= ~4095LL; len = (len + 4095) & ~4095LL;
           if (off + len > size) off = (size - len) & ~4095LL; }
+      if (large) {
+        len = 512 * (1 + rand_r (&seed) % (LARGE_MAXLEN / 512));
+        off = (int64_t) (((uint64_t) rand_r (&seed) << 31 ^ (uint64_t) rand_r (&seed))
+                         % (uint64_t) ((size - len) / 512 + 1)) * 512;
+        k = 'W';
+      }
       if (k == 'Z' && !can_zero) k = 'W';
       if (k == 'T' && !can_trim) k = 'W';
       int n = snprintf (line, sizeof line, "S %" PRIi64 " %c %" PRIi64 " %" PRIi64 "\n",

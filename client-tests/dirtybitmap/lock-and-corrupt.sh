@@ -45,11 +45,12 @@ grep -q "disk.img.cbw-bitmaps.json.lock" "$T/second.log" ||
 log "second nbdkit refused: $(grep -m1 -i lock "$T/second.log")"
 qemu-io -f raw -c 'write -P 2 20971520 4096' "$URI" >/dev/null || fail "first nbdkit disturbed"
 
-# kill -9: the lock goes with the process; restart recovers from the journal
+# kill -9: the lock goes with the process; restart recovers exactly from the
+# live-bitmap map
 kill9 "$NBDKIT_PID"
 start_nbdkit "$T/s" "${ARGS[@]}" dirtybitmap-control="$T/ctl"
 "$TOOL" wait "$T/ctl" || fail "no control socket after kill -9"
-assert_eq "recovery after kill -9" journal "$("$TOOL" ctl "$T/ctl" info | jq -r .recovery)"
+assert_eq "recovery after kill -9" map "$("$TOOL" ctl "$T/ctl" info | jq -r .recovery)"
 "$TOOL" extents "$T/ctl" b > "$T/ext"
 awk '$1 <= 0 && $1 + $2 >= 65536 {a=1} $1 <= 20971520 && $1 + $2 >= 20971520 + 65536 {b=1}
      END {exit !(a && b)}' "$T/ext" || fail "writes before kill -9 not dirty: $(cat "$T/ext")"
@@ -81,7 +82,29 @@ start_nbdkit "$T/s" "${ARGS[@]}" dirtybitmap-control="$T/ctl"
 "$TOOL" wait "$T/ctl" || fail "no control socket"
 qemu-io -f raw -c 'write -P 3 8388608 4096' "$URI" >/dev/null
 kill9 "$NBDKIT_PID"
+M=$T/disk.img.cbw-bitmaps.json.livemap
+[ -f "$M" ] || fail "no live-bitmap map beside the descriptor"
+
+# unclean stop + corrupt live-bitmap map: ignored with a warning naming it,
+# the journal is used (whole regions: the write is covered)
+cp "$M" "$T/livemap.good"
+printf 'garbage' | dd of="$M" bs=1 seek=200 conv=notrunc status=none
+rm -f "$T/s"
+start_bg "${NBDKIT[@]}" -f -U "$T/s" "${ARGS[@]}" dirtybitmap-control="$T/ctl" 2> "$T/map.log"
+NBDKIT_PID=$BG_PID
+wait_nbd "$URI"
+"$TOOL" wait "$T/ctl" || fail "no control socket"
+assert_eq "recovery with a corrupt map" journal "$("$TOOL" ctl "$T/ctl" info | jq -r .recovery)"
+grep -q "WARNING.*$M.*checksum" "$T/map.log" || fail "no warning naming the map: $(cat "$T/map.log")"
+"$TOOL" extents "$T/ctl" b > "$T/ext"
+awk '$1 <= 8388608 && $1 + $2 >= 8388608 + 4096 {a=1} END {exit !a}' "$T/ext" ||
+  fail "write before kill -9 not dirty with a corrupt map: $(cat "$T/ext")"
+qemu-io -f raw -c 'write -P 3 8388608 4096' "$URI" >/dev/null
+kill9 "$NBDKIT_PID"
+
+# unclean stop + destroyed journal and map: all dirty, with a warning
 head -c 8192 /dev/zero > "$T/disk.img.cbw-bitmaps.json.journal"
+truncate -s 10 "$M"
 rm -f "$T/s"
 start_bg "${NBDKIT[@]}" -f -U "$T/s" "${ARGS[@]}" dirtybitmap-control="$T/ctl" 2> "$T/warn.log"
 NBDKIT_PID=$BG_PID
@@ -91,6 +114,7 @@ assert_eq "recovery with a destroyed journal" all-dirty "$("$TOOL" ctl "$T/ctl" 
 assert_eq "all dirty" "$SIZE" "$("$TOOL" ctl "$T/ctl" list | jq '.bitmaps[0]."dirty-bytes"')"
 grep -q "WARNING.*journal" "$T/warn.log" || fail "no warning about the journal: $(cat "$T/warn.log")"
 kill "$NBDKIT_PID"; wait "$NBDKIT_PID" || true
+[ ! -e "$M" ] || fail "live-bitmap map left behind by a clean stop"
 
 # dirtybitmap=DESCRIPTOR without the image: the store opens at the first
 # connection (size from the plugin); it then works like the eager mode

@@ -623,8 +623,13 @@ recover_from_map (struct dbm_tracker *t, bool *covered)
   if (t->livemap_path == NULL)
     return 0;
   if (dbm_livemap_load (t->livemap_path, t->image_size, t->st->generation, &l, &merr) < 0) {
-    if (merr.errnum != ENOENT)
+    /* after a reboot or another process's save that is expected; anything
+     * else means a damaged map (a warning, but still never a failure) */
+    if (merr.errnum == EXDEV || merr.errnum == ESTALE || merr.errnum == ENOENT)
       tlog (t, "%s: live-bitmap map not used, recovering from the journal: %s",
+            t->st->descriptor_path, merr.msg);
+    else
+      tlog (t, "WARNING: %s: live-bitmap map ignored, recovering from the journal: %s",
             t->st->descriptor_path, merr.msg);
     return 0;
   }
