@@ -18,7 +18,9 @@
  * crash after it leaves the new state, and the garbage list lets the next
  * save finish the cleanup.
  *
- * Open never writes anything except creating D.lock; every validation
+ * Open never writes anything except creating D.lock (and, only when asked
+ * with CBW_BITMAP_STORE_CREATE, the first descriptor of a new store); a
+ * missing descriptor is otherwise an error; every validation
  * failure is reported as "PATH: problem" with a specific errno (table in the
  * spec).
  *
@@ -745,6 +747,14 @@ struct cbw_bitmap_store *
 cbw_bitmap_store_open (const char *descriptor_path, uint64_t image_size,
                        struct cbw_err *err)
 {
+  return cbw_bitmap_store_open_ex (descriptor_path, image_size,
+                                   CBW_BITMAP_STORE_EMPTY_IF_MISSING, err);
+}
+
+struct cbw_bitmap_store *
+cbw_bitmap_store_open_ex (const char *descriptor_path, uint64_t image_size,
+                          unsigned flags, struct cbw_err *err)
+{
   struct store_impl *si;
   struct cbw_bitmap_store *st;
   struct cbw_err local_err;
@@ -809,8 +819,22 @@ cbw_bitmap_store_open (const char *descriptor_path, uint64_t image_size,
   }
 
   if (cbw_read_file (descriptor_path, CBW_BITMAP_DESCRIPTOR_MAX, &buf, &len, err) < 0) {
-    if (err->errnum == ENOENT)
-      return st;                 /* new, empty store */
+    if (err->errnum == ENOENT && (flags & CBW_BITMAP_STORE_EMPTY_IF_MISSING))
+      return st;                 /* new, empty store, written at first save */
+    if (err->errnum == ENOENT && (flags & CBW_BITMAP_STORE_CREATE)) {
+      /* Written now: from here on a missing descriptor means lost metadata. */
+      if (cbw_bitmap_store_save (st, err) < 0) {
+        cbw_err_prefix (err, "%s: creating a new bitmap store", descriptor_path);
+        goto fail;
+      }
+      return st;
+    }
+    if (err->errnum == ENOENT) {
+      cbw_err_set (err, ENOENT, "%s: bitmap descriptor missing (the bitmaps of this "
+                   "image are lost or were never created here; a new, empty store is "
+                   "only created when asked for explicitly)", descriptor_path);
+      goto fail;
+    }
     if (err->errnum == EFBIG)
       cbw_err_set (err, EFBIG, "%s: descriptor too large (limit %d bytes)",
                    descriptor_path, CBW_BITMAP_DESCRIPTOR_MAX);

@@ -68,11 +68,25 @@ struct cbw_bitmap_store {
 /* Default descriptor path for an image: "IMAGE.cbw-bitmaps.json" (malloc'd). */
 char *cbw_bitmap_store_default_path (const char *image_path);
 
-/* Open (and lock) the store; a missing descriptor is an empty store (created
- * on first save).  image_size must match every bitmap's recorded size, else
- * EINVAL naming the bitmap and both sizes.  Validates version, names,
- * granularity, checksums and data-file sizes; any problem is an error naming
- * the file and the problem, and nothing on disk is modified. */
+/* What cbw_bitmap_store_open_ex() does when the descriptor does not exist:
+ *   0 (none)   ENOENT naming the descriptor: a store that had bitmaps is
+ *              never silently replaced by an empty one (lost metadata);
+ *   CREATE     a new, empty store whose descriptor is written (crash-
+ *              atomically) before open returns, so every later open finds it;
+ *   EMPTY_IF_MISSING  an empty store in memory, written at the first save
+ *              (tools and tests that make throw-away stores). */
+#define CBW_BITMAP_STORE_CREATE 1u
+#define CBW_BITMAP_STORE_EMPTY_IF_MISSING 2u
+
+/* Open (and lock) the store.  image_size must match every bitmap's recorded
+ * size, else EINVAL naming the bitmap and both sizes.  Validates version,
+ * names, granularity, checksums and data-file sizes; any problem is an error
+ * naming the file and the problem, and nothing on disk is modified (except a
+ * new descriptor with CBW_BITMAP_STORE_CREATE). */
+struct cbw_bitmap_store *cbw_bitmap_store_open_ex (const char *descriptor_path,
+                                                   uint64_t image_size, unsigned flags,
+                                                   struct cbw_err *err);
+/* cbw_bitmap_store_open_ex (..., CBW_BITMAP_STORE_EMPTY_IF_MISSING, ...). */
 struct cbw_bitmap_store *cbw_bitmap_store_open (const char *descriptor_path,
                                                 uint64_t image_size,
                                                 struct cbw_err *err);

@@ -39,7 +39,7 @@ start_case() {   # start_case base|dbm DIR -> sets URI, PID
     srv nbdkit -f -U "$s" file "$DISK" >> "$RES/nbdkit.log" 2>&1
   else
     srv nbdkit -f -U "$s" --filter="$FILTER" file "$DISK" dirtybitmap-image="$DISK" \
-      dirtybitmap="$dir/bm/d.json" dirtybitmap-control="$SOCKDIR/ctl" >> "$RES/nbdkit.log" 2>&1
+      dirtybitmap="$dir/bm/d.json" dirtybitmap-control="$SOCKDIR/ctl" dirtybitmap-create=true >> "$RES/nbdkit.log" 2>&1
   fi
   PID=$!; register_pid $PID
   URI="nbd+unix:///?socket=$s"; wait_nbd "$URI"

@@ -61,7 +61,7 @@ probe_module_control() {
   truncate -s 1M "$T/probe.img"
   start_nbdkit "$sock" --filter="$CBW_FILTER" --filter="$DIRTYBITMAP_FILTER" file "$T/probe.img" \
     cbw-control="$T/probe-cbw.ctl" cbw-pit-export=pit dirtybitmap-control="$T/probe-db.ctl" \
-    dirtybitmap-image="$T/probe.img"
+    dirtybitmap-image="$T/probe.img" dirtybitmap-create=true
   timeout 5 "$BK" ctl "$T/probe-cbw.ctl" '{"execute":"status"}' >/dev/null 2>&1 || rc=1
   timeout 5 "$BK" ctl "$T/probe-db.ctl" '{"execute":"list"}' >/dev/null 2>&1 || rc=1
   kill "$NBDKIT_PID" 2>/dev/null || true

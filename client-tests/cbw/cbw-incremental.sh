@@ -40,7 +40,7 @@ rm -f "$T/ctl.sock"
 start_nbdkit "$T/live.sock" --filter="$CBW_FILTER" --filter="$DIRTYBITMAP_FILTER" \
   file "$T/disk.img" cbw-control="$T/ctl.sock" cbw-pit-export=pit cbw-granularity=$g \
   dirtybitmap="$T/disk.bitmaps" dirtybitmap-image="$T/disk.img" \
-  dirtybitmap-control="$T/dbm.sock"
+  dirtybitmap-control="$T/dbm.sock" dirtybitmap-create=true
 LIVE_PID=$NBDKIT_PID; CTL=$T/ctl.sock
 LIVE="nbd+unix:///?socket=$T/live.sock"; PIT="nbd+unix:///pit?socket=$T/live.sock"
 wait_socket "$CTL"; wait_socket "$T/dbm.sock"

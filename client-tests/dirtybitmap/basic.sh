@@ -18,7 +18,7 @@ SIZE=$((64 * 1048576 + 12288))        # not a multiple of 64K: partial last gran
 truncate -s $SIZE "$T/disk.img"
 mkdir "$T/bm"
 ARGS=(--filter="$DIRTYBITMAP_FILTER" file "$T/disk.img" dirtybitmap-image="$T/disk.img"
-      dirtybitmap-control="$T/ctl" dirtybitmap-region-size=4M)
+      dirtybitmap-control="$T/ctl" dirtybitmap-region-size=4M dirtybitmap-create=true)
 URI="nbd+unix:///?socket=$T/s"
 ok() { "$TOOL" ctl "$T/ctl" "$@" >/dev/null || fail "control $* failed"; }
 # expect_err CLASS CMD [ARGS]: the command must fail with that error class

@@ -40,7 +40,7 @@ fi
 ARGS=(--filter="$DIRTYBITMAP_FILTER" "${PLUGIN[@]}"
       dirtybitmap-image="$T/disk.img" dirtybitmap="$T/bm/d.json"
       dirtybitmap-control="$T/ctl" dirtybitmap-checkpoint-interval=1
-      dirtybitmap-region-size=1M)
+      dirtybitmap-region-size=1M dirtybitmap-create=true)
 if [ "$MODE" = powerloss ]; then
   export CBW_TEST_POWERLOSS_DIR=$T/pl
   export CBW_TEST_JOURNAL_SYNC_DELAY_US=2000

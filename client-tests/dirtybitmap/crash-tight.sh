@@ -38,7 +38,8 @@ mkdir -p "$T/bm" "$T/pl"
 truncate -s "$SIZE" "$T/disk.img"
 ARGS=(--filter="$DIRTYBITMAP_FILTER" file "$T/disk.img"
       dirtybitmap-image="$T/disk.img" dirtybitmap="$T/bm/d.json"
-      dirtybitmap-control="$T/ctl" dirtybitmap-region-size="${CBW_DBM_TIGHT_REGION:-64M}")
+      dirtybitmap-control="$T/ctl" dirtybitmap-region-size="${CBW_DBM_TIGHT_REGION:-64M}"
+      dirtybitmap-create=true)
 if [ "$MODE" = powerloss ]; then export CBW_TEST_POWERLOSS_DIR=$T/pl; fi
 
 wait_ctl() { "$TOOL" wait "$T/ctl" || fail "control socket did not answer"; }

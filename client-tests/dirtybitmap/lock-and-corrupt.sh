@@ -20,7 +20,7 @@ TOOL=$CBW_BUILD/client-tests/dirtybitmap/dbm-tool
 SIZE=$((32 * 1048576))
 head -c $SIZE /dev/urandom > "$T/disk.img"
 ARGS=(--filter="$DIRTYBITMAP_FILTER" file "$T/disk.img" dirtybitmap-image="$T/disk.img"
-      dirtybitmap-region-size=1M)
+      dirtybitmap-region-size=1M dirtybitmap-create=true)
 URI="nbd+unix:///?socket=$T/s"
 ok() { "$TOOL" ctl "$T/ctl" "$@" >/dev/null || fail "control $* failed"; }
 
@@ -120,7 +120,7 @@ kill "$NBDKIT_PID"; wait "$NBDKIT_PID" || true
 # connection (size from the plugin); it then works like the eager mode
 mkdir "$T/lazy"
 start_nbdkit "$T/s" --filter="$DIRTYBITMAP_FILTER" file "$T/disk.img" \
-  dirtybitmap="$T/lazy/d.json" dirtybitmap-control="$T/ctl3"
+  dirtybitmap="$T/lazy/d.json" dirtybitmap-control="$T/ctl3" dirtybitmap-create=true
 "$TOOL" wait "$T/ctl3" || fail "lazy mode: no control socket after the first connection"
 "$TOOL" ctl "$T/ctl3" add '{"name":"l","granularity":4096}' >/dev/null || fail "lazy add"
 qemu-io -f raw -c 'write -P 4 12288 8192' "$URI" >/dev/null

@@ -12,7 +12,7 @@
 if [ "${CBW_SANITIZE:-0}" = 1 ] || [ "${CBW_SANITIZE:-}" = ON ]; then
   mkdir -p "$T/probe"
   start_nbdkit "$T/probe/s" --filter="$DIRTYBITMAP_FILTER" memory 1M \
-    dirtybitmap="$T/probe/d.json" dirtybitmap-control="$T/probe/ctl"
+    dirtybitmap="$T/probe/d.json" dirtybitmap-control="$T/probe/ctl" dirtybitmap-create=true
   wait_socket "$T/probe/ctl"
   if ! timeout 8 "$CBW_BUILD/client-tests/dirtybitmap/dbm-tool" ctl "$T/probe/ctl" info >/dev/null 2>&1; then
     kill9 "$NBDKIT_PID"            # it would hang in cleanup joining that thread

@@ -918,6 +918,36 @@ Test (store, empty_store)
   mstore_free (&m);
 }
 
+/* A missing descriptor is an error unless a new store is asked for: lost
+ * metadata is never silently an empty store. */
+Test (store, missing_descriptor_needs_create)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_bitmap_store *st = cbw_bitmap_store_open_ex (desc, 1 << 20, 0, &err);
+
+  cr_assert_null (st);
+  cr_assert_eq (err.errnum, ENOENT);
+  cr_assert (strstr (err.msg, desc) && strstr (err.msg, "descriptor missing"), "%s", err.msg);
+  cr_assert_eq (access (desc, F_OK), -1, "a failed open created the descriptor");
+
+  st = cbw_bitmap_store_open_ex (desc, 1 << 20, CBW_BITMAP_STORE_CREATE, &err);
+  cr_assert_not_null (st, "%s", err.msg);
+  cr_assert_eq (st->count, 0);
+  cr_assert_eq (access (desc, F_OK), 0, "CREATE did not write the descriptor at once");
+  cbw_bitmap_store_close (st);
+
+  /* From now on it opens without CREATE; CREATE does not replace it. */
+  st = cbw_bitmap_store_open_ex (desc, 1 << 20, 0, &err);
+  cr_assert_not_null (st, "%s", err.msg);
+  cr_assert_not_null (cbw_bitmap_store_add (st, "a", 65536, true, &err), "%s", err.msg);
+  cr_assert_eq (cbw_bitmap_store_save (st, &err), 0, "%s", err.msg);
+  cbw_bitmap_store_close (st);
+  st = cbw_bitmap_store_open_ex (desc, 1 << 20, CBW_BITMAP_STORE_CREATE, &err);
+  cr_assert_not_null (st, "%s", err.msg);
+  cr_assert_eq (st->count, 1);
+  cbw_bitmap_store_close (st);
+}
+
 Test (store, round_trips)
 {
   struct mstore m = { 0 };

@@ -38,6 +38,7 @@ static char *journal_path;             /* dirtybitmap-journal= */
 static char *control_path;             /* dirtybitmap-control= */
 static unsigned interval_s = 30;       /* dirtybitmap-checkpoint-interval= */
 static uint64_t region_size = DBM_REGION_SIZE_DEFAULT;
+static bool create_store;              /* dirtybitmap-create= */
 
 static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct dbm_tracker *tracker;
@@ -84,6 +85,14 @@ dbm_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     }
     return 0;
   }
+  if (strcmp (key, "dirtybitmap-create") == 0) {
+    /* A missing descriptor is lost metadata unless a new store was asked for. */
+    int b = nbdkit_parse_bool (value);
+    if (b == -1)
+      return -1;
+    create_store = b;
+    return 0;
+  }
   if (strcmp (key, "dirtybitmap-region-size") == 0) {
     int64_t r = nbdkit_parse_size (value);
     if (r == -1)
@@ -127,6 +136,8 @@ dbm_config_complete (nbdkit_next_config_complete *next, nbdkit_backend *nxdata)
   "dirtybitmap-image=PATH      Image file or device (size, default descriptor).\n" \
   "dirtybitmap-control=SOCKET  Unix control socket.\n" \
   "dirtybitmap-checkpoint-interval=SECS  Fine checkpoint period (default 30).\n" \
+  "dirtybitmap-create=BOOL     Create the store if the descriptor is missing\n" \
+  "                            (default false: a missing descriptor is an error).\n" \
   "dirtybitmap-region-size=SIZE  Journal region size (default 64M).\n" \
   "dirtybitmap-journal=PATH    Journal file (default DESCRIPTOR.journal)."
 
@@ -161,7 +172,8 @@ open_tracker (uint64_t size)
   struct cbw_err err = { 0 };
   struct dbm_tracker *t;
 
-  t = dbm_tracker_open (descriptor, journal_path, size, region_size, log_debug, &err);
+  t = dbm_tracker_open_flags (descriptor, journal_path, size, region_size,
+                              create_store ? CBW_BITMAP_STORE_CREATE : 0, log_debug, &err);
   if (t == NULL) {
     nbdkit_error ("dirtybitmap: %s", err.msg);
     errno = err.errnum;

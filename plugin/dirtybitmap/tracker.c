@@ -792,6 +792,15 @@ dbm_tracker_open (const char *descriptor, const char *journal_path,
                   uint64_t image_size, uint64_t region_size, dbm_log_fn log,
                   struct cbw_err *err)
 {
+  return dbm_tracker_open_flags (descriptor, journal_path, image_size, region_size,
+                                 CBW_BITMAP_STORE_EMPTY_IF_MISSING, log, err);
+}
+
+struct dbm_tracker *
+dbm_tracker_open_flags (const char *descriptor, const char *journal_path,
+                        uint64_t image_size, uint64_t region_size, unsigned store_flags,
+                        dbm_log_fn log, struct cbw_err *err)
+{
   struct dbm_tracker *t;
   pthread_rwlockattr_t ra;
   size_t i;
@@ -841,7 +850,7 @@ dbm_tracker_open (const char *descriptor, const char *journal_path,
     goto fail;
   }
 
-  t->st = cbw_bitmap_store_open (descriptor, image_size, err);
+  t->st = cbw_bitmap_store_open_ex (descriptor, image_size, store_flags, err);
   if (t->st == NULL)
     goto fail;
 

@@ -42,6 +42,15 @@ struct dbm_tracker *dbm_tracker_open (const char *descriptor,
                                       uint64_t image_size,
                                       uint64_t region_size,
                                       dbm_log_fn log, struct cbw_err *err);
+/* The same with the store's open flags (formats/bitmap_store.h): the filter
+ * passes 0 (a missing descriptor is an error) or CBW_BITMAP_STORE_CREATE;
+ * dbm_tracker_open() uses CBW_BITMAP_STORE_EMPTY_IF_MISSING (tests, tools). */
+struct dbm_tracker *dbm_tracker_open_flags (const char *descriptor,
+                                            const char *journal_path,
+                                            uint64_t image_size,
+                                            uint64_t region_size,
+                                            unsigned store_flags,
+                                            dbm_log_fn log, struct cbw_err *err);
 /* Stop the timer.  If clean, save every bitmap as "clean" and empty the
  * journal first.  Returns -1 if the clean save failed (everything is freed
  * anyway; the on-disk state then stays "in-use" and recovers on next open). */

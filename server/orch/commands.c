@@ -236,8 +236,10 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   }
   /* Saved before nbdkit starts: after a crash the disk is known (dead),
    * never an unknown orphan. */
-  if (orch_state_save (o, &e) < 0 || orch_disk_start (o, d, &e) < 0 ||
-      orch_state_save (o, &e) < 0) {
+  d->create_bitmaps = true;     /* the one start that makes a new bitmap store */
+  int started = orch_state_save (o, &e) < 0 ? -1 : orch_disk_start (o, d, &e);
+  d->create_bitmaps = false;
+  if (started < 0 || orch_state_save (o, &e) < 0) {
     struct cbw_err e2 = { 0 };
     orch_disk_stop (o, d, &e2);
     {

@@ -6,6 +6,8 @@
  *     dirtybitmap=DISKDIR/bitmaps.json dirtybitmap-image=IMAGE \
  *     dirtybitmap-control=DISKDIR/dirtybitmap.ctl cbw-control=DISKDIR/cbw.ctl
  *     cbw-pit-export=pit disk-id=UUID
+ * plus dirtybitmap-create=true at disk-add only (later starts refuse a
+ * missing bitmap descriptor: lost bitmaps are never recreated empty)
  * plus chain=DISKDIR/overlays/NAME.chain (or the descriptor given to
  * disk-add) for a disk added with overlays; without it the chain plugin
  * serves the raw image on its fast path and cannot take snapshots
@@ -363,6 +365,8 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   if (a_chain)
     argv[n++] = a_chain;        /* overlays: every request goes through the chain */
   argv[n++] = a_desc;
+  if (d->create_bitmaps)        /* only disk-add: else a lost descriptor is an error */
+    argv[n++] = (char *) "dirtybitmap-create=true";
   argv[n++] = a_dbimg;
   argv[n++] = a_dbctl;
   argv[n++] = a_cbwctl;

@@ -66,6 +66,9 @@ struct orch_disk {
   bool is_child;                /* spawned by this process (reap with waitpid) */
   int exit_status;              /* wait status if known, -1 otherwise */
   uint64_t size;                /* bytes, 0 if unknown */
+  bool create_bitmaps;          /* next start may create the bitmap store
+                                   (disk-add only: a missing descriptor is
+                                   otherwise a start error) */
 };
 
 struct orch_checkpoint {
