@@ -17,6 +17,7 @@
  * o->lock only to serialise the in-memory state, and writes the file
  * unlocked (callers are the single busy owner, so saves do not race).
  */
+#include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
 #include <inttypes.h>
@@ -24,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <xxhash.h>
 
@@ -583,6 +585,96 @@ orch_state_save (struct cbw_orch *o, struct cbw_err *err)
   return cbw_write_file_atomic (o->state_path, text, strlen (text), err);
 }
 
+/* Append ", WHAT" to a list of clues (bounded). */
+static void
+clue (char *buf, size_t len, const char *fmt, ...)
+{
+  size_t l = strlen (buf);
+  va_list ap;
+  if (l + 8 >= len)
+    return;
+  if (l) {
+    snprintf (buf + l, len - l, ", ");
+    l += 2;
+  }
+  va_start (ap, fmt);
+  vsnprintf (buf + l, len - l, fmt, ap);
+  va_end (ap);
+}
+
+/* Entries of STATE_DIR/sub (not . and ..), listed into clues; count. */
+static int
+dir_clues (const char *state_dir, const char *sub, char *clues, size_t len)
+{
+  CLEANUP_FREE char *path = orch_strdup_printf ("%s/%s", state_dir, sub);
+  DIR *dh = path ? opendir (path) : NULL;
+  struct dirent *de;
+  int n = 0;
+  if (dh == NULL)
+    return 0;
+  while ((de = readdir (dh)) != NULL) {
+    if (strcmp (de->d_name, ".") == 0 || strcmp (de->d_name, "..") == 0)
+      continue;
+    if (n++ < 4)
+      clue (clues, len, "%s/%s", sub, de->d_name);
+  }
+  closedir (dh);
+  return n;
+}
+
+/* The state file is missing: is this a new state directory, or did a cbwd
+ * run here and its state got lost?  Clues: disk or backup directories, a
+ * state temp file or backup (cbwd-state.json.*), and processes
+ * (nbdkit of the disks, backup stores) whose command line names a path in
+ * STATE_DIR/disks/ or STATE_DIR/backups/.  0 = fresh, else -1 + err. */
+static int
+check_fresh_state_dir (struct cbw_orch *o, struct cbw_err *err)
+{
+  char clues[1024] = "";
+  int n = dir_clues (o->state_dir, "disks", clues, sizeof clues)
+    + dir_clues (o->state_dir, "backups", clues, sizeof clues);
+  DIR *dh = opendir (o->state_dir);
+  struct dirent *de;
+  if (dh) {
+    while ((de = readdir (dh)) != NULL)
+      if (strncmp (de->d_name, ORCH_STATE_FILE ".", sizeof ORCH_STATE_FILE) == 0) {
+        clue (clues, sizeof clues, "%s", de->d_name);
+        n++;
+      }
+    closedir (dh);
+  }
+  CLEANUP_FREE char *dneedle = orch_strdup_printf ("%s/disks/", o->state_dir);
+  CLEANUP_FREE char *bneedle = orch_strdup_printf ("%s/backups/", o->state_dir);
+  if (dneedle == NULL || bneedle == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  char pids[256] = "";
+  dh = opendir ("/proc");
+  if (dh) {
+    while ((de = readdir (dh)) != NULL) {
+      char *end;
+      long pid = strtol (de->d_name, &end, 10);
+      if (*end != '\0' || pid <= 0 || pid == (long) getpid ())
+        continue;
+      if (orch_pid_cmdline_has (pid, dneedle, false) ||
+          orch_pid_cmdline_has (pid, bneedle, false)) {
+        clue (pids, sizeof pids, "%ld", pid);
+        n++;
+      }
+    }
+    closedir (dh);
+  }
+  if (n == 0)
+    return 0;
+  /* The way out first: long clue lists are cut at CBW_ERR_MSG_MAX. */
+  return cbw_err_set (err, ENOENT, "%s: missing, but cbwd ran in this state directory "
+                      "before: refusing to start with an empty state (see cbwd(8), LOST "
+                      "METADATA: restore the file, or stop these processes and move the "
+                      "directory aside to start over). Found: %s%s%s%s",
+                      o->state_path, clues, pids[0] && clues[0] ? "; " : "",
+                      pids[0] ? "running with this directory in their command line: pid " : "",
+                      pids);
+}
+
 int
 orch_state_load (struct cbw_orch *o, struct cbw_err *err)
 {
@@ -592,6 +684,8 @@ orch_state_load (struct cbw_orch *o, struct cbw_err *err)
 
   if (cbw_read_file (o->state_path, ORCH_STATE_MAX, &buf, &len, &e) < 0) {
     if (e.errnum == ENOENT) {
+      if (check_fresh_state_dir (o, err) < 0)
+        return -1;              /* lost, not new: never start empty */
       memset (&o->st, 0, sizeof o->st);
       return 0;                 /* a new state directory */
     }
