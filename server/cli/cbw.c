@@ -165,7 +165,19 @@ print_cps (struct json_object *ret)
     for (size_t j = 0; d && j < json_object_array_length (d); j++)
       printf ("%s%s", j ? "," : "", json_object_get_string (json_object_array_get_idx (d, j)));
     printf ("%s\n", json_object_get_boolean (jget (c, "pending")) ? " (pending)" : "");
+    struct json_object *u = jget (c, "unusable");
+    for (size_t j = 0; u && j < json_object_array_length (u); j++) {
+      struct json_object *e = json_object_array_get_idx (u, j);
+      printf ("  unusable on %s: %s (take a full backup of %s)\n", jstr (e, "disk", "?"),
+              jstr (e, "reason", "?"), jstr (e, "disk", "?"));
+    }
   }
+}
+
+static void
+print_repair (struct json_object *ret)
+{
+  printf ("%s\n", jstr (ret, "message", ""));
 }
 
 static void
@@ -345,6 +357,11 @@ static const struct sub subs[] = {
     "stop serving a disk and forget it", NULL },
   { "disk", "start", "disk-start", "name", true, "NAME", { { NULL } },
     "start a stopped or dead disk's nbdkit", print_disk },
+  { "disk", "repair", "disk-repair", "name", true, "NAME",
+    { { "--reset-bitmaps", "reset-bitmaps", O_BOOL, "new bitmaps, all dirty (after a lost or "
+        "unreadable bitmap descriptor); the disk's checkpoints become unusable" },
+      { NULL } },
+    "recover a stopped disk's lost metadata explicitly", print_repair },
   { "disk", "stop", "disk-stop", "name", true, "NAME", { { NULL } },
     "stop a disk's nbdkit", NULL },
   { "disk", "snapshot", "disk-snapshot", "name", true, "NAME",
@@ -1231,7 +1248,7 @@ main (int argc, char **argv)
       return 0;
     }
     return usage_error ("`%s` needs a subcommand (%s)", group,
-                        strcmp (group, "disk") == 0 ? "add, list, remove, start, stop, "
+                        strcmp (group, "disk") == 0 ? "add, list, remove, repair, start, stop, "
                         "snapshot, commit, commit-cancel, chain"
                         : strcmp (group, "checkpoint") == 0 ? "create, list, delete"
                         : strcmp (group, "backup") == 0 ? "begin, end, status"

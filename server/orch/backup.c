@@ -314,11 +314,29 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   if (idx == NULL)
     return cbw_err_set (err, ENOMEM, "out of memory");
   if (strcmp (mode, "incremental") == 0)
-    for (size_t i = 0; i < r->ndisks; i++)
-      if (orch_plan_since (&o->st, r->disks[i], r->since, idx, err) < 0) {
+    for (size_t i = 0; i < r->ndisks; i++) {
+      ssize_t np = orch_plan_since (&o->st, r->disks[i], r->since, idx, err);
+      if (np < 0) {
         free (idx);
         return -1;
       }
+      /* A checkpoint whose bitmaps were reset or whose recovery failed on
+       * this disk cannot tell what changed: never a silent short backup. */
+      for (ssize_t k = 0; k < np; k++) {
+        const struct orch_checkpoint *c = &o->st.cps[idx[k]];
+        const struct orch_unusable *u = orch_cp_unusable (c, r->disks[i]);
+        if (u) {
+          char when[32];
+          time_t t = (time_t) u->since;
+          struct tm tm;
+          strftime (when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", gmtime_r (&t, &tm));
+          free (idx);
+          return cbw_err_set (err, EINVAL, "checkpoint %s of disk %s is unusable since %s "
+                              "(%s): take a full backup", c->name, r->disks[i], when,
+                              u->reason);
+        }
+      }
+    }
 
   b = calloc (1, sizeof *b);
   if (b == NULL || (b->disks = calloc (r->ndisks, sizeof *b->disks)) == NULL) {
@@ -606,6 +624,29 @@ orch_backup_end (struct cbw_orch *o, const char *id, struct cbw_err *err)
   json_object_object_add (data, "backup", json_object_new_string (bid));
   orch_event (o, "backup-ended", data);
   return 0;
+}
+
+int
+orch_backup_abandon (struct cbw_orch *o, const char *why, struct json_object *failed)
+{
+  struct orch_backup *b;
+  bool begin;
+  struct cbw_err e = { 0 };
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    b = o->st.backup;
+    begin = strcmp (o->st.pending.op, "backup-begin") == 0;
+  }
+  int ret = 0;
+  if (b) {
+    /* Sessions, backup bitmaps, exports and stores: errors are left over
+     * on disks that cannot be reached (a dead nbdkit has no session). */
+    teardown (o, b, false, false, &e);
+    if (begin && b->checkpoint[0])
+      ret = orch_cp_abandon (o, b->checkpoint, false, why, failed);
+  }
+  drop_backup (o);
+  return ret;
 }
 
 int

@@ -509,45 +509,95 @@ orch_checkpoint_create (struct cbw_orch *o, const char *name, char **disks,
   return -1;
 }
 
+/* The bitmap side of deleting checkpoint index ci on one disk (idempotent). */
+static int
+delete_step_disk (struct cbw_orch *o, size_t ci, const char *disk, struct cbw_err *err)
+{
+  char bm[ORCH_NAME_MAX + 8], pbm[ORCH_NAME_MAX + 8];
+  struct orch_disk *d = disk_by_name (o, disk);
+  if (d == NULL)
+    return 0;
+  if (!orch_disk_running (o, d))
+    return cbw_err_set (err, EIO, "disk %s is not running", disk);
+  orch_cp_bitmap (o->st.cps[ci].name, bm, sizeof bm);
+  int ex = orch_bm_exists (d, bm, err);
+  if (ex < 0)
+    return cbw_err_prefix (err, "disk %s", disk);
+  if (!ex)
+    return 0;
+  bool latest;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    latest = orch_latest_cp (&o->st, disk) == (ssize_t) ci;
+  }
+  const char *p = prev_cp (o, ci, disk);
+  if (p) {
+    orch_cp_bitmap (p, pbm, sizeof pbm);
+    if (latest && orch_bm_enable (d, pbm, true, err) < 0)
+      return cbw_err_prefix (err, "enable %s on disk %s", pbm, disk);
+    if (orch_bm_merge (d, bm, pbm, err) < 0)
+      return cbw_err_prefix (err, "merge %s into %s on disk %s", bm, pbm, disk);
+    orch_crash_point ("checkpoint-delete:merged");
+  }
+  if (orch_bm_remove (d, bm, true, err) < 0)
+    return cbw_err_prefix (err, "remove %s on disk %s", bm, disk);
+  return 0;
+}
+
 static int
 delete_steps (struct cbw_orch *o, const char *name, struct cbw_err *err)
 {
-  char bm[ORCH_NAME_MAX + 8], pbm[ORCH_NAME_MAX + 8];
   ssize_t ci = cp_index (o, name);
   if (ci < 0)
     return 0;
-  orch_cp_bitmap (name, bm, sizeof bm);
   struct orch_checkpoint *c = &o->st.cps[ci];
-  for (size_t i = 0; i < c->ndisks; i++) {
-    struct orch_disk *d = disk_by_name (o, c->disks[i]);
-    if (d == NULL)
-      continue;
-    if (!orch_disk_running (o, d))
-      return cbw_err_set (err, EIO, "disk %s is not running", c->disks[i]);
-    int ex = orch_bm_exists (d, bm, err);
-    if (ex < 0)
-      return cbw_err_prefix (err, "disk %s", c->disks[i]);
-    if (!ex)
-      continue;
-    bool latest;
-    {
-      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
-      latest = orch_latest_cp (&o->st, c->disks[i]) == ci;
-    }
-    const char *p = prev_cp (o, (size_t) ci, c->disks[i]);
-    if (p) {
-      orch_cp_bitmap (p, pbm, sizeof pbm);
-      if (latest && orch_bm_enable (d, pbm, true, err) < 0)
-        return cbw_err_prefix (err, "enable %s on disk %s", pbm, c->disks[i]);
-      if (orch_bm_merge (d, bm, pbm, err) < 0)
-        return cbw_err_prefix (err, "merge %s into %s on disk %s", bm, pbm, c->disks[i]);
-      orch_crash_point ("checkpoint-delete:merged");
-    }
-    if (orch_bm_remove (d, bm, true, err) < 0)
-      return cbw_err_prefix (err, "remove %s on disk %s", bm, c->disks[i]);
-  }
+  for (size_t i = 0; i < c->ndisks; i++)
+    if (delete_step_disk (o, (size_t) ci, c->disks[i], err) < 0)
+      return -1;
   remove_cp_from_state (o, name);
   return 0;
+}
+
+int
+orch_cp_abandon (struct cbw_orch *o, const char *name, bool deleting, const char *why,
+                 struct json_object *failed)
+{
+  ssize_t ci = cp_index (o, name);
+  if (ci < 0)
+    return 0;
+  struct orch_checkpoint *c = &o->st.cps[ci];
+  size_t n = c->ndisks;
+  char **bad = calloc (n + 1, sizeof *bad);
+  size_t nbad = 0;
+  if (bad == NULL)
+    return -1;
+  /* Per disk, best effort: the disks where the step works are consistent
+   * again; the others are the ones whose checkpoints become unusable. */
+  for (size_t i = 0; i < n; i++) {
+    struct cbw_err e = { 0 };
+    int r = deleting ? delete_step_disk (o, (size_t) ci, c->disks[i], &e)
+      : undo_rotate_disk (o, (size_t) ci, c->disks[i], &e);
+    struct orch_disk *d = disk_by_name (o, c->disks[i]);
+    if (r == 0 && d && !deleting && !orch_disk_running (o, d))
+      r = -1;                   /* undo_rotate_disk asks the filter: not reached */
+    if (r < 0)
+      bad[nbad++] = strdup (c->disks[i]);
+  }
+  remove_cp_from_state (o, name);
+  int ret = 0;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    for (size_t i = 0; i < nbad; i++) {
+      if (bad[i] == NULL || orch_cp_mark_unusable (&o->st, bad[i], why) < 0)
+        ret = -1;
+      if (bad[i])
+        json_object_array_add (failed, json_object_new_string (bad[i]));
+    }
+  }
+  for (size_t i = 0; i < nbad; i++)
+    free (bad[i]);
+  free (bad);
+  return ret;
 }
 
 int

@@ -52,7 +52,8 @@ enter (struct cbw_orch *o, struct cbw_ctl_reply *r, bool recover)
   struct cbw_err e = { 0 };
   if (orch_begin_busy (o, &e) < 0)
     return fail_err (r, &e);
-  if (recover && orch_reconcile (o, &e) < 0) {
+  /* Never a lasting Busy: what cannot be redone is recorded as failed. */
+  if (recover && orch_reconcile_or_abandon (o, &e) < 0) {
     orch_end_busy (o);
     return cbw_ctl_fail (r, CBW_CTL_BUSY, "an interrupted operation could not be "
                          "finished yet: %s", e.msg);
@@ -152,6 +153,15 @@ h_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   json_object_object_add (r->ret, "pending",
                           o->st.pending.op[0] ? json_object_new_string (o->st.pending.op) : NULL);
   json_object_object_add (r->ret, "busy", json_object_new_boolean (o->busy));
+  /* Disks whose next backup must be full: they have an unusable checkpoint
+   * and no usable one after it. */
+  struct json_object *full = json_object_new_array ();
+  for (size_t i = 0; i < o->st.ndisks; i++) {
+    ssize_t l = orch_latest_cp (&o->st, o->st.disks[i]->name);
+    if (l >= 0 && orch_cp_unusable (&o->st.cps[l], o->st.disks[i]->name))
+      json_object_array_add (full, json_object_new_string (o->st.disks[i]->name));
+  }
+  json_object_object_add (r->ret, "needs-full-backup", full);
   json_object_object_add (r->ret, "generation", json_object_new_int64 ((int64_t) o->st.generation));
   json_object_object_add (r->ret, "last-event", json_object_new_int64 ((int64_t) o->next_seq));
   return 0;
@@ -343,6 +353,7 @@ h_disk_remove (void *data, struct json_object *args, struct cbw_ctl_reply *r)
       struct orch_checkpoint *c = &o->st.cps[i];
       for (size_t j = 0; j < c->ndisks; j++)
         if (strcmp (c->disks[j], name) == 0) {
+          orch_cp_drop_unusable (c, name);
           free (c->disks[j]);
           memmove (&c->disks[j], &c->disks[j + 1], (c->ndisks - j - 1) * sizeof *c->disks);
           c->ndisks--;
@@ -377,6 +388,38 @@ h_disk_remove (void *data, struct json_object *args, struct cbw_ctl_reply *r)
 }
 
 static int
+h_disk_repair (void *data, struct json_object *args, struct cbw_ctl_reply *r)
+{
+  struct cbw_orch *o = data;
+  struct cbw_err e = { 0 };
+  const char *name = cbw_ctl_arg_str (args, "name", "");
+  if (!cbw_ctl_arg_bool (args, "reset-bitmaps", false))
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "say what to repair: "
+                         "\"reset-bitmaps\": true (`--reset-bitmaps`) restarts the disk's "
+                         "bitmaps all dirty and makes its checkpoints unusable");
+  /* No recovery first: repair is the way out when recovery cannot finish. */
+  if (enter (o, r, false) < 0)
+    return -1;
+  struct orch_disk *d = find_disk_or_fail (o, name, r);
+  int ret = -1;
+  if (d == NULL)
+    goto out;
+  if (disk_in_backup (o, name)) {
+    cbw_ctl_fail (r, CBW_CTL_BUSY, "disk %s is part of the running backup (end it first)",
+                  name);
+    goto out;
+  }
+  if (orch_disk_repair_bitmaps (o, d, &r->ret, &e) < 0) {
+    fail_err (r, &e);
+    goto out;
+  }
+  ret = 0;
+ out:
+  orch_end_busy (o);
+  return ret;
+}
+
+static int
 h_disk_start (void *data, struct json_object *args, struct cbw_ctl_reply *r)
 {
   struct cbw_orch *o = data;
@@ -399,6 +442,12 @@ h_disk_start (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   struct json_object *ev = json_object_new_object ();
   json_object_object_add (ev, "disk", json_object_new_string (name));
   orch_event (o, "disk-started", ev);
+  {
+    /* The disk may be what an interrupted operation waited for (after a
+     * host restart every disk is dead): retry it now, quietly. */
+    struct cbw_err re = { 0 };
+    orch_reconcile (o, &re);
+  }
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
     r->ret = disk_json (d);
@@ -708,6 +757,17 @@ h_cp_list (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     json_object_object_add (j, "bitmap", json_object_new_string (bm));
     bool pending = strcmp (o->st.pending.name, c->name) == 0 && o->st.pending.op[0];
     json_object_object_add (j, "pending", json_object_new_boolean (pending));
+    struct json_object *ua = json_object_new_array ();
+    for (size_t k = 0; k < c->nunusable; k++) {
+      if (disk && strcmp (c->unusable[k].disk, disk) != 0)
+        continue;
+      struct json_object *u = json_object_new_object ();
+      json_object_object_add (u, "disk", json_object_new_string (c->unusable[k].disk));
+      json_object_object_add (u, "since", json_object_new_int64 (c->unusable[k].since));
+      json_object_object_add (u, "reason", json_object_new_string (c->unusable[k].reason));
+      json_object_array_add (ua, u);
+    }
+    json_object_object_add (j, "unusable", ua);
     json_object_array_add (a, j);
   }
   r->ret = json_object_new_object ();
@@ -1068,12 +1128,20 @@ static const struct cbw_ctl_arg job_speed_args[] = {
   { NULL }
 };
 
+static const struct cbw_ctl_arg disk_repair_args[] = {
+  { "name", CBW_ARG_STRING, true, "the disk (stopped or dead)" },
+  { "reset-bitmaps", CBW_ARG_BOOL, false, "must be true: write a new bitmap store in "
+    "which every checkpoint's bitmap is all dirty" },
+  { NULL }
+};
+
 static const struct cbw_ctl_command commands[] = {
   { "status", h_status, no_args,
     "Summary of the daemon: state directory, counts, running backup, pending "
-    "(interrupted) operation.",
+    "(interrupted) operation, and the disks whose next backup must be full (their "
+    "latest checkpoint is unusable).",
     "`{\"state-dir\", \"disks\", \"checkpoints\", \"backup\": ID|null, \"pending\": OP|null, "
-    "\"busy\", \"generation\", \"last-event\"}`" },
+    "\"busy\", \"needs-full-backup\": [DISK], \"generation\", \"last-event\"}`" },
   { "disk-add", h_disk_add, disk_add_args,
     "Add a disk and start its nbdkit (chain plugin + cbw filter + dirtybitmap filter) on "
     "a Unix socket under the state directory. The disk is recorded in the state file "
@@ -1088,8 +1156,21 @@ static const struct cbw_ctl_command commands[] = {
     "the running backup. The image is left in place.",
     NULL },
   { "disk-start", h_disk_start, name_arg,
-    "Start the nbdkit of a stopped or dead disk (cbwd never restarts one by itself).",
+    "Start the nbdkit of a stopped or dead disk (cbwd never restarts one by itself). "
+    "Refused, naming the file, when the disk's bitmap descriptor is missing or "
+    "unreadable (see `disk-repair`). Then retries an interrupted operation, if any.",
     "the disk, as in `disk-list`" },
+  { "disk-repair", h_disk_repair, disk_repair_args,
+    "Explicit recovery of a disk whose dirty bitmap descriptor is missing or unreadable "
+    "(the disk then refuses to start, naming the file). With `reset-bitmaps` the old "
+    "descriptor is kept as DESCRIPTOR.lost-TIME, a new store is written in which the "
+    "bitmap of every checkpoint covering the disk is all dirty, and those checkpoints "
+    "are marked unusable on this disk: an incremental since them is refused (\"take a "
+    "full backup\"), the next backup of the disk must be full. Start the disk with "
+    "`disk-start` afterwards. Errors: `Busy` (the disk is running or part of the running "
+    "backup, or another process holds its bitmap store), `NotFound`, "
+    "`InvalidParameter` (reset-bitmaps not given).",
+    "`{\"disk\", \"bitmaps\": N, \"unusable\": [CHECKPOINT], \"message\"}`" },
   { "disk-stop", h_disk_stop, name_arg,
     "Stop the disk's nbdkit (clients are disconnected). Refused while it is part of the "
     "running backup.",
@@ -1135,8 +1216,11 @@ static const struct cbw_ctl_command commands[] = {
     "resume. On failure everything is rolled back and the error names the step.",
     "`{\"name\"}`" },
   { "checkpoint-list", h_cp_list, cp_list_args,
-    "List checkpoints, oldest first.",
-    "`{\"checkpoints\": [{\"name\", \"created\", \"disks\", \"bitmap\", \"pending\"}]}`" },
+    "List checkpoints, oldest first, with the disks on which each is unusable (refused as "
+    "an incremental base there: its bitmaps were reset, or the recovery of an "
+    "interrupted operation failed on that disk).",
+    "`{\"checkpoints\": [{\"name\", \"created\", \"disks\", \"bitmap\", \"pending\", "
+    "\"unusable\": [{\"disk\", \"since\", \"reason\"}]}]}`" },
   { "checkpoint-delete", h_cp_delete, name_arg,
     "Delete a checkpoint: on each of its disks its bitmap is merged into the previous "
     "checkpoint's bitmap (so incrementals since older checkpoints stay exact), then removed.",
@@ -1148,7 +1232,8 @@ static const struct cbw_ctl_command commands[] = {
     "clusters the top overlay holds at the point in time), optional new checkpoint, thaw, "
     "resume, then "
     "one point-in-time export per disk. Any failure rolls everything back; the error "
-    "says `backup-begin failed at step S`.",
+    "says `backup-begin failed at step S`. An incremental since a checkpoint that is "
+    "unusable on one of the disks is refused (`InvalidParameter`: take a full backup).",
     "`{\"id\", \"mode\", \"since\", \"checkpoint\", \"started\", \"disks\": [{\"name\", "
     "\"pit-uri\", \"bitmap\", \"store-path\", \"store-socket\", \"store-pid\", \"export\"}]}`" },
   { "backup-end", h_backup_end, backup_end_args,
@@ -1206,6 +1291,8 @@ static const struct cbw_ctl_command commands[] = {
     "`disk-snapshot`, `disk-commit-started`, `disk-commit-cancelled`, "
     "`checkpoint-created`, `checkpoint-deleted`, `backup-begun`, `backup-ended`, "
     "`backup-failed`, `freeze-failed`, `thaw-failed`, `resume-failed`, `recovered`, "
+    "`recovery-failed` (an interrupted operation recorded as failed; `unusable-on` lists "
+    "the disks whose next backup must be full), `disk-repaired`, "
     "`job-started`, `job-progress` (at most every 2 s per job), `job-paused`, "
     "`job-resumed`, `job-completed`, `job-cancelled`, `job-failed`, `jobs-file-invalid`.",
     "`{\"events\": [{\"event\", \"data\", \"seq\", \"timestamp\", \"time\"}], \"last\": SEQ, "

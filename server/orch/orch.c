@@ -244,6 +244,64 @@ orch_reconcile (struct cbw_orch *o, struct cbw_err *err)
   return reconcile (o, err);
 }
 
+/* A step of the interrupted operation cannot be redone (a disk is dead or
+ * does not start, a bitmap is gone): keeping it pending would refuse every
+ * later checkpoint/backup command for good.  Instead it is recorded as
+ * failed and finished as far as it goes; what could not be repaired costs
+ * the affected disks their incremental base, said in the event, in
+ * `status` (needs-full-backup) and in `checkpoint-list` (unusable). */
+int
+orch_reconcile_or_abandon (struct cbw_orch *o, struct cbw_err *err)
+{
+  char op[32], name[ORCH_NAME_MAX + 1], why[CBW_ERR_MSG_MAX + 256], when[32];
+  struct cbw_err rerr = { 0 };
+  time_t now = time (NULL);
+  struct tm tm;
+
+  if (reconcile (o, &rerr) == 0)
+    return 0;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    snprintf (op, sizeof op, "%s", o->st.pending.op);
+    snprintf (name, sizeof name, "%s", o->st.pending.name);
+  }
+  if (op[0] == '\0')
+    return 0;
+  strftime (when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", gmtime_r (&now, &tm));
+  snprintf (why, sizeof why, "recovery of the interrupted %s %s failed at %s: %s",
+            op, name, when, rerr.msg);
+  struct json_object *failed = json_object_new_array ();
+  int r;
+  if (strcmp (op, "checkpoint-create") == 0 || strcmp (op, "checkpoint-delete") == 0)
+    r = orch_cp_abandon (o, name, strcmp (op, "checkpoint-delete") == 0, why, failed);
+  else
+    r = orch_backup_abandon (o, why, failed);
+  orch_set_pending (o, NULL, NULL);
+  if (r < 0 || orch_state_save (o, err) < 0) {
+    if (r < 0)
+      cbw_err_set (err, ENOMEM, "out of memory");
+    json_object_put (failed);
+    return cbw_err_prefix (err, "recording the failed recovery of %s %s", op, name);
+  }
+  char msg[1024] = "";
+  for (size_t i = 0; i < json_object_array_length (failed); i++) {
+    const char *dn = json_object_get_string (json_object_array_get_idx (failed, i));
+    snprintf (msg + strlen (msg), sizeof msg - strlen (msg), "%sthe checkpoints of disk "
+              "%s are unusable: the next backup of %s must be full", i ? "; " : "", dn, dn);
+  }
+  if (msg[0] == '\0')
+    snprintf (msg, sizeof msg, "no checkpoint was affected");
+  struct json_object *data = json_object_new_object ();
+  json_object_object_add (data, "op", json_object_new_string (op));
+  json_object_object_add (data, "name", json_object_new_string (name));
+  json_object_object_add (data, "error", json_object_new_string (rerr.msg));
+  json_object_object_add (data, "unusable-on", failed);
+  json_object_object_add (data, "message", json_object_new_string (msg));
+  orch_event (o, "recovery-failed", data);
+  fprintf (stderr, "cbwd: %s; %s\n", why, msg);
+  return 0;
+}
+
 struct cbw_orch *
 cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
 {

@@ -71,11 +71,22 @@ struct orch_disk {
                                    otherwise a start error) */
 };
 
+/* A checkpoint that can no longer be honoured on one disk (its bitmaps
+ * were reset or a recovery step on that disk could not be redone): refused
+ * as an incremental base there ("take a full backup"). */
+struct orch_unusable {
+  char disk[ORCH_NAME_MAX + 1];
+  int64_t since;                /* unix time it was marked */
+  char *reason;
+};
+
 struct orch_checkpoint {
   char name[ORCH_NAME_MAX + 1];
   int64_t created;              /* unix time */
   size_t ndisks;
   char **disks;                 /* names of the disks it covers */
+  size_t nunusable;
+  struct orch_unusable *unusable;     /* per disk, at most one each */
 };
 
 struct orch_backup_disk {
@@ -202,6 +213,15 @@ struct orch_disk *orch_find_disk (const struct orch_state *st, const char *name)
 struct orch_checkpoint *orch_find_cp (const struct orch_state *st, const char *name);
 void orch_backup_free (struct orch_backup *b);
 void orch_cp_clear (struct orch_checkpoint *c);
+/* The unusable mark of checkpoint c on disk, or NULL. */
+const struct orch_unusable *orch_cp_unusable (const struct orch_checkpoint *c,
+                                              const char *disk);
+/* Mark every checkpoint covering disk unusable there (kept marks keep their
+ * first reason); the number of checkpoints newly marked, -1 on ENOMEM.
+ * Caller holds o->lock; the state is not saved. */
+int orch_cp_mark_unusable (struct orch_state *st, const char *disk, const char *reason);
+/* Forget disk's mark on c (the disk left the checkpoint). */
+void orch_cp_drop_unusable (struct orch_checkpoint *c, const char *disk);
 
 /* ---- plan.c: pure checkpoint arithmetic (unit tested) ---- */
 /* The bitmap that records writes after checkpoint `cp` on a disk. */
@@ -266,6 +286,13 @@ void orch_kill_wait (pid_t pid, int pidfd);
  * argument of /proc/PID/cmdline equals needle (whole_arg) or contains it. */
 bool orch_pid_cmdline_has (int64_t pid, const char *needle, bool whole_arg);
 
+/* ---- repair.c: explicit recovery of lost metadata ---- */
+/* `disk-repair --reset-bitmaps` on a stopped disk: a new bitmap store with
+ * every checkpoint's bitmap all set, those checkpoints marked unusable on
+ * the disk, state saved; *ret = {"disk","bitmaps","unusable","message"}. */
+int orch_disk_repair_bitmaps (struct cbw_orch *o, struct orch_disk *d,
+                              struct json_object **ret, struct cbw_err *err);
+
 /* ---- checkpoint.c ---- */
 int orch_checkpoint_create (struct cbw_orch *o, const char *name,
                             char **disks, size_t ndisks, struct cbw_err *err);
@@ -284,6 +311,12 @@ int orch_cp_prepare (struct cbw_orch *o, const char *name, char **disks,
 /* Undo a recorded, maybe partly rotated checkpoint (state not saved). */
 int orch_cp_undo (struct cbw_orch *o, const char *name, struct cbw_err *err);
 int orch_cp_rotate_finish (struct cbw_orch *o, const char *name, struct cbw_err *err);
+/* Recovery that cannot finish: roll checkpoint `name` back (deleting: finish
+ * its delete) on each disk where that still works, drop it from the state,
+ * and mark every checkpoint of the other disks unusable there with `why`;
+ * their names are appended to `failed`.  Not saved; -1 on ENOMEM. */
+int orch_cp_abandon (struct cbw_orch *o, const char *name, bool deleting, const char *why,
+                     struct json_object *failed);
 /* A disk set is non-empty, known, running, without duplicates. */
 int orch_check_disks (struct cbw_orch *o, char **disks, size_t n, struct cbw_err *err);
 void orch_set_pending (struct cbw_orch *o, const char *op, const char *name);
@@ -352,6 +385,15 @@ int orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
                        struct json_object **ret, struct cbw_err *err);
 int orch_backup_end (struct cbw_orch *o, const char *id, struct cbw_err *err);
 int orch_backup_reconcile (struct cbw_orch *o, struct cbw_err *err);
+/* Recovery of a backup-begin/-end that cannot finish: best-effort teardown,
+ * a checkpoint begun with it abandoned (orch_cp_abandon), record dropped.
+ * Not saved; -1 on ENOMEM. */
+int orch_backup_abandon (struct cbw_orch *o, const char *why, struct json_object *failed);
+/* Resolve the pending operation for good: orch_reconcile(), and if that
+ * fails, record it as failed (event `recovery-failed`), abandon it and mark
+ * the checkpoints of the disks it could not repair unusable.  -1 only if
+ * the state cannot be saved. */
+int orch_reconcile_or_abandon (struct cbw_orch *o, struct cbw_err *err);
 struct json_object *orch_backup_to_json (const struct orch_backup *b);
 
 /* ---- job.c: push backup jobs (locking: see the top of job.c) ---- */

@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <xxhash.h>
@@ -123,6 +124,70 @@ orch_cp_clear (struct orch_checkpoint *c)
   free (c->disks);
   c->disks = NULL;
   c->ndisks = 0;
+  for (size_t i = 0; i < c->nunusable; i++)
+    free (c->unusable[i].reason);
+  free (c->unusable);
+  c->unusable = NULL;
+  c->nunusable = 0;
+}
+
+const struct orch_unusable *
+orch_cp_unusable (const struct orch_checkpoint *c, const char *disk)
+{
+  for (size_t i = 0; i < c->nunusable; i++)
+    if (strcmp (c->unusable[i].disk, disk) == 0)
+      return &c->unusable[i];
+  return NULL;
+}
+
+static int
+cp_add_unusable (struct orch_checkpoint *c, const char *disk, int64_t since,
+                 const char *reason)
+{
+  struct orch_unusable *u = realloc (c->unusable, (c->nunusable + 1) * sizeof *u);
+  char *r = strdup (reason);
+  if (u == NULL || r == NULL) {
+    if (u) c->unusable = u;
+    free (r);
+    return -1;
+  }
+  c->unusable = u;
+  u = &c->unusable[c->nunusable++];
+  snprintf (u->disk, sizeof u->disk, "%s", disk);
+  u->since = since;
+  u->reason = r;
+  return 0;
+}
+
+int
+orch_cp_mark_unusable (struct orch_state *st, const char *disk, const char *reason)
+{
+  int n = 0;
+  for (size_t i = 0; i < st->ncps; i++) {
+    struct orch_checkpoint *c = &st->cps[i];
+    bool covers = false;
+    for (size_t j = 0; j < c->ndisks; j++)
+      covers = covers || strcmp (c->disks[j], disk) == 0;
+    if (!covers || orch_cp_unusable (c, disk))
+      continue;
+    if (cp_add_unusable (c, disk, (int64_t) time (NULL), reason) < 0)
+      return -1;
+    n++;
+  }
+  return n;
+}
+
+void
+orch_cp_drop_unusable (struct orch_checkpoint *c, const char *disk)
+{
+  for (size_t i = 0; i < c->nunusable; i++)
+    if (strcmp (c->unusable[i].disk, disk) == 0) {
+      free (c->unusable[i].reason);
+      memmove (&c->unusable[i], &c->unusable[i + 1],
+               (c->nunusable - i - 1) * sizeof *c->unusable);
+      c->nunusable--;
+      return;
+    }
 }
 
 void
@@ -236,6 +301,17 @@ orch_state_to_json (const struct orch_state *st)
     for (size_t j = 0; j < c->ndisks; j++)
       json_object_array_add (a, json_object_new_string (c->disks[j]));
     json_object_object_add (o, "disks", a);
+    if (c->nunusable) {         /* absent = usable everywhere (older files) */
+      struct json_object *u = json_object_new_array ();
+      for (size_t j = 0; j < c->nunusable; j++) {
+        struct json_object *e = json_object_new_object ();
+        add_str (e, "disk", c->unusable[j].disk);
+        json_object_object_add (e, "since", json_object_new_int64 (c->unusable[j].since));
+        add_str (e, "reason", c->unusable[j].reason);
+        json_object_array_add (u, e);
+      }
+      json_object_object_add (o, "unusable", u);
+    }
     json_object_array_add (cps, o);
   }
   json_object_object_add (body, "checkpoints", cps);
@@ -490,6 +566,34 @@ orch_state_from_json (const char *text, size_t len, const char *what,
         goto fail;
       }
       oc->disks[oc->ndisks++] = strdup (json_object_get_string (e));
+    }
+    struct json_object *ua;
+    if (json_object_object_get_ex (c, "unusable", &ua)) {
+      if (!json_object_is_type (ua, json_type_array)) {
+        cbw_err_set (err, EINVAL, "%s: %s: \"unusable\" must be an array", what, where);
+        goto fail;
+      }
+      for (size_t j = 0; j < json_object_array_length (ua); j++) {
+        char uw[96], udisk[ORCH_NAME_MAX + 1];
+        struct json_object *e = json_object_array_get_idx (ua, j);
+        snprintf (uw, sizeof uw, "%s.unusable[%zu]", where, j);
+        if (!json_object_is_type (e, json_type_object)) {
+          cbw_err_set (err, EINVAL, "%s: %s is not an object", what, uw);
+          goto fail;
+        }
+        if (get_name (e, "disk", udisk, false, what, uw, err) < 0) goto fail;
+        if (!orch_cp_has_disk (oc, udisk) || orch_cp_unusable (oc, udisk)) {
+          cbw_err_set (err, EINVAL, "%s: %s: disk \"%s\" is not covered by the checkpoint "
+                       "or listed twice", what, uw, udisk);
+          goto fail;
+        }
+        int64_t since = json_object_get_int64 (GET (e, "since", json_type_int, uw));
+        const char *reason = json_object_get_string (GET (e, "reason", json_type_string, uw));
+        if (cp_add_unusable (oc, udisk, since, reason) < 0) {
+          cbw_err_set (err, ENOMEM, "%s: out of memory", what);
+          goto fail;
+        }
+      }
     }
   }
 

@@ -471,3 +471,43 @@ Test (state, disk_id)
   json_object_put (top);
   orch_state_free (&a);
 }
+
+/* Unusable marks: kept across save/load, refused when they do not match
+ * the checkpoint, and the marking helper marks every checkpoint of a disk
+ * once (the first reason stays). */
+Test (state, unusable_marks)
+{
+  struct orch_state a, b;
+  struct cbw_err err = { 0 };
+  make_state (&a);
+  cr_assert_eq (orch_cp_mark_unusable (&a, "vdb", "reset"), 2);
+  cr_assert_eq (orch_cp_mark_unusable (&a, "vdb", "again"), 0);
+  cr_assert_eq (orch_cp_mark_unusable (&a, "vda", "lost"), 1);
+  cr_assert_null (orch_cp_unusable (&a.cps[1], "vda"));
+  cr_assert_str_eq (orch_cp_unusable (&a.cps[0], "vdb")->reason, "reset");
+  char *text = to_text (&a);
+  cr_assert_eq (orch_state_from_json (text, strlen (text), "t.json", &b, &err), 0,
+                "%s", err.msg);
+  cr_assert_eq (b.cps[0].nunusable, 2);
+  cr_assert_str_eq (orch_cp_unusable (&b.cps[0], "vda")->reason, "lost");
+  cr_assert_str_eq (orch_cp_unusable (&b.cps[1], "vdb")->reason, "reset");
+  char *text2 = to_text (&b);
+  cr_assert_str_eq (text, text2);
+  orch_cp_drop_unusable (&b.cps[0], "vda");
+  cr_assert_null (orch_cp_unusable (&b.cps[0], "vda"));
+  cr_assert_not_null (orch_cp_unusable (&b.cps[0], "vdb"));
+  free (text); free (text2);
+  orch_state_free (&b);
+
+  /* c2 covers only vdb: a mark for vda there is refused, naming the file */
+  struct json_object *top = orch_state_to_json (&a), *cps, *u;
+  json_object_object_get_ex (body_of (top), "checkpoints", &cps);
+  json_object_object_get_ex (json_object_array_get_idx (cps, 1), "unusable", &u);
+  json_object_object_add (json_object_array_get_idx (u, 0), "disk",
+                          json_object_new_string ("vda"));
+  char *bad = resign (top);
+  expect_bad (bad, "is not covered by the checkpoint");
+  free (bad);
+  json_object_put (top);
+  orch_state_free (&a);
+}
