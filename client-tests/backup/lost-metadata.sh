@@ -12,6 +12,10 @@
 #     checkpoint bitmap all dirty; an incremental since an unusable
 #     checkpoint is refused ("take a full backup"); after a full backup with
 #     a new checkpoint, incrementals of vda work again.
+#  3. cbwd dies inside `backup begin --checkpoint` and vdb's nbdkit dies: the
+#     next backup of vda records the failed recovery (vdb's checkpoints
+#     unusable), leaves no backup files, and works; vdb is removed with its
+#     mark.
 # (The state file itself: lost-state.sh.)
 . "$(dirname "$0")/lib.sh"
 need_modules
@@ -30,14 +34,18 @@ for d in vda vdb; do
 done
 stop_orchd
 
+crash_at() {                      # crash_at POINT CMD...: cbwd-orch dies at POINT in CMD
+  local point=$1 rc=0; shift
+  start_orchd CBW_ORCH_CRASH_AT="$point"
+  "$@" >/dev/null 2>&1 || true
+  for _ in $(seq 100); do alive_pid "$ORCHD_PID" || break; sleep 0.1; done
+  wait "$ORCHD_PID" || rc=$?
+  [ "$rc" = 99 ] || fail "$point: the daemon did not stop at the crash point (exit $rc)"
+  ORCHD_PID=
+}
+
 # -- 1. interrupted checkpoint-create, then vda loses its nbdkit and bitmaps
-start_orchd CBW_ORCH_CRASH_AT=rotate:added
-"$CBW" checkpoint create k1 >/dev/null 2>&1 || true
-rc=0
-for _ in $(seq 100); do alive_pid "$ORCHD_PID" || break; sleep 0.1; done
-wait "$ORCHD_PID" || rc=$?
-[ "$rc" = 99 ] || fail "the daemon did not stop at the crash point (exit $rc)"
-ORCHD_PID=
+crash_at rotate:added "$CBW" checkpoint create k1
 vda_pid=$(jq -r '.body.disks[] | select(.name == "vda") | .pid' "$STATE/cbwd-state.json")
 [ "$vda_pid" -gt 0 ] || fail "no pid of vda's nbdkit in the state file"
 kill -9 "$vda_pid"
@@ -119,6 +127,35 @@ expect_rc 0 "$CBW" backup end
 expect_rc 0 "$CBW" --json status
 jq -e '.["needs-full-backup"] == []' "$T/out" >/dev/null || fail "status: $(cat "$T/out")"
 log "repair: all dirty, unusable checkpoints refused, incrementals again after a full"
+
+# -- 3. an interrupted backup-begin (with a checkpoint) whose disk vdb died
+stop_orchd
+crash_at backup-begin:begun "$CBW" backup begin --incremental c1 --checkpoint b1
+vdb_pid=$(jq -r '.body.disks[] | select(.name == "vdb") | .pid' "$STATE/cbwd-state.json")
+kill -9 "$vdb_pid"
+for _ in $(seq 100); do alive_pid "$vdb_pid" || break; sleep 0.1; done
+start_orchd
+expect_rc 0 "$CBW" backup begin --disk vda --incremental c1
+expect_rc 0 "$CBW" backup end
+expect_rc 0 "$CBW" --json event list
+jq -e '[.events[] | select(.event == "recovery-failed") | .data] |
+       length == 1 and .[0].op == "backup-begin" and .[0]["unusable-on"] == ["vdb"]' \
+  "$T/out" >/dev/null || fail "no recovery-failed event for the backup: $(cat "$T/out")"
+expect_rc 0 "$CBW" --json checkpoint list
+jq -e '[.checkpoints[].name] == ["c0", "c1"] and
+       ([.checkpoints[1].unusable[].disk] == ["vdb"])' "$T/out" >/dev/null ||
+  fail "checkpoints after the failed backup recovery: $(cat "$T/out")"
+[ -z "$(ls -A "$STATE/backups" 2>/dev/null)" ] || fail "backup files left: $(ls -R "$STATE/backups")"
+got=$(ctl "$(bm_ctl vda)" '{"execute":"list"}' |
+      jq -r '[.return.bitmaps[] | .name + (if .enabled then "+" else "" end)] | join(" ")')
+[ "$got" = "cp-c0 cp-c1+" ] || fail "vda bitmaps: [$got], expected [cp-c0 cp-c1+]"
+expect_rc 0 "$CBW" disk start vdb
+expect_rc 1 "$CBW" backup begin --disk vdb --incremental c1
+expect_rc 0 "$CBW" disk remove vdb
+expect_rc 0 "$CBW" --json status
+jq -e '.pending == null and .backup == null and .["needs-full-backup"] == []' "$T/out" \
+  >/dev/null || fail "status at the end: $(cat "$T/out")"
+log "failed backup recovery recorded, vda unaffected, vdb removed with the mark"
 
 stop_orchd
 log "OK"
