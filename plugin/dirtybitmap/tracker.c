@@ -87,6 +87,9 @@ struct live_bitmap {
   char name[CBW_BITMAP_NAME_MAX + 1];
   uint64_t granularity;
   bool enabled;
+  bool disabling;                     /* saved as disabled by the save under
+                                       * way, still recording until it is
+                                       * durable; ckpt_lock + bm_lock */
   enum cbw_bitmap_state state;        /* as last saved */
   uint64_t generation;                /* as last saved */
   struct cbw_bitmap bits;
@@ -108,6 +111,10 @@ struct dbm_tracker {
   struct live_bitmap *live;           /* CBW_BITMAP_MAX_COUNT slots; bm_lock */
   size_t nlive;                       /* bm_lock; same order as st->bitmaps */
   unsigned n_enabled;                 /* enabled bitmaps; bm_lock */
+  bool unsaved_remove;                /* a bitmap left memory but the saved
+                                       * descriptor still has it: journal
+                                       * every write until a save succeeds;
+                                       * bm_lock */
 
   pthread_mutex_t j_lock;
   pthread_cond_t j_cond;
@@ -322,7 +329,7 @@ dbm_tracker_record (struct dbm_tracker *t, uint64_t offset, uint64_t count,
     bool unmarked = false;
 
     pthread_rwlock_rdlock (&t->bm_lock);
-    if (t->n_enabled == 0) {
+    if (t->n_enabled == 0 && !t->unsaved_remove) {
       pthread_rwlock_unlock (&t->bm_lock);
       return 0;
     }
@@ -389,7 +396,7 @@ checkpoint_locked (struct dbm_tracker *t, enum cbw_bitmap_state state,
   for (i = 0; i < t->nlive; ++i) {
     struct cbw_stored_bitmap *d = &t->st->bitmaps[i];
     copy_bits (&d->bits, &t->live[i].bits);
-    d->enabled = t->live[i].enabled;
+    d->enabled = t->live[i].enabled && !t->live[i].disabling;
     d->state = state;
   }
   pthread_rwlock_unlock (&t->bm_lock);
@@ -401,6 +408,7 @@ checkpoint_locked (struct dbm_tracker *t, enum cbw_bitmap_state state,
   if (ret == 0) {
     dbm_livemap_saved (t->map, t->st->generation);
     pthread_rwlock_wrlock (&t->bm_lock);
+    t->unsaved_remove = false;
     for (i = 0; i < t->nlive; ++i) {
       t->live[i].state = state;
       t->live[i].generation = t->st->bitmaps[i].generation;
@@ -1019,8 +1027,13 @@ dbm_tracker_remove (struct dbm_tracker *t, const char *name, struct cbw_err *err
     return -1;
   }
   gone = t->live[i].bits;
-  if (t->live[i].enabled)
+  if (t->live[i].enabled) {
+    /* A crash before the save brings the bitmap back from the descriptor
+     * without a slot in the new map, so from the journal: keep journaling
+     * even if no enabled bitmap is left, until a save succeeds. */
     t->n_enabled--;
+    t->unsaved_remove = true;
+  }
   memmove (&t->live[i], &t->live[i + 1], (t->nlive - (size_t) i - 1) * sizeof t->live[0]);
   t->nlive--;
   pthread_rwlock_unlock (&t->bm_lock);
@@ -1053,17 +1066,40 @@ dbm_tracker_set_enabled (struct dbm_tracker *t, const char *name, bool enabled,
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&t->ckpt_lock);
   ssize_t i;
+  int ret;
 
+  /* Enabling takes effect at once: a crash before the save leaves it
+   * disabled, which promises nothing about later writes.  Disabling takes
+   * effect only once the descriptor saying so is durable: until then the
+   * bitmap keeps recording (in the map too), so neither a crash during the
+   * save nor a failed save can leave an enabled bitmap that missed writes. */
   pthread_rwlock_wrlock (&t->bm_lock);
   i = find_or_err (t, name, err);
-  if (i >= 0 && t->live[i].enabled != enabled) {
-    t->live[i].enabled = enabled;
-    if (enabled) t->n_enabled++; else t->n_enabled--;
+  if (i >= 0 && enabled && !t->live[i].enabled) {
+    t->live[i].enabled = true;
+    t->n_enabled++;
   }
+  if (i >= 0 && !enabled && t->live[i].enabled)
+    t->live[i].disabling = true;
   pthread_rwlock_unlock (&t->bm_lock);
   if (i < 0)
     return -1;
-  return persist (t, enabled ? "enable" : "disable", err);
+  if (enabled)
+    return persist (t, "enable", err);
+  ret = checkpoint_locked (t, CBW_BITMAP_IN_USE, err);
+  if (ret < 0) {
+    cbw_err_prefix (err, "disable not applied (the bitmap still records) because "
+                    "the descriptor could not be saved");
+    err->errnum = EIO;
+  }
+  pthread_rwlock_wrlock (&t->bm_lock);
+  if (t->live[i].disabling && ret == 0) {
+    t->live[i].enabled = false;
+    t->n_enabled--;
+  }
+  t->live[i].disabling = false;
+  pthread_rwlock_unlock (&t->bm_lock);
+  return ret;
 }
 
 int

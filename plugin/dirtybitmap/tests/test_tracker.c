@@ -13,6 +13,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "bitmap.h"
@@ -687,5 +688,92 @@ Test (tracker, livemap_follows_add_and_remove)
   cbw_bitmap_set_range (&want, 0, 1);
   assert_same (t, "x", 65536, &want);
   cbw_bitmap_free (&want);
+  dbm_tracker_close (t, true, &err);
+}
+
+/* Dirty bytes of one bitmap. */
+static uint64_t
+dirty_of (struct dbm_tracker *t, const char *name)
+{
+  struct cbw_err err = { 0 };
+  struct dbm_bitmap_info *info;
+  size_t n, i;
+  uint64_t d = UINT64_MAX;
+  cr_assert_eq (dbm_tracker_list (t, &info, &n, &err), 0, "%s", err.msg);
+  for (i = 0; i < n; ++i)
+    if (strcmp (info[i].name, name) == 0)
+      d = info[i].dirty_bytes;
+  free (info);
+  cr_assert_neq (d, UINT64_MAX, "no bitmap %s", name);
+  return d;
+}
+
+/* A disable whose save fails is not applied: the bitmap goes on recording,
+ * in memory and in the map, so neither the running filter nor a process
+ * crash after it leaves an enabled bitmap that missed writes.  A disable
+ * whose save succeeds freezes the bitmap, across a crash too. */
+Test (tracker, disable_is_applied_only_once_saved)
+{
+  struct cbw_err err = { 0 };
+  uint64_t size = 64 * MiB;
+  struct dbm_tracker *t = topen (size, MiB);
+  char blocker[200];
+
+  cr_assert_eq (dbm_tracker_add (t, "a", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_record (t, 0, 4096, &err), 0);
+  /* the save's temporary descriptor cannot be created: the save fails */
+  snprintf (blocker, sizeof blocker, "%s.tmp", desc);
+  cr_assert_eq (mkdir (blocker, 0700), 0);
+  cr_assert_eq (dbm_tracker_set_enabled (t, "a", false, &err), -1);
+  cr_assert_eq (err.errnum, EIO);
+  cr_assert_not_null (strstr (err.msg, "disable not applied"), "%s", err.msg);
+  cr_assert_eq (dbm_tracker_record (t, 8 * MiB, 4096, &err), 0);
+  cr_assert_eq (dirty_of (t, "a"), 2 * 65536, "a write after a failed disable was lost");
+  cr_assert_eq (rmdir (blocker), 0);
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);               /* kill -9 */
+
+  t = topen (size, MiB);
+  cr_assert_eq (dirty_of (t, "a"), 2 * 65536, "lost after the crash");
+  cr_assert_eq (dbm_tracker_set_enabled (t, "a", false, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_record (t, 16 * MiB, 4096, &err), 0);
+  cr_assert_eq (dirty_of (t, "a"), 2 * 65536, "a disabled bitmap recorded");
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);               /* kill -9 */
+  t = topen (size, MiB);
+  cr_assert_eq (dirty_of (t, "a"), 2 * 65536);
+  struct dbm_bitmap_info *info;
+  size_t n;
+  cr_assert_eq (dbm_tracker_list (t, &info, &n, &err), 0);
+  cr_assert (!info[0].enabled, "disable lost across the crash");
+  free (info);
+  dbm_tracker_close (t, true, &err);
+}
+
+/* A remove whose save fails leaves the bitmap in the descriptor: after a
+ * crash it comes back (from the journal, having no slot in the map) and
+ * must hold the writes that came after the remove, even when it was the
+ * only enabled bitmap. */
+Test (tracker, unsaved_remove_keeps_journaling)
+{
+  struct cbw_err err = { 0 };
+  uint64_t size = 64 * MiB;
+  struct dbm_tracker *t = topen (size, MiB);
+  char blocker[200];
+  struct dbm_extent ext[4];
+  uint64_t next;
+  size_t n;
+
+  cr_assert_eq (dbm_tracker_add (t, "a", 65536, true, &err), 0, "%s", err.msg);
+  cr_assert_eq (dbm_tracker_record (t, 0, 4096, &err), 0);
+  snprintf (blocker, sizeof blocker, "%s.tmp", desc);
+  cr_assert_eq (mkdir (blocker, 0700), 0);
+  cr_assert_eq (dbm_tracker_remove (t, "a", &err), -1);
+  cr_assert_eq (dbm_tracker_record (t, 40 * MiB, 4096, &err), 0);
+  cr_assert_eq (rmdir (blocker), 0);
+  cr_assert_eq (dbm_tracker_close (t, false, &err), 0);               /* kill -9 */
+
+  t = topen (size, MiB);
+  cr_assert_eq (dbm_tracker_extents (t, "a", 40 * MiB, 4096, 4, ext, &n, &next, &err), 0,
+                "the bitmap did not come back: %s", err.msg);
+  cr_assert_eq (n, 1, "a write after an unsaved remove is missing");
   dbm_tracker_close (t, true, &err);
 }
