@@ -144,6 +144,21 @@ cbw_imagelock_acquire (int fd, const char *path, unsigned perm,
 }
 
 int
+cbw_imagelock_serve (int fd, const char *path, bool writable, bool force_share,
+                     struct cbw_err *err)
+{
+  unsigned perm, shared;
+  cbw_imagelock_perms (writable, force_share, &perm, &shared);
+  if (cbw_imagelock_acquire (fd, path, perm, shared, !force_share, err) == -1) {
+    if (!force_share)
+      return -1;
+    if (err)
+      err->errnum = 0;
+  }
+  return 0;
+}
+
+int
 cbw_imagelock_probe (const char *path, unsigned perm, unsigned shared,
                      struct cbw_err *err)
 {

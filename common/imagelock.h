@@ -64,6 +64,13 @@ void cbw_imagelock_perms (bool writable, bool force_share, unsigned *perm,
 int cbw_imagelock_acquire (int fd, const char *path, unsigned perm,
                            unsigned shared, bool test, struct cbw_err *err);
 
+/* What a server of the image does on its descriptor: perms as
+ * cbw_imagelock_perms, acquire, testing unless force_share.  With
+ * force_share a failure to lock (a filesystem without byte-range locks) is
+ * not an error: the image is served unlocked. */
+int cbw_imagelock_serve (int fd, const char *path, bool writable, bool force_share,
+                         struct cbw_err *err);
+
 /* Release every lock byte of cbw/QEMU (100..299) held through fd. */
 void cbw_imagelock_release (int fd);
 

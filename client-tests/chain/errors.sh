@@ -28,7 +28,12 @@ assert_eq "non-socket file kept" precious "$(cat "$T/notasocket")"
 if [ "$CTL_OK" = 1 ]; then
   # a live control socket is not stolen; a stale one is replaced
   start_chain a file="$T/ok.img" control="$T/ctl.sock"
-  expect_start_failure "already in use" "$P" file="$T/ok.img" control="$T/ctl.sock"
+  truncate -s 1M "$T/ok2.img"       # ok.img itself is locked by the first server
+  expect_start_failure "already in use" "$P" file="$T/ok2.img" control="$T/ctl.sock"
+  # the image a server holds is not served twice (QEMU's image locks)
+  expect_start_failure "ok.img: locked by another process \(QEMU/qemu-nbd\?\): failed to get \"write\" lock" \
+    "$P" file="$T/ok.img"
+  expect_start_failure "failed to get shared \"write\" lock" "$P" file="$T/ok.img" readonly=true
   ctl "$T/ctl.sock" '{"execute":"status"}' | jq -e '.return.size == 1048576' >/dev/null \
     || fail "first server's control socket broken by the second"
   kill9 "$NBDKIT_PID"                                # leaves a stale socket file

@@ -45,6 +45,7 @@ static struct chain {
   char *file;                    /* file= (absolute) */
   bool readonly;                 /* readonly= */
   bool direct;                   /* direct= */
+  bool force_share;              /* force-share= */
   char *control_path;            /* control= (absolute), or NULL */
   char *chain_path;              /* chain= (absolute), or NULL: overlay chain */
   char *description;             /* "cbw-disk-id:UUID" from disk-id=, or NULL */
@@ -93,6 +94,8 @@ chain_config (const char *key, const char *value)
     return parse_bool (key, value, &chain.readonly);
   else if (strcmp (key, "direct") == 0)
     return parse_bool (key, value, &chain.direct);
+  else if (strcmp (key, "force-share") == 0)
+    return parse_bool (key, value, &chain.force_share);
   else if (strcmp (key, "chain") == 0) {
     free (chain.chain_path);
     chain.chain_path = nbdkit_absolute_path (value);
@@ -153,6 +156,9 @@ chain_config_complete (void)
   "file=<PATH>         (required) Raw file or block device to serve.\n" \
   "readonly=<BOOL>     Open read-only (default false).\n" \
   "direct=<BOOL>       Use O_DIRECT (default false).\n" \
+  "force-share=<BOOL>  Serve even if another process (QEMU) holds the image\n" \
+  "                    and let others share it (default false: QEMU's\n" \
+  "                    image locks, exclusive writer).\n" \
   "control=<SOCKET>    Unix socket for run-time control (JSON lines).\n" \
   "chain=<DESC>        Serve the overlay chain described by DESC (snapshots,\n" \
   "                    commit; docs/formats/overlay.md).  Created over file=\n" \
@@ -164,7 +170,8 @@ chain_config_complete (void)
 static int
 chain_open_overlays (void)
 {
-  struct ovc_open_opts o = { .readonly = chain.readonly };
+  struct ovc_open_opts o = { .readonly = chain.readonly,
+                            .force_share = chain.force_share };
   struct cbw_err err = { 0 };
   char *note = NULL;
 
@@ -214,7 +221,8 @@ static int
 chain_get_ready (void)
 {
   struct rawdisk_opts o = { .readonly = chain.readonly,
-                            .direct = chain.direct };
+                            .direct = chain.direct,
+                            .force_share = chain.force_share };
   struct cbw_err err = { 0 };
 
   if (chain.chain_path)
@@ -243,6 +251,7 @@ cmd_status (void *data, struct json_object *args, struct cbw_ctl_reply *reply)
     json_object_object_add (r, "size", json_object_new_int64 ((int64_t) ovc_size (c->ovc)));
     json_object_object_add (r, "readonly", json_object_new_boolean (c->readonly));
     json_object_object_add (r, "direct", json_object_new_boolean (false));
+    json_object_object_add (r, "force-share", json_object_new_boolean (c->force_share));
     json_object_object_add (r, "overlays", json_object_new_int ((int) ovc_nlayers (c->ovc)));
     json_object_object_add (r, "chain", ovc_status_json (c->ovc));
     reply->ret = r;
@@ -262,6 +271,7 @@ cmd_status (void *data, struct json_object *args, struct cbw_ctl_reply *reply)
   json_object_object_add (r, "size", json_object_new_int64 ((int64_t) info.size));
   json_object_object_add (r, "readonly", json_object_new_boolean (info.readonly));
   json_object_object_add (r, "direct", json_object_new_boolean (info.direct));
+  json_object_object_add (r, "force-share", json_object_new_boolean (c->force_share));
   json_object_object_add (r, "overlays", json_object_new_int (0));
   json_object_object_add (flags, "block_device",
                           json_object_new_boolean (info.block_device));

@@ -70,6 +70,7 @@
 #include "cleanup.h"
 #include "control.h"
 #include "fileutil.h"
+#include "imagelock.h"
 #include "overlay_chain.h"
 
 #ifndef COPY_CHUNK
@@ -97,7 +98,7 @@ struct ovc {
   char *chain_path, *dir;
   uint64_t size;
   uint32_t csize, cbits;
-  bool readonly;
+  bool readonly, force_share;
 
   /* changed only while paused (see top) */
   struct cbw_chain_desc desc;
@@ -363,11 +364,13 @@ layer_open (struct ovc *c, const char *name, bool is_base, struct cbw_err *err)
     cbw_err_set (err, ENOMEM, "out of memory");
     goto fail;
   }
-  l->fd = open (dpath, flags);
+  l->fd = open (dpath, flags | (c->readonly ? 0 : O_EXCL));  /* see rawdisk.c */
   if (l->fd < 0) {
     cbw_err_set (err, errno, "%s: open: %s", dpath, strerror (errno));
     goto fail;
   }
+  if (cbw_imagelock_serve (l->fd, dpath, !c->readonly, c->force_share, err) < 0)
+    goto fail;
   off_t sz = lseek (l->fd, 0, SEEK_END);
   if (sz < 0 || (uint64_t) sz != c->size) {
     cbw_err_set (err, EINVAL, "%s: wrong size %lld bytes (chain is %" PRIu64 " bytes)",
@@ -1019,6 +1022,7 @@ ovc_open (const char *chain_path, const struct ovc_open_opts *opts,
   pthread_mutex_init (&c->op_iter_lock, NULL);
   c->mirror = -1;
   c->readonly = opts && opts->readonly;
+  c->force_share = opts && opts->force_share;
   c->chain_path = strdup (chain_path);
   c->dir = cbw_ovl_dirname (chain_path);
   if (c->chain_path == NULL || c->dir == NULL) {

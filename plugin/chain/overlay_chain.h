@@ -31,6 +31,7 @@ int ovc_create (const char *chain_path, const char *base, uint32_t cluster_size,
 
 struct ovc_open_opts {
   bool readonly;                 /* no writes, no operations, no recovery writes */
+  bool force_share;              /* layer image locks without exclusivity */
 };
 
 /* Open a chain: validates every file (cbw_chain_validate), then recovers an

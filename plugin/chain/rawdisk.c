@@ -15,6 +15,17 @@
  * `align` cannot be written with O_DIRECT without growing the file; they go
  * through a second, buffered fd (`bfd`).
  *
+ * Image lock: the buffered fd carries QEMU's OFD lock bytes
+ * (common/imagelock.h) from open to close: a writer holds consistent read +
+ * write and shares neither write nor resize, so QEMU, qemu-nbd, qemu-img
+ * and qemu-io refuse the image while it is served, and an image one of them
+ * holds is refused here.  force_share takes only the permission bytes and
+ * skips the test.  A block device opened for writing is also opened O_EXCL
+ * (for regular files Linux ignores O_EXCL without O_CREAT): the kernel then
+ * refuses to mount it or to hand it to device-mapper, md or another
+ * exclusive opener while the guest writes it, and an in-use device is
+ * refused here with EBUSY.
+ *
  * Locking: no lock on the fast path.  In direct mode every write, zero and
  * trim reserves its aligned byte range in `ranges` (a list guarded by
  * `range_lock`, waited on with `range_cond`) for the duration of the I/O, so
@@ -41,6 +52,7 @@
 #include "cbw_err.h"
 #include "cleanup.h"
 #include "fileutil.h"
+#include "imagelock.h"
 #include "rawdisk.h"
 
 /* Error text without locale or gettext: strerror() takes glibc's locale
@@ -132,10 +144,13 @@ rawdisk_open (const char *path, const struct rawdisk_opts *o,
   pthread_cond_init (&d->range_cond, NULL);
 
   flags = (o->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
-  d->bfd = open (path, flags);
+  d->bfd = open (path, flags | (o->readonly ? 0 : O_EXCL));
   if (d->bfd == -1) {
     e = errno;
-    if (!o->readonly && (e == EACCES || e == EPERM || e == EROFS))
+    if (e == EBUSY && S_ISBLK (st.st_mode))
+      cbw_err_set (err, e, "%s: block device in use (mounted, or held by "
+                   "device-mapper, md or another exclusive opener)", path);
+    else if (!o->readonly && (e == EACCES || e == EPERM || e == EROFS))
       cbw_err_set (err, e, "%s: cannot open for writing: %s (use "
                    "readonly=true to serve it read-only)", path, errstr (e));
     else
@@ -146,6 +161,8 @@ rawdisk_open (const char *path, const struct rawdisk_opts *o,
     cbw_err_set (err, errno, "%s: fstat: %s", path, errstr (errno));
     goto fail;
   }
+  if (cbw_imagelock_serve (d->bfd, path, !o->readonly, o->force_share, err) == -1)
+    goto fail;
   d->block_device = S_ISBLK (st.st_mode);
   if (d->block_device) {
     if (ioctl (d->bfd, BLKGETSIZE64, &d->size) == -1) {

@@ -26,11 +26,14 @@ struct rawdisk;
 struct rawdisk_opts {
   bool readonly;                 /* open O_RDONLY, reject writes */
   bool direct;                   /* O_DIRECT, bounce unaligned requests */
+  bool force_share;              /* image lock without exclusivity (see rawdisk.c) */
 };
 
-/* Open PATH: a regular file or a block device.  Clear errors (ENOENT,
+/* Open PATH: a regular file or a block device, and lock it as QEMU does
+ * (common/imagelock.h) for as long as it is open.  Clear errors (ENOENT,
  * EACCES, EISDIR, ENODEV for other file types, EINVAL for O_DIRECT not
- * supported, ...). */
+ * supported, EBUSY for an image another process holds or a block device in
+ * exclusive use, ...). */
 struct rawdisk *rawdisk_open (const char *path, const struct rawdisk_opts *o,
                               struct cbw_err *err);
 void rawdisk_close (struct rawdisk *d);
