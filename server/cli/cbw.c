@@ -122,6 +122,17 @@ print_disk (struct json_object *d)
     printf ("  id: %s\n", jstr (d, "id", ""));
   if (jstr (d, "chain", NULL))
     printf ("  overlay chain: %s\n", jstr (d, "chain", ""));
+  if (json_object_get_boolean (jget (d, "force-share")))
+    printf ("  force-share: image locks not exclusive (another writer can corrupt it)\n");
+}
+
+static void
+print_removed (struct json_object *ret)
+{
+  struct json_object *a = jget (ret, "left");
+  for (size_t i = 0; a && i < json_object_array_length (a); i++)
+    printf ("left in place (not made by cbwd): %s\n",
+            json_object_get_string (json_object_array_get_idx (a, i)));
 }
 
 static void
@@ -138,9 +149,10 @@ print_disks (struct json_object *ret)
     struct json_object *d = json_object_array_get_idx (a, i);
     char sz[32];
     human_size ((uint64_t) jint (d, "size"), sz, sizeof sz);
-    printf ("%-16s %-8s %-8" PRId64 " %10s  %-36s  %s\n", jstr (d, "name", "?"),
+    printf ("%-16s %-8s %-8" PRId64 " %10s  %-36s  %s%s\n", jstr (d, "name", "?"),
             jstr (d, "state", "?"), jint (d, "pid"), sz, jstr (d, "id", "-"),
-            jstr (d, "file", "?"));
+            jstr (d, "file", "?"),
+            json_object_get_boolean (jget (d, "force-share")) ? " (force-share)" : "");
   }
 }
 
@@ -349,12 +361,14 @@ static const struct sub subs[] = {
         "snapshots, commits, `top` backups; default: raw fast path)" },
       { "--chain", "chain", O_STR, "PATH: chain descriptor to use or create (absolute; "
         "implies --overlays)" },
+      { "--force-share", "force-share", O_BOOL, "serve it even if QEMU/qemu-nbd holds "
+        "it, without exclusive image locks (dangerous: two writers corrupt it)" },
       { NULL } },
     "add a disk and start serving it", print_disk },
   { "disk", "list", "disk-list", NULL, false, NULL, { { NULL } },
     "list disks and their state", print_disks },
   { "disk", "remove", "disk-remove", "name", true, "NAME", { { NULL } },
-    "stop serving a disk and forget it", NULL },
+    "stop serving a disk and forget it", print_removed },
   { "disk", "start", "disk-start", "name", true, "NAME", { { NULL } },
     "start a stopped or dead disk's nbdkit", print_disk },
   { "disk", "repair", "disk-repair", "name", true, "NAME",

@@ -122,6 +122,7 @@ disk_json (struct orch_disk *d)
   json_object_object_add (j, "size", json_object_new_int64 ((int64_t) d->size));
   json_object_object_add (j, "granularity", json_object_new_int64 ((int64_t) d->granularity));
   json_object_object_add (j, "chain", d->chain ? json_object_new_string (d->chain) : NULL);
+  json_object_object_add (j, "force-share", json_object_new_boolean (d->force_share));
   CLEANUP_FREE char *uri = orch_strdup_printf ("nbd+unix:///?socket=%s", d->nbd_sock);
   json_object_object_add (j, "uri", json_object_new_string (uri ? uri : ""));
   json_object_object_add (j, "socket", json_object_new_string (d->nbd_sock));
@@ -177,6 +178,7 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   long long gran = cbw_ctl_arg_int (args, "granularity", 65536);
   const char *chain_arg = cbw_ctl_arg_str (args, "chain", NULL);
   bool overlays = cbw_ctl_arg_bool (args, "overlays", chain_arg != NULL);
+  bool force_share = cbw_ctl_arg_bool (args, "force-share", false);
   struct stat sb;
 
   if (!orch_valid_name (name))
@@ -214,18 +216,15 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
       o->busy = false;
       return cbw_ctl_fail (r, CBW_CTL_EXISTS, "disk %s already exists", name);
     }
-    for (size_t i = 0; i < o->st.ndisks; i++) {
-      if (strcmp (o->st.disks[i]->file, path) == 0) {
-        o->busy = false;
-        return cbw_ctl_fail (r, CBW_CTL_EXISTS, "%s is already served as disk %s",
-                             path, o->st.disks[i]->name);
-      }
-      if (chain && o->st.disks[i]->chain && strcmp (o->st.disks[i]->chain, chain) == 0) {
-        o->busy = false;
-        return cbw_ctl_fail (r, CBW_CTL_EXISTS, "chain %s already belongs to disk %s",
-                             chain, o->st.disks[i]->name);
-      }
-    }
+  }
+  /* Identity of the image and the chain (file system work: unlocked; the
+   * disk list only changes under busy, which we hold). */
+  if (orch_disk_check_files (o, name, path, chain, chain_arg != NULL, &e) < 0) {
+    orch_end_busy (o);
+    return fail_err (r, &e);
+  }
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
     if (o->st.ndisks >= ORCH_DISKS_MAX) {
       o->busy = false;
       return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "too many disks (limit %d)",
@@ -241,6 +240,7 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     }
     o->st.disks = nd;
     d->chain = chain;
+    d->force_share = force_share;
     chain = NULL;
     o->st.disks[o->st.ndisks++] = d;
   }
@@ -377,11 +377,24 @@ h_disk_remove (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   }
   orch_supervisor_kick (o);
   int s = orch_state_save (o, &e);
-  /* The disk's directory goes with it: sockets, log, its bitmaps. */
-  orch_rm_rf (d->dir);
+  /* Only the files cbwd made for the disk go (sockets, log, its bitmaps, its
+   * own empty chain); anything else in its directory stays and is reported. */
+  struct json_object *left = orch_disk_remove_files (o, d);
+  size_t nleft = left ? json_object_array_length (left) : 0;
+  for (size_t i = 0; i < nleft; i++)
+    fprintf (stderr, "cbwd: disk-remove %s: left in place (not made by cbwd): %s\n",
+             name, json_object_get_string (json_object_array_get_idx (left, i)));
   struct json_object *ev = json_object_new_object ();
   json_object_object_add (ev, "disk", json_object_new_string (name));
+  if (nleft)
+    json_object_object_add (ev, "left", json_object_get (left));
   orch_event (o, "disk-removed", ev);
+  if (s == 0) {
+    r->ret = json_object_new_object ();
+    json_object_object_add (r->ret, "left", left ? left : json_object_new_array ());
+  }
+  else
+    json_object_put (left);
   orch_disk_free (d);
   orch_end_busy (o);
   return s < 0 ? fail_err (r, &e) : 0;
@@ -1049,7 +1062,12 @@ static const struct cbw_ctl_arg disk_add_args[] = {
     "STATE/disks/NAME/overlays/NAME.chain unless `chain` is given" },
   { "chain", CBW_ARG_STRING, false, "absolute path of the chain descriptor to use (an "
     "existing chain whose base is `file`, or a new one created over it; its overlays live "
-    "in its directory); implies `overlays`" },
+    "in its directory); implies `overlays`. Refused inside the state directory (except "
+    "the disk's own default path): a disk's directory is deleted with the disk" },
+  { "force-share", CBW_ARG_BOOL, false, "serve the image even if another process (QEMU, "
+    "qemu-nbd) holds it, and let others open it (default false: QEMU's image locks, "
+    "cbw is the only writer). Dangerous: two writers corrupt the image and the dirty "
+    "bitmaps miss the other writer's writes. Logged, and shown in `disk-list`" },
   { NULL }
 };
 static const struct cbw_ctl_arg snapshot_args[] = {
@@ -1145,16 +1163,24 @@ static const struct cbw_ctl_command commands[] = {
   { "disk-add", h_disk_add, disk_add_args,
     "Add a disk and start its nbdkit (chain plugin + cbw filter + dirtybitmap filter) on "
     "a Unix socket under the state directory. The disk is recorded in the state file "
-    "before nbdkit starts. Errors: `Exists` (name or image already used), `NotFound` "
-    "(image missing), `InvalidParameter`, or the nbdkit start failure with the last line "
-    "of its log.",
+    "before nbdkit starts. Images are told apart by device + inode (block devices by "
+    "device number), never by name. Errors: `Exists` (name, image or chain already used "
+    "by a disk, also through a hard or symbolic link), `NotFound` (image missing), "
+    "`InvalidParameter` (the image is a file of cbwd's state directory or of another "
+    "disk's overlay chain; `chain` inside the state directory), `Busy` (another process, "
+    "e.g. QEMU or qemu-nbd, holds QEMU's image lock on it; see `force-share`), or the "
+    "nbdkit start failure with the last line of its log. While served, the image carries "
+    "QEMU's image locks, so QEMU, qemu-nbd, qemu-img and qemu-io refuse it.",
     "the disk, as in `disk-list`" },
   { "disk-remove", h_disk_remove, name_arg,
     "Stop the disk's nbdkit and forget the disk (and its place in checkpoints; a "
-    "checkpoint left without disks is dropped) with its directory in the state "
-    "directory (sockets, log, dirty bitmaps). Refused (`Busy`) while it is part of "
-    "the running backup. The image is left in place.",
-    NULL },
+    "checkpoint left without disks is dropped). Deletes only the files cbwd made for "
+    "it in its directory of the state directory (sockets, log, dirty bitmap store, its "
+    "own overlay chain descriptor once no overlay is left); any other file there is "
+    "left in place and listed in `left` (the directory then stays too). Refused "
+    "(`Busy`) while it is part of the running backup, or while its own chain holds "
+    "overlays. The image is left in place.",
+    "`{\"left\": [PATH]}`" },
   { "disk-start", h_disk_start, name_arg,
     "Start the nbdkit of a stopped or dead disk (cbwd never restarts one by itself). "
     "Refused, naming the file, when the disk's bitmap descriptor is missing or "
@@ -1207,7 +1233,7 @@ static const struct cbw_ctl_command commands[] = {
     "exited unasked; see also the `disk-dead` event).",
     "`{\"disks\": [{\"name\", \"file\", \"id\" (the disk's UUID, announced as its live "
     "export's NBD description `cbw-disk-id:UUID`), \"state\", \"pid\", \"size\", "
-    "\"granularity\", \"chain\": PATH|null, "
+    "\"granularity\", \"chain\": PATH|null, \"force-share\", "
     "\"uri\", \"socket\", \"control\": {\"chain\", \"cbw\", \"dirtybitmap\"}, \"log\", "
     "\"wait-status\"?}]}`" },
   { "checkpoint-create", h_cp_create, cp_create_args,

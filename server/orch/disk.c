@@ -310,6 +310,8 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
         return cbw_err_set (err, ENOENT, "nbdkit module %s: %s (is it built?)",
                             mods[i], strerror (errno));
   }
+  if (orch_disk_check_lock (d, err) < 0)   /* a clear error, not "nbdkit did not start" */
+    return -1;
   if (mkdir (d->dir, 0700) < 0 && errno != EEXIST)
     return cbw_err_set (err, errno, "%s: mkdir: %s", d->dir, strerror (errno));
   if (d->chain) {
@@ -364,6 +366,8 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   }
   if (a_chain)
     argv[n++] = a_chain;        /* overlays: every request goes through the chain */
+  if (d->force_share && !o->file_plugin)
+    argv[n++] = (char *) "force-share=true";
   argv[n++] = a_desc;
   if (d->create_bitmaps)        /* only disk-add: else a lost descriptor is an error */
     argv[n++] = (char *) "dirtybitmap-create=true";

@@ -57,6 +57,7 @@ struct orch_disk {
   char id[37];                  /* stable disk identity (UUID, common/disk_id.h),
                                    announced as the live export's description */
   bool id_new;                  /* id made at load: the state file had none */
+  bool force_share;             /* served without exclusive image locks */
   /* derived paths under STATE_DIR/disks/NAME/ */
   char *dir, *nbd_sock, *ctl_chain, *ctl_cbw, *ctl_bitmap, *log_path;
   char *bitmaps;                /* dirtybitmap descriptor DISKDIR/bitmaps.json */
@@ -292,6 +293,20 @@ bool orch_pid_cmdline_has (int64_t pid, const char *needle, bool whole_arg);
  * the disk, state saved; *ret = {"disk","bitmaps","unusable","message"}. */
 int orch_disk_repair_bitmaps (struct cbw_orch *o, struct orch_disk *d,
                               struct json_object **ret, struct cbw_err *err);
+
+/* ---- diskfiles.c: image identity, a disk's own files ---- */
+/* disk-add: refuse an image that is another disk's (by device + inode), a
+ * file in the state directory or of another disk's chain, and a given chain
+ * (chain_given) inside the state directory; chain may be NULL. */
+int orch_disk_check_files (struct cbw_orch *o, const char *name, const char *image,
+                           const char *chain, bool chain_given, struct cbw_err *err);
+/* Before nbdkit starts: is the image free of QEMU image locks that
+ * conflict with serving it (skipped with force-share)?  EBUSY naming the
+ * image otherwise. */
+int orch_disk_check_lock (struct orch_disk *d, struct cbw_err *err);
+/* disk-remove: delete the files cbwd made for d (and its directory if then
+ * empty); returns the JSON array of the paths left in place. */
+struct json_object *orch_disk_remove_files (struct cbw_orch *o, struct orch_disk *d);
 
 /* ---- checkpoint.c ---- */
 int orch_checkpoint_create (struct cbw_orch *o, const char *name,

@@ -288,6 +288,8 @@ orch_state_to_json (const struct orch_state *st)
     if (d->chain)                 /* absent = raw disk (files of older cbwd) */
       add_str (o, "chain", d->chain);
     add_str (o, "id", d->id);
+    if (d->force_share)           /* absent = false */
+      json_object_object_add (o, "force-share", json_object_new_boolean (true));
     json_object_array_add (disks, o);
   }
   json_object_object_add (body, "disks", disks);
@@ -522,6 +524,9 @@ orch_state_from_json (const char *text, size_t len, const char *what,
       snprintf (od->id, sizeof od->id, "%s", id);
     od->id_new = id == NULL;
     free (id);
+    struct json_object *fs;
+    od->force_share = json_object_object_get_ex (d, "force-share", &fs) &&
+      json_object_get_boolean (fs);
     st->disks[st->ndisks++] = od;
     continue;
   fail_od:
@@ -812,6 +817,7 @@ orch_state_load (struct cbw_orch *o, struct cbw_err *err)
     d->chain = old->chain;
     memcpy (d->id, old->id, sizeof d->id);
     d->id_new = old->id_new;
+    d->force_share = old->force_share;
     old->chain = NULL;
     orch_disk_free (old);
     st.disks[i] = d;

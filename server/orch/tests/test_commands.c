@@ -165,7 +165,7 @@ Test (cmds, status_and_events)
 Test (cmds, disk_add_without_modules_changes_nothing)
 {
   char img[128];
-  snprintf (img, sizeof img, "%s/a.img", dir);
+  snprintf (img, sizeof img, "%s.img", dir);   /* not in the state directory */
   FILE *f = fopen (img, "w");
   cr_assert_not_null (f);
   fclose (f);
@@ -181,6 +181,7 @@ Test (cmds, disk_add_without_modules_changes_nothing)
   json_object_object_get_ex (r, "disks", &d);
   cr_assert_eq (json_object_array_length (d), 0);
   json_object_put (r);
+  unlink (img);
 }
 
 Test (cmds, second_daemon_is_refused)
