@@ -1,7 +1,9 @@
 #!/bin/bash
 # cbw — client-tests/chain/blockdev.sh: serving a block device (a loop
 # device): size via BLKGETSIZE64, pattern I/O, zero and trim, direct=true
-# with the device's logical block size.  Skipped (77) where loop devices
+# with the device's logical block size; while served, qemu-io cannot write
+# it (image locks), an O_EXCL open fails (EBUSY) and a second server is
+# refused.  Skipped (77) where loop devices
 # cannot be set up (not root, no /dev/loop-control, container limits).
 . "$(dirname "$0")/../functions.sh"
 . "$(dirname "$0")/chain-lib.sh"
@@ -53,6 +55,13 @@ assert h.pread(4096 * 3 + 17, 200000) == bytes(4096 * 3 + 17), "unaligned zero n
 assert h.pread(4096, 0) == b"\x5a" * 1000 + b"\xa5" * 3096, "data around zeroes damaged"
 h.shutdown()
 PYEOF
+  # one writer: QEMU's image locks, and the kernel's exclusive claim
+  qemu-io -f raw -c 'write 0 4k' "$LOOP" > "$T/qio2.out" 2>&1 && fail "qemu-io wrote to the served device"
+  grep -q 'Failed to get "write" lock' "$T/qio2.out" || fail "qemu-io: $(cat "$T/qio2.out")"
+  python3 -c 'import os, sys; os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL)' "$LOOP" 2>"$T/excl.err" &&
+    fail "O_EXCL open of the served device succeeded"
+  grep -q "Device or resource busy" "$T/excl.err" || fail "O_EXCL: $(cat "$T/excl.err")"
+  expect_start_failure "locked by another process|block device in use" "$CHAIN_PLUGIN" file="$LOOP"
   stop_nbdkit "$NBDKIT_PID"
   # the device content is what the client wrote
   cmp -n 1000 "$LOOP" <(head -c 1000 /dev/zero | tr '\0' '\132') || fail "device content wrong (direct=$direct)"
