@@ -1,8 +1,15 @@
 /* cbw — server/nbd_handshake.c: the fixed-newstyle handshake (option
- * haggling) of the NBD protocol: EXPORT_NAME, ABORT, LIST, STARTTLS (refused
- * until TLS is implemented), INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT,
- * SET_META_CONTEXT, and the NBD_INFO_EXPORT/NAME/DESCRIPTION/BLOCK_SIZE
- * information items.
+ * haggling) of the NBD protocol: EXPORT_NAME, ABORT, LIST, STARTTLS, INFO,
+ * GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT, and the
+ * NBD_INFO_EXPORT/NAME/DESCRIPTION/BLOCK_SIZE information items.
+ *
+ * TLS (spec "TLS support"): with tls_mode OFF STARTTLS is answered
+ * NBD_REP_ERR_UNSUP; otherwise the first STARTTLS without data gets
+ * NBD_REP_ACK and the session stops in SS_STARTTLS until its owner ran the
+ * TLS handshake (conn.c + tls.c); a second one gets NBD_REP_ERR_INVALID.
+ * With REQUIRE, every other option except ABORT is answered
+ * NBD_REP_ERR_TLS_REQD before TLS, and EXPORT_NAME (which cannot be
+ * answered with an error) closes the connection.
  *
  * Every length inside an option is checked against the option length before
  * use; strings are bounded by NBD_MAX_STRING and must not contain NUL.  A
@@ -301,9 +308,39 @@ opt_meta (struct cbwd_session *s, uint32_t opt, const uint8_t *d, uint32_t len)
   return 0;
 }
 
+void
+cbwd_hs_tls_reset (struct cbwd_session *s)
+{
+  s->structured = false;
+  clear_selection (s);
+}
+
+static int
+opt_starttls (struct cbwd_session *s, uint32_t opt, uint32_t len)
+{
+  if (s->tls_mode == CBWD_TLS_OFF)
+    return reply_err (s, opt, NBD_REP_ERR_UNSUP, "TLS is not configured on this listener");
+  if (s->tls_active)
+    return reply_err (s, opt, NBD_REP_ERR_INVALID, "TLS is already active");
+  if (len != 0)
+    return reply_err (s, opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS: unexpected data");
+  cbwd_hs_reply (s, opt, NBD_REP_ACK, NULL, 0);
+  s->state = SS_STARTTLS;
+  return 0;
+}
+
 int
 cbwd_hs_option (struct cbwd_session *s, uint32_t opt, const uint8_t *d, uint32_t len)
 {
+  if (s->tls_mode == CBWD_TLS_REQUIRE && !s->tls_active &&
+      opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
+    if (opt == NBD_OPT_EXPORT_NAME) {
+      s->close_reason = "NBD_OPT_EXPORT_NAME before TLS on a listener that requires TLS";
+      return -1;
+    }
+    return reply_err (s, opt, NBD_REP_ERR_TLS_REQD,
+                      "TLS is required on this listener: send NBD_OPT_STARTTLS first");
+  }
   switch (opt) {
   case NBD_OPT_EXPORT_NAME:
     return opt_export_name (s, d, len);
@@ -314,7 +351,7 @@ cbwd_hs_option (struct cbwd_session *s, uint32_t opt, const uint8_t *d, uint32_t
   case NBD_OPT_LIST:
     return opt_list (s, opt, len);
   case NBD_OPT_STARTTLS:
-    return reply_err (s, opt, NBD_REP_ERR_UNSUP, "TLS is not configured on this server");
+    return opt_starttls (s, opt, len);
   case NBD_OPT_INFO:
   case NBD_OPT_GO:
     return opt_info_go (s, opt, d, len);

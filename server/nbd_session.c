@@ -58,7 +58,7 @@ handle_option (struct cbwd_session *s, const uint8_t *data, uint32_t len)
 {
   if (cbwd_hs_option (s, s->opt, data, len) == -1)
     close_session (s, "handshake ended");
-  else if (s->state != SS_REQ_HEADER) {
+  else if (s->state != SS_REQ_HEADER && s->state != SS_STARTTLS) {
     s->state = SS_OPT_HEADER;
     s->hdr_have = 0;
   }
@@ -89,10 +89,11 @@ got_request_header (struct cbwd_session *s)
   s->state = SS_REQ_PAYLOAD;
 }
 
-int
+size_t
 cbwd_session_feed (struct cbwd_session *s, const uint8_t *buf, size_t len)
 {
-  while (len > 0 && s->state != SS_CLOSED) {
+  size_t total = len;
+  while (len > 0 && s->state != SS_CLOSED && s->state != SS_STARTTLS) {
     size_t n;
     switch (s->state) {
     case SS_CLIENT_FLAGS:
@@ -109,6 +110,11 @@ cbwd_session_feed (struct cbwd_session *s, const uint8_t *buf, size_t len)
         s->client_flags = get_be32 (s->hdr);
         if (s->client_flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
           close_session (s, "unknown client flags");
+        else if (s->tls_mode == CBWD_TLS_REQUIRE &&
+                 !(s->client_flags & NBD_FLAG_C_FIXED_NEWSTYLE))
+          /* TLS needs fixed newstyle; without it only EXPORT_NAME could
+           * follow, which must not be served before TLS. */
+          close_session (s, "TLS required but the client does not support fixed newstyle");
         else
           s->state = SS_OPT_HEADER;
       }
@@ -153,7 +159,11 @@ cbwd_session_feed (struct cbwd_session *s, const uint8_t *buf, size_t len)
       s->discard_left -= n; buf += n; len -= n;
       if (s->discard_left == 0) {
         if (s->state == SS_OPT_DISCARD) {
-          cbwd_hs_reply (s, s->opt, NBD_REP_ERR_TOO_BIG, "option too long", 15);
+          if (s->tls_mode == CBWD_TLS_REQUIRE && !s->tls_active &&
+              s->opt != NBD_OPT_ABORT && s->opt != NBD_OPT_STARTTLS)
+            cbwd_hs_reply (s, s->opt, NBD_REP_ERR_TLS_REQD, "TLS required", 12);
+          else
+            cbwd_hs_reply (s, s->opt, NBD_REP_ERR_TOO_BIG, "option too long", 15);
           s->state = SS_OPT_HEADER;
         }
         else {
@@ -177,13 +187,25 @@ cbwd_session_feed (struct cbwd_session *s, const uint8_t *buf, size_t len)
       }
       break;
     }
+    case SS_STARTTLS:
     case SS_CLOSED:
       break;
     }
   }
   if (s->out.failed)
     close_session (s, "out of memory");
-  return 0;
+  return total - len;
+}
+
+void
+cbwd_session_tls_done (struct cbwd_session *s)
+{
+  if (s->state != SS_STARTTLS)
+    return;
+  cbwd_hs_tls_reset (s);
+  s->tls_active = true;
+  s->state = SS_OPT_HEADER;
+  s->hdr_have = 0;
 }
 
 uint8_t *

@@ -71,8 +71,16 @@ enum cbwd_sess_state {
   SS_REQ_HEADER,        /* reading 28-byte request header */
   SS_REQ_PAYLOAD,       /* reading WRITE payload into cur->payload */
   SS_REQ_DISCARD,       /* discarding payload of a rejected WRITE */
+  SS_STARTTLS,          /* STARTTLS acknowledged: the owner runs the TLS
+                           handshake, then cbwd_session_tls_done() */
   SS_CLOSED,            /* send .out, wait for requests in flight, close */
 };
+
+/* TLS modes of a session (NBD spec "TLS support"): OFF answers STARTTLS
+ * NBD_REP_ERR_UNSUP; ON is SELECTIVETLS without TLS-only exports (the
+ * client may upgrade); REQUIRE is FORCEDTLS (every option but STARTTLS and
+ * ABORT is answered NBD_REP_ERR_TLS_REQD until TLS is up). */
+enum cbwd_tls_mode { CBWD_TLS_OFF = 0, CBWD_TLS_ON = 1, CBWD_TLS_REQUIRE = 2 };
 
 struct cbwd_session {
   const struct cbwd_exports *exports;
@@ -89,6 +97,8 @@ struct cbwd_session {
   uint64_t discard_left;
   unsigned nopts;
   bool structured;
+  enum cbwd_tls_mode tls_mode;       /* set by the owner before the first feed */
+  bool tls_active;                   /* TLS handshake completed */
   struct cbwd_export *meta_export;   /* export the selection below is for */
   size_t nsel;
   uint32_t *sel;                     /* selected context ids (indices) */
@@ -105,8 +115,13 @@ struct cbwd_session {
 void cbwd_session_init (struct cbwd_session *s, const struct cbwd_exports *exports,
                         const struct cbwd_session_ops *ops, void *opaque);
 void cbwd_session_free (struct cbwd_session *s);
-/* Consume len bytes.  Returns 0; the session may have moved to SS_CLOSED. */
-int cbwd_session_feed (struct cbwd_session *s, const uint8_t *buf, size_t len);
+/* Consume up to len bytes; returns how many were consumed.  Fewer than len
+ * only when the session closed (SS_CLOSED) or acknowledged STARTTLS
+ * (SS_STARTTLS): the rest of the bytes belong to the TLS handshake. */
+size_t cbwd_session_feed (struct cbwd_session *s, const uint8_t *buf, size_t len);
+/* The owner finished the TLS handshake of SS_STARTTLS: option haggling
+ * restarts under TLS, with the state negotiated before it forgotten. */
+void cbwd_session_tls_done (struct cbwd_session *s);
 /* Zero-copy payload reads: where the next n bytes should go if the session
  * is reading a big WRITE payload (NULL otherwise), and the commit. */
 uint8_t *cbwd_session_direct_buf (struct cbwd_session *s, size_t *n);
@@ -121,6 +136,9 @@ int cbwd_hs_option (struct cbwd_session *s, uint32_t opt, const uint8_t *data,
                     uint32_t len);
 void cbwd_hs_reply (struct cbwd_session *s, uint32_t opt, uint32_t type,
                     const void *data, uint32_t len);
+/* Forget what was negotiated before STARTTLS (structured replies, meta
+ * context selection), as the spec requires once TLS starts. */
+void cbwd_hs_tls_reset (struct cbwd_session *s);
 
 /* nbd_transmission.c */
 /* Parse and validate a request header.  Returns -1 (close the connection:

@@ -488,3 +488,124 @@ Test (config, sizes_and_specs)
   cr_assert (strstr (err.msg, "direct"), "%s", err.msg);
   cbwd_export_spec_free (&s);
 }
+
+/* ---- STARTTLS (NBD spec "TLS support") ---- */
+
+static void
+start_tls_mode (struct cbwd_session *s, enum cbwd_tls_mode mode, uint32_t flags)
+{
+  cbwd_session_init (s, &exps, &cap_ops, NULL);
+  s->tls_mode = mode;
+  uint8_t f[4]; put_be32 (f, flags);
+  cbwd_session_feed (s, f, 4);
+  s->out.len = 0;
+}
+
+Test (session, starttls_unsupported_when_off)
+{
+  struct cbwd_session s;
+  start_tls_mode (&s, CBWD_TLS_OFF, 3);
+  uint8_t b[64];
+  size_t pos = 0;
+  uint32_t len;
+  cbwd_session_feed (&s, b, put_opt (b, NBD_OPT_STARTTLS, NULL, 0));
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_ERR_UNSUP);
+  cr_assert_eq (s.state, SS_OPT_HEADER);
+  cbwd_session_free (&s);
+}
+
+Test (session, require_refuses_options_before_tls)
+{
+  struct cbwd_session s;
+  start_tls_mode (&s, CBWD_TLS_REQUIRE, 3);
+  uint8_t b[512], d[128];
+  size_t n = 0, pos = 0;
+  uint32_t len;
+  n += put_opt (b + n, NBD_OPT_LIST, NULL, 0);
+  n += put_opt (b + n, NBD_OPT_GO, d, go_data (d, "mem"));
+  n += put_opt (b + n, NBD_OPT_INFO, d, go_data (d, "mem"));
+  n += put_opt (b + n, NBD_OPT_STRUCTURED_REPLY, NULL, 0);
+  n += put_opt (b + n, 999, NULL, 0);                  /* unknown option too */
+  cr_assert_eq (cbwd_session_feed (&s, b, n), n);
+  for (int i = 0; i < 5; i++)
+    cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_ERR_TLS_REQD, "option %d", i);
+  cr_assert_eq (pos, s.out.len);
+  cr_assert_eq (s.state, SS_OPT_HEADER);
+  cr_assert (!s.structured);
+  /* EXPORT_NAME cannot be answered with an error: the session ends. */
+  cbwd_session_feed (&s, b, put_opt (b, NBD_OPT_EXPORT_NAME, "mem", 3));
+  cr_assert (cbwd_session_closed (&s));
+  cr_assert_null (s.exp);
+  cbwd_session_free (&s);
+}
+
+Test (session, require_needs_fixed_newstyle)
+{
+  struct cbwd_session s;
+  start_tls_mode (&s, CBWD_TLS_REQUIRE, 0);
+  cr_assert (cbwd_session_closed (&s));
+  cbwd_session_free (&s);
+}
+
+Test (session, starttls_stops_feed_and_restarts_options)
+{
+  struct cbwd_session s;
+  start_tls_mode (&s, CBWD_TLS_REQUIRE, 3);
+  uint8_t b[512];
+  size_t n = 0, pos = 0;
+  uint32_t len;
+  n += put_opt (b + n, NBD_OPT_STARTTLS, NULL, 0);
+  memset (b + n, 0x16, 24);                     /* TLS records, not options */
+  size_t used = cbwd_session_feed (&s, b, n + 24);
+  cr_assert_eq (used, n, "the bytes after STARTTLS belong to TLS");
+  cr_assert_eq (s.state, SS_STARTTLS);
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_ACK);
+  cr_assert_eq (len, 0);
+  cr_assert_eq (cbwd_session_feed (&s, b + n, 24), 0, "nothing consumed during the handshake");
+  s.out.len = 0;
+  cbwd_session_tls_done (&s);
+  cr_assert (s.tls_active);
+  cr_assert_eq (s.state, SS_OPT_HEADER);
+  /* Options work now; a second STARTTLS is invalid and changes nothing. */
+  pos = 0;
+  n = put_opt (b, NBD_OPT_STARTTLS, NULL, 0);
+  n += put_opt (b + n, NBD_OPT_LIST, NULL, 0);
+  cr_assert_eq (cbwd_session_feed (&s, b, n), n);
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_ERR_INVALID);
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_SERVER);
+  s.out.len = 0;
+  go (&s, "mem", true);
+  cbwd_session_free (&s);
+}
+
+Test (session, starttls_forgets_earlier_negotiation)
+{
+  struct cbwd_session s;
+  start_tls_mode (&s, CBWD_TLS_ON, 3);
+  uint8_t b[512], d[256];
+  size_t n = 0, pos = 0;
+  uint32_t len;
+  /* ON: plain options are served; structured replies and a context
+   * selection made before STARTTLS must not survive it. */
+  n += put_opt (b + n, NBD_OPT_STRUCTURED_REPLY, NULL, 0);
+  uint32_t dl = 0;
+  put_be32 (d, 3); memcpy (d + 4, "mem", 3); put_be32 (d + 7, 1);
+  put_be32 (d + 11, 15); memcpy (d + 15, "base:allocation", 15);
+  dl = 30;
+  n += put_opt (b + n, NBD_OPT_SET_META_CONTEXT, d, dl);
+  n += put_opt (b + n, NBD_OPT_STARTTLS, "x", 1);       /* with data: invalid */
+  n += put_opt (b + n, NBD_OPT_STARTTLS, NULL, 0);
+  cr_assert_eq (cbwd_session_feed (&s, b, n), n);
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_ACK);
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_META_CONTEXT);
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_ACK);
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_ERR_INVALID);
+  cr_assert_eq (next_reply (&s, &pos, &len), NBD_REP_ACK);
+  cr_assert_eq (s.state, SS_STARTTLS);
+  cr_assert (s.structured && s.nsel == 1);
+  cbwd_session_tls_done (&s);
+  cr_assert (!s.structured, "structured replies survived STARTTLS");
+  cr_assert_eq (s.nsel, 0, "meta contexts survived STARTTLS");
+  cr_assert_null (s.meta_export);
+  cbwd_session_free (&s);
+}
