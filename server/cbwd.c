@@ -38,6 +38,8 @@ usage (FILE *f)
 "            [--export name=NAME,type=store|file|pit,KEY=VALUE...]...\n"
 "            [--max-connections N] [--handshake-timeout SECS] [--threads N]\n"
 "            [--max-inflight-bytes SIZE]\n"
+"            [--tls=off|on|require] [--tls-psk FILE | --tls-certificates DIR\n"
+"             [--tls-verify-peer]]  (a TCP listener needs one of these)\n"
 "            [--pidfile FILE] [-v] [--version]\n"
 "            [--state-dir DIR [--control PATH] [--module-dir DIR]]  (orchestrator;\n"
 "             the config file may then declare \"disks\")\n"
@@ -75,6 +77,10 @@ main (int argc, char **argv)
     { "state-dir", required_argument, 0, 'S' },
     { "control", required_argument, 0, 'C' },
     { "module-dir", required_argument, 0, 'M' },
+    { "tls", required_argument, 0, 'L' },
+    { "tls-psk", required_argument, 0, 'P' },
+    { "tls-certificates", required_argument, 0, 'X' },
+    { "tls-verify-peer", no_argument, 0, 'Y' },
     { "help", no_argument, 0, 'h' },
     { "version", no_argument, 0, 'V' },
     { 0, 0, 0, 0 },
@@ -85,6 +91,7 @@ main (int argc, char **argv)
   srv.limits.max_inflight = 64;
   srv.limits.max_inflight_bytes = 8ULL * 1024 * 1024;
   srv.limits.handshake_timeout_ms = 30000;
+  srv.tls.mode = -1;
   srv.loop = uv_default_loop ();
   const char *config = NULL, *pidfile = NULL;
   const char *state_dir = NULL, *control = NULL, *module_dir = NULL;
@@ -122,6 +129,15 @@ main (int argc, char **argv)
     case 'S': state_dir = optarg; break;
     case 'C': control = optarg; break;
     case 'M': module_dir = optarg; break;
+    case 'L':
+      if ((srv.tls.mode = cbwd_tls_parse_mode (optarg)) == -1) {
+        cbwd_log ("--tls %s: expected off, on or require", optarg);
+        return 2;
+      }
+      break;
+    case 'P': srv.tls.psk = strdup (optarg); break;
+    case 'X': srv.tls.certificates = strdup (optarg); break;
+    case 'Y': srv.tls.verify_peer = true; break;
     case 'h': usage (stdout); free (listens); free (exports); return 0;
     case 'V':
       printf ("cbwd %s\n", CBW_VERSION);
@@ -173,6 +189,8 @@ main (int argc, char **argv)
     cbwd_log ("nothing to listen on (--listen)");
     return 1;
   }
+  if (cbwd_tls_setup (&srv) == -1)
+    return 1;
   free (listens);
   free (exports);
   if (cbwd_admin_init (&srv) == -1) {
@@ -235,6 +253,9 @@ main (int argc, char **argv)
     cbwd_export_unref (srv.exports.v[i]);
   free (srv.first_listen);
   free (srv.exports.v);
+  cbwd_tls_creds_free (srv.tls_creds);
+  free (srv.tls.psk);
+  free (srv.tls.certificates);
   uv_loop_close (srv.loop);
   if (pidfile) unlink (pidfile);
   cbwd_log ("exited");

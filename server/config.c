@@ -420,6 +420,54 @@ cbwd_config_disks (struct json_object *root, const char *path,
   return -1;
 }
 
+/* A path of the config file, relative to the file's directory. */
+static char *
+config_path (const char *config, const char *p)
+{
+  if (p[0] == '/') return strdup (p);
+  CLEANUP_FREE char *dir = strdup (config);
+  if (!dir) return NULL;
+  char *slash = strrchr (dir, '/');
+  if (!slash) return strdup (p);
+  *slash = 0;
+  char *abs = NULL;
+  if (asprintf (&abs, "%s/%s", dir[0] ? dir : "/", p) == -1) return NULL;
+  return abs;
+}
+
+/* "tls", "tls-certificates", "tls-psk", "tls-verify-peer": the same as
+ * cbwd's options, which win when both are given. */
+static int
+config_tls (struct json_object *root, const char *path, struct cbwd_tls_config *t,
+            struct cbw_err *err)
+{
+  struct json_object *v;
+  if (json_object_object_get_ex (root, "tls", &v)) {
+    int m = json_object_is_type (v, json_type_string)
+            ? cbwd_tls_parse_mode (json_object_get_string (v)) : -1;
+    if (m == -1)
+      return cbw_err_set (err, EINVAL, "%s: \"tls\" must be \"off\", \"on\" or \"require\"",
+                          path);
+    if (t->mode == -1) t->mode = m;
+  }
+  static const char *const pk[] = { "tls-certificates", "tls-psk" };
+  char **dst[] = { &t->certificates, &t->psk };
+  for (int i = 0; i < 2; i++) {
+    if (!json_object_object_get_ex (root, pk[i], &v)) continue;
+    if (!json_object_is_type (v, json_type_string) || !*json_object_get_string (v))
+      return cbw_err_set (err, EINVAL, "%s: \"%s\" must be a path", path, pk[i]);
+    if (*dst[i]) continue;
+    if (!(*dst[i] = config_path (path, json_object_get_string (v))))
+      return cbw_err_set (err, ENOMEM, "out of memory");
+  }
+  if (json_object_object_get_ex (root, "tls-verify-peer", &v)) {
+    if (!json_object_is_type (v, json_type_boolean))
+      return cbw_err_set (err, EINVAL, "%s: \"tls-verify-peer\" must be true or false", path);
+    if (json_object_get_boolean (v)) t->verify_peer = true;
+  }
+  return 0;
+}
+
 int
 cbwd_load_config (const char *path, struct cbwd_server *srv, struct cbw_err *err)
 {
@@ -440,7 +488,9 @@ cbwd_load_config_ex (const char *path, struct cbwd_server *srv, struct json_obje
     return cbw_err_set (err, EINVAL, "%s: %s", path, json_tokener_error_desc (jerr));
   int ret = -1;
   static const char *const keys[] = { "listen", "exports", "max-connections",
-                                      "handshake-timeout", "disks", NULL };
+                                      "handshake-timeout", "disks", "tls",
+                                      "tls-certificates", "tls-psk", "tls-verify-peer",
+                                      NULL };
   if (disks) *disks = NULL;
   if (!json_object_is_type (root, json_type_object)) {
     cbw_err_set (err, EINVAL, "%s: not a JSON object", path);
@@ -457,6 +507,7 @@ cbwd_load_config_ex (const char *path, struct cbwd_server *srv, struct json_obje
     srv->limits.max_connections = json_object_get_int (v);
   if (json_object_object_get_ex (root, "handshake-timeout", &v))
     srv->limits.handshake_timeout_ms = json_object_get_int (v) * 1000;
+  if (config_tls (root, path, &srv->tls, err) == -1) goto out;
   if (json_object_object_get_ex (root, "listen", &v)) {
     if (!json_object_is_type (v, json_type_array)) {
       cbw_err_set (err, EINVAL, "%s: \"listen\" must be an array of strings", path);

@@ -40,11 +40,26 @@
  * never reads its replies only slows itself.  A client still in the
  * handshake after handshake_timeout_ms is dropped.
  *
+ * TLS (tls.c, after NBD_OPT_STARTTLS): the stream slot stays the same;
+ * only bytes change form.  Reading: the loop puts the ciphertext it reads
+ * into the connection's TLS session and feeds the plaintext that comes out
+ * (handshake first, without blocking: the handshake advances per read and
+ * its output is sent like any reply) to the protocol session.  Sending:
+ * tx_submit() encrypts a reply (or handshake reply) into ciphertext in the
+ * same critical section that appends it to the ready list, so wire order
+ * is record order, and everything after that (direct sendmsg, the loop
+ * queue, partial sends) handles ciphertext as it handled plaintext.  The
+ * plaintext buffers are freed as soon as they are encrypted.
+ *
  * Threads and fields: fields marked "loop" are touched only by the loop
  * thread; `lock` guards inflight, held_bytes, loop_wait and failed;
  * `tx_lock` guards the ready list, the send token (sending), tx_loop,
  * tx_bytes, tx_dead and the txq list.  Both are held for list and counter
- * updates only, never across a system call, and never nested.  Lifetime: a
+ * updates only, never across a system call, and never nested.  `tls_lock`
+ * guards the TLS session (tls): held for in-memory encryption/decryption
+ * only (no I/O: tls.c never touches the socket); the one nesting is
+ * tls_lock -> tx_lock in tx_submit().  `tls` is set by the loop during the
+ * handshake, before any request exists, and is read-only afterwards.  Lifetime: a
  * request counts in inflight until its worker has finished sending (or
  * handing over) and waking the loop (the last thing it does with the
  * connection, under `lock`); the token holder is always such a worker or
@@ -71,6 +86,7 @@
 #include "nbd_proto.h"
 #include "nbd_session.h"
 #include "server.h"
+#include "tls.h"
 
 /* Bytes (a reply or its unsent tail, or handshake bytes) handed to the loop
  * to be written with uv_write. */
@@ -119,6 +135,11 @@ struct cbwd_conn {
   struct txq *txq_head, *txq_tail; /* tx_lock: not yet given to uv_write */
   struct txq *ready_head, *ready_tail;  /* tx_lock: replies for the token holder */
   bool sending;                    /* tx_lock: a thread holds the send token */
+  pthread_mutex_t tls_lock;
+  struct cbwd_tls *tls;            /* tls_lock (pointer: see above) */
+  bool tls_ready;                  /* loop: handshake done */
+  uint8_t *tls_pbuf;               /* loop: plaintext out of TLS */
+  char *identity;                  /* loop: authenticated peer, NULL if none */
 };
 
 static unsigned next_conn_id;
@@ -198,8 +219,12 @@ conn_freed (uv_handle_t *h)
     txq_free (q);
   }
   cbwd_session_free (&c->sess);
+  cbwd_tls_free (c->tls);
+  free (c->tls_pbuf);
+  free (c->identity);
   pthread_mutex_destroy (&c->lock);
   pthread_mutex_destroy (&c->tx_lock);
+  pthread_mutex_destroy (&c->tls_lock);
   cbwd_debug (srv, "conn %u: closed", c->id);
   free (c);
 }
@@ -496,13 +521,50 @@ tx_flush_ready (struct cbwd_conn *c)
  * request in flight or is the loop, so c stays alive.  Returns true when q
  * was discarded (peer gone) and its held bytes are the caller's to
  * release; else whoever retires q releases them. */
+/* TLS: replace q's plaintext by its ciphertext, with whatever the session
+ * produced before (handshake records, alerts) in front (tls_lock held).
+ * q has room for one buffer.  Returns 0 or -1. */
+static int
+tls_seal (struct cbwd_conn *c, struct txq *q)
+{
+  struct cbw_err err = { 0 };
+  for (unsigned i = 0; i < q->nbufs; i++)
+    if (cbwd_tls_send (c->tls, q->bufs[i].base, q->bufs[i].len, &err) == -1) {
+      cbwd_debug (c->srv, "conn %u: %s", c->id, err.msg);
+      return -1;
+    }
+  size_t n;
+  uint8_t *ct = cbwd_tls_take_output (c->tls, &n);
+  if (q->r) { cbwd_request_free (q->r); q->r = NULL; }
+  cbwd_reply_free (&q->rep);
+  memset (&q->rep, 0, sizeof q->rep);
+  free (q->raw);
+  q->raw = ct;
+  q->nbufs = n ? 1 : 0;
+  q->bufs[0] = uv_buf_init ((char *) ct, n);
+  q->wire = n;
+  return 0;
+}
+
 static bool
 tx_submit (struct cbwd_conn *c, struct txq *q, bool on_loop)
 {
   q->next = NULL;
+  bool tls = c->tls != NULL;
+  if (tls) {
+    pthread_mutex_lock (&c->tls_lock);
+    if (tls_seal (c, q) == -1) {
+      pthread_mutex_unlock (&c->tls_lock);
+      q->bytes = 0;
+      txq_free (q);
+      conn_mark_failed (c);
+      return true;
+    }
+  }
   pthread_mutex_lock (&c->tx_lock);
-  if (c->tx_dead) {
+  if (c->tx_dead || q->wire == 0) {
     pthread_mutex_unlock (&c->tx_lock);
+    if (tls) pthread_mutex_unlock (&c->tls_lock);
     q->bytes = 0;
     txq_free (q);
     return true;
@@ -511,10 +573,12 @@ tx_submit (struct cbwd_conn *c, struct txq *q, bool on_loop)
   c->ready_tail = q;
   if (c->sending) {                    /* the token holder sends it */
     pthread_mutex_unlock (&c->tx_lock);
+    if (tls) pthread_mutex_unlock (&c->tls_lock);
     return false;
   }
   c->sending = true;
   pthread_mutex_unlock (&c->tx_lock);
+  if (tls) pthread_mutex_unlock (&c->tls_lock);
   if (tx_flush_ready (c)) {
     if (on_loop) tx_drain (c);
     else uv_async_send (&c->async);
@@ -522,11 +586,12 @@ tx_submit (struct cbwd_conn *c, struct txq *q, bool on_loop)
   return false;
 }
 
-/* Send what the handshake produced (loop). */
+/* Send what the handshake produced (loop); with TLS also what the TLS
+ * session produced on its own (handshake records, alerts). */
 static void
 flush_session_out (struct cbwd_conn *c)
 {
-  if (c->sess.out.len == 0 || c->close_started) return;
+  if ((c->sess.out.len == 0 && !c->tls) || c->close_started) return;
   struct txq *q = calloc (1, sizeof *q + sizeof (uv_buf_t));
   if (!q) { conn_fail (c, true); return; }
   q->c = c;
@@ -549,7 +614,7 @@ reply_send (struct cbwd_conn *c, struct cbwd_request *r, bool on_loop)
     cbwd_debug (c->srv, "conn %u: request type %u failed: %s", c->id, r->type, r->err.msg);
   struct txq *q = NULL;
   if (cbwd_reply_build (r, &rep) == -1 ||
-      !(q = malloc (sizeof *q + rep.nseg * sizeof (uv_buf_t)))) {
+      !(q = malloc (sizeof *q + (rep.nseg ? rep.nseg : 1) * sizeof (uv_buf_t)))) {
     cbwd_reply_free (&rep);
     cbwd_request_free (r);
     conn_mark_failed (c);
@@ -751,7 +816,7 @@ alloc_cb (uv_handle_t *h, size_t suggested, uv_buf_t *buf)
   (void) suggested;
   struct cbwd_conn *c = h->data;
   size_t n;
-  uint8_t *d = cbwd_session_direct_buf (&c->sess, &n);
+  uint8_t *d = c->tls ? NULL : cbwd_session_direct_buf (&c->sess, &n);
   if (d) {
     c->direct = true;
     *buf = uv_buf_init ((char *) d, n);
@@ -760,6 +825,20 @@ alloc_cb (uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     c->direct = false;
     *buf = uv_buf_init ((char *) c->rbuf, sizeof c->rbuf);
   }
+}
+
+static void tls_start (struct cbwd_conn *c, const uint8_t *rest, size_t len);
+static void tls_read (struct cbwd_conn *c, const uint8_t *ct, size_t len);
+
+/* Loop: plaintext for the protocol session (from the socket or out of
+ * TLS); hands bytes after an acknowledged STARTTLS to the TLS layer. */
+static void
+conn_feed (struct cbwd_conn *c, const uint8_t *buf, size_t len)
+{
+  size_t used = cbwd_session_feed (&c->sess, buf, len);
+  flush_session_out (c);
+  if (c->sess.state == SS_STARTTLS && !c->tls)
+    tls_start (c, buf + used, len - used);
 }
 
 static void
@@ -778,11 +857,18 @@ read_cb (uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     return;
   }
   bool was_handshake = c->sess.exp == NULL;
-  if (c->direct)
+  if (c->tls)
+    tls_read (c, c->rbuf, (size_t) nread);
+  else if (c->direct) {
     cbwd_session_direct_done (&c->sess, (size_t) nread);
+    flush_session_out (c);
+  }
   else
-    cbwd_session_feed (&c->sess, c->rbuf, (size_t) nread);
-  flush_session_out (c);
+    conn_feed (c, c->rbuf, (size_t) nread);
+  if (c->close_started || c->drop) {
+    conn_maybe_close (c);
+    return;
+  }
   if (was_handshake && c->sess.exp && c->timer_active) {
     uv_timer_stop (&c->timer);
     c->timer_active = false;
@@ -796,6 +882,89 @@ read_cb (uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
   }
   conn_pump (c);
   conn_maybe_close (c);
+}
+
+/* Loop: STARTTLS was acknowledged (the ACK is queued in plain text);
+ * bytes the client sent after it are the start of its TLS handshake. */
+static void
+tls_start (struct cbwd_conn *c, const uint8_t *rest, size_t len)
+{
+  struct cbw_err err = { 0 };
+  struct cbwd_tls *t = c->srv->tls_creds ? cbwd_tls_new (c->srv->tls_creds, &err) : NULL;
+  if (!t) {
+    cbwd_log ("conn %u: cannot start TLS: %s", c->id,
+              c->srv->tls_creds ? err.msg : "no credentials");
+    conn_fail (c, true);
+    return;
+  }
+  c->tls_pbuf = malloc (16384);
+  if (!c->tls_pbuf) {
+    cbwd_tls_free (t);
+    conn_fail (c, true);
+    return;
+  }
+  pthread_mutex_lock (&c->tls_lock);
+  c->tls = t;
+  pthread_mutex_unlock (&c->tls_lock);
+  cbwd_debug (c->srv, "conn %u: STARTTLS: TLS handshake", c->id);
+  tls_read (c, rest, len);
+}
+
+/* Loop: ciphertext from the socket: advance the handshake, then decrypt
+ * and feed the protocol session until the input is used up. */
+static void
+tls_read (struct cbwd_conn *c, const uint8_t *ct, size_t len)
+{
+  struct cbw_err err = { 0 };
+  pthread_mutex_lock (&c->tls_lock);
+  int rc = len ? cbwd_tls_input (c->tls, ct, len) : 0;
+  if (rc == 0 && !c->tls_ready)
+    rc = cbwd_tls_handshake (c->tls, &err);
+  const char *id = cbwd_tls_identity (c->tls);
+  pthread_mutex_unlock (&c->tls_lock);
+  flush_session_out (c);            /* handshake records or an alert */
+  if (rc == -1) {
+    cbwd_log ("conn %u: %s", c->id, err.msg[0] ? err.msg : "TLS: out of memory");
+    conn_fail (c, false);           /* the alert goes out, then close */
+    return;
+  }
+  if (!c->tls_ready) {
+    if (rc == 0) return;            /* more handshake input needed */
+    c->tls_ready = true;
+    if (id) c->identity = strdup (id);
+    char desc[256];
+    pthread_mutex_lock (&c->tls_lock);
+    cbwd_tls_description (c->tls, desc, sizeof desc);
+    pthread_mutex_unlock (&c->tls_lock);
+    cbwd_log ("conn %u: TLS established (%s), client identity %s", c->id, desc,
+              c->identity ? c->identity : "(none: certificate not requested)");
+    cbwd_session_tls_done (&c->sess);
+  }
+  while (!c->close_started && !c->drop && !cbwd_session_closed (&c->sess)) {
+    size_t dn = 0;
+    uint8_t *d = cbwd_session_direct_buf (&c->sess, &dn);
+    if (!d) { d = c->tls_pbuf; dn = 16384; }
+    pthread_mutex_lock (&c->tls_lock);
+    ssize_t n = cbwd_tls_recv (c->tls, d, dn, &err);
+    pthread_mutex_unlock (&c->tls_lock);
+    if (n == 0) break;
+    if (n < 0) {
+      if (err.errnum)
+        cbwd_log ("conn %u: %s", c->id, err.msg);
+      else
+        cbwd_debug (c->srv, "conn %u: %s", c->id, err.msg);
+      flush_session_out (c);
+      conn_fail (c, true);
+      return;
+    }
+    if (d != c->tls_pbuf) {
+      cbwd_session_direct_done (&c->sess, (size_t) n);
+      flush_session_out (c);
+    }
+    else
+      conn_feed (c, d, (size_t) n);
+  }
+  flush_session_out (c);            /* records the session sent on its own */
 }
 
 void
@@ -849,6 +1018,7 @@ on_connection (uv_stream_t *server, int status)
   c->fd = -1;
   pthread_mutex_init (&c->lock, NULL);
   pthread_mutex_init (&c->tx_lock, NULL);
+  pthread_mutex_init (&c->tls_lock, NULL);
   if (tcp) uv_tcp_init (srv->loop, &c->h.tcp);
   else uv_pipe_init (srv->loop, &c->h.pipe, 0);
   c->h.handle.data = c;
@@ -861,6 +1031,10 @@ on_connection (uv_stream_t *server, int status)
   srv->conns = c;
   srv->nconns++;
   cbwd_session_init (&c->sess, &srv->exports, &sess_ops, c);
+  /* TCP listeners use the configured mode; Unix sockets (protected by
+   * their file mode) offer TLS when it is configured but never require it. */
+  c->sess.tls_mode = !srv->tls_creds ? CBWD_TLS_OFF
+                   : tcp ? (enum cbwd_tls_mode) srv->tls.mode : CBWD_TLS_ON;
   uv_os_fd_t fd;
   if (uv_accept (server, &c->h.stream) != 0 ||
       uv_fileno (&c->h.handle, &fd) != 0) {
@@ -974,6 +1148,7 @@ cbwd_listen (struct cbwd_server *srv, const char *spec)
   }
   else if (strncmp (spec, "tcp:", 4) == 0) {
     if (listen_tcp (srv, spec + 4, &s) == -1) return -1;
+    srv->any_tcp = true;
   }
   else {
     cbwd_log ("--listen %s: expected unix:PATH or tcp:HOST:PORT", spec);
@@ -990,6 +1165,53 @@ cbwd_listen (struct cbwd_server *srv, const char *spec)
   srv->unix_paths[srv->nlisteners] = upath;
   srv->nlisteners++;
   return 0;
+}
+
+static char tls_warning[] =
+  "plain NBD on TCP (--tls=off): anyone who can reach the port reads (and "
+  "writes) the exports; use --tls=require with --tls-psk or --tls-certificates";
+
+int
+cbwd_tls_setup (struct cbwd_server *srv)
+{
+  struct cbwd_tls_config *t = &srv->tls;
+  bool creds = t->psk || t->certificates;
+  if (t->mode == -1 && creds)
+    t->mode = CBWD_TLS_REQUIRE;     /* credentials given: TLS is wanted */
+  if (t->mode == -1) {
+    if (srv->any_tcp) {
+      cbwd_log ("refusing to serve NBD on a TCP listener without TLS: give "
+                "--tls=require with --tls-psk FILE or --tls-certificates DIR, or "
+                "--tls=off to serve plain NBD over TCP anyway");
+      return -1;
+    }
+    t->mode = CBWD_TLS_OFF;
+  }
+  if (t->mode == CBWD_TLS_OFF) {
+    if (creds || t->verify_peer) {
+      cbwd_log ("--tls=off contradicts --tls-psk/--tls-certificates/--tls-verify-peer");
+      return -1;
+    }
+    if (srv->any_tcp)
+      cbwd_log ("WARNING: %s", tls_warning);
+    return 0;
+  }
+  struct cbw_err err = { 0 };
+  srv->tls_creds = cbwd_tls_creds_load (t, &err);
+  if (!srv->tls_creds) {
+    cbwd_log ("--tls=%s: %s", cbwd_tls_mode_name (t->mode), err.msg);
+    return -1;
+  }
+  cbwd_log ("TLS %s on TCP listeners (%s%s)", cbwd_tls_mode_name (t->mode),
+            cbwd_tls_creds_kind (srv->tls_creds),
+            t->verify_peer ? ", client certificates verified" : "");
+  return 0;
+}
+
+const char *
+cbwd_server_tls_warning (const struct cbwd_server *srv)
+{
+  return srv->any_tcp && srv->tls.mode == CBWD_TLS_OFF ? tls_warning : NULL;
 }
 
 /* ---- admin API ---- */

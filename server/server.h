@@ -16,6 +16,7 @@
 
 #include "export.h"
 #include "pool.h"
+#include "tls.h"
 
 struct cbwd_limits {
   unsigned max_connections;        /* more are accepted and closed at once */
@@ -50,11 +51,22 @@ struct cbwd_server {
   unsigned threads;
   bool pool_started;
   struct cbwd_pool pool;
+  /* TLS (tls.c), set at start-up: tls.mode is an enum cbwd_tls_mode for
+   * TCP listeners (-1: not given); tls_creds NULL when TLS is off. */
+  struct cbwd_tls_config tls;
+  struct cbwd_tls_creds *tls_creds;
+  bool any_tcp;                    /* a TCP listener exists */
 };
 
 /* Add a listener: "unix:PATH" or "tcp:HOST:PORT" ([v6]:PORT allowed).
  * Returns 0 or -1 after logging. */
 int cbwd_listen (struct cbwd_server *srv, const char *spec);
+/* After all listeners and srv->tls are known (start-up): load the TLS
+ * credentials, refuse a TCP listener without an explicit TLS choice, warn
+ * about plain TCP.  Returns 0 or -1 after logging. */
+int cbwd_tls_setup (struct cbwd_server *srv);
+/* NULL, or a warning about plain NBD on TCP (for status output). */
+const char *cbwd_server_tls_warning (const struct cbwd_server *srv);
 /* Stop listening, close every connection (requests in flight finish first). */
 void cbwd_server_stop (struct cbwd_server *srv);
 /* After uv_run() returned: join the worker pool. */

@@ -11,7 +11,7 @@ SOCK=$T/cbwd.sock
 PORT=$(( 20000 + RANDOM % 20000 ))
 SIZE=$((48 * 1024 * 1024))
 
-start_cbwd cbwd --listen "tcp:127.0.0.1:$PORT" \
+start_cbwd cbwd --listen "tcp:127.0.0.1:$PORT" --tls=off \
   --export "name=store,type=store,path=$T/store.img,size=$SIZE" \
   --export "name=small,type=store,path=$T/small.img,size=$SIZE,limit=1M"
 S=$(uri store)
