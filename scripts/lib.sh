@@ -9,7 +9,7 @@ JOBS=${JOBS:-$(nproc)}
 CBW_PACKAGES=(
   build-essential cmake pkg-config
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd
-  libuv1-dev libcriterion-dev libjson-c-dev libxxhash-dev
+  libuv1-dev libcriterion-dev libjson-c-dev libxxhash-dev libgnutls28-dev gnutls-bin
   qemu-utils qemu-system-common fio hyperfine jq python3 perl
   clang libclang-rt-dev util-linux procps psmisc
   debhelper dpkg-dev lintian systemd man-db

@@ -208,7 +208,8 @@ main (int argc, char **argv)
                                   .module_dir = module_dir, .nbdkit = getenv ("CBW_NBDKIT"),
                                   .exports = &orch_exports,
                                   .listen_paths = srv.unix_paths,
-                                  .nlisten_paths = srv.nlisteners };
+                                  .nlisten_paths = srv.nlisteners,
+                                  .warning = cbwd_server_tls_warning (&srv) };
     orch = cbw_orch_open (&oc, &err);
     if (orch == NULL || cbw_orch_apply_disks (orch, config_disks, config, &err) == -1 ||
         cbw_orch_serve (orch, &err) == -1) {

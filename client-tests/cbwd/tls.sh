@@ -2,7 +2,8 @@
 # cbw — client-tests/cbwd/tls.sh: TLS on cbwd's TCP listeners, driven by
 # real clients.  Keys and certificates are made here with psktool/certtool.
 #  1. a TCP listener without a TLS choice, or TLS without credentials,
-#     refuses to start, with a message saying what to give;
+#     refuses to start, with a message saying what to give; --tls=off
+#     serves plain NBD and warns at start and in `cbw status`;
 #  2. PSK (config file keys): nbdinfo/nbdcopy over nbds:// read the export
 #     byte for byte, qemu-img convert with tls-creds-psk too; a wrong key,
 #     an unknown user, a missing key and plain nbd:// are refused and read
@@ -14,7 +15,7 @@
 #     no client certificate, or one from another CA, is refused.
 . "$(dirname "$0")/../functions.sh"
 . "$(dirname "$0")/lib.sh"
-for p in psktool certtool nbdinfo nbdcopy qemu-img python3; do requires $p; done
+for p in psktool certtool nbdinfo nbdcopy qemu-img python3 jq; do requires $p; done
 SOCK=$T/cbwd.sock
 head -c $((8 * 1024 * 1024 + 4096)) /dev/urandom > $T/disk.img
 SIZE=$(stat -c %s $T/disk.img)
@@ -45,14 +46,17 @@ rc=0
   > $T/start2.log 2>&1 || rc=$?
 [ "$rc" != 0 ] && grep -q "TLS needs --tls-psk FILE or --tls-certificates DIR" $T/start2.log ||
   { cat $T/start2.log >&2; fail "--tls=require without credentials"; }
-rc=0
+# --tls=off: serves, and says so at start and in `cbw status`.
 "$CBWD" --listen "tcp:127.0.0.1:$PORT" --tls=off --export "name=disk,type=file,path=$T/disk.img" \
-  --pidfile $T/plain.pid > $T/start3.log 2>&1 & PLAIN=$!
+  --state-dir $T/state --control $T/ctl.sock > $T/start3.log 2>&1 & PLAIN=$!
 _CBW_PIDS+=("$PLAIN")
-for i in $(seq 100); do grep -q "serving" $T/start3.log && break; sleep 0.05; done
+for i in $(seq 200); do [ -S $T/ctl.sock ] && break; sleep 0.05; done
 grep -q "WARNING: plain NBD on TCP (--tls=off)" $T/start3.log ||
   { cat $T/start3.log >&2; fail "--tls=off on TCP did not warn"; }
 nbdinfo --size "nbd://127.0.0.1:$PORT/disk" >/dev/null || fail "--tls=off: plain TCP client"
+"$CBW_BUILD/server/cli/cbw" -c $T/ctl.sock --json status > $T/status.json
+jq -e '.warnings | map(test("plain NBD on TCP")) | any' $T/status.json >/dev/null ||
+  { cat $T/status.json >&2; fail "cbw status does not warn about plain TCP"; }
 kill $PLAIN; wait $PLAIN || true
 log "start-up: refusals and the --tls=off warning ok"
 

@@ -165,6 +165,9 @@ h_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   json_object_object_add (r->ret, "needs-full-backup", full);
   json_object_object_add (r->ret, "generation", json_object_new_int64 ((int64_t) o->st.generation));
   json_object_object_add (r->ret, "last-event", json_object_new_int64 ((int64_t) o->next_seq));
+  struct json_object *w = json_object_new_array ();
+  if (o->warning) json_object_array_add (w, json_object_new_string (o->warning));
+  json_object_object_add (r->ret, "warnings", w);
   return 0;
 }
 
@@ -1156,10 +1159,11 @@ static const struct cbw_ctl_arg disk_repair_args[] = {
 static const struct cbw_ctl_command commands[] = {
   { "status", h_status, no_args,
     "Summary of the daemon: state directory, counts, running backup, pending "
-    "(interrupted) operation, and the disks whose next backup must be full (their "
-    "latest checkpoint is unusable).",
+    "(interrupted) operation, the disks whose next backup must be full (their "
+    "latest checkpoint is unusable), and warnings about the set-up (plain NBD on TCP).",
     "`{\"state-dir\", \"disks\", \"checkpoints\", \"backup\": ID|null, \"pending\": OP|null, "
-    "\"busy\", \"needs-full-backup\": [DISK], \"generation\", \"last-event\"}`" },
+    "\"busy\", \"needs-full-backup\": [DISK], \"generation\", \"last-event\", "
+    "\"warnings\": [STRING]}`" },
   { "disk-add", h_disk_add, disk_add_args,
     "Add a disk and start its nbdkit (chain plugin + cbw filter + dirtybitmap filter) on "
     "a Unix socket under the state directory. The disk is recorded in the state file "

@@ -347,6 +347,7 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
         goto fail;
       }
   }
+  o->warning = cfg->warning;
   const char *plugin = cfg->plugin ? cfg->plugin : getenv ("CBW_ORCH_PLUGIN");
   if (plugin && strcmp (plugin, "chain") != 0) {
     if (strcmp (plugin, "file") != 0) {

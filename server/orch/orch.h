@@ -48,6 +48,8 @@ struct cbw_orch_config {
   char *const *listen_paths;    /* cbwd's Unix listener sockets (NULL entries
                                    skipped), never a push job's target */
   size_t nlisten_paths;
+  const char *warning;          /* shown by `status` (static string), or NULL:
+                                   e.g. cbwd serves plain NBD on TCP */
 };
 
 struct cbw_orch;

@@ -148,6 +148,7 @@ struct cbw_orch {
   double start_timeout;
   bool file_plugin;             /* cfg.plugin == "file" */
   bool nbd_store;               /* cfg.store_target == "nbd" */
+  const char *warning;          /* cfg.warning (static) */
   const struct cbw_orch_exports *exports;
   int lock_fd;
   struct orch_state st;
