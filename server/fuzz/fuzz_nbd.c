@@ -5,15 +5,71 @@
  * writable with a dirty bitmap, one read-only) and its reply built, as the
  * server would.  Single-threaded; exports are created once.
  *
+ * Input: byte 0 = fragment size (low 6 bits) and the session's TLS mode
+ * (top 2 bits: off, on, require, require), then the client's bytes.  When
+ * the session acknowledges NBD_OPT_STARTTLS, the next byte decides what
+ * follows: 0x16 (a TLS handshake record) hands the rest of the input to a
+ * real GnuTLS server session (tls.c, PSK credentials), as conn.c does —
+ * random bytes there must fail the handshake cleanly; any other byte
+ * stands for a successful handshake and the rest is fed as plaintext
+ * options (STARTTLS before/after other options, a second STARTTLS, ...).
+ *
  * Build: -DCBW_FUZZ=ON -DCMAKE_C_COMPILER=clang.  Seeds: corpus/ (made by
  * make_corpus.py).
  */
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "export.h"
 #include "nbd_session.h"
+#include "tls.h"
+
+static struct cbwd_tls_creds *creds;
+
+static void
+init_tls (void)
+{
+  char path[] = "/tmp/fuzz_nbd_psk.XXXXXX";
+  int fd = mkstemp (path);
+  if (fd < 0) abort ();
+  static const char line[] = "alice:0123456789abcdef0123456789abcdef\n";
+  if (write (fd, line, sizeof line - 1) != (ssize_t) (sizeof line - 1)) abort ();
+  close (fd);
+  struct cbwd_tls_config cfg = { .mode = CBWD_TLS_REQUIRE, .psk = path };
+  struct cbw_err err;
+  creds = cbwd_tls_creds_load (&cfg, &err);
+  unlink (path);
+  if (!creds) abort ();
+}
+
+/* The rest of the input as the client's side of a TLS handshake, fed in
+ * fragments like a socket would deliver it.  Returns bytes used. */
+static size_t
+run_tls (const uint8_t *data, size_t size, unsigned chunk)
+{
+  struct cbw_err err;
+  struct cbwd_tls *t = cbwd_tls_new (creds, &err);
+  if (!t) abort ();
+  size_t used = 0;
+  int rc = 0;
+  while (used < size && rc == 0) {
+    size_t n = size - used < chunk ? size - used : chunk;
+    if (cbwd_tls_input (t, data + used, n) == -1) break;
+    used += n;
+    rc = cbwd_tls_handshake (t, &err);
+    size_t olen;
+    free (cbwd_tls_take_output (t, &olen));
+  }
+  if (rc == 1) {                  /* (not reachable without the key) */
+    uint8_t buf[4096];
+    while (cbwd_tls_recv (t, buf, sizeof buf, &err) > 0) ;
+  }
+  cbwd_tls_free (t);
+  return used;
+}
 
 static struct cbwd_exports exps;
 
@@ -63,14 +119,28 @@ static const struct cbwd_session_ops ops = { .request = on_request };
 int
 LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 {
-  if (!exps.n) init_exports ();
+  if (!exps.n) { init_exports (); init_tls (); }
   if (size < 1) return 0;
   unsigned chunk = data[0] % 64 + 1;
+  static const enum cbwd_tls_mode modes[4] = { CBWD_TLS_OFF, CBWD_TLS_ON,
+                                               CBWD_TLS_REQUIRE, CBWD_TLS_REQUIRE };
+  enum cbwd_tls_mode mode = modes[data[0] >> 6];
   data++; size--;
   struct cbwd_session s;
   cbwd_session_init (&s, &exps, &ops, NULL);
+  s.tls_mode = mode;
   nreq = 0;
   while (size > 0 && !cbwd_session_closed (&s)) {
+    if (s.state == SS_STARTTLS) {
+      s.out.len = 0;
+      if (data[0] == 0x16) {      /* TLS bytes: a real handshake, then done */
+        run_tls (data, size, chunk);
+        break;
+      }
+      cbwd_session_tls_done (&s); /* stands for a successful handshake */
+      data++; size--;
+      continue;
+    }
     size_t n = size < chunk ? size : chunk;
     size_t dn;
     uint8_t *direct = cbwd_session_direct_buf (&s, &dn);
@@ -80,7 +150,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
       cbwd_session_direct_done (&s, n);
     }
     else
-      cbwd_session_feed (&s, data, n);
+      n = cbwd_session_feed (&s, data, n);
     s.out.len = 0;                /* "sent" */
     data += n; size -= n;
     chunk = chunk * 7 % 61 + 1;   /* vary fragmentation */

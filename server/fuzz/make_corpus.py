@@ -1,5 +1,7 @@
 # cbw — server/fuzz/make_corpus.py: writes the seed corpus for fuzz_nbd
 # (valid handshakes and request streams; the fuzzer mutates from there).
+# Each seed starts with fuzz_nbd's control byte: fragment size (low 6 bits)
+# and TLS mode (top 2 bits: 0 off, 1 on, 2 require, 3 require).
 import os, struct, sys
 out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus")
 os.makedirs(out, exist_ok=True)
@@ -22,5 +24,20 @@ seeds = {
   "export-name": struct.pack(">I", 1) + opt(1, b"ro") + req(0, 0, 512) + req(1, 0, 4, 0, 3, b"abcd"),
   "ro-errors": flags + opt(7, go("ro")) + req(1, 0, 8, 0, 1, b"x" * 8) + req(0, 99999, 10) + req(9, 0, 0) + req(0, 0, 1, 0x40),
 }
+GO_READ = opt(8) + opt(7, go("disk")) + req(0, 0, 4096) + req(7, 0, 1 << 20)
+tls_seeds = {
+  # require: options before STARTTLS are refused, then TLS (stood in by
+  # "x"), then a normal session; a second STARTTLS is invalid
+  "tls-require": (0x80 | 7, flags + opt(3) + opt(7, go("disk")) + opt(5) + b"x" + opt(5) + opt(3) + GO_READ),
+  # on: negotiation before STARTTLS must be forgotten after it
+  "tls-on-forget": (0x40 | 12, flags + opt(8) + opt(10, meta("disk", ["base:allocation"])) + opt(5) + b"x" + opt(7, go("disk")) + req(7, 0, 65536)),
+  "tls-starttls-data": (0x80 | 3, flags + opt(5, b"junk") + opt(5) + b"x" + GO_READ),
+  "tls-export-name": (0x80 | 63, struct.pack(">I", 1) + opt(1, b"disk")),
+  # garbage and a truncated ClientHello after STARTTLS go to GnuTLS
+  "tls-garbage": (0xc0 | 30, flags + opt(5) + b"\x16\x03\x01\x00\x40" + bytes(range(64)) + b"\xff" * 40),
+  "tls-hello-short": (0x80 | 5, flags + opt(5) + b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32),
+}
 for k, v in seeds.items():
-    open(os.path.join(out, k), "wb").write(v)
+    open(os.path.join(out, k), "wb").write(bytes([63]) + v)
+for k, (ctl, v) in tls_seeds.items():
+    open(os.path.join(out, k), "wb").write(bytes([ctl]) + v)
