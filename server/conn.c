@@ -138,6 +138,7 @@ struct cbwd_conn {
   pthread_mutex_t tls_lock;
   struct cbwd_tls *tls;            /* tls_lock (pointer: see above) */
   bool tls_ready;                  /* loop: handshake done */
+  bool tls_bye;                    /* loop: close_notify queued */
   uint8_t *tls_pbuf;               /* loop: plaintext out of TLS */
   char *identity;                  /* loop: authenticated peer, NULL if none */
 };
@@ -176,6 +177,7 @@ static void conn_pump (struct cbwd_conn *c);
 static void conn_maybe_close (struct cbwd_conn *c);
 static void conn_fail (struct cbwd_conn *c, bool drop);
 static void tx_drain (struct cbwd_conn *c);
+static void flush_session_out (struct cbwd_conn *c);
 
 static void
 free_pending (struct cbwd_conn *c)
@@ -284,6 +286,14 @@ conn_maybe_close (struct cbwd_conn *c)
   if (c->shutdown_started)
     return;
   if (!c->drop) {
+    if (c->tls_ready && !c->tls_bye) {
+      /* Nothing executes: close_notify goes after the last reply. */
+      c->tls_bye = true;
+      pthread_mutex_lock (&c->tls_lock);
+      cbwd_tls_bye (c->tls);
+      pthread_mutex_unlock (&c->tls_lock);
+      flush_session_out (c);
+    }
     tx_drain (c);                  /* replies queued by workers go first */
     uv_shutdown_t *req = malloc (sizeof *req);
     if (req) {
@@ -1326,7 +1336,8 @@ cbwd_server_uri (struct cbwd_server *srv, const char *name)
   if (strncmp (l, "unix:", 5) == 0) {
     if (asprintf (&u, "nbd+unix:///%s?socket=%s", name, l + 5) == -1) u = NULL;
   }
-  else if (asprintf (&u, "nbd://%s/%s", l + 4, name) == -1)
+  else if (asprintf (&u, "%s://%s/%s", srv->tls.mode == CBWD_TLS_REQUIRE ? "nbds" : "nbd",
+                     l + 4, name) == -1)
     u = NULL;
   return u;
 }

@@ -420,6 +420,13 @@ cbwd_tls_send (struct cbwd_tls *t, const void *buf, size_t len, struct cbw_err *
   return 0;
 }
 
+void
+cbwd_tls_bye (struct cbwd_tls *t)
+{
+  /* The push function never blocks, so this does not return EAGAIN. */
+  gnutls_bye (t->s, GNUTLS_SHUT_WR);
+}
+
 uint8_t *
 cbwd_tls_take_output (struct cbwd_tls *t, size_t *len)
 {

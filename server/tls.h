@@ -63,6 +63,8 @@ int cbwd_tls_handshake (struct cbwd_tls *t, struct cbw_err *err);
 ssize_t cbwd_tls_recv (struct cbwd_tls *t, void *buf, size_t len, struct cbw_err *err);
 /* Encrypt len bytes into the output.  Returns 0 or -1 (err set). */
 int cbwd_tls_send (struct cbwd_tls *t, const void *buf, size_t len, struct cbw_err *err);
+/* Queue the TLS close_notify alert in the output (end of our sending). */
+void cbwd_tls_bye (struct cbwd_tls *t);
 /* Hand over the ciphertext produced so far (malloc'd; NULL and *len = 0
  * if there is none). */
 uint8_t *cbwd_tls_take_output (struct cbwd_tls *t, size_t *len);

@@ -9,8 +9,10 @@
 #     writes a store export over TLS; a wrong key,
 #     an unknown user, a missing key and plain nbd:// are refused and read
 #     nothing; the Unix listener stays plain;
-#  3. raw socket: STARTTLS then silence is dropped by --handshake-timeout,
-#     STARTTLS then garbage fails the handshake and closes; cbwd serves on;
+#  3. raw socket: an option before STARTTLS gets NBD_REP_ERR_TLS_REQD,
+#     STARTTLS then silence is dropped by --handshake-timeout, STARTTLS
+#     then garbage fails the handshake (logged) and closes before that
+#     timeout, STARTTLS with data is invalid; cbwd serves on;
 #  4. X.509 with --tls-verify-peer: a client certificate signed by the CA
 #     reads (nbdcopy, qemu-img with tls-creds-x509), and its DN is logged;
 #     no client certificate, or one from another CA, is refused.
@@ -74,7 +76,7 @@ cat > $T/cbwd.json <<EOF
   "exports": [ { "name": "disk", "type": "file", "path": "$T/disk.img" },
                { "name": "store", "type": "store", "path": "$T/store.img", "size": "$SIZE" } ] }
 EOF
-start_cbwd cbwd-psk --config $T/cbwd.json --handshake-timeout 2 -v
+start_cbwd cbwd-psk --config $T/cbwd.json --handshake-timeout 4 -v
 U="nbds://alice@127.0.0.1:$PORT/disk?tls-psk-file=$T/psk/keys.psk"
 assert_eq "nbdinfo --size over TLS-PSK" "$SIZE" "$(nbdinfo --size "$U")"
 nbdinfo "$U" | grep -q "with TLS" || fail "nbdinfo does not report TLS"
@@ -106,7 +108,7 @@ assert_eq "plain Unix listener" "$SIZE" "$(nbdinfo --size "$(uri disk)")"
 
 # ---- 3. raw socket: STARTTLS then silence / garbage ----
 python3 - "$PORT" <<'PYEOF' || fail "raw STARTTLS checks"
-import socket, struct, sys, time, os
+import socket, struct, sys, time
 port = int(sys.argv[1])
 def start():
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -128,13 +130,15 @@ def closed_within(s, secs):
 ERR_TLS_REQD = 0x80000005
 # option before STARTTLS: TLS required
 s = start(); opt(s, 3); o, t, _ = reply(s); assert t == ERR_TLS_REQD, hex(t)
-# STARTTLS, then nothing: --handshake-timeout 2 drops it
+# STARTTLS, then nothing: --handshake-timeout 4 drops it
 opt(s, 5); o, t, _ = reply(s); assert (o, t) == (5, 1), (o, t)
-d = closed_within(s, 10); assert 1.0 < d < 9, "silent TLS client kept %.1fs" % d
-# STARTTLS, then garbage: the handshake fails, the connection closes at once
+d = closed_within(s, 20); assert 3.0 < d < 15, "silent TLS client kept %.1fs" % d
+# STARTTLS, then garbage (fixed bytes: a random prefix could look like a
+# record header announcing more bytes, which TLS then rightly waits for):
+# the handshake fails, the connection closes at once
 s = start(); opt(s, 5); o, t, _ = reply(s); assert t == 1
-s.sendall(os.urandom(3000))
-d = closed_within(s, 10); assert d < 1.5, "garbage after STARTTLS kept %.1fs" % d
+s.sendall(b"NBD is not TLS\r\n" * 200)
+d = closed_within(s, 20); assert d < 3, "garbage after STARTTLS kept %.1fs" % d
 # STARTTLS with data is invalid, and the connection goes on
 s = start(); opt(s, 5, b"x"); o, t, _ = reply(s); assert t == 0x80000003, hex(t)
 opt(s, 2); o, t, _ = reply(s); assert t == ERR_TLS_REQD or t == 1
