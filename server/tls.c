@@ -370,7 +370,8 @@ cbwd_tls_recv (struct cbwd_tls *t, void *buf, size_t len, struct cbw_err *err)
     ssize_t r = gnutls_record_recv (t->s, buf, len);
     if (r > 0) return r;
     if (r == 0) {
-      cbw_err_set (err, 0, "TLS: the client closed the session");
+      cbw_err_set (err, EPIPE, "TLS: the client closed the session");
+      err->errnum = 0;             /* a clean end, not an error */
       return -1;
     }
     if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
@@ -378,6 +379,11 @@ cbwd_tls_recv (struct cbwd_tls *t, void *buf, size_t len, struct cbw_err *err)
         cbw_err_set (err, ENOMEM, "TLS: out of memory");
         return -1;
       }
+      /* GnuTLS also says EAGAIN after a record that carried no data
+       * (a post-handshake message): go on while input is left, else the
+       * caller would wait for bytes the peer already sent. */
+      if (t->in.len > t->in.pos && round < 1024)
+        continue;
       return 0;
     }
     if (r == GNUTLS_E_REHANDSHAKE) {
