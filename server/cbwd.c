@@ -135,14 +135,17 @@ main (int argc, char **argv)
         return 2;
       }
       break;
-    case 'P': srv.tls.psk = strdup (optarg); break;
-    case 'X': srv.tls.certificates = strdup (optarg); break;
+    case 'P': free (srv.tls.psk); srv.tls.psk = strdup (optarg); break;
+    case 'X': free (srv.tls.certificates); srv.tls.certificates = strdup (optarg); break;
     case 'Y': srv.tls.verify_peer = true; break;
-    case 'h': usage (stdout); free (listens); free (exports); return 0;
+    case 'h': usage (stdout); free (listens); free (exports);
+      free (srv.tls.psk); free (srv.tls.certificates); return 0;
     case 'V':
       printf ("cbwd %s\n", CBW_VERSION);
       free (listens);
       free (exports);
+      free (srv.tls.psk);
+      free (srv.tls.certificates);
       return 0;
     default: usage (stderr); return 2;
     }

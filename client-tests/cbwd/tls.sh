@@ -15,7 +15,8 @@
 #     timeout, STARTTLS with data is invalid; cbwd serves on;
 #  4. X.509 with --tls-verify-peer: a client certificate signed by the CA
 #     reads (nbdcopy, qemu-img with tls-creds-x509), and its DN is logged;
-#     no client certificate, or one from another CA, is refused.
+#     no client certificate, or one from another CA, is refused;
+#  5. X.509 without --tls-verify-peer: a client with just the CA reads.
 . "$(dirname "$0")/../functions.sh"
 . "$(dirname "$0")/lib.sh"
 for p in psktool certtool nbdinfo nbdcopy qemu-img python3 jq; do requires $p; done
@@ -191,4 +192,14 @@ expect_refused "client certificate of another CA" nbdcopy "nbds://127.0.0.1:$POR
 expect_refused "plain nbd:// (X.509)" nbdcopy "nbd://127.0.0.1:$PORT/disk" $T/bad.img
 [ ! -s $T/bad.img ] || fail "a refused client wrote $(stat -c %s $T/bad.img) bytes"
 log "X.509: verified clients read, others refused"
+stop_cbwd
+
+# ---- 5. X.509 without --tls-verify-peer: no client certificate needed ----
+PORT=$(free_port)
+start_cbwd cbwd-x509-anon --listen "tcp:127.0.0.1:$PORT" --tls=require \
+  --tls-certificates $T/srv --export "name=disk,type=file,path=$T/disk.img"
+assert_eq "X.509 client without certificate" "$SIZE" \
+  "$(nbdinfo --size "nbds://127.0.0.1:$PORT/disk?tls-certificates=$T/nocert")"
+grep -q "client identity (none" "$CBWD_LOG" || fail "anonymous X.509 client not logged as such"
+expect_refused "plain nbd:// (X.509, no verify)" nbdinfo --size "nbd://127.0.0.1:$PORT/disk"
 stop_cbwd
