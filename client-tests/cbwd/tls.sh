@@ -4,8 +4,9 @@
 #  1. a TCP listener without a TLS choice, or TLS without credentials,
 #     refuses to start, with a message saying what to give; --tls=off
 #     serves plain NBD and warns at start and in `cbw status`;
-#  2. PSK (config file keys): nbdinfo/nbdcopy over nbds:// read the export
-#     byte for byte, qemu-img convert with tls-creds-psk too, nbdcopy
+#  2. PSK (config file keys): nbdinfo/nbdcopy over nbds:// read a file and
+#     a PIT export byte for byte (PIT replies are encrypted by worker
+#     threads, many in flight), qemu-img convert with tls-creds-psk too, nbdcopy
 #     writes a store export over TLS; a wrong key,
 #     an unknown user, a missing key and plain nbd:// are refused and read
 #     nothing; the Unix listener stays plain;
@@ -71,11 +72,16 @@ psktool -u alice -p $T/psk/keys.psk >/dev/null 2>&1
 psktool -u alice -p $T/wrong/keys.psk >/dev/null 2>&1   # same user, another key
 psktool -u bob -p $T/wrong/bob.psk >/dev/null 2>&1
 cp $T/psk/keys.psk $T/qpsk/keys.psk                     # qemu wants DIR/keys.psk
+# a point-in-time export whose upstream is an nbdkit on the same image:
+# its reads run on cbwd's worker threads, which encrypt their own replies
+start_nbdkit $T/up.sock -r file $T/disk.img
 PORT=$(free_port)
 cat > $T/cbwd.json <<EOF
 { "listen": ["tcp:127.0.0.1:$PORT"], "tls": "require", "tls-psk": "psk/keys.psk",
   "exports": [ { "name": "disk", "type": "file", "path": "$T/disk.img" },
-               { "name": "store", "type": "store", "path": "$T/store.img", "size": "$SIZE" } ] }
+               { "name": "store", "type": "store", "path": "$T/store.img", "size": "$SIZE" },
+               { "name": "pit", "type": "pit", "upstream": "nbd+unix:///?socket=$T/up.sock",
+                 "connections": 4 } ] }
 EOF
 start_cbwd cbwd-psk --config $T/cbwd.json --handshake-timeout 4 -v
 U="nbds://alice@127.0.0.1:$PORT/disk?tls-psk-file=$T/psk/keys.psk"
@@ -88,6 +94,10 @@ qemu-img convert -O raw \
   --object "tls-creds-psk,id=tls0,endpoint=client,dir=$T/qpsk,username=alice" \
   --image-opts "driver=nbd,host=127.0.0.1,port=$PORT,export=disk,tls-creds=tls0" $T/qemu.img
 cmp $T/disk.img $T/qemu.img || fail "qemu-img convert over TLS-PSK: data differs"
+rm -f $T/pit.img
+nbdcopy --connections=4 --requests=32 --request-size=65536 \
+  "nbds://alice@127.0.0.1:$PORT/pit?tls-psk-file=$T/psk/keys.psk" $T/pit.img
+cmp $T/disk.img $T/pit.img || fail "nbdcopy of the PIT export over TLS-PSK: data differs"
 # Writes over TLS (payloads decrypted straight into request buffers),
 # read back through the plain Unix listener.
 nbdcopy $T/disk.img "nbds://alice@127.0.0.1:$PORT/store?tls-psk-file=$T/psk/keys.psk"
