@@ -172,6 +172,13 @@ orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_out,
     return cbw_err_set (err, e, "%s: %s", log_path, strerror (e));
   }
   int nullfd = open ("/dev/null", O_RDONLY | O_CLOEXEC);
+  /* Test hook, read before fork (getenv is not async-signal-safe): keep
+   * the intermediate process alive this long after it forked the helper,
+   * the slow exit that a loaded machine produces now and then. */
+  const char *hold_env = getenv ("CBW_ORCH_SPAWN_HOLD_MS");
+  long hold_ms = hold_env ? strtol (hold_env, NULL, 10) : 0;
+  struct timespec hold = { .tv_sec = hold_ms > 0 ? hold_ms / 1000 : 0,
+                           .tv_nsec = hold_ms > 0 ? (hold_ms % 1000) * 1000000 : 0 };
   pid_t mid = fork ();
   if (mid < 0) {
     int e = errno;
@@ -193,6 +200,8 @@ orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_out,
     if (pid != 0) {
       ssize_t w = write (pfd[1], &pid, sizeof pid);
       (void) w;
+      if (hold.tv_sec || hold.tv_nsec)
+        nanosleep (&hold, NULL);
       _exit (pid < 0 ? 1 : 0);
     }
     if (nullfd >= 0) dup2 (nullfd, 0);
