@@ -116,8 +116,12 @@ start_store (struct cbw_orch *o, const char *id, struct orch_disk *d,
   if (pid < 0)
     return -1;
   if (orch_wait_socket (bd->store_sock, pidfd, o->start_timeout, err) < 0) {
-    orch_kill_wait (pid, pidfd);
-    close (pidfd);
+    if (err->errnum != EBADF) {
+      orch_kill_wait (pid, pidfd);
+      close (pidfd);
+    }
+    else                        /* internal error: the pidfd is not ours now */
+      orch_kill_wait_if (pid, bd->store_sock, true);
     return cbw_err_prefix (err, "backup store of disk %s", d->name);
   }
   close (pidfd);
@@ -200,8 +204,7 @@ teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
         o->exports->remove_export (o->exports->opaque, sname, &e);
     }
     if (bd->store_pid > 0) {
-      if (orch_pid_cmdline_has (bd->store_pid, bd->store_path, false))
-        orch_kill_wait ((pid_t) bd->store_pid, -1);
+      orch_kill_wait_if ((pid_t) bd->store_pid, bd->store_path, false);
       bd->store_pid = 0;
     }
     CLEANUP_FREE char *states = pit_state_path (o, b->id, bd->name);

@@ -22,17 +22,27 @@
  * the state file; /proc/PID/cmdline must name the disk's socket, so a reused
  * pid is never adopted).
  *
+ * nbdkit is exec'd only after the intermediate process of the double fork
+ * is reaped (see orch_spawn_detached): nbdkit arms a parent-death signal
+ * first thing, and the intermediate's exit must never be its parent's.
+ *
  * Supervision: one thread polls a pidfd per running nbdkit plus an eventfd
  * to rebuild its set.  When an nbdkit exits that nobody asked to stop, the
  * disk becomes "dead" and a "disk-dead" event is queued; it is never
- * restarted silently (`disk-start` does it on request).
+ * restarted silently (`disk-start` does it on request).  Only POLLIN of a
+ * descriptor that still is that process's pidfd means "exited"; anything
+ * else is an internal error, reported, and never a reason to signal.
+ * Signals go through pidfds, never kill(pid): a reused pid is never hit.
  *
- * Locking: o->lock guards d->run/pidfd/exit_status/pid; the supervisor
- * takes it only to read the set and mark exits.  Spawning, waiting for the
+ * Locking: o->lock guards d->run/pidfd/pidfd_serial/exit_status/pid and
+ * pidfd_serials; the supervisor takes it to read the set and to mark exits,
+ * and acts on a polled descriptor only if the disk is still listed and
+ * holds that descriptor with the same serial.  Spawning, waiting for the
  * sockets and killing happen unlocked.  Stop protocol: the stopper negates
- * d->pid under the lock ("stop requested": no dead event), sends SIGTERM and
- * waits on exit_cond until the supervisor has seen the exit, so only the
- * supervisor reaps and closes pidfds and no fd is closed under its poll().
+ * d->pid under the lock ("stop requested": no dead event), duplicates the
+ * pidfd, signals through its duplicate and waits on exit_cond until the
+ * supervisor has seen the exit, so only the supervisor reaps and closes a
+ * running disk's pidfd and no fd is closed under its poll() by others.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -59,6 +69,9 @@
 extern char **environ;
 
 static pthread_cond_t exit_cond = PTHREAD_COND_INITIALIZER;
+/* Numbers each pidfd given to a disk (o->lock): the supervisor acts on a
+ * descriptor it polled only if the disk still holds that very one. */
+static uint64_t pidfd_serials;
 
 const char *
 orch_disk_run_name (enum orch_disk_run r)
@@ -151,24 +164,38 @@ orch_spawn (char *const argv[], const char *log_path, struct cbw_err *err)
 }
 
 /* Long-lived helpers (nbdkit) are started detached: fork, setsid, fork
- * again; the middle process exits at once, so the helper is not our child.
- * nbdkit arms PR_SET_PDEATHSIG, which fires when the *thread* that forked it
- * ends: a child of cbwd's control thread would die with cbwd, and guests
- * must not lose their disk because cbwd restarts.  Liveness is then
- * followed through a pidfd (works for non-children, sees zombies as dead).
- * Between fork and exec only async-signal-safe calls are made. */
+ * again; the intermediate process exits at once, so the helper is not our
+ * child and survives cbwd.  nbdkit arms PR_SET_PDEATHSIG(SIGTERM) first
+ * thing in main(); that signal fires when the *thread* that forked it
+ * exits, so it must be armed only once the intermediate is gone: else the
+ * intermediate's exit stops the new nbdkit (a clean exit 0 with an empty
+ * log, or death by SIGTERM before its handler is set), which a loaded
+ * machine does now and then.  Hence a start handshake: the grandchild waits
+ * on a "go" pipe before exec, and we write it only after waitpid() reaped
+ * the intermediate (so the grandchild has been reparented, and its
+ * parent-death signal refers to its new parent, never to us or to the
+ * intermediate).  If we fail or die before "go", the grandchild reads EOF
+ * and exits without running anything: no process is killed by pid.
+ * Liveness is then followed through a pidfd (works for non-children, sees
+ * zombies as dead).  Between fork and exec only async-signal-safe calls are
+ * made. */
 pid_t
 orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_out,
                      struct cbw_err *err)
 {
-  int pfd[2];
+  int pfd[2], gfd[2];
   *pidfd_out = -1;
   if (pipe2 (pfd, O_CLOEXEC) < 0)
     return cbw_err_set (err, errno, "pipe: %s", strerror (errno));
+  if (pipe2 (gfd, O_CLOEXEC) < 0) {
+    int e = errno;
+    close (pfd[0]); close (pfd[1]);
+    return cbw_err_set (err, e, "pipe: %s", strerror (e));
+  }
   int logfd = open (log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (logfd < 0) {
     int e = errno;
-    close (pfd[0]); close (pfd[1]);
+    close (pfd[0]); close (pfd[1]); close (gfd[0]); close (gfd[1]);
     return cbw_err_set (err, e, "%s: %s", log_path, strerror (e));
   }
   int nullfd = open ("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -182,7 +209,7 @@ orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_out,
   pid_t mid = fork ();
   if (mid < 0) {
     int e = errno;
-    close (pfd[0]); close (pfd[1]); close (logfd);
+    close (pfd[0]); close (pfd[1]); close (gfd[0]); close (gfd[1]); close (logfd);
     if (nullfd >= 0) close (nullfd);
     return cbw_err_set (err, e, "fork: %s", strerror (e));
   }
@@ -196,6 +223,7 @@ orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_out,
       sigaction (sig, &dfl, NULL);
     sigprocmask (SIG_SETMASK, &none, NULL);
     setsid ();
+    close (gfd[1]);             /* only cbwd holds the write end: EOF = no go */
     pid_t pid = fork ();
     if (pid != 0) {
       ssize_t w = write (pfd[1], &pid, sizeof pid);
@@ -204,6 +232,11 @@ orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_out,
         nanosleep (&hold, NULL);
       _exit (pid < 0 ? 1 : 0);
     }
+    char go = 0;
+    ssize_t r;
+    do r = read (gfd[0], &go, 1); while (r < 0 && errno == EINTR);
+    if (r != 1 || go != 'g')
+      _exit (0);                /* the starter gave up or died */
     if (nullfd >= 0) dup2 (nullfd, 0);
     dup2 (logfd, 1);
     dup2 (logfd, 2);
@@ -214,42 +247,115 @@ orch_spawn_detached (char *const argv[], const char *log_path, int *pidfd_out,
     _exit (127);
   }
   close (pfd[1]);
+  close (gfd[0]);
   close (logfd);
   if (nullfd >= 0) close (nullfd);
   pid_t pid = -1;
   ssize_t n;
   do n = read (pfd[0], &pid, sizeof pid); while (n < 0 && errno == EINTR);
   close (pfd[0]);
-  waitpid (mid, NULL, 0);
-  if (n != sizeof pid || pid <= 0)
+  /* Reaped: the grandchild is reparented, its parent is not mid any more. */
+  while (waitpid (mid, NULL, 0) < 0 && errno == EINTR)
+    ;
+  if (n != sizeof pid || pid <= 0) {
+    close (gfd[1]);
     return cbw_err_set (err, ECHILD, "cannot start %s (fork failed)", argv[0]);
+  }
+  /* The grandchild waits for "go": it cannot have exited and its pid
+   * cannot have been reused yet, so this pidfd is the right process. */
   int pidfd = (int) syscall (SYS_pidfd_open, pid, 0);
   if (pidfd < 0) {
     int e = errno;
-    kill (pid, SIGKILL);
-    return cbw_err_set (err, e, "%s: pidfd_open: %s (already exited?)", argv[0],
+    close (gfd[1]);             /* it exits on EOF without running argv */
+    return cbw_err_set (err, e, "%s: pidfd_open: %s", argv[0], strerror (e));
+  }
+  ssize_t w;
+  do w = write (gfd[1], "g", 1); while (w < 0 && errno == EINTR);
+  int e = errno;
+  close (gfd[1]);
+  if (w != 1) {
+    close (pidfd);
+    return cbw_err_set (err, e, "cannot start %s: start handshake: %s", argv[0],
                         strerror (e));
   }
   *pidfd_out = pidfd;
   return pid;
 }
 
-static bool
-pidfd_exited (int pidfd, int ms)
+/* The pid a pidfd refers to, from /proc/self/fdinfo: > 0 the pid, -1 the
+ * process was reaped, 0 unknown (no /proc, another pid namespace), -2 the
+ * descriptor is not open or not a pidfd. */
+static pid_t
+pidfd_pid (int pidfd)
+{
+  char path[64], buf[1024];
+  snprintf (path, sizeof path, "/proc/self/fdinfo/%d", pidfd);
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return errno == ENOENT && access ("/proc/self/fdinfo", F_OK) == 0 ? -2 : 0;
+  ssize_t n = read (fd, buf, sizeof buf - 1);
+  close (fd);
+  if (n <= 0)
+    return 0;
+  buf[n] = '\0';
+  const char *p = strstr (buf, "\nPid:");
+  if (p == NULL)
+    return -2;
+  return (pid_t) strtol (p + 5, NULL, 10);
+}
+
+/* Has the process behind pidfd (pid `pid`, 0 = not known) exited?  Waits
+ * up to ms.  1: exited; 0: running; -1 with err set: internal error, the
+ * descriptor is no longer a pidfd of that process (closed or replaced by
+ * other code).  Only POLLIN of the right pidfd means "exited": POLLNVAL,
+ * POLLERR or a readable unrelated file are never taken for an exit (acting
+ * on them would signal a healthy process). */
+static int
+pidfd_check (int pidfd, pid_t pid, int ms, struct cbw_err *err)
 {
   struct pollfd p = { .fd = pidfd, .events = POLLIN };
-  return poll (&p, 1, ms) > 0;
+  int r;
+  do r = poll (&p, 1, ms); while (r < 0 && errno == EINTR);
+  if (r < 0)
+    return cbw_err_set (err, errno, "internal error: poll on the pidfd of "
+                        "process %d: %s", (int) pid, strerror (errno));
+  if (r == 0)
+    return 0;
+  if (p.revents & POLLNVAL)
+    return cbw_err_set (err, EBADF, "internal error: the pidfd (%d) of process "
+                        "%d was closed by other code", pidfd, (int) pid);
+  pid_t now = pidfd_pid (pidfd);
+  if (!(p.revents & POLLIN) || now == -2 || (pid > 0 && now > 0 && now != pid))
+    return cbw_err_set (err, EBADF, "internal error: descriptor %d is no longer "
+                        "the pidfd of process %d (poll revents %#x)", pidfd,
+                        (int) pid, (unsigned) p.revents);
+  return 1;
+}
+
+static int
+pidfd_signal (int pidfd, int sig)
+{
+  return (int) syscall (SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
 }
 
 int
 orch_wait_socket (const char *path, int pidfd, double timeout, struct cbw_err *err)
 {
   double end = now_s () + timeout;
+  pid_t pid = pidfd >= 0 ? pidfd_pid (pidfd) : 0;
+  if (pid == -2)
+    return cbw_err_set (err, EBADF, "internal error: descriptor %d is not a pidfd",
+                        pidfd);
   for (;;) {
     if (try_connect (path) == 0)
       return 0;
-    if (pidfd >= 0 && pidfd_exited (pidfd, 0))
-      return cbw_err_set (err, ECHILD, "the process exited before %s appeared", path);
+    if (pidfd >= 0) {
+      int r = pidfd_check (pidfd, pid, 0, err);
+      if (r < 0)
+        return -1;
+      if (r > 0)
+        return cbw_err_set (err, ECHILD, "the process exited before %s appeared", path);
+    }
     if (now_s () > end)
       return cbw_err_set (err, ETIMEDOUT, "%s did not answer within %.0f s",
                           path, timeout);
@@ -260,6 +366,7 @@ orch_wait_socket (const char *path, int pidfd, double timeout, struct cbw_err *e
 void
 orch_kill_wait (pid_t pid, int pidfd)
 {
+  struct cbw_err e = { 0 };
   int own = -1;
   if (pid <= 0)
     return;
@@ -267,13 +374,27 @@ orch_kill_wait (pid_t pid, int pidfd)
     pidfd = own = (int) syscall (SYS_pidfd_open, pid, 0);
   if (pidfd < 0)
     return;                     /* gone already */
-  kill (pid, SIGTERM);
-  if (!pidfd_exited (pidfd, 5000)) {
-    kill (pid, SIGKILL);
-    pidfd_exited (pidfd, 5000);
-  }
+  /* Signals go through the pidfd: a reused pid is never signalled. */
+  if (pidfd_signal (pidfd, SIGTERM) == 0 && pidfd_check (pidfd, pid, 5000, &e) == 0 &&
+      pidfd_signal (pidfd, SIGKILL) == 0)
+    pidfd_check (pidfd, pid, 5000, &e);
+  if (e.msg[0])
+    fprintf (stderr, "cbwd: stopping process %d: %s\n", (int) pid, e.msg);
   if (own >= 0)
     close (own);
+}
+
+void
+orch_kill_wait_if (pid_t pid, const char *needle, bool whole_arg)
+{
+  if (pid <= 0)
+    return;
+  int pidfd = (int) syscall (SYS_pidfd_open, pid, 0);
+  if (pidfd < 0)
+    return;                     /* gone already */
+  if (orch_pid_cmdline_has (pid, needle, whole_arg))
+    orch_kill_wait (pid, pidfd);
+  close (pidfd);
 }
 
 static char *
@@ -396,8 +517,14 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   for (size_t i = 0; i < nsocks; i++) {
     if (orch_wait_socket (socks[i], pidfd, o->start_timeout, err) < 0) {
       char tail[300], msg[CBW_ERR_MSG_MAX];
-      orch_kill_wait (pid, pidfd);
-      close (pidfd);
+      if (err->errnum != EBADF) {
+        orch_kill_wait (pid, pidfd);
+        close (pidfd);
+      }
+      else                      /* not our descriptor any more: never close
+                                   or trust it; stop the nbdkit we started
+                                   through a new pidfd, if it is still it */
+        orch_kill_wait_if (pid, d->nbd_sock, true);
       log_tail (d->log_path, tail, sizeof tail);
       memcpy (msg, err->msg, sizeof msg);
       return cbw_err_set (err, err->errnum, "disk %s: nbdkit did not start: %s%s%s",
@@ -409,6 +536,7 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
     d->pid = pid;
     d->pidfd = pidfd;
+    d->pidfd_serial = ++pidfd_serials;
     d->is_child = false;
     d->run = ORCH_DISK_RUNNING;
     d->exit_status = -1;
@@ -442,12 +570,17 @@ orch_pid_cmdline_has (int64_t pid, const char *needle, bool whole_arg)
 void
 orch_disk_adopt (struct cbw_orch *o, struct orch_disk *d)
 {
-  bool ok = orch_pid_cmdline_has (d->pid, d->nbd_sock, true);
-  int pidfd = ok ? (int) syscall (SYS_pidfd_open, (pid_t) d->pid, 0) : -1;
-  if (pidfd >= 0 && try_connect (d->nbd_sock) == 0) {
+  /* The pidfd first, then the identity check: the pidfd pins the process,
+   * so the check cannot be about a pid reused in between. */
+  int pidfd = d->pid > 0 ? (int) syscall (SYS_pidfd_open, (pid_t) d->pid, 0) : -1;
+  struct cbw_err e = { 0 };
+  bool ok = pidfd >= 0 && orch_pid_cmdline_has (d->pid, d->nbd_sock, true) &&
+    pidfd_check (pidfd, (pid_t) d->pid, 0, &e) == 0;
+  if (ok && try_connect (d->nbd_sock) == 0) {
     uint64_t size = nbd_size (d->nbd_sock);
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
     d->pidfd = pidfd;
+    d->pidfd_serial = ++pidfd_serials;
     d->is_child = false;
     d->run = ORCH_DISK_RUNNING;
     d->size = size;
@@ -476,6 +609,7 @@ int
 orch_disk_stop (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
 {
   pid_t pid;
+  int sigfd = -1;
   (void) err;
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
@@ -486,8 +620,18 @@ orch_disk_stop (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
     }
     pid = (pid_t) d->pid;
     d->pid = -d->pid;            /* negative: stop requested, no dead event */
+    /* Our own copy of the pidfd to signal through: the supervisor may
+     * close d->pidfd as soon as the process exits. */
+    if (d->pidfd >= 0)
+      sigfd = fcntl (d->pidfd, F_DUPFD_CLOEXEC, 0);
   }
-  kill (pid, SIGTERM);
+  /* The pidfd pins the process: a pid reused since is never signalled.
+   * Without one (EMFILE), the pid only if it still is this disk's nbdkit. */
+  if (sigfd < 0 && !orch_pid_cmdline_has (pid, d->nbd_sock, true))
+    pid = 0;
+#define STOP_SIGNAL(sig) \
+  (sigfd >= 0 ? pidfd_signal (sigfd, (sig)) : pid > 0 ? kill (pid, (sig)) : 0)
+  STOP_SIGNAL (SIGTERM);
   struct timespec dl;
   clock_gettime (CLOCK_REALTIME, &dl);
   dl.tv_sec += 10;
@@ -497,17 +641,76 @@ orch_disk_stop (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
     if (pthread_cond_timedwait (&exit_cond, &o->lock, &dl) == ETIMEDOUT) {
       if (killed)
         break;
-      kill (pid, SIGKILL);
+      STOP_SIGNAL (SIGKILL);
       killed = true;
       clock_gettime (CLOCK_REALTIME, &dl);
       dl.tv_sec += 5;
     }
   }
+#undef STOP_SIGNAL
   d->pid = 0;
+  if (sigfd >= 0)
+    close (sigfd);
   return 0;
 }
 
 /* ---- supervisor ---- */
+
+static bool
+disk_listed (struct cbw_orch *o, const struct orch_disk *d)
+{
+  for (size_t i = 0; i < o->st.ndisks; i++)
+    if (o->st.disks[i] == d)
+      return true;
+  return false;
+}
+
+static void
+mark_exited (struct cbw_orch *o, struct orch_disk *d, pid_t pid, int status,
+             const char *why)
+{
+  d->exit_status = status;
+  if (d->pid < 0)               /* asked to stop */
+    d->run = ORCH_DISK_STOPPED;
+  else {
+    d->run = ORCH_DISK_DEAD;
+    struct json_object *data = json_object_new_object ();
+    json_object_object_add (data, "disk", json_object_new_string (d->name));
+    json_object_object_add (data, "pid", json_object_new_int64 (pid));
+    if (status >= 0 && WIFEXITED (status))
+      json_object_object_add (data, "exit-status",
+                              json_object_new_int (WEXITSTATUS (status)));
+    else if (status >= 0 && WIFSIGNALED (status))
+      json_object_object_add (data, "signal", json_object_new_int (WTERMSIG (status)));
+    if (why)
+      json_object_object_add (data, "reason", json_object_new_string (why));
+    orch_event_locked (o, "disk-dead", data);
+  }
+  pthread_cond_broadcast (&exit_cond);
+}
+
+/* d's pidfd was closed or replaced by other code (a bug elsewhere in cbwd):
+ * say so, never close that number again (it may be someone else's now),
+ * and go on supervising through a new pidfd if the process still is this
+ * disk's nbdkit.  Called with o->lock held. */
+static void
+pidfd_lost (struct cbw_orch *o, struct orch_disk *d, pid_t pid, const char *msg)
+{
+  fprintf (stderr, "cbwd: disk %s: %s\n", d->name, msg);
+  int fd = (int) syscall (SYS_pidfd_open, pid, 0);
+  struct cbw_err e = { 0 };
+  if (fd >= 0 && orch_pid_cmdline_has (pid, d->nbd_sock, true) &&
+      pidfd_check (fd, pid, 0, &e) == 0) {
+    d->pidfd = fd;
+    d->pidfd_serial = ++pidfd_serials;
+    return;
+  }
+  if (fd >= 0)
+    close (fd);
+  d->pidfd = -1;
+  mark_exited (o, d, pid, -1, "its process could not be followed any more "
+               "(internal error: pidfd lost) and is gone");
+}
 
 static void *
 supervisor (void *arg)
@@ -516,6 +719,7 @@ supervisor (void *arg)
   for (;;) {
     struct pollfd pfd[1 + 256];
     struct orch_disk *who[1 + 256];
+    uint64_t serial[1 + 256];
     size_t n = 0;
     pfd[n].fd = o->sup_wakefd;
     pfd[n].events = POLLIN;
@@ -529,6 +733,7 @@ supervisor (void *arg)
         if (d->run == ORCH_DISK_RUNNING && d->pidfd >= 0) {
           pfd[n].fd = d->pidfd;
           pfd[n].events = POLLIN;
+          serial[n] = d->pidfd_serial;
           who[n++] = d;
         }
       }
@@ -541,37 +746,38 @@ supervisor (void *arg)
       if (read (o->sup_wakefd, &v, sizeof v) < 0) { /* nothing */ }
     }
     for (size_t i = 1; i < n; i++) {
-      if (!(pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
+      if (pfd[i].revents == 0)
         continue;
-      struct orch_disk *d = who[i];
-      int status = -1;
-      pid_t pid;
-      {
-        ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
-        pid = (pid_t) (d->pid < 0 ? -d->pid : d->pid);
-      }
-      if (d->is_child && waitpid (pid, &status, 0) != pid)
-        status = -1;
       ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+      /* Act only on a descriptor the disk still holds: between poll() and
+       * here the disk may have been stopped, removed (who[i] freed: it is
+       * only compared until found listed) or restarted with a new pidfd,
+       * maybe under the same number. */
+      struct orch_disk *d = who[i];
+      if (!disk_listed (o, d) || d->run != ORCH_DISK_RUNNING ||
+          d->pidfd != pfd[i].fd || d->pidfd_serial != serial[i])
+        continue;
+      pid_t pid = (pid_t) (d->pid < 0 ? -d->pid : d->pid);
+      struct cbw_err e = { 0 };
+      if (pfd[i].revents & (POLLNVAL | POLLERR)) {
+        char msg[128];
+        snprintf (msg, sizeof msg, "internal error: its pidfd (%d) was closed by "
+                  "other code (poll revents %#x)", pfd[i].fd, (unsigned) pfd[i].revents);
+        pidfd_lost (o, d, pid, msg);
+        continue;
+      }
+      if (pidfd_check (d->pidfd, pid, 0, &e) < 0) {
+        pidfd_lost (o, d, pid, e.msg);
+        continue;
+      }
+      if (!(pfd[i].revents & POLLIN))
+        continue;               /* cannot happen on a valid pidfd */
+      int status = -1;
+      if (d->is_child && waitpid (pid, &status, WNOHANG) != pid)
+        status = -1;
       close (d->pidfd);
       d->pidfd = -1;
-      d->exit_status = status;
-      if (d->pid < 0) {           /* asked to stop */
-        d->run = ORCH_DISK_STOPPED;
-      }
-      else {
-        d->run = ORCH_DISK_DEAD;
-        struct json_object *data = json_object_new_object ();
-        json_object_object_add (data, "disk", json_object_new_string (d->name));
-        json_object_object_add (data, "pid", json_object_new_int64 (pid));
-        if (status >= 0 && WIFEXITED (status))
-          json_object_object_add (data, "exit-status",
-                                  json_object_new_int (WEXITSTATUS (status)));
-        else if (status >= 0 && WIFSIGNALED (status))
-          json_object_object_add (data, "signal", json_object_new_int (WTERMSIG (status)));
-        orch_event_locked (o, "disk-dead", data);
-      }
-      pthread_cond_broadcast (&exit_cond);
+      mark_exited (o, d, pid, status, NULL);
     }
   }
 }

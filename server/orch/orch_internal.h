@@ -63,7 +63,8 @@ struct orch_disk {
   char *bitmaps;                /* dirtybitmap descriptor DISKDIR/bitmaps.json */
   /* run time */
   enum orch_disk_run run;
-  int pidfd;                    /* -1 if none */
+  int pidfd;                    /* -1 if none; owned by the supervisor */
+  uint64_t pidfd_serial;        /* which pidfd this is (disk.c) */
   bool is_child;                /* spawned by this process (reap with waitpid) */
   int exit_status;              /* wait status if known, -1 otherwise */
   uint64_t size;                /* bytes, 0 if unknown */
@@ -282,8 +283,14 @@ orch_now_ns (void)
   clock_gettime (CLOCK_MONOTONIC, &ts);
   return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
-/* SIGTERM, wait up to 5 s, SIGKILL; pidfd -1 = open one now. */
+/* SIGTERM, wait up to 5 s, SIGKILL, all through the pidfd (-1: open one
+ * now), so a reused pid is never signalled. */
 void orch_kill_wait (pid_t pid, int pidfd);
+/* orch_kill_wait if pid still is the process we started: a pidfd pins it
+ * first, then its /proc/PID/cmdline must have needle (as in
+ * orch_pid_cmdline_has), so the check and the signals are about the same
+ * process. */
+void orch_kill_wait_if (pid_t pid, const char *needle, bool whole_arg);
 /* Is pid still the process we started (pid-reuse guard)?  True if one
  * argument of /proc/PID/cmdline equals needle (whole_arg) or contains it. */
 bool orch_pid_cmdline_has (int64_t pid, const char *needle, bool whole_arg);
