@@ -235,6 +235,7 @@ stats_json (struct cbw_session *s)
     ADD ("direct-bytes", st.direct_bytes);
     ADD ("write-back-batches", st.writeback_batches);
     ADD ("write-back-copies", st.writeback_copies);
+    ADD ("timeout-ms", st.timeout_ms);
 #undef ADD
     json_object_object_add (o, "broken", json_object_new_boolean (st.broken));
     json_object_object_add (o, "last-error",
@@ -266,6 +267,8 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
                                      cbw_cfg.connections);
   long long tlimit = cbw_ctl_arg_int (args, "target-limit", 0);
   bool direct = cbw_ctl_arg_bool (args, "target-direct", false);
+  long long tmo_ms = cbw_ctl_arg_int (args, "timeout-ms",
+                                      cbw_cfg.timeout_ns / 1000000);
   struct json_object *extents = NULL;
   struct cbw_session_params p = { 0 };
   struct cbw_target *t;
@@ -290,12 +293,18 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   if (conns < 1 || conns > 64)
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "connections %lld: "
                          "expected 1..64", conns);
+  if (tmo_ms < 1 || tmo_ms > 86400000LL)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "timeout-ms %lld: "
+                         "expected 1..86400000", tmo_ms);
+  /* The session's bound on a guest write's wait (and on every target
+   * command): `timeout-ms`, else cbw-timeout. */
+  int64_t tmo_ns = tmo_ms * 1000000LL;
 
   size = disk_size (r);
   if (size < 0)
     return -1;
 
-  t = cbw_target_open (uri, conns, cbw_now_ns () + cbw_cfg.timeout_ns, &err);
+  t = cbw_target_open (uri, conns, cbw_now_ns () + tmo_ns, &err);
   if (t == NULL)
     return cbw_ctl_fail (r, CBW_CTL_IO_ERROR, "%s", err.msg);
   if (cbw_target_size (t) < size) {
@@ -318,7 +327,7 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   p.granularity = gran ? gran : cbw_cfg.granularity ? cbw_cfg.granularity
     : auto_granularity (size);
   p.policy = cbw_cfg.policy;
-  p.timeout_ns = cbw_cfg.timeout_ns;
+  p.timeout_ns = tmo_ns;
   p.debug_pit_delay_us = cbw_cfg.debug_pit_delay_us;
   p.debug_no_recheck = cbw_cfg.debug_no_recheck;
   p.buffer_bytes = cbw_cfg.buffer_bytes;
@@ -364,10 +373,15 @@ h_end (void *data, struct json_object *args, struct cbw_ctl_reply *r)
 {
   struct cbw_session *s;
 
+  struct cbw_session_stats st;
+
   (void) data; (void) args;
-  if (atomic_load (&cbw_active) == NULL)
+  s = atomic_load (&cbw_active);
+  if (s == NULL)
     return cbw_ctl_fail (r, CBW_CTL_NOT_FOUND, "no backup session is active");
-  if (cbw_gate_close_and_drain (cbw_now_ns () + cbw_cfg.timeout_ns +
+  /* Writes in flight wait at most the session's timeout for their copy. */
+  cbw_session_stats (s, &st);
+  if (cbw_gate_close_and_drain (cbw_now_ns () + st.timeout_ms * 1000000LL +
                                 DRAIN_SLACK_NS) == -1)
     return cbw_ctl_fail (r, CBW_CTL_TIMEOUT, "guest writes in flight did "
                          "not drain; the session is still active");
@@ -475,6 +489,11 @@ static const struct cbw_ctl_arg begin_args[] = {
     "`cbw-granularity`" },
   { "connections", CBW_ARG_UINT, false,
     "connections to the target; default `cbw-connections`" },
+  { "timeout-ms", CBW_ARG_UINT, false,
+    "this session's bound on how long a guest write may wait for the "
+    "backup (its copy, buffer space, another write's copy) and on every "
+    "target command, in milliseconds (1..86400000); past it "
+    "`on-cbw-error` applies.  Default `cbw-timeout`" },
   { "target-limit", CBW_ARG_UINT, false,
     "local `file:` targets only: at most this many bytes allocated to the "
     "target file on the host; copies past it fail with ENOSPC (handled by "
@@ -521,7 +540,7 @@ static const struct cbw_ctl_command commands[] = {
     "`copied-blocks`, `copied-bytes`, `zero-bytes`, `skipped-blocks`, "
     "`failed-blocks`, `in-flight`, `errors`, `guest-write-waits`, "
     "`pit-rechecks`, `buffered-blocks`, `copy-workers`, `direct-bytes`, "
-    "`write-back-batches`, `write-back-copies`, "
+    "`write-back-batches`, `write-back-copies`, `timeout-ms`, "
     "`broken`, `last-error`, `state-file`, `quiesced`, `on-cbw-error`, "
     "`pit-export`" },
   { "skip", h_skip, skip_args,

@@ -39,7 +39,8 @@ struct cbw_session_stats {
     copy_workers,               /* write-back workers running (0: none) */
     direct_bytes,               /* copied bytes written with O_DIRECT */
     writeback_batches,          /* target batches written by the workers */
-    writeback_copies;           /* buffered copies in those batches */
+    writeback_copies,           /* buffered copies in those batches */
+    timeout_ms;                 /* the session's bound on a write's wait */
   bool broken, ended;
   char last_error[256];
   char state_file[256];        /* "" if none */
