@@ -39,7 +39,8 @@
 #define EXIT_CONNECT 3
 #define DEFAULT_SOCKET "/run/cbwd/control.sock"
 
-enum opt_type { O_STR, O_UINT, O_BOOL, O_LIST, O_INCR, O_FULL, O_SIZE, O_TARGET };
+enum opt_type { O_STR, O_UINT, O_BOOL, O_LIST, O_INCR, O_FULL, O_SIZE, O_TARGET,
+                O_SECS /* seconds (decimals allowed), sent as milliseconds */ };
 
 struct opt {
   const char *flag;       /* "--file" */
@@ -200,6 +201,8 @@ print_backup (struct json_object *ret)
   const char *cp = jstr (ret, "checkpoint", "");
   if (since[0]) printf (", since checkpoint %s", since);
   if (cp[0]) printf (", created checkpoint %s", cp);
+  if (json_object_get_boolean (jget (ret, "broken")))
+    printf (" -- BROKEN (see `cbw event list`: backup-broken)");
   printf ("\n");
   struct json_object *a = jget (ret, "disks");
   for (size_t i = 0; a && i < json_object_array_length (a); i++) {
@@ -363,6 +366,8 @@ static const struct sub subs[] = {
         "implies --overlays)" },
       { "--force-share", "force-share", O_BOOL, "serve it even if QEMU/qemu-nbd holds "
         "it, without exclusive image locks (dangerous: two writers corrupt it)" },
+      { "--cbw-timeout", "cbw-timeout-ms", O_SECS, "SECS: longest wait of a guest write "
+        "for a backup; past it the backup breaks (default 5)" },
       { NULL } },
     "add a disk and start serving it", print_disk },
   { "disk", "list", "disk-list", NULL, false, NULL, { { NULL } },
@@ -411,6 +416,8 @@ static const struct sub subs[] = {
       { "--freeze-qga", "freeze-qga", O_STR, "qemu-guest-agent socket: fsfreeze through it" },
       { "--freeze-timeout", "freeze-timeout", O_UINT, "seconds (default 10)" },
       { "--freeze-required", "freeze-required", O_BOOL, "fail if the guest does not freeze" },
+      { "--cbw-timeout", "cbw-timeout-ms", O_SECS, "SECS: longest wait of a guest write for "
+        "this backup (default: the disk's, 5)" },
       { NULL } },
     "begin a pull backup with one point in time", print_backup },
   { "backup", "end", "backup-end", NULL, false, NULL,
@@ -533,6 +540,21 @@ parse_size (const char *s, int64_t *out)
   return true;
 }
 
+/* "2.5" seconds -> 2500 ms; at least 1 ms, at most a day. */
+static bool
+parse_secs_ms (const char *s, int64_t *out)
+{
+  char *end;
+  errno = 0;
+  if ((s[0] < '0' || s[0] > '9') && s[0] != '.')
+    return false;
+  double v = strtod (s, &end);
+  if (errno || *end || !(v * 1000 >= 1) || v > 86400)
+    return false;
+  *out = (int64_t) (v * 1000 + 0.5);
+  return true;
+}
+
 /* A --target value with a relative file path gets the current directory
  * (cbwd runs elsewhere).  NBD URIs and absolute paths are kept. */
 static char *
@@ -611,6 +633,11 @@ build_args (const struct sub *s, int argc, char **argv, int i, struct json_objec
       case O_UINT:
         if (!parse_uint (val, &n))
           return usage_error ("%s: \"%s\" is not a non-negative integer", flag, val);
+        json_object_object_add (args, o->key, json_object_new_int64 (n));
+        break;
+      case O_SECS:
+        if (!parse_secs_ms (val, &n))
+          return usage_error ("%s: \"%s\" is not a number of seconds (0.001..86400)", flag, val);
         json_object_object_add (args, o->key, json_object_new_int64 (n));
         break;
       case O_SIZE:

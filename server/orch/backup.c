@@ -31,7 +31,13 @@
  * too, so recovery redoes it.  A reader that disconnects mid-backup simply
  * reconnects: nothing is tied to its connection.
  *
- * Locking: runs as the busy owner; o->lock only around state changes.
+ * watch: a thread polls the cbw sessions of the running backup every
+ *   ORCH_WATCH_MS and reports one that broke (event backup-broken, with the
+ *   filter's last error), so the operator learns why without asking.
+ *
+ * Locking: runs as the busy owner; o->lock only around state changes.  The
+ * watch thread reads the backup under o->lock and calls the filters without
+ * it (o->lock is never held across I/O).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -48,6 +54,8 @@
 /* Extent list limit for a session's needed ranges (control lines are at
  * most 1 MiB; ~20 bytes per extent). */
 #define ORCH_SESSION_EXTENTS_MAX 16384
+/* Disks of a backup the watch looks at (the first ones, if more). */
+#define ORCH_WATCH_DISKS 256
 
 static struct orch_disk *
 disk_by_name (struct cbw_orch *o, const char *name)
@@ -352,6 +360,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   snprintf (b->since, sizeof b->since, "%s", r->since ? r->since : "");
   snprintf (b->checkpoint, sizeof b->checkpoint, "%s", r->checkpoint ? r->checkpoint : "");
   b->started = (int64_t) time (NULL);
+  b->cbw_timeout_ms = r->cbw_timeout_ms;
   b->ndisks = r->ndisks;
   for (size_t i = 0; i < r->ndisks; i++)
     snprintf (b->disks[i].name, sizeof b->disks[i].name, "%s", r->disks[i]);
@@ -445,6 +454,10 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     CLEANUP_FREE char *uri = store_uri (bd);
     struct json_object *a = json_object_new_object ();
     json_object_object_add (a, "target", json_object_new_string (uri));
+    /* Always explicit: an nbdkit adopted from an older cbwd may run with
+     * the filter's own (long) default. */
+    json_object_object_add (a, "timeout-ms", json_object_new_int64
+                            (b->cbw_timeout_ms ? b->cbw_timeout_ms : orch_disk_cbw_timeout (d)));
     if (bd->bitmap) {
       /* The session protects only the blocks the incremental reader needs:
        * we pass them as an extent list read from the dirtybitmap filter
@@ -627,6 +640,126 @@ orch_backup_end (struct cbw_orch *o, const char *id, struct cbw_err *err)
   json_object_object_add (data, "backup", json_object_new_string (bid));
   orch_event (o, "backup-ended", data);
   return 0;
+}
+
+/* ---- watch ---- */
+
+/* Ask each disk of the running backup whose session was not yet reported
+ * broken for its status; report the ones that broke.  Called with o->lock
+ * held; drops it around the control calls and the events. */
+static void
+watch_once (struct cbw_orch *o, char *bid, bool *reported)
+{
+  struct orch_backup *b = o->st.backup;
+  if (b == NULL || o->st.pending.op[0]) {
+    bid[0] = '\0';               /* none, or beginning/ending: not yet/any more */
+    return;
+  }
+  if (strcmp (bid, b->id) != 0) {
+    snprintf (bid, ORCH_NAME_MAX + 1, "%s", b->id);
+    memset (reported, 0, ORCH_WATCH_DISKS * sizeof *reported);
+  }
+  size_t n = b->ndisks < ORCH_WATCH_DISKS ? b->ndisks : ORCH_WATCH_DISKS;
+  char *socks[ORCH_WATCH_DISKS] = { NULL }, *names[ORCH_WATCH_DISKS] = { NULL };
+  for (size_t i = 0; i < n; i++) {
+    struct orch_disk *d = orch_find_disk (&o->st, b->disks[i].name);
+    if (reported[i] || d == NULL || d->run != ORCH_DISK_RUNNING)
+      continue;
+    socks[i] = strdup (d->ctl_cbw);
+    names[i] = strdup (d->name);
+  }
+  char id[ORCH_NAME_MAX + 1];
+  snprintf (id, sizeof id, "%s", bid);
+  pthread_mutex_unlock (&o->lock);
+  bool broke[ORCH_WATCH_DISKS] = { false };
+  for (size_t i = 0; i < n; i++) {
+    struct cbw_err e = { 0 };
+    struct json_object *st, *v;
+    if (socks[i] == NULL || names[i] == NULL)
+      continue;
+    st = orch_mod_call (socks[i], "status", NULL, NULL, 0, &e);
+    if (st && json_object_object_get_ex (st, "state", &v) &&
+        strcmp (json_object_get_string (v), "broken") == 0) {
+      struct json_object *data = json_object_new_object ();
+      json_object_object_add (data, "backup", json_object_new_string (id));
+      json_object_object_add (data, "disk", json_object_new_string (names[i]));
+      if (json_object_object_get_ex (st, "last-error", &v))
+        json_object_object_add (data, "error", json_object_get (v));
+      if (json_object_object_get_ex (st, "failed-blocks", &v))
+        json_object_object_add (data, "failed-blocks", json_object_get (v));
+      if (json_object_object_get_ex (st, "timeout-ms", &v))
+        json_object_object_add (data, "cbw-timeout-ms", json_object_get (v));
+      orch_event (o, "backup-broken", data);
+      broke[i] = true;
+    }
+    json_object_put (st);
+  }
+  for (size_t i = 0; i < n; i++) {
+    free (socks[i]);
+    free (names[i]);
+  }
+  pthread_mutex_lock (&o->lock);
+  if (strcmp (bid, id) == 0)
+    for (size_t i = 0; i < n; i++)
+      reported[i] |= broke[i];
+}
+
+static void *
+watch_thread (void *arg)
+{
+  struct cbw_orch *o = arg;
+  char bid[ORCH_NAME_MAX + 1] = "";
+  bool reported[ORCH_WATCH_DISKS];
+
+  pthread_mutex_lock (&o->lock);
+  while (!o->watch_stop) {
+    struct timespec ts;
+    clock_gettime (CLOCK_MONOTONIC, &ts);
+    ts.tv_nsec += ORCH_WATCH_MS * 1000000L;
+    ts.tv_sec += ts.tv_nsec / 1000000000;
+    ts.tv_nsec %= 1000000000;
+    pthread_cond_timedwait (&o->watch_cond, &o->lock, &ts);
+    if (!o->watch_stop)
+      watch_once (o, bid, reported);
+  }
+  pthread_mutex_unlock (&o->lock);
+  return NULL;
+}
+
+int
+orch_backup_watch_start (struct cbw_orch *o, struct cbw_err *err)
+{
+  pthread_condattr_t ca;
+  int r;
+  if (o->watch_started)
+    return 0;
+  pthread_condattr_init (&ca);
+  pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
+  pthread_cond_init (&o->watch_cond, &ca);
+  pthread_condattr_destroy (&ca);
+  o->watch_stop = false;
+  r = pthread_create (&o->watch_thread, NULL, watch_thread, o);
+  if (r != 0) {
+    pthread_cond_destroy (&o->watch_cond);
+    return cbw_err_set (err, r, "backup watch thread: %s", strerror (r));
+  }
+  o->watch_started = true;
+  return 0;
+}
+
+void
+orch_backup_watch_stop (struct cbw_orch *o)
+{
+  if (!o->watch_started)
+    return;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    o->watch_stop = true;
+    pthread_cond_signal (&o->watch_cond);
+  }
+  pthread_join (o->watch_thread, NULL);
+  pthread_cond_destroy (&o->watch_cond);
+  o->watch_started = false;
 }
 
 int

@@ -123,6 +123,7 @@ disk_json (struct orch_disk *d)
   json_object_object_add (j, "granularity", json_object_new_int64 ((int64_t) d->granularity));
   json_object_object_add (j, "chain", d->chain ? json_object_new_string (d->chain) : NULL);
   json_object_object_add (j, "force-share", json_object_new_boolean (d->force_share));
+  json_object_object_add (j, "cbw-timeout-ms", json_object_new_int64 (orch_disk_cbw_timeout (d)));
   CLEANUP_FREE char *uri = orch_strdup_printf ("nbd+unix:///?socket=%s", d->nbd_sock);
   json_object_object_add (j, "uri", json_object_new_string (uri ? uri : ""));
   json_object_object_add (j, "socket", json_object_new_string (d->nbd_sock));
@@ -182,6 +183,7 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   const char *chain_arg = cbw_ctl_arg_str (args, "chain", NULL);
   bool overlays = cbw_ctl_arg_bool (args, "overlays", chain_arg != NULL);
   bool force_share = cbw_ctl_arg_bool (args, "force-share", false);
+  long long tmo_ms = cbw_ctl_arg_int (args, "cbw-timeout-ms", 0);
   struct stat sb;
 
   if (!orch_valid_name (name))
@@ -191,6 +193,10 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   if (gran < 512 || gran > (1LL << 31) || (gran & (gran - 1)) != 0)
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "granularity %lld must be a "
                          "power of two from 512 to 2147483648", gran);
+  if (json_object_object_get_ex (args, "cbw-timeout-ms", NULL) &&
+      (tmo_ms < 1 || tmo_ms > ORCH_CBW_TIMEOUT_MS_MAX))
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "cbw-timeout-ms %lld must be "
+                         "1..%d", tmo_ms, ORCH_CBW_TIMEOUT_MS_MAX);
   CLEANUP_FREE char *path = realpath (file, NULL);
   if (path == NULL)
     return cbw_ctl_fail (r, CBW_CTL_NOT_FOUND, "%s: %s", file, strerror (errno));
@@ -242,6 +248,7 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
       return cbw_ctl_fail (r, CBW_CTL_GENERIC_ERROR, "out of memory");
     }
     o->st.disks = nd;
+    orch_disk_set_cbw_timeout (d, (uint32_t) tmo_ms);
     d->chain = chain;
     d->force_share = force_share;
     chain = NULL;
@@ -820,6 +827,12 @@ h_backup_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
       .log = hooklog,
     },
   };
+  long long btmo = cbw_ctl_arg_int (args, "cbw-timeout-ms", 0);
+  req.cbw_timeout_ms = (uint32_t) btmo;
+  if (json_object_object_get_ex (args, "cbw-timeout-ms", NULL) &&
+      (btmo < 1 || btmo > ORCH_CBW_TIMEOUT_MS_MAX))
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "cbw-timeout-ms must be 1..%d",
+                         ORCH_CBW_TIMEOUT_MS_MAX);
   req.disks = disk_names (o, args, "disks", &n, r);
   if (req.disks == NULL)
     return -1;
@@ -879,17 +892,23 @@ h_backup_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     }
   }
   /* Per-disk session status from the cbw filters, unlocked. */
-  struct json_object *disks;
+  struct json_object *disks, *v;
+  bool broken = false;
   json_object_object_get_ex (j, "disks", &disks);
   for (size_t i = 0; i < n && i < ORCH_DISKS_MAX; i++) {
     struct cbw_err e = { 0 };
     struct json_object *st = orch_mod_call (socks[i], "status", NULL, NULL, 0, &e);
     struct json_object *dj = json_object_array_get_idx (disks, i);
+    if (st && json_object_object_get_ex (st, "broken", &v) && json_object_get_boolean (v))
+      broken = true;
     if (st)
       json_object_object_add (dj, "session", st);
     else
       json_object_object_add (dj, "session-error", json_object_new_string (e.msg));
   }
+  /* A broken session no longer protects its point in time: reads of what
+   * changed since fail (never wrong data); the backup must be redone. */
+  json_object_object_add (j, "broken", json_object_new_boolean (broken));
   r->ret = j;
   return 0;
 }
@@ -1071,6 +1090,10 @@ static const struct cbw_ctl_arg disk_add_args[] = {
     "qemu-nbd) holds it, and let others open it (default false: QEMU's image locks, "
     "cbw is the only writer). Dangerous: two writers corrupt the image and the dirty "
     "bitmaps miss the other writer's writes. Logged, and shown in `disk-list`" },
+  { "cbw-timeout-ms", CBW_ARG_UINT, false, "bound in milliseconds (1..86400000) on how "
+    "long a guest write may wait for a backup of this disk (its copy-before-write to the "
+    "backup store); past it the backup of the disk breaks and the write goes on. Saved "
+    "with the disk, given to nbdkit as `cbw-timeout`; default 5000" },
   { NULL }
 };
 static const struct cbw_ctl_arg snapshot_args[] = {
@@ -1109,6 +1132,10 @@ static const struct cbw_ctl_arg backup_begin_args[] = {
     "(default 10)" },
   { "freeze-required", CBW_ARG_BOOL, false, "fail the backup if the freeze fails "
     "(default false: proceed crash-consistent and emit `freeze-failed`)" },
+  { "cbw-timeout-ms", CBW_ARG_UINT, false, "this backup's bound in milliseconds "
+    "(1..86400000) on how long a guest write may wait for it; past it the disk's backup "
+    "breaks (event `backup-broken`), the write goes on. Default: each disk's "
+    "`cbw-timeout-ms`" },
   { NULL }
 };
 static const struct cbw_ctl_arg backup_end_args[] = {
@@ -1272,7 +1299,8 @@ static const struct cbw_ctl_command commands[] = {
     NULL },
   { "backup-status", h_backup_status, no_args,
     "The running backup, with each disk's copy-before-write session status.",
-    "as `backup-begin`, plus per disk `session` (the cbw filter's `status`) or "
+    "as `backup-begin`, plus `broken` (a disk's session gave up: see the event "
+    "`backup-broken`) and per disk `session` (the cbw filter's `status`) or "
     "`session-error`" },
   { "job-start", h_job_start, job_start_args,
     "Start a push job: copy the point in time of the running backup's disks (their PIT "

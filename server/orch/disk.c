@@ -504,6 +504,7 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   argv[n++] = a_dbimg;
   argv[n++] = a_dbctl;
   argv[n++] = a_cbwctl;
+  argv[n++] = d->cbw_timeout_arg;
   /* The filter's own PIT export: only cbwd's PIT exports (one request in
    * flight per upstream connection) should connect to it; see "Which
    * clients may connect" in nbdkit-cbw-filter(1). */

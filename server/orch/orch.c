@@ -429,9 +429,11 @@ cbw_orch_serve (struct cbw_orch *o, struct cbw_err *err)
                                  &orch_event_source, err);
   if (ctl == NULL)
     return -1;
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
-  o->ctl = ctl;
-  return 0;
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    o->ctl = ctl;
+  }
+  return orch_backup_watch_start (o, err);
 }
 
 void
@@ -446,6 +448,7 @@ cbw_orch_close (struct cbw_orch *o, bool stop_disks)
     o->ctl = NULL;              /* producers stop pushing before it goes */
   }
   cbw_ctl_server_stop (ctl);
+  orch_backup_watch_stop (o);
   orch_jobs_shutdown (o);
   if (stop_disks)
     for (size_t i = 0; i < o->st.ndisks; i++)

@@ -39,6 +39,10 @@
 #define ORCH_STATE_FORMAT "cbwd-state"
 #define ORCH_STATE_VERSION 1
 #define ORCH_EVENTS_MAX 256
+/* Default bound on how long a guest write may wait for the backup (the cbw
+ * filter's cbw-timeout): past it the backup breaks and the write goes on. */
+#define ORCH_CBW_TIMEOUT_MS 5000
+#define ORCH_CBW_TIMEOUT_MS_MAX 86400000
 
 enum orch_disk_run {
   ORCH_DISK_STOPPED = 0,        /* not started (yet) by this cbwd */
@@ -58,6 +62,9 @@ struct orch_disk {
                                    announced as the live export's description */
   bool id_new;                  /* id made at load: the state file had none */
   bool force_share;             /* served without exclusive image locks */
+  uint32_t cbw_timeout_ms;      /* bound on a guest write's wait for the backup;
+                                   0 = ORCH_CBW_TIMEOUT_MS (saved only if set) */
+  char cbw_timeout_arg[40];     /* "cbw-timeout=SECS" for nbdkit's argv */
   /* derived paths under STATE_DIR/disks/NAME/ */
   char *dir, *nbd_sock, *ctl_chain, *ctl_cbw, *ctl_bitmap, *log_path;
   char *bitmaps;                /* dirtybitmap descriptor DISKDIR/bitmaps.json */
@@ -112,6 +119,8 @@ struct orch_backup {
   char since[ORCH_NAME_MAX + 1];      /* incremental base checkpoint or "" */
   char checkpoint[ORCH_NAME_MAX + 1]; /* checkpoint created with it or "" */
   int64_t started;
+  uint32_t cbw_timeout_ms;      /* this backup's bound on a guest write's wait,
+                                   0 = each disk's own */
   size_t ndisks;
   struct orch_backup_disk *disks;
 };
@@ -168,6 +177,10 @@ struct cbw_orch {
   uint64_t job_seq;             /* last N of generated ids job-N */
   char **listen;                /* cbwd's Unix NBD listener sockets (protect.c) */
   size_t nlisten;
+  /* backup watch (backup.c): watch_stop under lock, signalled by watch_cond */
+  pthread_t watch_thread;
+  bool watch_started, watch_stop;
+  pthread_cond_t watch_cond;
 };
 
 /* ---- protect.c: is a file or socket one of ours (by device + inode)? ---- */
@@ -213,6 +226,9 @@ struct orch_disk *orch_disk_new (const char *state_dir, const char *name,
                                  const char *file, uint64_t gran);
 void orch_disk_free (struct orch_disk *d);
 struct orch_disk *orch_find_disk (const struct orch_state *st, const char *name);
+/* Set d's cbw timeout (0 = default) and the nbdkit argument made of it. */
+void orch_disk_set_cbw_timeout (struct orch_disk *d, uint32_t ms);
+uint32_t orch_disk_cbw_timeout (const struct orch_disk *d);
 struct orch_checkpoint *orch_find_cp (const struct orch_state *st, const char *name);
 void orch_backup_free (struct orch_backup *b);
 void orch_cp_clear (struct orch_checkpoint *c);
@@ -402,6 +418,7 @@ struct orch_backup_req {
   const char *mode;
   const char *since;
   const char *checkpoint;
+  uint32_t cbw_timeout_ms;      /* 0 = each disk's own */
   struct orch_freeze freeze;
 };
 int orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
@@ -418,6 +435,12 @@ int orch_backup_abandon (struct cbw_orch *o, const char *why, struct json_object
  * the state cannot be saved. */
 int orch_reconcile_or_abandon (struct cbw_orch *o, struct cbw_err *err);
 struct json_object *orch_backup_to_json (const struct orch_backup *b);
+/* The backup watch: a thread that turns a disk's session going broken
+ * (copy-before-write gave up: target stalled, lost or full) into the event
+ * `backup-broken` with the filter's reason, within ORCH_WATCH_MS. */
+#define ORCH_WATCH_MS 200
+int orch_backup_watch_start (struct cbw_orch *o, struct cbw_err *err);
+void orch_backup_watch_stop (struct cbw_orch *o);
 
 /* ---- job.c: push backup jobs (locking: see the top of job.c) ---- */
 struct nbd_handle;

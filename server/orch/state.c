@@ -85,6 +85,7 @@ orch_disk_new (const char *state_dir, const char *name, const char *file,
     return NULL;
   snprintf (d->name, sizeof d->name, "%s", name);
   d->granularity = gran;
+  orch_disk_set_cbw_timeout (d, 0);
   d->pidfd = -1;
   d->exit_status = -1;
   d->file = strdup (file);
@@ -103,6 +104,21 @@ orch_disk_new (const char *state_dir, const char *name, const char *file,
     return NULL;
   }
   return d;
+}
+
+void
+orch_disk_set_cbw_timeout (struct orch_disk *d, uint32_t ms)
+{
+  d->cbw_timeout_ms = ms;
+  ms = orch_disk_cbw_timeout (d);
+  snprintf (d->cbw_timeout_arg, sizeof d->cbw_timeout_arg, "cbw-timeout=%u.%03u",
+            ms / 1000, ms % 1000);
+}
+
+uint32_t
+orch_disk_cbw_timeout (const struct orch_disk *d)
+{
+  return d->cbw_timeout_ms ? d->cbw_timeout_ms : ORCH_CBW_TIMEOUT_MS;
 }
 
 void
@@ -252,6 +268,8 @@ orch_backup_to_json (const struct orch_backup *b)
   add_str (o, "since", b->since);
   add_str (o, "checkpoint", b->checkpoint);
   json_object_object_add (o, "started", json_object_new_int64 (b->started));
+  if (b->cbw_timeout_ms)
+    json_object_object_add (o, "cbw-timeout-ms", json_object_new_int64 (b->cbw_timeout_ms));
   struct json_object *a = json_object_new_array ();
   for (size_t i = 0; i < b->ndisks; i++) {
     const struct orch_backup_disk *bd = &b->disks[i];
@@ -290,6 +308,8 @@ orch_state_to_json (const struct orch_state *st)
     add_str (o, "id", d->id);
     if (d->force_share)           /* absent = false */
       json_object_object_add (o, "force-share", json_object_new_boolean (true));
+    if (d->cbw_timeout_ms)        /* absent = the default */
+      json_object_object_add (o, "cbw-timeout-ms", json_object_new_int64 (d->cbw_timeout_ms));
     json_object_array_add (disks, o);
   }
   json_object_object_add (body, "disks", disks);
@@ -527,6 +547,16 @@ orch_state_from_json (const char *text, size_t len, const char *what,
     struct json_object *fs;
     od->force_share = json_object_object_get_ex (d, "force-share", &fs) &&
       json_object_get_boolean (fs);
+    struct json_object *tmo;
+    if (json_object_object_get_ex (d, "cbw-timeout-ms", &tmo)) {
+      int64_t ms = json_object_get_int64 (tmo);
+      if (!json_object_is_type (tmo, json_type_int) || ms < 1 || ms > ORCH_CBW_TIMEOUT_MS_MAX) {
+        cbw_err_set (err, EINVAL, "%s: %s: cbw-timeout-ms must be 1..%d", what, where,
+                     ORCH_CBW_TIMEOUT_MS_MAX);
+        goto fail_od;
+      }
+      orch_disk_set_cbw_timeout (od, (uint32_t) ms);
+    }
     st->disks[st->ndisks++] = od;
     continue;
   fail_od:
@@ -620,6 +650,16 @@ orch_state_from_json (const char *text, size_t len, const char *what,
     if (get_name (b, "since", ob->since, true, what, "backup", err) < 0) goto fail;
     if (get_name (b, "checkpoint", ob->checkpoint, true, what, "backup", err) < 0) goto fail;
     ob->started = json_object_get_int64 (GET (b, "started", json_type_int, "backup"));
+    struct json_object *btmo;
+    if (json_object_object_get_ex (b, "cbw-timeout-ms", &btmo)) {
+      int64_t ms = json_object_get_int64 (btmo);
+      if (!json_object_is_type (btmo, json_type_int) || ms < 1 || ms > ORCH_CBW_TIMEOUT_MS_MAX) {
+        cbw_err_set (err, EINVAL, "%s: backup: cbw-timeout-ms must be 1..%d", what,
+                     ORCH_CBW_TIMEOUT_MS_MAX);
+        goto fail;
+      }
+      ob->cbw_timeout_ms = (uint32_t) ms;
+    }
     struct json_object *bd = GET (b, "disks", json_type_array, "backup");
     size_t m = json_object_array_length (bd);
     ob->disks = calloc (m ? m : 1, sizeof *ob->disks);
