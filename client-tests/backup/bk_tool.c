@@ -20,12 +20,26 @@
  *   bk_tool dirty-copy CTL BITMAP URI OUTFILE
  *       copy the dirty extents of BITMAP from the NBD export URI into OUTFILE
  *       at the same offsets (an incremental restore); print the bytes copied
+ *   bk_tool randwrite URI SECS THREADS BS [SPAN]
+ *       THREADS connections each write BS bytes of random data at random
+ *       BS-aligned offsets (in the first SPAN bytes, default the whole
+ *       disk), one request at a time, for SECS seconds; print
+ *       "writes=N failed=F max_ms=M" (M: the slowest write, as the guest
+ *       saw it, from request to reply)
+ *   bk_tool pitcheck URI REF BS
+ *       read the whole export URI in BS pieces and compare each with the
+ *       same bytes of the file REF; print "ok=N eio=E differs=D" (a piece
+ *       that fails is counted in E; D must be 0 for a point in time)
  *
- * Locking: single-threaded.
+ * Locking: single-threaded, but for randwrite's writers, which share only
+ * atomic counters.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,9 +133,119 @@ copy_ext (uint64_t o, uint64_t l, void *opaque)
   }
 }
 
+static double
+now_s (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+struct rw_ctx {
+  const char *uri;
+  double end;
+  uint64_t bs, span;
+  _Atomic uint64_t writes, failed, max_us;
+  _Atomic int lost;
+};
+
+static void *
+rw_writer (void *arg)
+{
+  struct rw_ctx *c = arg;
+  struct nbd_handle *h = open_uri (c->uri);
+  int64_t size = nbd_get_size (h);
+  uint64_t seed = (uint64_t) (uintptr_t) &h ^ (uint64_t) (now_s () * 1e9), nblocks;
+  char *buf = malloc (c->bs);
+  if (buf == NULL || size < (int64_t) c->bs) {
+    fprintf (stderr, "bk_tool: randwrite: out of memory or disk too small\n");
+    exit (1);
+  }
+  nblocks = (c->span && c->span < (uint64_t) size ? c->span : (uint64_t) size) / c->bs;
+  while (now_s () < c->end) {
+    for (uint64_t i = 0; i < c->bs; i += 8) {
+      seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
+      memcpy (buf + i, &seed, c->bs - i < 8 ? c->bs - i : 8);
+    }
+    double t0 = now_s ();
+    int r = nbd_pwrite (h, buf, c->bs, (seed % nblocks) * c->bs, 0);
+    uint64_t us = (uint64_t) ((now_s () - t0) * 1e6), m = atomic_load (&c->max_us);
+    while (us > m && !atomic_compare_exchange_weak (&c->max_us, &m, us))
+      ;
+    atomic_fetch_add (&c->writes, 1);
+    if (r == -1) {
+      atomic_fetch_add (&c->failed, 1);
+      if (nbd_aio_is_dead (h) || nbd_aio_is_closed (h)) {
+        fprintf (stderr, "bk_tool: randwrite: connection lost: %s\n", nbd_get_error ());
+        atomic_store (&c->lost, 1);
+        break;
+      }
+    }
+  }
+  free (buf);
+  nbd_close (h);
+  return NULL;
+}
+
 int
 main (int argc, char **argv)
 {
+  if ((argc == 6 || argc == 7) && strcmp (argv[1], "randwrite") == 0) {
+    struct rw_ctx c = { .uri = argv[2], .end = now_s () + atof (argv[3]),
+                        .bs = strtoull (argv[5], NULL, 10),
+                        .span = argc == 7 ? strtoull (argv[6], NULL, 10) : 0 };
+    int n = atoi (argv[4]);
+    pthread_t th[64];
+    if (n < 1 || n > 64 || c.bs == 0 || (c.span && c.span < c.bs)) {
+      fprintf (stderr, "bk_tool: randwrite: THREADS 1..64, BS > 0, SPAN >= BS\n");
+      return 2;
+    }
+    for (int i = 0; i < n; i++)
+      pthread_create (&th[i], NULL, rw_writer, &c);
+    for (int i = 0; i < n; i++)
+      pthread_join (th[i], NULL);
+    printf ("writes=%" PRIu64 " failed=%" PRIu64 " max_ms=%" PRIu64 "\n",
+            atomic_load (&c.writes), atomic_load (&c.failed), atomic_load (&c.max_us) / 1000);
+    return atomic_load (&c.lost) ? 1 : 0;
+  }
+  if (argc == 5 && strcmp (argv[1], "pitcheck") == 0) {
+    struct nbd_handle *h = open_uri (argv[2]);
+    int64_t size = nbd_get_size (h);
+    uint64_t bs = strtoull (argv[4], NULL, 10), ok = 0, eio = 0, differs = 0;
+    int fd = open (argv[3], O_RDONLY);
+    char *a = malloc (bs ? bs : 1), *b = malloc (bs ? bs : 1);
+    if (size < 0 || fd < 0 || bs == 0 || a == NULL || b == NULL) {
+      fprintf (stderr, "bk_tool: pitcheck: cannot size %s or open %s\n", argv[2], argv[3]);
+      return 1;
+    }
+    for (uint64_t off = 0; off < (uint64_t) size; off += bs) {
+      size_t n = (uint64_t) size - off < bs ? (size_t) ((uint64_t) size - off) : (size_t) bs;
+      if (nbd_pread (h, a, n, off, 0) == -1) {
+        if (nbd_aio_is_dead (h) || nbd_aio_is_closed (h)) {
+          fprintf (stderr, "bk_tool: pitcheck: connection lost: %s\n", nbd_get_error ());
+          return 1;
+        }
+        eio++;
+        continue;
+      }
+      if (pread (fd, b, n, (off_t) off) != (ssize_t) n) {
+        perror ("bk_tool: pitcheck: pread");
+        return 1;
+      }
+      if (memcmp (a, b, n) == 0)
+        ok++;
+      else {
+        if (differs++ < 5)
+          fprintf (stderr, "bk_tool: pitcheck: %" PRIu64 "+%zu differs from %s\n", off, n,
+                   argv[3]);
+      }
+    }
+    printf ("ok=%" PRIu64 " eio=%" PRIu64 " differs=%" PRIu64 "\n", ok, eio, differs);
+    close (fd);
+    free (a); free (b);
+    nbd_close (h);
+    return 0;
+  }
   if (argc == 5 && strcmp (argv[1], "seqwrite") == 0) {
     struct nbd_handle *a = open_uri (argv[2]), *b = open_uri (argv[3]);
     uint64_t n;
