@@ -361,6 +361,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   snprintf (b->checkpoint, sizeof b->checkpoint, "%s", r->checkpoint ? r->checkpoint : "");
   b->started = (int64_t) time (NULL);
   b->cbw_timeout_ms = r->cbw_timeout_ms;
+  b->seq = ++o->backup_seq;
   b->ndisks = r->ndisks;
   for (size_t i = 0; i < r->ndisks; i++)
     snprintf (b->disks[i].name, sizeof b->disks[i].name, "%s", r->disks[i]);
@@ -648,15 +649,13 @@ orch_backup_end (struct cbw_orch *o, const char *id, struct cbw_err *err)
  * broken for its status; report the ones that broke.  Called with o->lock
  * held; drops it around the control calls and the events. */
 static void
-watch_once (struct cbw_orch *o, char *bid, bool *reported)
+watch_once (struct cbw_orch *o, uint64_t *bseq, bool *reported)
 {
   struct orch_backup *b = o->st.backup;
-  if (b == NULL || o->st.pending.op[0]) {
-    bid[0] = '\0';               /* none, or beginning/ending: not yet/any more */
-    return;
-  }
-  if (strcmp (bid, b->id) != 0) {
-    snprintf (bid, ORCH_NAME_MAX + 1, "%s", b->id);
+  if (b == NULL || o->st.pending.op[0])
+    return;                     /* none, or beginning/ending: not yet/any more */
+  if (*bseq != b->seq + 1) {    /* another backup than last time */
+    *bseq = b->seq + 1;
     memset (reported, 0, ORCH_WATCH_DISKS * sizeof *reported);
   }
   size_t n = b->ndisks < ORCH_WATCH_DISKS ? b->ndisks : ORCH_WATCH_DISKS;
@@ -669,7 +668,8 @@ watch_once (struct cbw_orch *o, char *bid, bool *reported)
     names[i] = strdup (d->name);
   }
   char id[ORCH_NAME_MAX + 1];
-  snprintf (id, sizeof id, "%s", bid);
+  snprintf (id, sizeof id, "%s", b->id);
+  uint64_t seq = *bseq;
   pthread_mutex_unlock (&o->lock);
   bool broke[ORCH_WATCH_DISKS] = { false };
   for (size_t i = 0; i < n; i++) {
@@ -699,7 +699,7 @@ watch_once (struct cbw_orch *o, char *bid, bool *reported)
     free (names[i]);
   }
   pthread_mutex_lock (&o->lock);
-  if (strcmp (bid, id) == 0)
+  if (*bseq == seq)
     for (size_t i = 0; i < n; i++)
       reported[i] |= broke[i];
 }
@@ -708,7 +708,7 @@ static void *
 watch_thread (void *arg)
 {
   struct cbw_orch *o = arg;
-  char bid[ORCH_NAME_MAX + 1] = "";
+  uint64_t bseq = 0;            /* the backup watched: its seq + 1, 0 = none yet */
   bool reported[ORCH_WATCH_DISKS];
 
   pthread_mutex_lock (&o->lock);
@@ -720,7 +720,7 @@ watch_thread (void *arg)
     ts.tv_nsec %= 1000000000;
     pthread_cond_timedwait (&o->watch_cond, &o->lock, &ts);
     if (!o->watch_stop)
-      watch_once (o, bid, reported);
+      watch_once (o, &bseq, reported);
   }
   pthread_mutex_unlock (&o->lock);
   return NULL;

@@ -121,6 +121,8 @@ struct orch_backup {
   int64_t started;
   uint32_t cbw_timeout_ms;      /* this backup's bound on a guest write's wait,
                                    0 = each disk's own */
+  uint64_t seq;                 /* run time: which begin of this cbwd made it
+                                   (0: loaded), so ids reused are told apart */
   size_t ndisks;
   struct orch_backup_disk *disks;
 };
@@ -181,6 +183,7 @@ struct cbw_orch {
   pthread_t watch_thread;
   bool watch_started, watch_stop;
   pthread_cond_t watch_cond;
+  uint64_t backup_seq;          /* last orch_backup.seq given (busy owner) */
 };
 
 /* ---- protect.c: is a file or socket one of ours (by device + inode)? ---- */
