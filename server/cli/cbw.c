@@ -40,7 +40,8 @@
 #define DEFAULT_SOCKET "/run/cbwd/control.sock"
 
 enum opt_type { O_STR, O_UINT, O_BOOL, O_LIST, O_INCR, O_FULL, O_SIZE, O_TARGET,
-                O_SECS /* seconds (decimals allowed), sent as milliseconds */ };
+                O_SECS /* seconds (decimals allowed), sent as milliseconds */,
+                O_DIR /* a directory, made absolute */ };
 
 struct opt {
   const char *flag;       /* "--file" */
@@ -57,7 +58,7 @@ struct sub {
   const char *positional;     /* JSON key of the one positional argument */
   bool pos_required;
   const char *pos_name;       /* for help: NAME */
-  struct opt opts[12];
+  struct opt opts[16];
   const char *help;
   printer print;
 };
@@ -418,6 +419,10 @@ static const struct sub subs[] = {
       { "--freeze-required", "freeze-required", O_BOOL, "fail if the guest does not freeze" },
       { "--cbw-timeout", "cbw-timeout-ms", O_SECS, "SECS: longest wait of a guest write for "
         "this backup (default: the disk's, 5)" },
+      { "--store-dir", "store-dir", O_DIR, "DIR: put the backup stores there (e.g. another "
+        "filesystem; default the state directory)" },
+      { "--store-limit", "store-limit", O_SIZE, "SIZE: most each disk's store may take; "
+        "past it the backup breaks (default: half the free space)" },
       { NULL } },
     "begin a pull backup with one point in time", print_backup },
   { "backup", "end", "backup-end", NULL, false, NULL,
@@ -635,6 +640,23 @@ build_args (const struct sub *s, int argc, char **argv, int i, struct json_objec
           return usage_error ("%s: \"%s\" is not a non-negative integer", flag, val);
         json_object_object_add (args, o->key, json_object_new_int64 (n));
         break;
+      case O_DIR: {
+        char cwd[4096];
+        if (json_object_object_get_ex (args, o->key, NULL))
+          return usage_error ("%s given twice%s", flag, "");
+        if (val[0] == '/' || getcwd (cwd, sizeof cwd) == NULL)
+          json_object_object_add (args, o->key, json_object_new_string (val));
+        else {
+          size_t len = strlen (cwd) + strlen (val) + 2;
+          char *abs = malloc (len);
+          if (abs == NULL)
+            return usage_error ("out of memory%s%s", "", "");
+          snprintf (abs, len, "%s/%s", cwd, val);
+          json_object_object_add (args, o->key, json_object_new_string (abs));
+          free (abs);
+        }
+        break;
+      }
       case O_SECS:
         if (!parse_secs_ms (val, &n))
           return usage_error ("%s: \"%s\" is not a number of seconds (0.001..86400)", flag, val);

@@ -45,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -64,16 +65,162 @@ disk_by_name (struct cbw_orch *o, const char *name)
   return orch_find_disk (&o->st, name);
 }
 
-static int
-start_store (struct cbw_orch *o, const char *id, struct orch_disk *d,
-             struct orch_backup_disk *bd, struct cbw_err *err)
+/* ---- store bounds ---- */
+
+/* "10G" -> bytes (K, M, G, T: powers of 1024); false if malformed. */
+static bool
+parse_size (const char *s, uint64_t *out)
 {
-  CLEANUP_FREE char *dir = orch_strdup_printf ("%s/backups", o->state_dir);
-  CLEANUP_FREE char *bdir = orch_strdup_printf ("%s/backups/%s", o->state_dir, id);
-  if (!dir || !bdir)
-    return cbw_err_set (err, ENOMEM, "out of memory");
-  if ((mkdir (dir, 0700) < 0 && errno != EEXIST) ||
-      (mkdir (bdir, 0700) < 0 && errno != EEXIST))
+  char *end;
+  errno = 0;
+  if (s[0] < '0' || s[0] > '9')
+    return false;
+  unsigned long long v = strtoull (s, &end, 10);
+  int shift = 0;
+  switch (*end) {
+  case 'k': case 'K': shift = 10; end++; break;
+  case 'm': case 'M': shift = 20; end++; break;
+  case 'g': case 'G': shift = 30; end++; break;
+  case 't': case 'T': shift = 40; end++; break;
+  default: break;
+  }
+  if (errno || *end || v > (UINT64_MAX >> shift))
+    return false;
+  *out = (uint64_t) v << shift;
+  return true;
+}
+
+int
+orch_backup_config (struct cbw_orch *o, const char *limit, const char *reserve,
+                    struct cbw_err *err)
+{
+  o->store_limit_pct = ORCH_STORE_LIMIT_PCT;
+  o->store_limit_bytes = 0;
+  o->state_reserve = ORCH_STATE_RESERVE;
+  if (limit && limit[0]) {
+    size_t n = strlen (limit);
+    uint64_t v;
+    o->store_limit_pct = 0;
+    if (strcmp (limit, "none") == 0)
+      ;
+    else if (n > 1 && limit[n - 1] == '%') {
+      char num[16];
+      snprintf (num, sizeof num, "%.*s", (int) (n - 1), limit);
+      if (n > sizeof num || !parse_size (num, &v) || v < 1 || v > 100)
+        return cbw_err_set (err, EINVAL, "CBW_ORCH_STORE_LIMIT=%.40s: expected N%% "
+                            "(1..100) of the free space, a size (10G) or none", limit);
+      o->store_limit_pct = (unsigned) v;
+    }
+    else if (!parse_size (limit, &o->store_limit_bytes) || o->store_limit_bytes == 0)
+      return cbw_err_set (err, EINVAL, "CBW_ORCH_STORE_LIMIT=%.40s: expected N%% "
+                          "(1..100) of the free space, a size (10G) or none", limit);
+  }
+  if (reserve && reserve[0] && !parse_size (reserve, &o->state_reserve))
+    return cbw_err_set (err, EINVAL, "CBW_ORCH_STATE_RESERVE=%.40s: expected a size "
+                        "(128M, 1G, 0)", reserve);
+  return 0;
+}
+
+/* The store server can enforce a limit: the filter's local file target
+ * (target-limit) or cbwd's store export (limit=); not an nbdkit of ours. */
+static bool
+store_limit_works (const struct cbw_orch *o)
+{
+  return !o->nbd_store || (o->exports && o->exports->add_store_export);
+}
+
+/* Where the stores of a backup go (STORE_DIR/cbwd-HASH-ID, HASH naming the
+ * state directory so that cbwds sharing STORE_DIR never meet, else
+ * STATE_DIR/backups/ID) and how many bytes each may take on the host:
+ * the explicit limit, else the configured default (a share of the free
+ * space of the stores' filesystem at begin).  On the state directory's
+ * filesystem state_reserve bytes always stay free for the state file and
+ * the bitmaps: the stores together get at most the free space beyond it,
+ * and the backup is refused if there is none. */
+static int
+store_plan (struct cbw_orch *o, const struct orch_backup_req *r, const char *id,
+            char **bdir, uint64_t *limit, struct cbw_err *err)
+{
+  struct stat sd, ss;
+  struct statvfs sv;
+  const char *where = r->store_dir ? r->store_dir : o->state_dir;
+  size_t n = r->ndisks ? r->ndisks : 1;
+
+  *bdir = NULL;
+  *limit = 0;
+  if (r->store_dir) {
+    if (r->store_dir[0] != '/')
+      return cbw_err_set (err, EINVAL, "store-dir \"%.200s\": must be an absolute path",
+                          r->store_dir);
+    if (stat (r->store_dir, &sd) < 0)
+      return cbw_err_set (err, errno, "store-dir %.200s: %s", r->store_dir, strerror (errno));
+    if (!S_ISDIR (sd.st_mode) || access (r->store_dir, W_OK | X_OK) < 0)
+      return cbw_err_set (err, EINVAL, "store-dir %.200s: not a writable directory",
+                          r->store_dir);
+  }
+  if (r->store_limit && !store_limit_works (o))
+    return cbw_err_set (err, EINVAL, "store-limit: stores served by an nbdkit of cbwd-orch "
+                        "cannot be bounded (use the local store target, or cbwd's store "
+                        "exports)");
+  if (stat (where, &sd) < 0 || stat (o->state_dir, &ss) < 0 || statvfs (where, &sv) < 0)
+    return cbw_err_set (err, errno, "%s: %s", where, strerror (errno));
+  uint64_t avail = (uint64_t) sv.f_bavail * sv.f_frsize, usable = avail;
+  bool state_fs = sd.st_dev == ss.st_dev;
+  if (state_fs) {
+    if (avail <= o->state_reserve)
+      return cbw_err_set (err, ENOSPC, "%s: %llu MiB free, and %llu MiB are kept free "
+                          "for cbwd's state and bitmaps (CBW_ORCH_STATE_RESERVE): no room "
+                          "for backup stores (free space, or put them on another "
+                          "filesystem with store-dir)", where,
+                          (unsigned long long) (avail >> 20),
+                          (unsigned long long) (o->state_reserve >> 20));
+    usable = avail - o->state_reserve;
+  }
+  if (r->store_limit) {
+    if (state_fs && r->store_limit > usable / n)
+      return cbw_err_set (err, ENOSPC, "store-limit %llu bytes x %zu disks: the state "
+                          "directory's filesystem has %llu bytes free beyond the %llu kept "
+                          "for cbwd's state and bitmaps (use a smaller limit, or store-dir "
+                          "on another filesystem)", (unsigned long long) r->store_limit, n,
+                          (unsigned long long) usable,
+                          (unsigned long long) o->state_reserve);
+    *limit = r->store_limit;
+  }
+  else if (!store_limit_works (o))
+    *limit = 0;                 /* documented: such stores are not bounded */
+  else if (o->store_limit_bytes)
+    *limit = state_fs && o->store_limit_bytes > usable / n ? usable / n : o->store_limit_bytes;
+  else if (o->store_limit_pct)
+    *limit = usable / 100 * o->store_limit_pct / n;
+  else
+    *limit = state_fs ? usable / n : 0;
+  if ((r->store_limit || o->store_limit_bytes || o->store_limit_pct || state_fs) &&
+      store_limit_works (o) && *limit == 0)
+    *limit = 1;                 /* bounded, with no room: the first copy breaks it */
+
+  if (r->store_dir) {
+    uint64_t h = 14695981039346656037ULL;        /* FNV-1a of the state dir */
+    for (const char *c = o->state_dir; *c; c++)
+      h = (h ^ (unsigned char) *c) * 1099511628211ULL;
+    *bdir = orch_strdup_printf ("%s/cbwd-%016llx-%s", r->store_dir,
+                                (unsigned long long) h, id);
+  }
+  else {
+    CLEANUP_FREE char *dir = orch_strdup_printf ("%s/backups", o->state_dir);
+    if (dir == NULL)
+      return cbw_err_set (err, ENOMEM, "out of memory");
+    if (mkdir (dir, 0700) < 0 && errno != EEXIST)
+      return cbw_err_set (err, errno, "%s: mkdir: %s", dir, strerror (errno));
+    *bdir = orch_strdup_printf ("%s/backups/%s", o->state_dir, id);
+  }
+  return *bdir ? 0 : cbw_err_set (err, ENOMEM, "out of memory");
+}
+
+static int
+start_store (struct cbw_orch *o, const char *bdir, struct orch_disk *d,
+             struct orch_backup_disk *bd, const char *id, struct cbw_err *err)
+{
+  if (mkdir (bdir, 0700) < 0 && errno != EEXIST)
     return cbw_err_set (err, errno, "%s: mkdir: %s", bdir, strerror (errno));
   bd->store_path = orch_strdup_printf ("%s/%s.store", bdir, d->name);
   if (bd->store_path == NULL)
@@ -98,7 +245,7 @@ start_store (struct cbw_orch *o, const char *id, struct orch_disk *d,
     if (name == NULL)
       return cbw_err_set (err, ENOMEM, "out of memory");
     if (o->exports->add_store_export (o->exports->opaque, name, bd->store_path,
-                                      d->size, 0, uri, sizeof uri, err) < 0)
+                                      d->size, bd->store_limit, uri, sizeof uri, err) < 0)
       return -1;
     bd->store_sock = strdup (uri);
     return bd->store_sock ? 0 : cbw_err_set (err, ENOMEM, "out of memory");
@@ -224,6 +371,12 @@ teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
       CLEANUP_FREE char *l = orch_strdup_printf ("%s.log", bd->store_path);
       if (s) unlink (s);
       if (l) unlink (l);
+      char *slash = strrchr (bd->store_path, '/');
+      if (slash) {                /* its directory, in store-dir or the state */
+        *slash = '\0';
+        rmdir (bd->store_path);
+        *slash = '/';
+      }
     }
   }
   CLEANUP_FREE char *bdir = orch_strdup_printf ("%s/backups/%s", o->state_dir, b->id);
@@ -261,6 +414,8 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   struct orch_backup *b = NULL;
   const char *id = r->id && r->id[0] ? r->id : "backup";
   const char *mode = r->mode && r->mode[0] ? r->mode : "full";
+  CLEANUP_FREE char *bdir = NULL;       /* where the stores go */
+  uint64_t store_limit = 0;             /* per store */
 
   if (!orch_valid_name (id))
     return cbw_err_set (err, EINVAL, "invalid backup id \"%.80s\"", id);
@@ -367,9 +522,12 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     snprintf (b->disks[i].name, sizeof b->disks[i].name, "%s", r->disks[i]);
 
   step = "prepare";
+  if (store_plan (o, r, id, &bdir, &store_limit, err) < 0)
+    goto fail_unrecorded;
   for (size_t i = 0; i < r->ndisks; i++) {
     struct orch_disk *d = disk_by_name (o, r->disks[i]);
-    if (start_store (o, id, d, &b->disks[i], err) < 0)
+    b->disks[i].store_limit = store_limit;
+    if (start_store (o, bdir, d, &b->disks[i], id, err) < 0)
       goto fail_unrecorded;
     if (strcmp (mode, "incremental") == 0 || top)
       b->disks[i].bitmap = orch_strdup_printf ("backup-%s", d->name);
@@ -455,6 +613,9 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     CLEANUP_FREE char *uri = store_uri (bd);
     struct json_object *a = json_object_new_object ();
     json_object_object_add (a, "target", json_object_new_string (uri));
+    if (bd->store_limit && bd->store_sock == NULL)   /* the filter's file target */
+      json_object_object_add (a, "target-limit", json_object_new_int64
+                              ((int64_t) bd->store_limit));
     /* Always explicit: an nbdkit adopted from an older cbwd may run with
      * the filter's own (long) default. */
     json_object_object_add (a, "timeout-ms", json_object_new_int64

@@ -827,6 +827,11 @@ h_backup_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
       .log = hooklog,
     },
   };
+  req.store_dir = cbw_ctl_arg_str (args, "store-dir", NULL);
+  req.store_limit = (uint64_t) cbw_ctl_arg_int (args, "store-limit", 0);
+  if (json_object_object_get_ex (args, "store-limit", NULL) && req.store_limit == 0)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "store-limit must be at least 1 "
+                         "byte (leave it out for the default)");
   long long btmo = cbw_ctl_arg_int (args, "cbw-timeout-ms", 0);
   req.cbw_timeout_ms = (uint32_t) btmo;
   if (json_object_object_get_ex (args, "cbw-timeout-ms", NULL) &&
@@ -1136,6 +1141,16 @@ static const struct cbw_ctl_arg backup_begin_args[] = {
     "(1..86400000) on how long a guest write may wait for it; past it the disk's backup "
     "breaks (event `backup-broken`), the write goes on. Default: each disk's "
     "`cbw-timeout-ms`" },
+  { "store-dir", CBW_ARG_STRING, false, "absolute path of an existing directory for the "
+    "backup stores (the old data copied before guest writes), e.g. on another filesystem "
+    "than the state directory; they go in a subdirectory `cbwd-HASH-ID`. Default: "
+    "STATE/backups/ID" },
+  { "store-limit", CBW_ARG_UINT, false, "bytes each disk's store may take on the host; "
+    "reaching it breaks that disk's backup (event `backup-broken`), never the guest. "
+    "Default: CBW_ORCH_STORE_LIMIT (50% of the free space of the stores' filesystem at "
+    "begin, shared by the disks). On the state directory's filesystem the stores "
+    "together never get the last CBW_ORCH_STATE_RESERVE bytes (128 MiB): a larger "
+    "limit is refused (ENOSPC), and so is a backup when nothing is left beyond it" },
   { NULL }
 };
 static const struct cbw_ctl_arg backup_end_args[] = {
@@ -1292,7 +1307,8 @@ static const struct cbw_ctl_command commands[] = {
     "says `backup-begin failed at step S`. An incremental since a checkpoint that is "
     "unusable on one of the disks is refused (`InvalidParameter`: take a full backup).",
     "`{\"id\", \"mode\", \"since\", \"checkpoint\", \"started\", \"disks\": [{\"name\", "
-    "\"pit-uri\", \"bitmap\", \"store-path\", \"store-socket\", \"store-pid\", \"export\"}]}`" },
+    "\"pit-uri\", \"bitmap\", \"store-path\", \"store-socket\", \"store-pid\", \"export\", "
+    "\"store-limit\"}]}` (`store-limit` 0: not bounded)" },
   { "backup-end", h_backup_end, backup_end_args,
     "End the running backup: cancel its running push jobs, remove its exports, end the "
     "sessions, drop the backup bitmaps and stores. Checkpoints created with it stay.",

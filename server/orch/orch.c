@@ -367,6 +367,9 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
     }
     o->nbd_store = true;
   }
+  if (orch_backup_config (o, getenv ("CBW_ORCH_STORE_LIMIT"),
+                          getenv ("CBW_ORCH_STATE_RESERVE"), err) < 0)
+    goto fail;
   if (!o->state_path || !o->ctl_path || (cfg->module_dir && !o->module_dir) ||
       !o->nbdkit_argv) {
     cbw_err_set (err, ENOMEM, "out of memory");

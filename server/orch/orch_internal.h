@@ -109,6 +109,7 @@ struct orch_backup_disk {
   char *store_sock;             /* its NBD socket when served by our own nbdkit */
   int64_t store_pid;            /* that nbdkit, 0 if cbwd serves the store */
   char *export_name;            /* cbwd export name, NULL when cbwd has no exports */
+  uint64_t store_limit;         /* bytes the store may take on the host, 0 = none */
   bool began;                   /* run time: this begin started its session
                                    (a rollback ends only those) */
 };
@@ -161,6 +162,13 @@ struct cbw_orch {
   bool file_plugin;             /* cfg.plugin == "file" */
   bool nbd_store;               /* cfg.store_target == "nbd" */
   const char *warning;          /* cfg.warning (static) */
+  /* store bounds (backup.c): the default limit of a store, as a percentage
+   * of the free space of its filesystem at begin (store_limit_pct) or in
+   * bytes (store_limit_bytes), neither = none; the space kept free for the
+   * state and bitmaps on the state directory's filesystem */
+  unsigned store_limit_pct;
+  uint64_t store_limit_bytes;
+  uint64_t state_reserve;
   const struct cbw_orch_exports *exports;
   int lock_fd;
   struct orch_state st;
@@ -422,6 +430,8 @@ struct orch_backup_req {
   const char *since;
   const char *checkpoint;
   uint32_t cbw_timeout_ms;      /* 0 = each disk's own */
+  const char *store_dir;        /* NULL = STATE_DIR/backups */
+  uint64_t store_limit;         /* per store, bytes; 0 = the configured default */
   struct orch_freeze freeze;
 };
 int orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
@@ -437,6 +447,13 @@ int orch_backup_abandon (struct cbw_orch *o, const char *why, struct json_object
  * the checkpoints of the disks it could not repair unusable.  -1 only if
  * the state cannot be saved. */
 int orch_reconcile_or_abandon (struct cbw_orch *o, struct cbw_err *err);
+/* Store bounds from CBW_ORCH_STORE_LIMIT ("N%" of the free space, a size
+ * such as 10G, or "none"; default 50%) and CBW_ORCH_STATE_RESERVE (a size,
+ * default 128M). */
+#define ORCH_STORE_LIMIT_PCT 50
+#define ORCH_STATE_RESERVE (128ULL << 20)
+int orch_backup_config (struct cbw_orch *o, const char *limit, const char *reserve,
+                        struct cbw_err *err);
 struct json_object *orch_backup_to_json (const struct orch_backup *b);
 /* The backup watch: a thread that turns a disk's session going broken
  * (copy-before-write gave up: target stalled, lost or full) into the event

@@ -281,6 +281,7 @@ orch_backup_to_json (const struct orch_backup *b)
     add_str (d, "store-socket", bd->store_sock);
     json_object_object_add (d, "store-pid", json_object_new_int64 (bd->store_pid));
     add_str (d, "export", bd->export_name);
+    json_object_object_add (d, "store-limit", json_object_new_int64 ((int64_t) bd->store_limit));
     json_object_array_add (a, d);
   }
   json_object_object_add (o, "disks", a);
@@ -688,6 +689,14 @@ orch_state_from_json (const char *text, size_t len, const char *what,
       if (x->store_pid < 0 || x->store_pid > INT32_MAX) {
         cbw_err_set (err, EINVAL, "%s: %s: bad store-pid", what, where);
         goto fail;
+      }
+      struct json_object *lim;      /* absent in files of older cbwd */
+      if (json_object_object_get_ex (e, "store-limit", &lim)) {
+        if (!json_object_is_type (lim, json_type_int) || json_object_get_int64 (lim) < 0) {
+          cbw_err_set (err, EINVAL, "%s: %s: bad store-limit", what, where);
+          goto fail;
+        }
+        x->store_limit = (uint64_t) json_object_get_int64 (lim);
       }
     }
   }
