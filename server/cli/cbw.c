@@ -1146,7 +1146,7 @@ opt_value_kind (const struct sub *s, const struct opt *o)
        strcmp (s->verb, "begin") != 0))
     return "backup";
   if (strcmp (o->key, "file") == 0 || strcmp (o->key, "chain") == 0 ||
-      strncmp (o->key, "freeze-", 7) == 0 || o->type == O_TARGET)
+      strncmp (o->key, "freeze-", 7) == 0 || o->type == O_TARGET || o->type == O_DIR)
     return "@files";
   return NULL;
 }
