@@ -9,11 +9,17 @@
  *   B.NAME.GEN.bmap  one data file per bitmap and generation, where B is the
  *              descriptor's file name without ".json"
  *
- * Save (crash-atomic, see the spec): write every bitmap to a data file of the
- * new generation G+1 (fresh names, never referenced by the current
- * descriptor), fsync each, fsync the directory; write D.tmp listing them plus
- * a "garbage" list of the now-unreferenced old files, fsync, rename over D,
- * fsync the directory; only then unlink the garbage.  A crash before the
+ * Save (crash-atomic, see the spec): write every bitmap that changed since
+ * its data file was written to a data file of the new generation G+1 (fresh
+ * names, never referenced by the current descriptor), fsync each, fsync the
+ * directory; write D.tmp listing them (and the unchanged bitmaps with their
+ * current files) plus a "garbage" list of the now-unreferenced old files,
+ * fsync, rename over D, fsync the directory; only then unlink the garbage.
+ * "Changed" is decided by content: the data checksum of the bits in memory
+ * against the one of the bitmap's file (kept since open or the last save),
+ * so whoever changes the bits (tracker, merge, clear, a shared mapping) needs
+ * not say so, and a save costs one file write and fsync per changed bitmap,
+ * not per bitmap (frozen checkpoint bitmaps are never rewritten).  A crash before the
  * rename leaves D (old state) intact and only unreferenced files behind; a
  * crash after it leaves the new state, and the garbage list lets the next
  * save finish the cleanup.
@@ -67,6 +73,8 @@ struct store_impl {
   struct cbw_bitmap_store pub;
   char *base;                      /* descriptor file name without ".json" */
   char *files[CBW_BITMAP_MAX_COUNT]; /* data file of bitmaps[i] on disk, or NULL */
+  uint64_t cksums[CBW_BITMAP_MAX_COUNT]; /* its data checksum (files[i] != NULL) */
+  bool swept;                      /* orphans of a crashed save looked for */
   char **garbage;                  /* unreferenced files to unlink at next save */
   size_t ngarbage;
 };
@@ -243,6 +251,23 @@ path_in_dir (const struct cbw_bitmap_store *st, const char *file)
   if (asprintf (&p, "%s/%s", st->dir, file) < 0)
     return NULL;
   return p;
+}
+
+/* The data checksum bitmap b's data file would have (as write_data_file). */
+static int
+bits_checksum (const struct cbw_stored_bitmap *b, uint64_t *cksum)
+{
+  uint64_t len = cbw_bitmap_serialized_size (&b->bits);
+#if __BYTE_ORDER == __LITTLE_ENDIAN
+  *cksum = XXH3_64bits (b->bits.words, len);
+#else
+  CLEANUP_FREE unsigned char *data = malloc (len ? len : 1);
+  if (data == NULL)
+    return -1;
+  cbw_bitmap_serialize (&b->bits, data);
+  *cksum = XXH3_64bits (data, len);
+#endif
+  return 0;
 }
 
 /* Write one data file (header page + little-endian bits), sparse where the
@@ -711,6 +736,7 @@ load_descriptor (struct store_impl *si, const char *buf, size_t len,
                    st->descriptor_path, sb->name, nbits, strerror (errno));
       goto out_ck;
     }
+    si->cksums[i] = cksums[i];
     if (load_data_file (path, sb, image_size, cksums[i], err) < 0)
       goto out_ck;
   }
@@ -924,6 +950,7 @@ cbw_bitmap_store_remove (struct cbw_bitmap_store *st, const char *name,
   cbw_bitmap_free (&b->bits);
   memmove (&st->bitmaps[i], &st->bitmaps[i + 1], (st->count - i - 1) * sizeof *b);
   memmove (&si->files[i], &si->files[i + 1], (st->count - i - 1) * sizeof si->files[0]);
+  memmove (&si->cksums[i], &si->cksums[i + 1], (st->count - i - 1) * sizeof si->cksums[0]);
   st->count--;
   memset (&st->bitmaps[st->count], 0, sizeof *b);
   si->files[st->count] = NULL;
@@ -934,7 +961,8 @@ cbw_bitmap_store_remove (struct cbw_bitmap_store *st, const char *name,
 
 static char *
 descriptor_text (struct cbw_bitmap_store *st, uint64_t gen, char **files,
-                 const uint64_t *cksums, char **garbage, size_t ngarbage, size_t *len)
+                 const uint64_t *gens, const uint64_t *cksums, char **garbage,
+                 size_t ngarbage, size_t *len)
 {
   char *text = NULL;
   size_t size = 0;
@@ -956,7 +984,7 @@ descriptor_text (struct cbw_bitmap_store *st, uint64_t gen, char **files,
              "      \"data_file\": \"%s\",\n      \"checksum\": \"" CKSUM_PREFIX "%016" PRIx64
              "\"\n    }", i ? "," : "", b->name, b->granularity, st->image_size,
              b->enabled ? "true" : "false", b->state == CBW_BITMAP_IN_USE ? "in-use" : "clean",
-             gen, files[i], cksums[i]);
+             gens[i], files[i], cksums[i]);
   }
   fprintf (f, "%s],\n  \"garbage\": [", st->count ? "\n  " : "");
   for (size_t i = 0; i < ngarbage; i++)
@@ -1007,15 +1035,17 @@ cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err)
   struct store_impl *si = impl (st);
   uint64_t gen = st->generation + 1;
   CLEANUP_FREE uint64_t *cksums = calloc (st->count + 1, sizeof (uint64_t));
+  CLEANUP_FREE uint64_t *gens = calloc (st->count + 1, sizeof (uint64_t));
+  CLEANUP_FREE bool *keep = calloc (st->count + 1, sizeof (bool));
   char **newfiles = calloc (st->count + 1, sizeof (char *));
   char **garbage = NULL;
-  size_t ngarbage = 0, created = 0, len = 0;
+  size_t ngarbage = 0, created = 0, len = 0, nwritten = 0;
   CLEANUP_FREE char *text = NULL;
   CLEANUP_FREE char *tmp = NULL;
   bool committed = false;
   int fd, ret = -1;
 
-  if (cksums == NULL || newfiles == NULL) {
+  if (cksums == NULL || gens == NULL || keep == NULL || newfiles == NULL) {
     free (newfiles);
     return cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
   }
@@ -1026,6 +1056,15 @@ cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err)
     gen++;
   for (size_t i = 0; i < st->count; i++) {
     CLEANUP_FREE char *path = NULL;
+    /* Unchanged since its file was written: the descriptor keeps that file
+     * (and its generation); nothing is written for it. */
+    if (si->files[i] && bits_checksum (&st->bitmaps[i], &cksums[i]) == 0 &&
+        cksums[i] == si->cksums[i]) {
+      keep[i] = true;
+      gens[i] = st->bitmaps[i].generation;
+      continue;
+    }
+    gens[i] = gen;
     if (asprintf (&newfiles[i], "%s.%s.%" PRIu64 DATA_SUFFIX, si->base,
                   st->bitmaps[i].name, gen) < 0) {
       newfiles[i] = NULL;
@@ -1040,10 +1079,11 @@ cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err)
     created = i + 1;
     if (write_data_file (path, &st->bitmaps[i], st->image_size, gen, &cksums[i], err) < 0)
       goto out;
-    if (i == 0)
+    if (nwritten++ == 0)
       crash_point ("data-file");
   }
-  if (cbw_fsync_dir_of (st->descriptor_path, err) < 0)
+  /* New names must be durable before a descriptor refers to them. */
+  if (nwritten && cbw_fsync_dir_of (st->descriptor_path, err) < 0)
     goto out;
   crash_point ("data-files");
 
@@ -1053,12 +1093,15 @@ cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err)
     if (list_add (&garbage, &ngarbage, si->garbage[i]) < 0)
       goto oom;
   for (size_t i = 0; i < st->count; i++)
-    if (si->files[i] && list_add (&garbage, &ngarbage, si->files[i]) < 0)
+    if (si->files[i] && !keep[i] && list_add (&garbage, &ngarbage, si->files[i]) < 0)
       goto oom;
 
   /* 3. Descriptor: temp, fsync, rename, fsync dir (cbw_write_file_atomic's
    * protocol, spelled out here so that each step has a crash point). */
-  text = descriptor_text (st, gen, newfiles, cksums, garbage, ngarbage, &len);
+  for (size_t i = 0; i < st->count; i++)
+    if (keep[i] && (newfiles[i] = strdup (si->files[i])) == NULL)
+      goto oom;
+  text = descriptor_text (st, gen, newfiles, gens, cksums, garbage, ngarbage, &len);
   if (text == NULL || asprintf (&tmp, "%s.tmp", st->descriptor_path) < 0) {
     tmp = NULL;
     goto oom;
@@ -1091,9 +1134,10 @@ cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err)
   crash_point ("rename");
   st->generation = gen;
   for (size_t i = 0; i < st->count; i++) {
-    st->bitmaps[i].generation = gen;
+    st->bitmaps[i].generation = gens[i];
     free (si->files[i]);
     si->files[i] = newfiles[i];
+    si->cksums[i] = cksums[i];
     newfiles[i] = NULL;
   }
   free_list (si->garbage, si->ngarbage);
@@ -1108,7 +1152,21 @@ cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err)
     goto out;
   }
 
-  /* 4. Cleanup.  Failures are not errors: the next save retries them. */
+  /* 4. Cleanup.  Failures are not errors: the next save retries them.
+   * Once per open: a save that crashed before its commit left data files
+   * of this generation behind; bitmaps rewritten now overwrote theirs, the
+   * unchanged ones did not (their names are unreferenced: see gen_collides). */
+  if (!si->swept) {
+    for (size_t i = 0; i < st->count; i++) {
+      char *orphan;
+      if (keep[i] && asprintf (&orphan, "%s/%s.%s.%" PRIu64 DATA_SUFFIX, st->dir, si->base,
+                               st->bitmaps[i].name, gen) >= 0) {
+        unlink (orphan);
+        free (orphan);
+      }
+    }
+    si->swept = true;
+  }
   for (size_t i = 0; i < ngarbage; i++) {
     CLEANUP_FREE char *path = path_in_dir (st, garbage[i]);
     if (path == NULL || (unlink (path) < 0 && errno != ENOENT)) {
@@ -1123,9 +1181,10 @@ cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err)
   cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
  out:
   if (!committed) {
-    /* Nothing references the new files: remove them (best effort). */
+    /* Nothing references the new files: remove them (best effort); the
+     * files of unchanged bitmaps are the committed ones: kept. */
     for (size_t i = 0; i < created; i++) {
-      CLEANUP_FREE char *path = newfiles[i] ? path_in_dir (st, newfiles[i]) : NULL;
+      CLEANUP_FREE char *path = newfiles[i] && !keep[i] ? path_in_dir (st, newfiles[i]) : NULL;
       if (path) unlink (path);
     }
   }

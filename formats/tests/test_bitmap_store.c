@@ -359,12 +359,61 @@ Test (store, data_file_from_other_generation)
   make_store ();
   st = cbw_bitmap_store_open (desc, IMG, &err);
   cr_assert_not_null (st, "%s", err.msg);
+  /* a changed bitmap is rewritten (an unchanged one keeps its file) */
+  cbw_bitmap_set_range (&cbw_bitmap_store_find (st, "a")->bits, 0, 1);
+  cbw_bitmap_set_range (&cbw_bitmap_store_find (st, "a")->bits, 5, 3);
   cr_assert_eq (cbw_bitmap_store_save (st, &err), 0, "%s", err.msg);
   cbw_bitmap_store_close (st);
   edit_file (desc, "\"generation\": 2,\n      \"data_file\": \"disk.img.cbw-bitmaps.a.2",
              "\"generation\": 1,\n      \"data_file\": \"disk.img.cbw-bitmaps.a.2", true);
   expect_open_fail (IMG, EIO, "disk.img.cbw-bitmaps.a.2.bmap", "does not match",
                     "generation 2/1", NULL);
+}
+
+/* A save writes only the bitmaps whose bits changed since their file was
+ * written: the others keep their file (same name, same inode) and their
+ * generation; flags-only changes rewrite the descriptor alone. */
+Test (store, save_writes_only_changed)
+{
+  struct cbw_err err = { 0 };
+  struct cbw_bitmap_store *st;
+  struct stat a1, b1, a2, b2;
+  char *pa1, *pb1, *pa2, *pb3;
+
+  make_store ();                                  /* a.1, b.1 */
+  pa1 = data_path ("a", 1); pb1 = data_path ("b", 1);
+  cr_assert_eq (stat (pa1, &a1), 0);
+  cr_assert_eq (stat (pb1, &b1), 0);
+  st = cbw_bitmap_store_open (desc, IMG, &err);
+  cr_assert_not_null (st, "%s", err.msg);
+  cbw_bitmap_store_find (st, "b")->enabled = true;  /* flags only */
+  cr_assert_eq (cbw_bitmap_store_save (st, &err), 0, "%s", err.msg);
+  cr_assert_eq (st->generation, 2);
+  cr_assert_eq (cbw_bitmap_store_find (st, "a")->generation, 1);
+  cr_assert_eq (cbw_bitmap_store_find (st, "b")->generation, 1);
+  cbw_bitmap_clear_range (&cbw_bitmap_store_find (st, "a")->bits, 10, 1);  /* bits */
+  cr_assert_eq (cbw_bitmap_store_save (st, &err), 0, "%s", err.msg);
+  cr_assert_eq (cbw_bitmap_store_find (st, "a")->generation, 3);
+  cr_assert_eq (cbw_bitmap_store_find (st, "b")->generation, 1);
+  cbw_bitmap_store_close (st);
+
+  pa2 = data_path ("a", 3); pb3 = data_path ("b", 3);
+  cr_assert_eq (stat (pa2, &a2), 0, "the changed bitmap was not rewritten");
+  cr_assert_neq (stat (pa1, &a2), 0, "the old file of the changed bitmap was kept");
+  cr_assert_eq (stat (pb1, &b2), 0, "the unchanged bitmap lost its file");
+  cr_assert_eq (b1.st_ino, b2.st_ino, "the unchanged bitmap was rewritten");
+  cr_assert_eq (b1.st_mtim.tv_nsec, b2.st_mtim.tv_nsec);
+  cr_assert_neq (stat (pb3, &b2), 0, "an unchanged bitmap got a new file");
+  /* reopen: both bitmaps, with the new flag and the new bits */
+  st = cbw_bitmap_store_open (desc, IMG, &err);
+  cr_assert_not_null (st, "%s", err.msg);
+  cr_assert (cbw_bitmap_store_find (st, "b")->enabled);
+  cr_assert (!cbw_bitmap_test (&cbw_bitmap_store_find (st, "a")->bits, 10));
+  cr_assert (cbw_bitmap_test (&cbw_bitmap_store_find (st, "a")->bits, 11));
+  cr_assert (cbw_bitmap_test (&cbw_bitmap_store_find (st, "b")->bits,
+                              cbw_bitmap_store_find (st, "b")->bits.nbits - 1));
+  cbw_bitmap_store_close (st);
+  free (pa1); free (pb1); free (pa2); free (pb3);
 }
 
 Test (store, truncated_data_file)
