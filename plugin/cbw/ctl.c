@@ -267,8 +267,8 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
                                      cbw_cfg.connections);
   long long tlimit = cbw_ctl_arg_int (args, "target-limit", 0);
   bool direct = cbw_ctl_arg_bool (args, "target-direct", false);
-  long long tmo_ms = cbw_ctl_arg_int (args, "timeout-ms",
-                                      cbw_cfg.timeout_ns / 1000000);
+  bool has_tmo = json_object_object_get_ex (args, "timeout-ms", NULL);
+  long long tmo_ms = cbw_ctl_arg_int (args, "timeout-ms", 1);
   struct json_object *extents = NULL;
   struct cbw_session_params p = { 0 };
   struct cbw_target *t;
@@ -298,7 +298,7 @@ h_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
                          "expected 1..86400000", tmo_ms);
   /* The session's bound on a guest write's wait (and on every target
    * command): `timeout-ms`, else cbw-timeout. */
-  int64_t tmo_ns = tmo_ms * 1000000LL;
+  int64_t tmo_ns = has_tmo ? tmo_ms * 1000000LL : cbw_cfg.timeout_ns;
 
   size = disk_size (r);
   if (size < 0)

@@ -1146,7 +1146,7 @@ cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st)
   st->pit_rechecks = atomic_load_explicit (&s->rechecks, RLX);
   st->buffered_blocks = atomic_load_explicit (&s->buffered_blocks, RLX);
   st->copy_workers = s->nworkers;
-  st->timeout_ms = s->p.timeout_ns / 1000000;
+  st->timeout_ms = (s->p.timeout_ns + 999999) / 1000000;  /* rounded up */
   st->direct_bytes = s->target ? cbw_target_direct_bytes (s->target) : 0;
   st->writeback_batches = atomic_load_explicit (&s->wb_batches, RLX);
   st->writeback_copies = atomic_load_explicit (&s->wb_copies, RLX);
