@@ -15,7 +15,9 @@
 #    cbwd's state file; a new file inside the state directory;
 #  - an NBD export on 127.0.0.1 served by a separate nbdkit (nbd plugin)
 #    that forwards vda's socket: caught only by the disk identity the live
-#    export announces (NBD export description), which `cbw disk list` shows.
+#    export announces (NBD export description), which `cbw disk list` shows;
+#    NBD targets are connected on the job's thread, so this one is a job
+#    that fails before its first write, with that message as its error.
 # Then a legitimate new raw target completes and equals the image, and under
 # strace the job fsyncs the new file's directory after the file itself,
 # before `completed` is seen.  Last, under cbwd (the NBD server) with stores
@@ -120,13 +122,22 @@ for _ in $(seq 20); do
   kill "$PROXY" 2>/dev/null; wait "$PROXY" 2>/dev/null || true
 done
 [ -n "$PORT" ] || fail "no free TCP port for the nbdkit proxy"
-refused "nbd://127.0.0.1:$PORT/" "is disk vda's live export \(it announces cbw disk id $ID\); refusing to overwrite a live disk"
+# NBD targets are connected on the job's thread (job-start never waits for
+# a server): the job fails before its first write, naming the disk.
+expect_rc 0 "$CBW" job start --disk vda --target "vda=nbd://127.0.0.1:$PORT/" --id viatcp
+expect_rc 1 timeout 30 "$CBW" job wait viatcp
+"$CBW" --json job status viatcp > "$T/st.json"
+jq -e '.state == "failed" and ."bytes-done" == 0' "$T/st.json" >/dev/null ||
+  fail "job towards vda's live export: $(cat "$T/st.json")"
+jq -r .error "$T/st.json" | grep -qE "is disk vda's live export \(it announces cbw disk id $ID\); refusing to overwrite a live disk" ||
+  fail "job towards vda's live export: $(jq -r .error "$T/st.json")"
+log "refused nbd://127.0.0.1:$PORT/ in the job: $(jq -r .error "$T/st.json")"
 kill "$PROXY"; wait "$PROXY" 2>/dev/null || true
 
 assert_eq "vda's image after the refusals" "$sum0" "$(md5sum <"$T/a.img")"
 assert_eq "vdb's image after the refusals" "$sumb" "$(md5sum <"$T/b.img")"
 expect_rc 0 "$CBW" --json job list
-assert_eq "jobs after the refusals" 0 "$(jq '.jobs | length' "$T/out")"
+assert_eq "jobs after the refusals" "viatcp failed" "$(jq -r '.jobs[] | "\(.id) \(.state)"' "$T/out")"
 
 log "section: a new target works, and its directory is fsynced"
 requires strace

@@ -439,6 +439,7 @@ static const struct sub subs[] = {
       { "--speed", "speed", O_SIZE, "limit in bytes/s (suffixes K, M, G; default none)" },
       { "--request-size", "request-size", O_SIZE, "bytes per request (default 256K)" },
       { "--requests", "requests", O_UINT, "requests in flight (default: automatic, 8 or 16)" },
+      { "--connect-timeout", "connect-timeout", O_UINT, "seconds for an NBD target's handshake (default 30)" },
       { NULL } },
     "push the running backup to targets (a job)", print_job },
   { "job", "list", "job-list", NULL, false, NULL, { { NULL } },

@@ -1003,7 +1003,11 @@ h_job_start (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   if (enter (o, r, true) == 0) {         /* a half-made backup is finished first */
     ret = orch_job_start (o, &req, &r->ret, &e);
     orch_end_busy (o);
+    .connect_timeout = (unsigned) cbw_ctl_arg_int (args, "connect-timeout", 30),
     if (ret < 0)
+  long long ct = cbw_ctl_arg_int (args, "connect-timeout", 30);
+  if (ct < 1 || ct > 3600)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "connect-timeout must be 1..3600 seconds");
       fail_err (r, &e);
   }
   free_names (req.disks, req.ndisks);
@@ -1197,6 +1201,9 @@ static const struct cbw_ctl_arg disk_repair_args[] = {
     "which every checkpoint's bitmap is all dirty" },
   { NULL }
 };
+  { "connect-timeout", CBW_ARG_UINT, false, "seconds an NBD target gets to complete the "
+    "connection and NBD handshake, 1..3600 (default 30); the job's own thread connects, so "
+    "job-start answers at once and a target that does not answer fails the job" },
 
 static const struct cbw_ctl_command commands[] = {
   { "status", h_status, no_args,
@@ -1329,9 +1336,12 @@ static const struct cbw_ctl_command commands[] = {
     "`NotFound` (no such backup or disk, incremental target missing), `InvalidParameter` "
     "(bad target, wrong size; a target that is one of cbwd's files by device and inode "
     "— a served image, a chain's file, a store, a bitmap or state file, anything in the "
-    "state directory, a block device holding one, a disk's or cbwd's socket — or an NBD "
-    "export announcing a cbw disk id), `Busy` (the disk is being or was already pushed in this "
-    "backup), `IOError` (target unreachable, session not active).",
+    "state directory, a block device holding one, a disk's or cbwd's socket), `Busy` (the "
+    "disk is being or was already pushed in this backup), `IOError` (session not active). "
+    "An NBD target is connected on the job's thread, never on the control thread: the "
+    "command answers at once, and an unreachable or silent server (no handshake within "
+    "`connect-timeout`), a read-only or too small export, or one announcing a cbw disk id "
+    "fails the job before anything is written (`job-status` `error`).",
     "the job, as in `job-status`" },
   { "job-list", h_job_list, no_args,
     "List jobs (running and the last 64 finished; those of a previous cbwd that were "

@@ -404,9 +404,39 @@ check_target_identity (struct cbw_orch *o, struct orch_job_disk *jd, const char 
                       uri, id);
 }
 
+/* Connect and handshake with a deadline (libnbd's non-blocking API): a
+ * server that accepts and never answers fails the job after timeout_s,
+ * and a cancelled job stops waiting at once.  Runs on the job's thread. */
 static int
-connect_target_nbd (struct cbw_orch *o, struct orch_job_disk *jd, const char *uri,
-                    struct cbw_err *err)
+connect_with_deadline (struct orch_job *j, struct nbd_handle *h, const char *uri,
+                       unsigned timeout_s, struct cbw_err *err)
+{
+  int64_t deadline = orch_now_ns () + (int64_t) timeout_s * 1000000000;
+  if (nbd_aio_connect_uri (h, uri) == -1)
+    return cbw_err_set (err, EIO, "cannot connect to target %s: %s", uri, nbd_get_error ());
+  while (nbd_aio_is_connecting (h) == 1) {
+    if (j) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&j->lock);
+      if (j->cancel_req)
+        return cbw_err_set (err, ECANCELED, "target %s: cancelled while connecting", uri);
+    }
+    int64_t left_ms = (deadline - orch_now_ns ()) / 1000000;
+    if (left_ms <= 0)
+      return cbw_err_set (err, ETIMEDOUT, "cannot connect to target %s: no NBD handshake "
+                          "within %u s (the server accepted the connection but does not "
+                          "answer)", uri, timeout_s);
+    if (nbd_poll (h, (int) (left_ms < 200 ? left_ms : 200)) == -1)
+      return cbw_err_set (err, EIO, "cannot connect to target %s: %s", uri, nbd_get_error ());
+  }
+  if (nbd_aio_is_ready (h) != 1)
+    return cbw_err_set (err, EIO, "cannot connect to target %s: %s", uri,
+                        nbd_get_error () ? nbd_get_error () : "connection closed");
+  return 0;
+}
+
+static int
+connect_target_nbd (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
+                    const char *uri, struct cbw_err *err)
 {
   jd->dst = nbd_create ();
   if (jd->dst == NULL)
@@ -414,8 +444,9 @@ connect_target_nbd (struct cbw_orch *o, struct orch_job_disk *jd, const char *ur
   /* ask for the export description: a live cbw disk announces its id */
   if (nbd_set_full_info (jd->dst, true) == -1)
     return cbw_err_set (err, EIO, "target %s: %s", uri, nbd_get_error ());
-  if (nbd_connect_uri (jd->dst, uri) == -1)
-    return cbw_err_set (err, EIO, "cannot connect to target %s: %s", uri, nbd_get_error ());
+  if (connect_with_deadline (j, jd->dst, uri, j && j->connect_timeout ? j->connect_timeout
+                             : 30, err) < 0)
+    return -1;
   if (check_target_identity (o, jd, uri, err) < 0)
     return -1;
   if (nbd_is_read_only (jd->dst) == 1)
@@ -503,7 +534,11 @@ target_open (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
     CLEANUP_FREE char *sock = uri_socket_path (t);
     if (sock && orch_protect_check_path (ps, "job target's socket", sock, err) < 0)
       return -1;
-    return connect_target_nbd (o, jd, t, err);
+    /* The control thread never waits for a remote server: the job's
+     * thread connects, checks the export (identity, size, read-only)
+     * before its first write, and fails the job if anything is wrong. */
+    jd->connect_later = true;
+    return 0;
   }
   if (strncmp (t, "raw:", 4) == 0) {
     snprintf (jd->format, sizeof jd->format, "raw");
@@ -615,7 +650,7 @@ target_open (struct cbw_orch *o, struct orch_job *j, struct orch_job_disk *jd,
   CLEANUP_FREE char *uri = orch_strdup_printf ("nbd+unix:///?socket=%s", jd->helper_sock);
   if (uri == NULL)
     return cbw_err_set (err, ENOMEM, "out of memory");
-  return connect_target_nbd (o, jd, uri, err);
+  return connect_target_nbd (o, j, jd, uri, err);
 }
 
 /* Undo target_open after a job-start failure. */
@@ -1537,6 +1572,19 @@ job_thread (void *arg)
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&j->lock);
     j->t0_ns = orch_now_ns ();
   }
+  for (size_t i = 0; i < j->ndisks && r == 0; i++) {
+    struct orch_job_disk *jd = &j->disks[i];
+    if (!jd->connect_later)
+      continue;
+    struct cbw_err e = { 0 };
+    if (connect_target_nbd (o, j, jd, jd->target, &e) < 0) {
+      r = e.errnum == ECANCELED ? 1 : -1;
+      int n = snprintf (msg, sizeof msg, "disk %s: ", jd->name);
+      if (n > 0 && (size_t) n < sizeof msg)
+        memcpy (msg + n, e.msg, strnlen (e.msg, sizeof msg - (size_t) n - 1) + 1);
+      msg[sizeof msg - 1] = '\0';
+    }
+  }
   for (size_t i = 0; i < j->ndisks && r == 0; i++)
     r = copy_disk (o, j, &j->disks[i], msg, sizeof msg);
   for (size_t i = 0; i < j->ndisks; i++)
@@ -1763,6 +1811,7 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
   j->o = o;
   j->speed = r->speed;
   j->request_size = r->request_size;
+  j->connect_timeout = r->connect_timeout ? r->connect_timeout : 30;
   /* Automatic: the filter's PIT export gets one connection per request,
    * and nbdkit's CPU per byte grows with the number of connections
    * (measured: 16 x 256 KiB cost 2x the nbdkit CPU of 8, with no gain). */

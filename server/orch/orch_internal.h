@@ -498,6 +498,9 @@ struct orch_job_disk {
   /* progress (job lock) */
   uint64_t total, done, released;
 };
+  bool connect_later;           /* an NBD URI target: connected (and checked)
+                                   on the job's thread, never on the control
+                                   thread, within the job's connect timeout */
 
 struct orch_job {
   struct cbw_orch *o;
@@ -514,6 +517,7 @@ struct orch_job {
   size_t ndisks;
   struct orch_job_disk *disks;
   pthread_t thread;             /* control thread only: */
+  unsigned connect_timeout;     /* seconds: NBD targets' connect + handshake */
   bool thread_started;          /*   set at start, cleared when joined */
   int wakefd;                   /* eventfd: wakes the copy loop */
   pthread_mutex_t lock;         /* guards everything below */
@@ -542,6 +546,7 @@ const char *orch_job_state_name (enum orch_job_state s);
 int orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
                     struct json_object **ret, struct cbw_err *err);
 struct orch_job *orch_job_find (struct cbw_orch *o, const char *id);
+  unsigned connect_timeout;     /* seconds for an NBD target's handshake, 0 = 30 */
 struct json_object *orch_job_to_json (struct orch_job *j);
 struct json_object *orch_jobs_list (struct cbw_orch *o);
 int orch_job_pause (struct cbw_orch *o, const char *id, bool pause, struct cbw_err *err);
