@@ -70,10 +70,12 @@ probe_module_control() {
 PLUGIN=file
 
 # start_orchd [VAR=VALUE...]: start cbwd-orch on $STATE; sets ORCHD_PID.
+# The array ORCHD_ARGS (if set) adds options (e.g. --freeze-hook NAME=PATH).
 start_orchd() {
   rm -f "$CBW_SOCKET"
   start_bg env CBW_NBDKIT="${NBDKIT[*]}" "$@" "$ORCHD" --state-dir "$STATE" \
-    --module-dir "$CBW_MODULES" --plugin "$PLUGIN" --start-timeout 60
+    --module-dir "$CBW_MODULES" --plugin "$PLUGIN" --start-timeout 60 \
+    ${ORCHD_ARGS[@]+"${ORCHD_ARGS[@]}"}
   ORCHD_PID=$BG_PID
   wait_socket "$CBW_SOCKET" 30
 }

@@ -28,6 +28,15 @@ SIZE=$((16 << 20))
 for d in a b; do
   head -c $SIZE /dev/urandom > "$T/$d.img"
 done
+# the guest freeze hook, configured by name (hooks run without a shell)
+cat > "$T/hook.sh" <<HOOK
+#!/bin/sh
+echo "\$1" >> "$T/hook.log"
+[ -e "$T/hang" ] && [ "\$1" = freeze ] && sleep 30
+exit 0
+HOOK
+chmod +x "$T/hook.sh"
+ORCHD_ARGS=(--freeze-hook "fs=$T/hook.sh")
 start_orchd
 expect_rc 0 "$CBW" disk add vda --file "$T/a.img"
 expect_rc 0 "$CBW" disk add vdb --file "$T/b.img"
@@ -115,22 +124,15 @@ expect_rc 0 "$CBW" backup end
 
 # ---- guest freeze hook ----
 log "section: guest freeze hook"
-cat > "$T/hook.sh" <<HOOK
-#!/bin/sh
-echo "\$1" >> "$T/hook.log"
-[ -e "$T/hang" ] && [ "\$1" = freeze ] && sleep 30
-exit 0
-HOOK
-chmod +x "$T/hook.sh"
-expect_rc 0 "$CBW" backup begin --freeze-hook "$T/hook.sh" --checkpoint frozen
+expect_rc 0 "$CBW" backup begin --freeze-hook fs --checkpoint frozen
 [ "$(tr '\n' ' ' < "$T/hook.log")" = "freeze thaw " ] || fail "hook calls: $(cat "$T/hook.log")"
 expect_rc 0 "$CBW" backup end
 touch "$T/hang"
-expect_rc 1 "$CBW" backup begin --freeze-hook "$T/hook.sh" --freeze-timeout 1 --freeze-required
+expect_rc 1 "$CBW" backup begin --freeze-hook fs --freeze-timeout 1 --freeze-required
 grep -q "failed at step freeze" <<<"$ERR" || fail "hung hook, required: $ERR"
 expect_rc 0 "$CBW" --json status
 jq -e '.backup == null' "$T/out" >/dev/null || fail "failed begin left a backup"
-expect_rc 0 "$CBW" backup begin --freeze-hook "$T/hook.sh" --freeze-timeout 1
+expect_rc 0 "$CBW" backup begin --freeze-hook fs --freeze-timeout 1
 "$CBW" --json event list | jq -e '.events[] | select(.event == "freeze-failed")' >/dev/null ||
   fail "no freeze-failed event"
 expect_rc 0 "$CBW" backup end

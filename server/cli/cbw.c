@@ -413,7 +413,7 @@ static const struct sub subs[] = {
       { "--mode", "mode", O_STR, "full | incremental | top | none (top: what each "
         "disk's top overlay holds)" },
       { "--checkpoint", "checkpoint", O_STR, "create this checkpoint at the point in time" },
-      { "--freeze-hook", "freeze-hook", O_STR, "command run with freeze / thaw" },
+      { "--freeze-hook", "freeze-hook", O_STR, "NAME of a hook configured in cbwd (--freeze-hook NAME=/PATH)" },
       { "--freeze-qga", "freeze-qga", O_STR, "qemu-guest-agent socket: fsfreeze through it" },
       { "--freeze-timeout", "freeze-timeout", O_UINT, "seconds (default 10)" },
       { "--freeze-required", "freeze-required", O_BOOL, "fail if the guest does not freeze" },

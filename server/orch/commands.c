@@ -813,6 +813,22 @@ h_backup_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER,
                          "freeze-hook and freeze-qga are exclusive: choose one "
                          "way to freeze the guest");
+  /* Hooks are chosen by name among those cbwd was started with: nothing
+   * from the socket is run as a command. */
+  const char *hook_name = cbw_ctl_arg_str (args, "freeze-hook", NULL), *hook = NULL;
+  if (hook_name && !(hook = orch_freeze_hook (o, hook_name))) {
+    CLEANUP_FREE char *names = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream (&names, &len);
+    for (size_t i = 0; f && i < o->nfreeze_hooks; i++)
+      fprintf (f, "%s%.*s", i ? ", " : "",
+               (int) strcspn (o->freeze_hooks[i], "="), o->freeze_hooks[i]);
+    if (f) fclose (f);
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER,
+                         "unknown freeze hook '%.100s': freeze-hook names a hook "
+                         "configured in cbwd (--freeze-hook NAME=/PATH); configured: %s",
+                         hook_name, names && names[0] ? names : "none");
+  }
   CLEANUP_FREE char *hooklog = orch_strdup_printf ("%s/hook.log", o->state_dir);
   struct orch_backup_req req = {
     .id = cbw_ctl_arg_str (args, "id", "backup"),
@@ -820,7 +836,7 @@ h_backup_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     .since = cbw_ctl_arg_str (args, "since", NULL),
     .checkpoint = cbw_ctl_arg_str (args, "checkpoint", NULL),
     .freeze = {
-      .hook = cbw_ctl_arg_str (args, "freeze-hook", NULL),
+      .hook = hook,
       .qga = cbw_ctl_arg_str (args, "freeze-qga", NULL),
       .timeout = (double) tmo,
       .required = cbw_ctl_arg_bool (args, "freeze-required", false),
@@ -987,7 +1003,11 @@ h_job_start (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     .speed = (uint64_t) cbw_ctl_arg_int (args, "speed", 0),
     .request_size = (uint64_t) cbw_ctl_arg_int (args, "request-size", 256 << 10),
     .requests = (unsigned) cbw_ctl_arg_int (args, "requests", 0),
+    .connect_timeout = (unsigned) cbw_ctl_arg_int (args, "connect-timeout", 30),
   };
+  long long ct = cbw_ctl_arg_int (args, "connect-timeout", 30);
+  if (ct < 1 || ct > 3600)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "connect-timeout must be 1..3600 seconds");
   long long rq = cbw_ctl_arg_int (args, "requests", 0);
   if (rq < 0 || rq > 64)
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "requests must be 1..64 (0: automatic)");
@@ -1003,11 +1023,7 @@ h_job_start (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   if (enter (o, r, true) == 0) {         /* a half-made backup is finished first */
     ret = orch_job_start (o, &req, &r->ret, &e);
     orch_end_busy (o);
-    .connect_timeout = (unsigned) cbw_ctl_arg_int (args, "connect-timeout", 30),
     if (ret < 0)
-  long long ct = cbw_ctl_arg_int (args, "connect-timeout", 30);
-  if (ct < 1 || ct > 3600)
-    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "connect-timeout must be 1..3600 seconds");
       fail_err (r, &e);
   }
   free_names (req.disks, req.ndisks);
@@ -1133,8 +1149,10 @@ static const struct cbw_ctl_arg backup_begin_args[] = {
   { "since", CBW_ARG_STRING, false, "incremental: the base checkpoint; any earlier "
     "checkpoint works (differential = since the checkpoint of the last full backup)" },
   { "checkpoint", CBW_ARG_STRING, false, "create this checkpoint at the backup's point in time" },
-  { "freeze-hook", CBW_ARG_STRING, false, "command run as `HOOK freeze` / `HOOK thaw` "
-    "around the point in time (exit 0 = success)" },
+  { "freeze-hook", CBW_ARG_STRING, false, "name of a freeze hook configured in cbwd "
+    "(`--freeze-hook NAME=/PATH`, config `freeze-hooks`): its program runs as `PATH freeze` / "
+    "`PATH thaw` around the point in time, without a shell (exit 0 = success); an unknown "
+    "name is InvalidParameter" },
   { "freeze-qga", CBW_ARG_STRING, false, "freeze through the qemu-guest-agent on this Unix "
     "socket (`guest-sync`, `guest-fsfreeze-freeze` / `-thaw`) instead of a hook" },
   { "freeze-timeout", CBW_ARG_UINT, false, "seconds to wait for the hook or the agent, per phase "
@@ -1183,6 +1201,9 @@ static const struct cbw_ctl_arg job_start_args[] = {
   { "requests", CBW_ARG_UINT, false, "requests in flight, 1..64 (default 0 = automatic: 16 "
     "pipelined on cbwd's PIT export, 8 connections with one request each on the cbw "
     "filter's)" },
+  { "connect-timeout", CBW_ARG_UINT, false, "seconds an NBD target gets to complete the "
+    "connection and NBD handshake, 1..3600 (default 30); the job's own thread connects, so "
+    "job-start answers at once and a target that does not answer fails the job" },
   { NULL }
 };
 static const struct cbw_ctl_arg job_id_args[] = {
@@ -1201,9 +1222,6 @@ static const struct cbw_ctl_arg disk_repair_args[] = {
     "which every checkpoint's bitmap is all dirty" },
   { NULL }
 };
-  { "connect-timeout", CBW_ARG_UINT, false, "seconds an NBD target gets to complete the "
-    "connection and NBD handshake, 1..3600 (default 30); the job's own thread connects, so "
-    "job-start answers at once and a target that does not answer fails the job" },
 
 static const struct cbw_ctl_command commands[] = {
   { "status", h_status, no_args,

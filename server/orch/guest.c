@@ -1,7 +1,10 @@
 /* cbw — server/orch/guest.c: guest freeze/thaw around a point in time.
  *
  * Two ways, chosen per backup:
- *  - a hook command, run as `/bin/sh -c 'HOOK "$1"' cbw-hook freeze|thaw`,
+ *  - a named hook: a program configured in cbwd (--freeze-hook NAME=/PATH or
+ *    the config file's "freeze-hooks"), selected by NAME from the control
+ *    socket and run as `PATH freeze|thaw` with execv semantics (no shell:
+ *    nothing a control client sends is ever interpreted as a command line),
  *    in its own process group, with a timeout: exit 0 is success; a non-zero
  *    exit or no answer in time is a failure (and the hook's process group is
  *    killed).  Output goes to STATE_DIR/hook.log.
@@ -190,18 +193,28 @@ orch_guest_agent (const char *socket_path, const char *phase, double timeout,
   return ret;
 }
 
+const char *
+orch_freeze_hook (const struct cbw_orch *o, const char *name)
+{
+  size_t nl = strlen (name);
+  for (size_t i = 0; i < o->nfreeze_hooks; i++) {
+    const char *h = o->freeze_hooks[i];
+    if (strncmp (h, name, nl) == 0 && h[nl] == '=')
+      return h + nl + 1;
+  }
+  return NULL;
+}
+
 int
 orch_guest_run (const struct orch_freeze *f, const char *phase, struct cbw_err *err)
 {
-  char script[4200];
   if (f->qga && f->qga[0])
     return orch_guest_agent (f->qga, phase, f->timeout, err);
   if (f->hook == NULL || f->hook[0] == '\0')
     return 0;
-  if (snprintf (script, sizeof script, "%s \"$1\"", f->hook) >= (int) sizeof script)
-    return cbw_err_set (err, ENAMETOOLONG, "freeze hook command too long");
-  char *argv[] = { (char *) "/bin/sh", (char *) "-c", script, (char *) "cbw-hook",
-                   (char *) phase, NULL };
+  if (f->hook[0] != '/')         /* resolved by name: always absolute */
+    return cbw_err_set (err, EINVAL, "freeze hook '%s' is not an absolute path", f->hook);
+  char *argv[] = { (char *) f->hook, (char *) phase, NULL };
   pid_t pid = orch_spawn (argv, f->log ? f->log : "/dev/null", err);
   if (pid < 0)
     return -1;

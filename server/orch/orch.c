@@ -348,6 +348,24 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
       }
   }
   o->warning = cfg->warning;
+  o->freeze_hooks = cfg->freeze_hooks;
+  o->nfreeze_hooks = cfg->nfreeze_hooks;
+  for (size_t i = 0; i < o->nfreeze_hooks; i++) {
+    const char *h = o->freeze_hooks[i], *eq = strchr (h, '=');
+    size_t nl = eq ? (size_t) (eq - h) : 0;
+    if (nl == 0 || nl > 64 || strspn (h, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                      "0123456789._-") != nl) {
+      cbw_err_set (err, EINVAL, "freeze hook '%.100s': expected NAME=/PATH (NAME: letters, "
+                   "digits, '.', '_', '-')", h);
+      goto fail;
+    }
+    if (eq[1] != '/' || access (eq + 1, X_OK) < 0) {
+      cbw_err_set (err, eq[1] != '/' ? EINVAL : errno, "freeze hook %.*s: '%.200s' is not an "
+                   "executable given by absolute path (hooks run without a shell)",
+                   (int) nl, h, eq + 1);
+      goto fail;
+    }
+  }
   const char *plugin = cfg->plugin ? cfg->plugin : getenv ("CBW_ORCH_PLUGIN");
   if (plugin && strcmp (plugin, "chain") != 0) {
     if (strcmp (plugin, "file") != 0) {

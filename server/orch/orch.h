@@ -48,6 +48,11 @@ struct cbw_orch_config {
   char *const *listen_paths;    /* cbwd's Unix listener sockets (NULL entries
                                    skipped), never a push job's target */
   size_t nlisten_paths;
+  char *const *freeze_hooks;    /* named freeze hooks "NAME=/PATH" (checked by
+                                   cbwd at start-up; the strings outlive the
+                                   orchestrator): backup-begin's freeze-hook
+                                   selects one by NAME */
+  size_t nfreeze_hooks;
   const char *warning;          /* shown by `status` (static string), or NULL:
                                    e.g. cbwd serves plain NBD on TCP */
 };

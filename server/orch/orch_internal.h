@@ -169,6 +169,8 @@ struct cbw_orch {
   unsigned store_limit_pct;
   uint64_t store_limit_bytes;
   uint64_t state_reserve;
+  char *const *freeze_hooks;    /* cfg.freeze_hooks: "NAME=/PATH", read-only */
+  size_t nfreeze_hooks;
   const struct cbw_orch_exports *exports;
   int lock_fd;
   struct orch_state st;
@@ -412,12 +414,15 @@ int orch_chain_top_to_bitmap (struct orch_disk *d, const char *bm, uint64_t size
 
 /* ---- guest.c ---- */
 struct orch_freeze {
-  const char *hook;             /* command run as `HOOK freeze` / `HOOK thaw` */
+  const char *hook;             /* program (absolute path) run as `HOOK freeze`
+                                   / `HOOK thaw`, without a shell */
   const char *qga;              /* or: qemu-guest-agent socket */
   double timeout;               /* seconds */
   bool required;                /* freeze failure fails the backup */
   const char *log;              /* hook output, NULL = /dev/null */
 };
+/* The program of the freeze hook named name, or NULL if none is. */
+const char *orch_freeze_hook (const struct cbw_orch *o, const char *name);
 int orch_guest_run (const struct orch_freeze *f, const char *phase, struct cbw_err *err);
 int orch_guest_agent (const char *socket_path, const char *phase, double timeout,
                       struct cbw_err *err);
@@ -493,14 +498,14 @@ struct orch_job_disk {
                                    it as /proc/CBWD/fd/N, never by name */
   bool regular;                 /* a regular file (its directory is fsynced) */
   struct nbd_handle *dst;       /* NBD target (also qcow2 via qemu-nbd) */
+  bool connect_later;           /* an NBD URI target: connected (and checked)
+                                   on the job's thread, never on the control
+                                   thread, within the job's connect timeout */
   int64_t helper_pid;           /* qemu-nbd, 0 if none */
   char *helper_sock, *helper_log;
   /* progress (job lock) */
   uint64_t total, done, released;
 };
-  bool connect_later;           /* an NBD URI target: connected (and checked)
-                                   on the job's thread, never on the control
-                                   thread, within the job's connect timeout */
 
 struct orch_job {
   struct cbw_orch *o;
@@ -512,12 +517,12 @@ struct orch_job {
                                    backup with the same id may share it */
   char mode[16];                /* full | incremental | top */
   unsigned requests;            /* requests in flight */
+  unsigned connect_timeout;     /* seconds: NBD targets' connect + handshake */
   uint64_t request_size;
   bool pipelined;               /* source takes pipelined requests (cbwd's PIT export) */
   size_t ndisks;
   struct orch_job_disk *disks;
   pthread_t thread;             /* control thread only: */
-  unsigned connect_timeout;     /* seconds: NBD targets' connect + handshake */
   bool thread_started;          /*   set at start, cleared when joined */
   int wakefd;                   /* eventfd: wakes the copy loop */
   pthread_mutex_t lock;         /* guards everything below */
@@ -541,12 +546,12 @@ struct orch_job_req {
   uint64_t speed;
   uint64_t request_size;
   unsigned requests;
+  unsigned connect_timeout;     /* seconds for an NBD target's handshake, 0 = 30 */
 };
 const char *orch_job_state_name (enum orch_job_state s);
 int orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
                     struct json_object **ret, struct cbw_err *err);
 struct orch_job *orch_job_find (struct cbw_orch *o, const char *id);
-  unsigned connect_timeout;     /* seconds for an NBD target's handshake, 0 = 30 */
 struct json_object *orch_job_to_json (struct orch_job *j);
 struct json_object *orch_jobs_list (struct cbw_orch *o);
 int orch_job_pause (struct cbw_orch *o, const char *id, bool pause, struct cbw_err *err);

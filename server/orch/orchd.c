@@ -21,7 +21,7 @@ usage (FILE *fp)
   fprintf (fp,
            "usage: cbwd-orch --state-dir DIR [--socket PATH] [--module-dir DIR]\n"
            "                 [--nbdkit 'CMD ...'] [--start-timeout SECS] [--stop-disks]\n"
-           "                 [--plugin chain|file]\n"
+           "                 [--plugin chain|file] [--freeze-hook NAME=/PATH]...\n"
            "       cbwd-orch --control-docs | --version\n"
            "Serves the cbwd control API on PATH (default DIR/control.sock).\n"
            "The environment variable CBW_NBDKIT overrides the nbdkit command.\n");
@@ -39,6 +39,7 @@ main (int argc, char **argv)
     { "stop-disks", no_argument, NULL, 'S' },
     { "plugin", required_argument, NULL, 'p' },
     { "control-docs", no_argument, NULL, 'D' },
+    { "freeze-hook", required_argument, NULL, 'F' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL }
@@ -46,6 +47,9 @@ main (int argc, char **argv)
   struct cbw_orch_config cfg = { .nbdkit = getenv ("CBW_NBDKIT") };
   bool stop_disks = false;
   int c;
+  char **hooks = calloc ((size_t) argc, sizeof *hooks);   /* checked by cbw_orch_open */
+  if (hooks == NULL) { perror ("calloc"); return 1; }
+  cfg.freeze_hooks = hooks;
 
   while ((c = getopt_long (argc, argv, "d:s:m:n:t:p:SDh", opts, NULL)) != -1) {
     switch (c) {
@@ -56,6 +60,7 @@ main (int argc, char **argv)
     case 't': cfg.start_timeout = atof (optarg); break;
     case 'S': stop_disks = true; break;
     case 'p': cfg.plugin = optarg; break;
+    case 'F': hooks[cfg.nfreeze_hooks++] = optarg; break;
     case 'D': {
       char *md = cbw_ctl_docs_markdown (&cbw_orch_ctl_table);
       if (md == NULL) { perror ("cbw_ctl_docs_markdown"); return 1; }
@@ -96,5 +101,6 @@ main (int argc, char **argv)
   int sig;
   sigwait (&set, &sig);
   cbw_orch_close (o, stop_disks);
+  free (hooks);
   return 0;
 }
