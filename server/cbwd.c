@@ -41,9 +41,11 @@ usage (FILE *f)
 "            [--tls=off|on|require] [--tls-psk FILE | --tls-certificates DIR\n"
 "             [--tls-verify-peer]]  (a TCP listener needs one of these)\n"
 "            [--pidfile FILE] [-v] [--version]\n"
-"            [--state-dir DIR [--control PATH] [--module-dir DIR]]  (orchestrator;\n"
+"            [--state-dir DIR [--control PATH] [--module-dir DIR]  (orchestrator;\n"
+"             [--pit-allow IDENTITY]... [--freeze-hook NAME=/PATH]...]\n"
 "             the config file may then declare \"disks\")\n"
 "export keys: path= size= limit= description= upstream= connections= release=on|off\n"
+"             allow=IDENTITY[;IDENTITY...] (psk:USER, x509:DN, *)\n"
 "             bitmap=NAME:raw:PATH:GRANULARITY | NAME:extents:PATH | NAME:store:DESC[:STORED]\n"
 "see cbwd(8).\n");
 }
@@ -81,6 +83,8 @@ main (int argc, char **argv)
     { "tls-psk", required_argument, 0, 'P' },
     { "tls-certificates", required_argument, 0, 'X' },
     { "tls-verify-peer", no_argument, 0, 'Y' },
+    { "pit-allow", required_argument, 0, 'A' },
+    { "freeze-hook", required_argument, 0, 'F' },
     { "help", no_argument, 0, 'h' },
     { "version", no_argument, 0, 'V' },
     { 0, 0, 0, 0 },
@@ -138,6 +142,18 @@ main (int argc, char **argv)
     case 'P': free (srv.tls.psk); srv.tls.psk = strdup (optarg); break;
     case 'X': free (srv.tls.certificates); srv.tls.certificates = strdup (optarg); break;
     case 'Y': srv.tls.verify_peer = true; break;
+    case 'A':
+      if (cbwd_add_pit_allow (&srv, optarg, &err) == -1) {
+        cbwd_log ("--pit-allow: %s", err.msg);
+        return 2;
+      }
+      break;
+    case 'F':
+      if (cbwd_add_freeze_hook (&srv, optarg, &err) == -1) {
+        cbwd_log ("--freeze-hook: %s", err.msg);
+        return 2;
+      }
+      break;
     case 'h': usage (stdout); free (listens); free (exports);
       free (srv.tls.psk); free (srv.tls.certificates); return 0;
     case 'V':
@@ -171,6 +187,10 @@ main (int argc, char **argv)
                                      &err) == -1) {
     cbwd_log ("%s", err.msg);
     return 1;
+  }
+  if (state_dir == NULL && srv.nfreeze_hooks) {
+    cbwd_log ("--freeze-hook needs the orchestrator (--state-dir)");
+    return 2;
   }
   if (srv.exports.n == 0 && state_dir == NULL) {
     cbwd_log ("no exports configured (--export or --config)");
@@ -212,7 +232,9 @@ main (int argc, char **argv)
                                   .exports = &orch_exports,
                                   .listen_paths = srv.unix_paths,
                                   .nlisten_paths = srv.nlisteners,
-                                  .warning = cbwd_server_tls_warning (&srv) };
+                                  .warning = cbwd_server_tls_warning (&srv),
+                                  .freeze_hooks = srv.freeze_hooks,
+                                  .nfreeze_hooks = srv.nfreeze_hooks };
     orch = cbw_orch_open (&oc, &err);
     if (orch == NULL || cbw_orch_apply_disks (orch, config_disks, config, &err) == -1 ||
         cbw_orch_serve (orch, &err) == -1) {
@@ -260,6 +282,7 @@ main (int argc, char **argv)
   cbwd_tls_creds_free (srv.tls_creds);
   free (srv.tls.psk);
   free (srv.tls.certificates);
+  cbwd_config_free (&srv);
   uv_loop_close (srv.loop);
   if (pidfile) unlink (pidfile);
   cbwd_log ("exited");

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <json-c/json.h>
 
@@ -50,7 +51,83 @@ cbwd_export_spec_free (struct cbwd_export_spec *s)
     free (s->bitmaps[i].name); free (s->bitmaps[i].source);
     free (s->bitmaps[i].path); free (s->bitmaps[i].stored);
   }
+  for (size_t i = 0; i < s->nallow; i++)
+    free (s->allow[i]);
+  free (s->allow);
   memset (s, 0, sizeof *s);
+}
+
+/* Append one string to a malloc'd vector. */
+static int
+strv_add (char ***v, size_t *n, const char *str, struct cbw_err *err)
+{
+  char **nv = realloc (*v, (*n + 1) * sizeof *nv);
+  if (!nv) return cbw_err_set (err, ENOMEM, "out of memory");
+  *v = nv;
+  if (!(nv[*n] = strdup (str))) return cbw_err_set (err, ENOMEM, "out of memory");
+  (*n)++;
+  return 0;
+}
+
+/* allow=ID[;ID...]: identities are checked here, so a typo fails start-up. */
+static int
+spec_allow (struct cbwd_export_spec *s, const char *list, struct cbw_err *err)
+{
+  CLEANUP_FREE char *copy = strdup (list);
+  if (!copy) return cbw_err_set (err, ENOMEM, "out of memory");
+  s->has_allow = 1;
+  char *save = NULL;
+  for (char *t = strtok_r (copy, ";", &save); t; t = strtok_r (NULL, ";", &save))
+    if (cbwd_allow_check (t, err) == -1 || strv_add (&s->allow, &s->nallow, t, err) == -1)
+      return -1;
+  return 0;
+}
+
+int
+cbwd_add_pit_allow (struct cbwd_server *srv, const char *identity, struct cbw_err *err)
+{
+  if (cbwd_allow_check (identity, err) == -1)
+    return cbw_err_prefix (err, "pit-allow");
+  return strv_add (&srv->pit_allow, &srv->npit_allow, identity, err);
+}
+
+int
+cbwd_add_freeze_hook (struct cbwd_server *srv, const char *spec, struct cbw_err *err)
+{
+  const char *eq = strchr (spec, '=');
+  if (!eq || eq == spec)
+    return cbw_err_set (err, EINVAL, "freeze hook '%s': expected NAME=/PATH/TO/PROGRAM", spec);
+  for (const char *p = spec; p < eq; p++)
+    if (!isalnum ((unsigned char) *p) && *p != '.' && *p != '_' && *p != '-')
+      return cbw_err_set (err, EINVAL, "freeze hook '%.*s': a name is letters, digits, "
+                          "'.', '_' and '-'", (int) (eq - spec), spec);
+  if (eq - spec > 64)
+    return cbw_err_set (err, EINVAL, "freeze hook name longer than 64 characters");
+  const char *path = eq + 1;
+  if (path[0] != '/')
+    return cbw_err_set (err, EINVAL, "freeze hook '%.*s': '%s' is not an absolute path "
+                        "(hooks are programs run without a shell)", (int) (eq - spec), spec,
+                        path);
+  if (access (path, X_OK) == -1)
+    return cbw_err_set (err, errno, "freeze hook '%.*s': %s: %s", (int) (eq - spec), spec,
+                        path, strerror (errno));
+  size_t nl = (size_t) (eq - spec) + 1;
+  for (size_t i = 0; i < srv->nfreeze_hooks; i++)
+    if (strncmp (srv->freeze_hooks[i], spec, nl) == 0)
+      return cbw_err_set (err, EEXIST, "freeze hook '%.*s' defined twice", (int) (eq - spec),
+                          spec);
+  return strv_add (&srv->freeze_hooks, &srv->nfreeze_hooks, spec, err);
+}
+
+void
+cbwd_config_free (struct cbwd_server *srv)
+{
+  for (size_t i = 0; i < srv->npit_allow; i++) free (srv->pit_allow[i]);
+  free (srv->pit_allow);
+  for (size_t i = 0; i < srv->nfreeze_hooks; i++) free (srv->freeze_hooks[i]);
+  free (srv->freeze_hooks);
+  srv->pit_allow = srv->freeze_hooks = NULL;
+  srv->npit_allow = srv->nfreeze_hooks = 0;
 }
 
 static int
@@ -141,6 +218,7 @@ cbwd_parse_export_kv (const char *kv, struct cbwd_export_spec *s, struct cbw_err
       else r = cbw_err_set (err, EINVAL, "direct must be on or off");
     }
     else if (strcmp (k, "bitmap") == 0) r = parse_bitmap_kv (v, s, err);
+    else if (strcmp (k, "allow") == 0) r = spec_allow (s, v, err);
     else if (strcmp (k, "state-file") == 0) r = set_str (&s->state_file, v, k, err);
     else if (strcmp (k, "live-file") == 0) r = set_str (&s->live_file, v, k, err);
     else if (strcmp (k, "store-file") == 0) r = set_str (&s->store_file, v, k, err);
@@ -212,6 +290,11 @@ cbwd_build_export (const struct cbwd_export_spec *s, struct cbw_err *err)
     return NULL;
   }
   if (!e) return NULL;
+  e->tcp_deny_default = strcmp (e->ops->type, "store") == 0;
+  for (size_t i = 0; i < s->nallow; i++)
+    if (cbwd_export_allow (e, s->allow[i], err) == -1)
+      goto fail;
+  e->has_allow = s->has_allow != 0;
   if (s->description && !(e->description = strdup (s->description))) {
     cbw_err_set (err, ENOMEM, "out of memory");
     goto fail;
@@ -306,7 +389,7 @@ json_export (struct json_object *o, struct cbwd_export_spec *s, struct cbw_err *
 {
   static const char *const keys[] = { "name", "type", "path", "description", "upstream",
     "size", "limit", "connections", "release", "direct", "bitmaps", "state-file", "live-file",
-    "store-file", "state-granularity", NULL };
+    "store-file", "state-granularity", "allow", NULL };
   static const char *const bkeys[] = { "name", "source", "path", "granularity", "bitmap", NULL };
   memset (s, 0, sizeof *s);
   s->release = -1;
@@ -336,6 +419,21 @@ json_export (struct json_object *o, struct cbwd_export_spec *s, struct cbw_err *
     if (!json_object_is_type (v, json_type_boolean))
       return cbw_err_set (err, EINVAL, "%s: \"direct\" must be true or false", s->name);
     s->direct = json_object_get_boolean (v);
+  }
+  if (json_object_object_get_ex (o, "allow", &v)) {
+    if (!json_object_is_type (v, json_type_array))
+      return cbw_err_set (err, EINVAL, "%s: \"allow\" must be an array of identities",
+                          s->name);
+    s->has_allow = 1;
+    for (size_t i = 0; i < json_object_array_length (v); i++) {
+      struct json_object *a = json_object_array_get_idx (v, i);
+      if (!json_object_is_type (a, json_type_string))
+        return cbw_err_set (err, EINVAL, "%s: \"allow\" must be an array of identities",
+                            s->name);
+      if (cbwd_allow_check (json_object_get_string (a), err) == -1 ||
+          strv_add (&s->allow, &s->nallow, json_object_get_string (a), err) == -1)
+        return cbw_err_prefix (err, "%s", s->name);
+    }
   }
   if (json_object_object_get_ex (o, "bitmaps", &v)) {
     if (!json_object_is_type (v, json_type_array))
@@ -490,7 +588,7 @@ cbwd_load_config_ex (const char *path, struct cbwd_server *srv, struct json_obje
   static const char *const keys[] = { "listen", "exports", "max-connections",
                                       "handshake-timeout", "disks", "tls",
                                       "tls-certificates", "tls-psk", "tls-verify-peer",
-                                      NULL };
+                                      "pit-allow", "freeze-hooks", NULL };
   if (disks) *disks = NULL;
   if (!json_object_is_type (root, json_type_object)) {
     cbw_err_set (err, EINVAL, "%s: not a JSON object", path);
@@ -508,6 +606,50 @@ cbwd_load_config_ex (const char *path, struct cbwd_server *srv, struct json_obje
   if (json_object_object_get_ex (root, "handshake-timeout", &v))
     srv->limits.handshake_timeout_ms = json_object_get_int (v) * 1000;
   if (config_tls (root, path, &srv->tls, err) == -1) goto out;
+  if (json_object_object_get_ex (root, "pit-allow", &v)) {
+    if (!json_object_is_type (v, json_type_array)) {
+      cbw_err_set (err, EINVAL, "%s: \"pit-allow\" must be an array of identities", path);
+      goto out;
+    }
+    for (size_t i = 0; i < json_object_array_length (v); i++) {
+      struct json_object *a = json_object_array_get_idx (v, i);
+      if (!json_object_is_type (a, json_type_string)) {
+        cbw_err_set (err, EINVAL, "%s: \"pit-allow\" must be an array of identities", path);
+        goto out;
+      }
+      if (cbwd_add_pit_allow (srv, json_object_get_string (a), err) == -1) {
+        cbw_err_prefix (err, "%s", path);
+        goto out;
+      }
+    }
+  }
+  if (json_object_object_get_ex (root, "freeze-hooks", &v)) {
+    if (disks == NULL) {
+      cbw_err_set (err, EINVAL, "%s: \"freeze-hooks\" needs the orchestrator (--state-dir)",
+                   path);
+      goto out;
+    }
+    if (!json_object_is_type (v, json_type_object)) {
+      cbw_err_set (err, EINVAL, "%s: \"freeze-hooks\" must be an object NAME: \"/PATH\"",
+                   path);
+      goto out;
+    }
+    json_object_object_foreach (v, hname, hpath) {
+      CLEANUP_FREE char *spec = NULL;
+      if (!json_object_is_type (hpath, json_type_string)) {
+        cbw_err_set (err, EINVAL, "%s: freeze-hooks.%s must be a path", path, hname);
+        goto out;
+      }
+      if (asprintf (&spec, "%s=%s", hname, json_object_get_string (hpath)) == -1) {
+        cbw_err_set (err, ENOMEM, "out of memory");
+        goto out;
+      }
+      if (cbwd_add_freeze_hook (srv, spec, err) == -1) {
+        cbw_err_prefix (err, "%s", path);
+        goto out;
+      }
+    }
+  }
   if (json_object_object_get_ex (root, "listen", &v)) {
     if (!json_object_is_type (v, json_type_array)) {
       cbw_err_set (err, EINVAL, "%s: \"listen\" must be an array of strings", path);

@@ -35,6 +35,11 @@ struct cbwd_export_spec {
   int debug_no_recheck;
   size_t nbitmaps;
   struct cbwd_bitmap_spec bitmaps[CBWD_MAX_BITMAPS];
+  /* allow= identities (export.h: cbwd_export_allowed); has_allow is set
+   * even when the list ends up empty */
+  size_t nallow;
+  char **allow;
+  int has_allow;
 };
 
 void cbwd_export_spec_free (struct cbwd_export_spec *s);
@@ -59,6 +64,15 @@ int cbwd_load_config_ex (const char *path, struct cbwd_server *srv,
 /* Just the "disks" section of parsed config `root` (see above). */
 int cbwd_config_disks (struct json_object *root, const char *path,
                        struct json_object **disks, struct cbw_err *err);
+/* --pit-allow ID: one more identity for the orchestrator's PIT exports. */
+int cbwd_add_pit_allow (struct cbwd_server *srv, const char *identity,
+                        struct cbw_err *err);
+/* --freeze-hook NAME=PATH: a named freeze hook (NAME: letters, digits,
+ * '.', '_', '-'; PATH: an absolute path to an executable). */
+int cbwd_add_freeze_hook (struct cbwd_server *srv, const char *spec,
+                          struct cbw_err *err);
+/* Free what the two above (and the config file) stored in srv. */
+void cbwd_config_free (struct cbwd_server *srv);
 /* Append to the export list: start-up or the loop thread only (from other
  * threads use cbwd_server_add_export()). */
 int cbwd_add_export (struct cbwd_server *srv, struct cbwd_export *e,

@@ -942,6 +942,7 @@ tls_read (struct cbwd_conn *c, const uint8_t *ct, size_t len)
     if (rc == 0) return;            /* more handshake input needed */
     c->tls_ready = true;
     if (id) c->identity = strdup (id);
+    c->sess.identity = c->identity;
     char desc[256];
     pthread_mutex_lock (&c->tls_lock);
     cbwd_tls_description (c->tls, desc, sizeof desc);
@@ -1045,6 +1046,7 @@ on_connection (uv_stream_t *server, int status)
    * their file mode) offer TLS when it is configured but never require it. */
   c->sess.tls_mode = !srv->tls_creds ? CBWD_TLS_OFF
                    : tcp ? (enum cbwd_tls_mode) srv->tls.mode : CBWD_TLS_ON;
+  c->sess.tcp = tcp;
   uv_os_fd_t fd;
   if (uv_accept (server, &c->h.stream) != 0 ||
       uv_fileno (&c->h.handle, &fd) != 0) {

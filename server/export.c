@@ -197,9 +197,54 @@ cbwd_export_free (struct cbwd_export *e)
     if (e->metas[i].free)
       e->metas[i].free (&e->metas[i]);
   free (e->metas);
+  for (size_t i = 0; i < e->nallow; i++)
+    free (e->allow[i]);
+  free (e->allow);
   free (e->name);
   free (e->description);
   free (e);
+}
+
+bool
+cbwd_export_allowed (const struct cbwd_export *e, bool tcp, const char *identity)
+{
+  if (!tcp)
+    return true;
+  if (!e->has_allow)
+    return !e->tcp_deny_default;
+  for (size_t i = 0; i < e->nallow; i++) {
+    if (strcmp (e->allow[i], "*") == 0)
+      return true;
+    if (identity && strcmp (e->allow[i], identity) == 0)
+      return true;
+  }
+  return false;
+}
+
+int
+cbwd_allow_check (const char *id, struct cbw_err *err)
+{
+  if (strcmp (id, "*") == 0 ||
+      (strncmp (id, "psk:", 4) == 0 && id[4]) ||
+      (strncmp (id, "x509:", 5) == 0 && id[5]))
+    return 0;
+  return cbw_err_set (err, EINVAL, "allow: '%s' is not an identity "
+                      "(psk:USER, x509:DN or *)", id);
+}
+
+int
+cbwd_export_allow (struct cbwd_export *e, const char *identity, struct cbw_err *err)
+{
+  if (cbwd_allow_check (identity, err) == -1)
+    return -1;
+  char **v = realloc (e->allow, (e->nallow + 1) * sizeof *v);
+  if (!v) return cbw_err_set (err, ENOMEM, "out of memory");
+  e->allow = v;
+  if (!(v[e->nallow] = strdup (identity)))
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  e->nallow++;
+  e->has_allow = true;
+  return 0;
 }
 
 void

@@ -103,7 +103,27 @@ struct cbwd_export {
   void *priv;                       /* backend state */
   size_t nmetas;
   struct cbwd_meta *metas;          /* context id = index */
+  /* Authorization (export.c: cbwd_export_allowed), set before the export
+   * is published and immutable afterwards: the identities that may open
+   * it over TCP ("psk:USER", "x509:DN", "*" = any TCP client), and whether
+   * it has an allow list at all.  Without one, store exports are refused
+   * on TCP and the others are open to every client of the listener. */
+  char **allow;
+  size_t nallow;
+  bool has_allow;
+  bool tcp_deny_default;            /* store: TCP only through allow= */
 };
+
+/* May a client open export e?  tcp: it came in on a TCP listener (Unix
+ * listeners are protected by their file mode: everything is allowed);
+ * identity: its TLS identity, NULL without one. */
+bool cbwd_export_allowed (const struct cbwd_export *e, bool tcp,
+                          const char *identity);
+/* Add one identity to e's allow list (sets has_allow); 0 or -1 (ENOMEM). */
+int cbwd_export_allow (struct cbwd_export *e, const char *identity,
+                       struct cbw_err *err);
+/* Check an identity as written in allow= ("*", "psk:USER", "x509:DN"). */
+int cbwd_allow_check (const char *identity, struct cbw_err *err);
 
 /* Meta context providers.  name is the full context name. */
 int cbwd_export_add_meta (struct cbwd_export *e, const struct cbwd_meta *m,

@@ -16,10 +16,21 @@
 #include "export_admin.h"
 #include "server.h"
 
+/* Authorization of run-time exports: stores are never reachable from TCP
+ * (the cbw filter writes them through the Unix listener); PIT exports get
+ * cbwd's --pit-allow list, or none (every client of a listener). */
 static int
 publish (struct cbwd_server *srv, struct cbwd_export *e, char *uri_out,
          size_t uri_len, struct cbw_err *err)
 {
+  bool is_store = strcmp (e->ops->type, "store") == 0;
+  e->tcp_deny_default = is_store;
+  if (!is_store)
+    for (size_t i = 0; i < srv->npit_allow; i++)
+      if (cbwd_export_allow (e, srv->pit_allow[i], err) == -1) {
+        cbwd_export_unref (e);
+        return -1;
+      }
   char *uri = cbwd_server_uri (srv, e->name);
   if (!uri || strlen (uri) >= uri_len) {
     free (uri);

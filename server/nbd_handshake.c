@@ -16,6 +16,11 @@
  * malformed option gets NBD_REP_ERR_INVALID (the client may continue); only
  * EXPORT_NAME failures close the connection, as the spec requires.
  *
+ * Authorization: every lookup by name goes through find_export(), which
+ * treats an export the client may not open (cbwd_export_allowed) as
+ * missing, and LIST shows only what the client may open, so export names
+ * do not leak to clients that cannot use them.
+ *
  * Threads: runs on the connection's owner thread only; no locking (exports
  * and their context lists are immutable).
  */
@@ -86,6 +91,16 @@ clear_selection (struct cbwd_session *s)
   s->meta_export = NULL;
 }
 
+/* The export named (name, len) if it exists and this client may open it. */
+static struct cbwd_export *
+find_export (struct cbwd_session *s, const uint8_t *name, uint32_t len)
+{
+  struct cbwd_export *e = cbwd_exports_find (s->exports, (const char *) name, len);
+  if (e && !cbwd_export_allowed (e, s->tcp, s->identity))
+    return NULL;
+  return e;
+}
+
 static uint16_t
 export_flags (struct cbwd_session *s, const struct cbwd_export *e)
 {
@@ -114,7 +129,7 @@ opt_export_name (struct cbwd_session *s, const uint8_t *d, uint32_t len)
     s->close_reason = "NBD_OPT_EXPORT_NAME: bad export name";
     return -1;
   }
-  struct cbwd_export *e = cbwd_exports_find (s->exports, (const char *) d, len);
+  struct cbwd_export *e = find_export (s, d, len);
   if (!e) {
     s->close_reason = "NBD_OPT_EXPORT_NAME: unknown export";
     return -1;
@@ -136,6 +151,8 @@ opt_list (struct cbwd_session *s, uint32_t opt, uint32_t len)
     return reply_err (s, opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST: unexpected data");
   for (size_t i = 0; i < s->exports->n; i++) {
     const struct cbwd_export *e = s->exports->v[i];
+    if (!cbwd_export_allowed (e, s->tcp, s->identity))
+      continue;
     uint32_t nl = strlen (e->name);
     uint32_t dl = e->description ? strlen (e->description) : 0;
     uint8_t l[4];
@@ -179,7 +196,7 @@ opt_info_go (struct cbwd_session *s, uint32_t opt, const uint8_t *d, uint32_t le
     return reply_err (s, opt, NBD_REP_ERR_INVALID, "%s: bad information request count", what);
   if (!valid_string (name, nl))
     return reply_err (s, opt, NBD_REP_ERR_INVALID, "%s: bad export name", what);
-  struct cbwd_export *e = cbwd_exports_find (s->exports, (const char *) name, nl);
+  struct cbwd_export *e = find_export (s, name, nl);
   if (!e)
     return reply_err (s, opt, NBD_REP_ERR_UNKNOWN, "%s: no export named '%.*s'", what,
                       (int) (nl > 200 ? 200 : nl), (const char *) name);
@@ -258,7 +275,7 @@ opt_meta (struct cbwd_session *s, uint32_t opt, const uint8_t *d, uint32_t len)
   }
   if (pos != len)
     return reply_err (s, opt, NBD_REP_ERR_INVALID, "%s: trailing data", what);
-  struct cbwd_export *e = cbwd_exports_find (s->exports, (const char *) d + 4, nl);
+  struct cbwd_export *e = find_export (s, d + 4, nl);
   if (!e)
     return reply_err (s, opt, NBD_REP_ERR_UNKNOWN, "%s: no export named '%.*s'", what,
                       (int) (nl > 200 ? 200 : nl), (const char *) d + 4);

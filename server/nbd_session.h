@@ -99,6 +99,10 @@ struct cbwd_session {
   bool structured;
   enum cbwd_tls_mode tls_mode;       /* set by the owner before the first feed */
   bool tls_active;                   /* TLS handshake completed */
+  /* Authorization (cbwd_export_allowed): set by the owner.  An export the
+   * client may not open is answered exactly like a missing one. */
+  bool tcp;                          /* came in on a TCP listener */
+  const char *identity;              /* TLS identity (owner's string), or NULL */
   struct cbwd_export *meta_export;   /* export the selection below is for */
   size_t nsel;
   uint32_t *sel;                     /* selected context ids (indices) */

@@ -56,6 +56,15 @@ struct cbwd_server {
   struct cbwd_tls_config tls;
   struct cbwd_tls_creds *tls_creds;
   bool any_tcp;                    /* a TCP listener exists */
+  /* Set at start-up, read-only afterwards (config.c):
+   * pit_allow: the allow list given to the orchestrator's run-time PIT
+   *   exports (--pit-allow, "pit-allow"); none = every client of a listener;
+   * freeze_hooks: the orchestrator's named freeze hooks, "NAME=/PATH"
+   *   (--freeze-hook, "freeze-hooks"), run without a shell. */
+  char **pit_allow;
+  size_t npit_allow;
+  char **freeze_hooks;
+  size_t nfreeze_hooks;
 };
 
 /* Add a listener: "unix:PATH" or "tcp:HOST:PORT" ([v6]:PORT allowed).

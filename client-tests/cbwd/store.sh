@@ -3,7 +3,8 @@
 # qemu-io writes/reads/discards/zeroes checked against a local model file,
 # TRIM releases space, the allocation limit fails writes with ENOSPC without
 # disturbing other clients or filling the host, nbdcopy full pulls with 1
-# and 4 connections over Unix and TCP equal the source.
+# and 4 connections over Unix and TCP equal the source.  (A store is served
+# on TCP only through allow=; this listener is plain, so allow=* opens it.)
 . "$(dirname "$0")/../functions.sh"
 . "$(dirname "$0")/lib.sh"
 requires qemu-io; requires nbdcopy; requires nbdinfo
@@ -12,8 +13,8 @@ PORT=$(( 20000 + RANDOM % 20000 ))
 SIZE=$((48 * 1024 * 1024))
 
 start_cbwd cbwd --listen "tcp:127.0.0.1:$PORT" --tls=off \
-  --export "name=store,type=store,path=$T/store.img,size=$SIZE" \
-  --export "name=small,type=store,path=$T/small.img,size=$SIZE,limit=1M"
+  --export "name=store,type=store,path=$T/store.img,size=$SIZE,allow=*" \
+  --export "name=small,type=store,path=$T/small.img,size=$SIZE,limit=1M,allow=*"
 S=$(uri store)
 
 # 1. qemu-io patterns; the same operations are applied to a local model file.

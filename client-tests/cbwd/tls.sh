@@ -79,7 +79,8 @@ PORT=$(free_port)
 cat > $T/cbwd.json <<EOF
 { "listen": ["tcp:127.0.0.1:$PORT"], "tls": "require", "tls-psk": "psk/keys.psk",
   "exports": [ { "name": "disk", "type": "file", "path": "$T/disk.img" },
-               { "name": "store", "type": "store", "path": "$T/store.img", "size": "$SIZE" },
+               { "name": "store", "type": "store", "path": "$T/store.img", "size": "$SIZE",
+                 "allow": ["psk:alice"] },
                { "name": "pit", "type": "pit", "upstream": "nbd+unix:///?socket=$T/up.sock",
                  "connections": 4 } ] }
 EOF
