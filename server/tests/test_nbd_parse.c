@@ -1,7 +1,8 @@
 /* cbw — server/tests/test_nbd_parse.c: Criterion tests of cbwd's protocol
  * parsers without sockets: the session framing (any fragmentation), option
  * handling, request validation, reply layout, extent lists, the dirty-bitmap
- * context and the config parsers.  Expected bytes are written out from the
+ * context, the config parsers, and authorization (a refused export answered
+ * byte for byte like a missing one, LIST filtered per identity).  Expected bytes are written out from the
  * NBD spec here, not derived from cbwd's own encoders.
  */
 #include <criterion/criterion.h>
@@ -608,4 +609,133 @@ Test (session, starttls_forgets_earlier_negotiation)
   cr_assert_eq (s.nsel, 0, "meta contexts survived STARTTLS");
   cr_assert_null (s.meta_export);
   cbwd_session_free (&s);
+}
+
+/* Authorization: "ro" may be opened over TCP by psk:alice only, "mem" is
+ * denied over TCP by default (as a store).  A refused export must be
+ * answered byte for byte like a missing one, and LIST must not show it. */
+static void
+authz_start (struct cbwd_session *s, bool tcp, const char *identity)
+{
+  struct cbw_err err = { 0 };
+  if (!ro->has_allow)
+    cr_assert (cbwd_export_allow (ro, "psk:alice", &err) == 0, "%s", err.msg);
+  mem->tcp_deny_default = true;
+  start (s);
+  s->tcp = tcp;
+  s->identity = identity;
+}
+
+/* The names LIST shows, joined with spaces. */
+static void
+list_names (struct cbwd_session *s, char *out, size_t outlen)
+{
+  uint8_t b[32];
+  size_t pos = s->out.len, n = 0;
+  uint32_t len, t;
+  out[0] = 0;
+  cbwd_session_feed (s, b, put_opt (b, NBD_OPT_LIST, NULL, 0));
+  while ((t = next_reply (s, &pos, &len)) == NBD_REP_SERVER) {
+    const uint8_t *p = s->out.data + pos - len;
+    uint32_t nl = get_be32 (p);
+    n += snprintf (out + n, outlen - n, "%s%.*s", n ? " " : "", (int) nl, (const char *) p + 4);
+  }
+  cr_assert_eq (t, NBD_REP_ACK);
+  s->out.len = 0;
+}
+
+/* The option reply bytes for opt on export name (session left as is). */
+static size_t
+reply_bytes (struct cbwd_session *s, uint32_t opt, const char *name, uint8_t *out, size_t max)
+{
+  uint8_t b[256], d[128];
+  size_t dl;
+  if (opt == NBD_OPT_LIST_META_CONTEXT) {
+    uint32_t n = strlen (name);
+    put_be32 (d, n); memcpy (d + 4, name, n); put_be32 (d + 4 + n, 0);
+    dl = 8 + n;
+  }
+  else
+    dl = go_data (d, name);
+  s->out.len = 0;
+  cbwd_session_feed (s, b, put_opt (b, opt, d, dl));
+  cr_assert (s->out.len <= max);
+  memcpy (out, s->out.data, s->out.len);
+  return s->out.len;
+}
+
+Test (session, authz_refused_is_missing)
+{
+  struct cbwd_session s;
+  char names[128];
+  authz_start (&s, true, "psk:bob");
+  list_names (&s, names, sizeof names);
+  cr_assert_str_eq (names, "");
+  static const uint32_t opts[] = { NBD_OPT_INFO, NBD_OPT_GO, NBD_OPT_LIST_META_CONTEXT };
+  for (size_t i = 0; i < 3; i++) {
+    uint8_t a[512], m[512];
+    size_t al = reply_bytes (&s, opts[i], "ro", a, sizeof a);
+    size_t ml = reply_bytes (&s, opts[i], "rx", m, sizeof m);
+    cr_assert (al > 20);
+    cr_assert_eq (get_be32 (a + 12), NBD_REP_ERR_UNKNOWN);
+    /* same bytes but for the name inside the message */
+    cr_assert_eq (al, ml);
+    for (size_t k = 0; k < al; k++)
+      if (a[k] != m[k])
+        cr_assert (a[k] == 'o' && m[k] == 'x', "option %u: byte %zu differs", opts[i], k);
+    cr_assert_eq (reply_bytes (&s, opts[i], "mem", a, sizeof a) > 20, true);
+    cr_assert_eq (get_be32 (a + 12), NBD_REP_ERR_UNKNOWN);
+  }
+  cr_assert_eq (s.state, SS_OPT_HEADER);
+  /* EXPORT_NAME of a refused export closes, as for a missing one */
+  uint8_t b[64];
+  cbwd_session_feed (&s, b, put_opt (b, NBD_OPT_EXPORT_NAME, "ro", 2));
+  cr_assert (cbwd_session_closed (&s));
+  cr_assert_null (s.exp);
+  cbwd_session_free (&s);
+}
+
+Test (session, authz_allowed_identity_and_unix)
+{
+  struct cbwd_session s;
+  char names[128];
+  authz_start (&s, true, "psk:alice");
+  list_names (&s, names, sizeof names);
+  cr_assert_str_eq (names, "ro");            /* mem (a "store") is not on TCP */
+  go (&s, "ro", false);
+  cr_assert_eq (s.exp, ro);
+  cbwd_session_free (&s);
+  /* no identity (plain TCP): neither */
+  authz_start (&s, true, NULL);
+  list_names (&s, names, sizeof names);
+  cr_assert_str_eq (names, "");
+  cbwd_session_free (&s);
+  /* Unix listener: everything */
+  authz_start (&s, false, NULL);
+  list_names (&s, names, sizeof names);
+  cr_assert_str_eq (names, "mem ro");
+  go (&s, "mem", false);
+  cbwd_session_free (&s);
+}
+
+Test (session, authz_rules)
+{
+  struct cbw_err err = { 0 };
+  struct cbwd_export *e = cbwd_export_memory_new ("e", 4096, true, &err);
+  cr_assert_not_null (e);
+  cr_assert (cbwd_export_allowed (e, true, NULL));        /* no list: open */
+  e->tcp_deny_default = true;
+  cr_assert (!cbwd_export_allowed (e, true, "psk:a"));    /* store default */
+  cr_assert (cbwd_export_allowed (e, false, NULL));       /* Unix */
+  cr_assert (cbwd_export_allow (e, "psk:a", &err) == 0);
+  cr_assert (cbwd_export_allowed (e, true, "psk:a"));
+  cr_assert (!cbwd_export_allowed (e, true, "psk:ab"));
+  cr_assert (!cbwd_export_allowed (e, true, "x509:psk:a"));
+  cr_assert (!cbwd_export_allowed (e, true, NULL));
+  cr_assert (cbwd_export_allow (e, "*", &err) == 0);
+  cr_assert (cbwd_export_allowed (e, true, NULL));
+  static const char *const bad[] = { "", "a", "psk:", "x509:", "PSK:a", "tcp:a" };
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+    cr_assert (cbwd_export_allow (e, bad[i], &err) == -1, "'%s' accepted", bad[i]);
+  cbwd_export_free (e);
 }
