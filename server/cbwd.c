@@ -34,10 +34,11 @@ static void
 usage (FILE *f)
 {
   fprintf (f,
-"usage: cbwd [--config FILE] [--listen unix:PATH|tcp:HOST:PORT]...\n"
+"usage: cbwd [--config FILE] [--listen unix:PATH|tcp:HOST:PORT[,max-connections=N]]...\n"
 "            [--export name=NAME,type=store|file|pit,KEY=VALUE...]...\n"
 "            [--max-connections N] [--handshake-timeout SECS] [--threads N]\n"
-"            [--max-inflight-bytes SIZE]\n"
+"            [--max-inflight-bytes SIZE] [--max-memory SIZE] [--idle-timeout SECS]\n"
+"            [--max-connections-per-peer N]\n"
 "            [--tls=off|on|require] [--tls-psk FILE | --tls-certificates DIR\n"
 "             [--tls-verify-peer]]  (a TCP listener needs one of these)\n"
 "            [--pidfile FILE] [-v] [--version]\n"
@@ -75,6 +76,9 @@ main (int argc, char **argv)
     { "threads", required_argument, 0, 'T' },
     { "pidfile", required_argument, 0, 'p' },
     { "max-inflight-bytes", required_argument, 0, 'B' },
+    { "max-memory", required_argument, 0, 'G' },
+    { "idle-timeout", required_argument, 0, 'I' },
+    { "max-connections-per-peer", required_argument, 0, 'N' },
     { "verbose", no_argument, 0, 'v' },
     { "state-dir", required_argument, 0, 'S' },
     { "control", required_argument, 0, 'C' },
@@ -95,6 +99,9 @@ main (int argc, char **argv)
   srv.limits.max_inflight = 64;
   srv.limits.max_inflight_bytes = 8ULL * 1024 * 1024;
   srv.limits.handshake_timeout_ms = 30000;
+  srv.limits.max_memory = CBWD_DEFAULT_MAX_MEMORY;
+  srv.limits.idle_timeout_ms = 300 * 1000;
+  srv.limits.max_conns_per_peer = 64;
   srv.tls.mode = -1;
   srv.loop = uv_default_loop ();
   const char *config = NULL, *pidfile = NULL;
@@ -126,6 +133,24 @@ main (int argc, char **argv)
       if (cbwd_parse_size (optarg, &srv.limits.max_inflight_bytes) == -1 ||
           srv.limits.max_inflight_bytes < 65536) {
         cbwd_log ("--max-inflight-bytes %s: expected a size >= 64K", optarg);
+        return 2;
+      }
+      break;
+    case 'G':
+      if (cbwd_parse_limit (optarg, "max-memory", &srv.limits, &err) == -1) {
+        cbwd_log ("%s", err.msg);
+        return 2;
+      }
+      break;
+    case 'I':
+      if (cbwd_parse_limit (optarg, "idle-timeout", &srv.limits, &err) == -1) {
+        cbwd_log ("%s", err.msg);
+        return 2;
+      }
+      break;
+    case 'N':
+      if (cbwd_parse_limit (optarg, "max-connections-per-peer", &srv.limits, &err) == -1) {
+        cbwd_log ("%s", err.msg);
         return 2;
       }
       break;

@@ -567,6 +567,47 @@ config_tls (struct json_object *root, const char *path, struct cbwd_tls_config *
 }
 
 int
+cbwd_parse_limit (const char *str, const char *key, struct cbwd_limits *l,
+                  struct cbw_err *err)
+{
+  if (strcmp (key, "max-memory") == 0) {
+    uint64_t v;
+    if (cbwd_parse_size (str, &v) == -1 || v < CBWD_MIN_MAX_MEMORY)
+      return cbw_err_set (err, EINVAL, "max-memory %s: expected a size >= 64M", str);
+    l->max_memory = v;
+    return 0;
+  }
+  char *end;
+  errno = 0;
+  unsigned long v = strtoul (str, &end, 10);
+  if (errno || end == str || *end || str[0] == '-' || v > 1000000)
+    return cbw_err_set (err, EINVAL, "%s %s: expected a number 0..1000000", key, str);
+  if (strcmp (key, "idle-timeout") == 0)
+    l->idle_timeout_ms = (unsigned) v * 1000;
+  else if (strcmp (key, "max-connections-per-peer") == 0)
+    l->max_conns_per_peer = (unsigned) v;
+  else
+    return cbw_err_set (err, EINVAL, "unknown limit %s", key);
+  return 0;
+}
+
+/* JSON: a limit as a number or a string ("256M"). */
+static int
+config_limit (struct json_object *root, const char *key, const char *path,
+              struct cbwd_limits *l, struct cbw_err *err)
+{
+  struct json_object *v;
+  if (!json_object_object_get_ex (root, key, &v)) return 0;
+  if (!json_object_is_type (v, json_type_int) && !json_object_is_type (v, json_type_string))
+    return cbw_err_set (err, EINVAL, "%s: \"%s\" must be a number or a string", path, key);
+  if (cbwd_parse_limit (json_object_get_string (v), key, l, err) == -1) {
+    cbw_err_prefix (err, "%s", path);
+    return -1;
+  }
+  return 0;
+}
+
+int
 cbwd_load_config (const char *path, struct cbwd_server *srv, struct cbw_err *err)
 {
   return cbwd_load_config_ex (path, srv, NULL, err);
@@ -588,7 +629,10 @@ cbwd_load_config_ex (const char *path, struct cbwd_server *srv, struct json_obje
   static const char *const keys[] = { "listen", "exports", "max-connections",
                                       "handshake-timeout", "disks", "tls",
                                       "tls-certificates", "tls-psk", "tls-verify-peer",
-                                      "pit-allow", "freeze-hooks", NULL };
+                                      "pit-allow", "freeze-hooks",
+
+                                      "max-memory", "idle-timeout",
+                                      "max-connections-per-peer", NULL };
   if (disks) *disks = NULL;
   if (!json_object_is_type (root, json_type_object)) {
     cbw_err_set (err, EINVAL, "%s: not a JSON object", path);
@@ -605,6 +649,10 @@ cbwd_load_config_ex (const char *path, struct cbwd_server *srv, struct json_obje
     srv->limits.max_connections = json_object_get_int (v);
   if (json_object_object_get_ex (root, "handshake-timeout", &v))
     srv->limits.handshake_timeout_ms = json_object_get_int (v) * 1000;
+  if (config_limit (root, "max-memory", path, &srv->limits, err) == -1 ||
+      config_limit (root, "idle-timeout", path, &srv->limits, err) == -1 ||
+      config_limit (root, "max-connections-per-peer", path, &srv->limits, err) == -1)
+    goto out;
   if (config_tls (root, path, &srv->tls, err) == -1) goto out;
   if (json_object_object_get_ex (root, "pit-allow", &v)) {
     if (!json_object_is_type (v, json_type_array)) {

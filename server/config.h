@@ -48,6 +48,16 @@ int cbwd_parse_export_kv (const char *kv, struct cbwd_export_spec *s,
                           struct cbw_err *err);
 /* Size with optional K/M/G/T suffix (powers of 1024). */
 int cbwd_parse_size (const char *str, uint64_t *out);
+
+/* Smallest --max-memory: two requests of the largest size (32 MiB). */
+#define CBWD_MIN_MAX_MEMORY (64ULL * 1024 * 1024)
+#define CBWD_DEFAULT_MAX_MEMORY (256ULL * 1024 * 1024)
+struct cbwd_limits;
+/* Set one of the connection bounds from its option string: "max-memory"
+ * (a size >= 64M), "idle-timeout" (seconds, 0 = never),
+ * "max-connections-per-peer" (0 = no limit).  Returns 0 or -1 with err. */
+int cbwd_parse_limit (const char *str, const char *key, struct cbwd_limits *l,
+                      struct cbw_err *err);
 struct cbwd_export *cbwd_build_export (const struct cbwd_export_spec *s,
                                        struct cbw_err *err);
 /* Load a JSON config: listeners are added to srv, exports appended. */

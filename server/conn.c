@@ -40,6 +40,20 @@
  * never reads its replies only slows itself.  A client still in the
  * handshake after handshake_timeout_ms is dropped.
  *
+ * Bounds across connections: srv->mem_used sums the held bytes of all
+ * connections; a request is admitted only while it is below max_memory
+ * (so the sum overshoots by at most one request, <= 32 MiB + 256 bytes),
+ * and past max_memory (counting WRITE payloads read but not admitted,
+ * srv->pend_used) every connection stops reading.  Requests already
+ * admitted always execute and their replies drain, which is what brings
+ * the sum down: a stopped connection sets mem_blocked, and the release
+ * that follows wakes the loop (srv->mem_async, only while something waits:
+ * srv->mem_wait), which pumps the stopped connections again.  After the
+ * handshake the connection's timer checks idleness (idle_check): nothing
+ * in flight, waiting or held and nothing received for idle_timeout_ms
+ * closes it, and so does a reply backlog the client took nothing of.  Each listener has its own connection budget (so TCP peers cannot
+ * lock local Unix readers out) and TCP peers a budget per address.
+ *
  * TLS (tls.c, after NBD_OPT_STARTTLS): the stream slot stays the same;
  * only bytes change form.  Reading: the loop puts the ciphertext it reads
  * into the connection's TLS session and feeds the plaintext that comes out
@@ -68,8 +82,10 @@
  * connection, and the ready list is empty whenever nobody holds the token.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -141,6 +157,14 @@ struct cbwd_conn {
   bool tls_bye;                    /* loop: close_notify queued */
   uint8_t *tls_pbuf;               /* loop: plaintext out of TLS */
   char *identity;                  /* loop: authenticated peer, NULL if none */
+  struct cbwd_listener *listener;  /* loop: where it came from */
+  struct sockaddr_storage peer;    /* loop: TCP peer (its address is compared) */
+  bool has_peer;                   /* loop */
+  bool idle_armed;                 /* loop: timer checks idleness */
+  bool mem_blocked;                /* loop: stopped by the global memory bound */
+  bool tx_progress;                /* loop: a uv_write completed since the last check */
+  size_t wq_seen;                  /* loop: libuv's write queue at the last check */
+  uint64_t last_rx;                /* loop: uv_now() of the last activity */
 };
 
 static unsigned next_conn_id;
@@ -178,6 +202,34 @@ static void conn_maybe_close (struct cbwd_conn *c);
 static void conn_fail (struct cbwd_conn *c, bool drop);
 static void tx_drain (struct cbwd_conn *c);
 static void flush_session_out (struct cbwd_conn *c);
+static void idle_check (uv_timer_t *t);
+
+/* Global memory bound (see the top).  Any thread. */
+static void
+mem_take (struct cbwd_server *srv, uint64_t n)
+{
+  atomic_fetch_add (&srv->mem_used, n);
+}
+
+static void
+mem_release (struct cbwd_server *srv, uint64_t n)
+{
+  if (n == 0) return;
+  atomic_fetch_sub (&srv->mem_used, n);
+  if (atomic_load (&srv->mem_wait)) {
+    /* mem_lock keeps the async handle alive while we signal it. */
+    pthread_mutex_lock (&srv->mem_lock);
+    if (srv->mem_async_init) uv_async_send (&srv->mem_async);
+    pthread_mutex_unlock (&srv->mem_lock);
+  }
+}
+
+static bool
+mem_below (const struct cbwd_server *srv)
+{
+  return srv->limits.max_memory == 0 ||
+         atomic_load (&srv->mem_used) < srv->limits.max_memory;
+}
 
 static void
 free_pending (struct cbwd_conn *c)
@@ -189,6 +241,9 @@ free_pending (struct cbwd_conn *c)
   }
   c->pend_tail = NULL;
   c->npending = 0;
+  c->srv->pend_used -= c->pend_bytes;
+  if (c->pend_bytes && c->srv->mem_async_init && atomic_load (&c->srv->mem_wait))
+    uv_async_send (&c->srv->mem_async);   /* others may read again */
   c->pend_bytes = 0;
 }
 
@@ -209,6 +264,7 @@ conn_freed (uv_handle_t *h)
   if (c->prev) c->prev->next = c->next; else srv->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   srv->nconns--;
+  if (c->listener) c->listener->nconns--;
   free_pending (c);
   while (c->txq_head) {          /* only if close raced a drain: defensive */
     struct txq *q = c->txq_head;
@@ -350,6 +406,7 @@ txq_retire_loop (struct cbwd_conn *c, struct txq *q)
   pthread_mutex_lock (&c->lock);
   c->held_bytes -= q->bytes;
   pthread_mutex_unlock (&c->lock);
+  mem_release (c->srv, q->bytes);
   txq_free (q);
 }
 
@@ -358,6 +415,7 @@ write_done (uv_write_t *w, int status)
 {
   struct txq *q = (struct txq *) ((char *) w - offsetof (struct txq, w));
   struct cbwd_conn *c = q->c;
+  c->tx_progress = true;
   txq_retire_loop (c, q);
   if (status < 0 && !c->close_started) {
     cbwd_debug (c->srv, "conn %u: write failed: %s", c->id, uv_strerror (status));
@@ -518,6 +576,7 @@ tx_flush_ready (struct cbwd_conn *c)
     pthread_mutex_lock (&c->lock);
     c->held_bytes -= released;
     pthread_mutex_unlock (&c->lock);
+    mem_release (c->srv, released);
   }
   if (broken) {
     cbwd_debug (c->srv, "conn %u: send failed", c->id);
@@ -654,6 +713,7 @@ job_run (struct cbwd_job *j)
   uint64_t bytes = r->held;
   cbwd_request_execute (r);
   bool release = reply_send (c, r, false);
+  if (release) mem_release (c->srv, bytes);
   pthread_mutex_lock (&c->lock);
   c->inflight--;
   if (release) c->held_bytes -= bytes;
@@ -730,19 +790,26 @@ conn_pump (struct cbwd_conn *c)
   pthread_mutex_lock (&c->tx_lock);
   bool backlog = c->tx_bytes >= tx_backlog_max (srv);
   pthread_mutex_unlock (&c->tx_lock);
+  bool mem_stop = false;
   while (c->pend_head && !c->drop && !backlog) {
     struct cbwd_request *r = c->pend_head;
     uint64_t bytes = request_bytes (r);
+    if (!mem_below (srv)) { mem_stop = true; break; }
     pthread_mutex_lock (&c->lock);
+    /* Over the per-connection limit only when nothing else is held (a
+     * request bigger than the limit must still run): replies waiting for
+     * the socket count, or a client that reads slowly would get one more
+     * big request executed each time its last one left the workers. */
     bool ok = c->inflight < srv->limits.max_inflight &&
-              (c->held_bytes < srv->limits.max_inflight_bytes || c->inflight == 0);
+              (c->held_bytes < srv->limits.max_inflight_bytes || c->held_bytes == 0);
     if (ok) { c->inflight++; c->held_bytes += bytes; }
     pthread_mutex_unlock (&c->lock);
     if (!ok) break;
+    mem_take (srv, bytes);
     c->pend_head = r->qnext;
     if (!c->pend_head) c->pend_tail = NULL;
     c->npending--;
-    if (r->payload) c->pend_bytes -= r->length;
+    if (r->payload) { c->pend_bytes -= r->length; srv->pend_used -= r->length; }
     r->owner = c;
     r->held = bytes;
     if (r->preset_errno || cbwd_request_try_nowait (r)) {
@@ -752,6 +819,7 @@ conn_pump (struct cbwd_conn *c)
       c->inflight--;
       if (release) c->held_bytes -= bytes;
       pthread_mutex_unlock (&c->lock);
+      if (release) mem_release (srv, bytes);
       continue;
     }
     r->job.run = job_run;
@@ -771,6 +839,7 @@ conn_pump (struct cbwd_conn *c)
         c->inflight--;
         c->held_bytes -= r->held;
         pthread_mutex_unlock (&c->lock);
+        mem_release (srv, r->held);
         cbwd_request_free (r);
       }
       conn_fail (c, true);
@@ -785,8 +854,21 @@ conn_pump (struct cbwd_conn *c)
   /* Wake-ups are needed only while something waits for a completion. */
   c->loop_wait = c->pend_head != NULL || over || c->closing || c->failed;
   pthread_mutex_unlock (&c->lock);
+  /* The global bound: past it no connection reads requests (the
+   * handshake's few bytes still go on); a release wakes us. */
+  bool mem_over = c->sess.exp != NULL && srv->limits.max_memory &&
+                  atomic_load (&srv->mem_used) + srv->pend_used >= srv->limits.max_memory;
+  if ((mem_stop || mem_over) && !c->closing && !c->close_started) {
+    c->mem_blocked = true;
+    atomic_store (&srv->mem_wait, true);
+    /* A release between our check and mem_wait did not wake the loop:
+     * look again at what stopped us. */
+    bool over_now = atomic_load (&srv->mem_used) + srv->pend_used >= srv->limits.max_memory;
+    if ((mem_stop && mem_below (srv)) || (mem_over && !over_now))
+      uv_async_send (&srv->mem_async);
+  }
   bool want_read = !c->closing && !c->close_started &&
-                   c->npending < MAX_PENDING && !over;
+                   c->npending < MAX_PENDING && !over && !mem_over;
   if (want_read && !c->reading) {
     extern void cbwd_conn_start_read (struct cbwd_conn *c);
     cbwd_conn_start_read (c);
@@ -805,7 +887,7 @@ sess_request (void *opaque, struct cbwd_request *r)
   if (c->pend_tail) c->pend_tail->qnext = r; else c->pend_head = r;
   c->pend_tail = r;
   c->npending++;
-  if (r->payload) c->pend_bytes += r->length;
+  if (r->payload) { c->pend_bytes += r->length; c->srv->pend_used += r->length; }
 }
 
 static void
@@ -858,6 +940,7 @@ read_cb (uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
   struct cbwd_conn *c = s->data;
   if (nread == 0)
     return;
+  c->last_rx = uv_now (c->srv->loop);
   if (nread < 0) {
     if (nread != UV_EOF)
       cbwd_debug (c->srv, "conn %u: read: %s", c->id, uv_strerror ((int) nread));
@@ -883,6 +966,10 @@ read_cb (uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     uv_timer_stop (&c->timer);
     c->timer_active = false;
     cbwd_debug (c->srv, "conn %u: serving export '%s'", c->id, c->sess.exp->name);
+  }
+  if (was_handshake && c->sess.exp && !c->idle_armed && c->srv->limits.idle_timeout_ms) {
+    c->idle_armed = true;
+    uv_timer_start (&c->timer, idle_check, c->srv->limits.idle_timeout_ms, 0);
   }
   if (cbwd_session_closed (&c->sess)) {
     cbwd_debug (c->srv, "conn %u: %s", c->id,
@@ -996,31 +1083,125 @@ handshake_timeout (uv_timer_t *t)
   conn_fail (c, true);
 }
 
+/* Loop, after the handshake: close the connection once it has been idle
+ * for idle_timeout_ms: nothing received, and either nothing in flight,
+ * waiting or held, or replies waiting for a client that took none of them
+ * (a client that never reads would pin its replies' memory, and with it
+ * the global bound, for ever).  Else look again when that could be so;
+ * reply progress (any byte the client took) is sampled at each look, so
+ * a stalled reader goes after between one and two timeouts. */
+static void
+idle_check (uv_timer_t *t)
+{
+  struct cbwd_conn *c = t->data;
+  if (c->closing || c->close_started) return;
+  uint64_t now = uv_now (c->srv->loop), limit = c->srv->limits.idle_timeout_ms;
+  pthread_mutex_lock (&c->tx_lock);
+  bool backlog = c->tx_loop > 0;
+  pthread_mutex_unlock (&c->tx_lock);
+  pthread_mutex_lock (&c->lock);
+  bool busy = c->inflight > 0 || c->held_bytes > 0;
+  pthread_mutex_unlock (&c->lock);
+  /* Progress: a write completed, or libuv's queue moved (the client
+   * took part of a big reply). */
+  size_t wq = uv_stream_get_write_queue_size (&c->h.stream);
+  bool stalled = backlog && !c->tx_progress && wq == c->wq_seen;
+  c->wq_seen = wq;
+  /* Not idle: work of ours in flight or waiting, or requests we do not
+   * read now (a limit, the global bound among them, stopped reading). */
+  if (!stalled && (busy || backlog || c->npending > 0 || !c->reading ||
+                   c->sess.state == SS_REQ_PAYLOAD))
+    c->last_rx = now;                /* the idle time starts when it is done */
+  c->tx_progress = false;
+  uint64_t idle = now - c->last_rx;
+  if (idle < limit) {
+    uv_timer_start (t, idle_check, limit - idle, 0);
+    return;
+  }
+  if (stalled) {
+    cbwd_log ("conn %u: client read no reply for %" PRIu64 " s (--idle-timeout): "
+              "dropping it", c->id, idle / 1000);
+    conn_fail (c, true);
+  }
+  else {
+    cbwd_log ("conn %u: idle for %" PRIu64 " s after the handshake (--idle-timeout): "
+              "closing", c->id, idle / 1000);
+    conn_fail (c, false);
+  }
+}
+
+/* Loop: pump the connections the global memory bound stopped. */
+static void
+mem_async_cb (uv_async_t *a)
+{
+  struct cbwd_server *srv = a->data;
+  atomic_store (&srv->mem_wait, false);
+  for (struct cbwd_conn *c = srv->conns, *next; c; c = next) {
+    next = c->next;                  /* conn_pump never frees c */
+    if (!c->mem_blocked || c->close_started) continue;
+    c->mem_blocked = false;
+    conn_pump (c);
+    conn_maybe_close (c);
+  }
+}
+
 static void
 reject_closed (uv_handle_t *h)
 {
   free (h);
 }
 
+static bool
+same_peer (const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+  if (a->ss_family != b->ss_family) return false;
+  if (a->ss_family == AF_INET)
+    return ((const struct sockaddr_in *) a)->sin_addr.s_addr ==
+           ((const struct sockaddr_in *) b)->sin_addr.s_addr;
+  if (a->ss_family == AF_INET6)
+    return memcmp (&((const struct sockaddr_in6 *) a)->sin6_addr,
+                   &((const struct sockaddr_in6 *) b)->sin6_addr,
+                   sizeof (struct in6_addr)) == 0;
+  return false;
+}
+
+static void
+peer_name (const struct sockaddr_storage *ss, char *buf, size_t n)
+{
+  if (ss->ss_family == AF_INET6)
+    uv_ip6_name ((const struct sockaddr_in6 *) ss, buf, n);
+  else
+    uv_ip4_name ((const struct sockaddr_in *) ss, buf, n);
+}
+
 static void
 on_connection (uv_stream_t *server, int status)
 {
-  struct cbwd_server *srv = server->data;
+  struct cbwd_listener *li = server->data;
+  struct cbwd_server *srv = li->srv;
   if (status < 0) {
     cbwd_log ("accept: %s", uv_strerror (status));
     return;
   }
   bool tcp = server->type == UV_TCP;
-  if (srv->stopping || srv->nconns >= srv->limits.max_connections) {
+  unsigned lmax = li->max_conns ? li->max_conns : srv->limits.max_connections;
+  if (srv->stopping || li->nconns >= lmax) {
     /* Accept and drop, so the backlog does not fill up. */
     uv_stream_t *tmp = malloc (tcp ? sizeof (uv_tcp_t) : sizeof (uv_pipe_t));
     if (!tmp) return;
     if (tcp) uv_tcp_init (srv->loop, (uv_tcp_t *) tmp);
     else uv_pipe_init (srv->loop, (uv_pipe_t *) tmp, 0);
     if (uv_accept (server, tmp) == 0 && !srv->stopping)
-      cbwd_log ("too many connections (%zu), dropping one", srv->nconns);
+      cbwd_log ("too many connections on %s (%u), dropping one", li->spec, li->nconns);
     uv_close ((uv_handle_t *) tmp, reject_closed);
     return;
+  }
+  if (!srv->mem_async_init) {
+    uv_async_init (srv->loop, &srv->mem_async, mem_async_cb);
+    srv->mem_async.data = srv;
+    pthread_mutex_lock (&srv->mem_lock);
+    srv->mem_async_init = true;
+    pthread_mutex_unlock (&srv->mem_lock);
   }
   struct cbwd_conn *c = calloc (1, sizeof *c);
   if (!c) return;
@@ -1041,6 +1222,8 @@ on_connection (uv_stream_t *server, int status)
   if (srv->conns) srv->conns->prev = c;
   srv->conns = c;
   srv->nconns++;
+  c->listener = li;
+  li->nconns++;
   cbwd_session_init (&c->sess, &srv->exports, &sess_ops, c);
   /* TCP listeners use the configured mode; Unix sockets (protected by
    * their file mode) offer TLS when it is configured but never require it. */
@@ -1055,6 +1238,28 @@ on_connection (uv_stream_t *server, int status)
     return;
   }
   c->fd = fd;
+  if (tcp) {
+    int len = sizeof c->peer;
+    if (uv_tcp_getpeername (&c->h.tcp, (struct sockaddr *) &c->peer, &len) == 0)
+      c->has_peer = true;
+  }
+  if (c->has_peer && srv->limits.max_conns_per_peer) {
+    unsigned same = 0;
+    for (struct cbwd_conn *o = srv->conns; o; o = o->next)
+      if (o != c && o->has_peer && !o->close_started && same_peer (&o->peer, &c->peer))
+        same++;
+    if (same >= srv->limits.max_conns_per_peer) {
+      char name[INET6_ADDRSTRLEN] = "?";
+      peer_name (&c->peer, name, sizeof name);
+      cbwd_log ("too many connections from %s (%u, --max-connections-per-peer), "
+                "dropping one", name, same);
+      li->nconns--;                  /* never served: frees its slot now */
+      c->listener = NULL;
+      c->drop = c->closing = true;
+      conn_close_now (c);
+      return;
+    }
+  }
   if (tcp) uv_tcp_nodelay (&c->h.tcp, 1);
   cbwd_debug (srv, "conn %u: accepted", c->id);
   if (srv->limits.handshake_timeout_ms) {
@@ -1150,10 +1355,31 @@ listen_tcp (struct cbwd_server *srv, const char *hostport, uv_stream_t **out)
 }
 
 int
-cbwd_listen (struct cbwd_server *srv, const char *spec)
+cbwd_listen (struct cbwd_server *srv, const char *spec_opts)
 {
   uv_stream_t *s = NULL;
   char *upath = NULL;
+  /* ",max-connections=N" at the end: this listener's own budget. */
+  static const char key[] = ",max-connections=";
+  unsigned max_conns = 0;
+  char spec[4096];
+  if (strlen (spec_opts) >= sizeof spec) {
+    cbwd_log ("--listen %s: too long", spec_opts);
+    return -1;
+  }
+  strcpy (spec, spec_opts);
+  char *opt = strstr (spec, key);
+  if (opt) {
+    char *end;
+    errno = 0;
+    unsigned long n = strtoul (opt + sizeof key - 1, &end, 10);
+    if (errno || *end || end == opt + sizeof key - 1 || n == 0 || n > 1000000) {
+      cbwd_log ("--listen %s: max-connections= expects a number 1..1000000", spec_opts);
+      return -1;
+    }
+    max_conns = (unsigned) n;
+    *opt = 0;
+  }
   if (strncmp (spec, "unix:", 5) == 0) {
     if (listen_unix (srv, spec + 5, &s) == -1) return -1;
     upath = strdup (spec + 5);
@@ -1166,12 +1392,25 @@ cbwd_listen (struct cbwd_server *srv, const char *spec)
     cbwd_log ("--listen %s: expected unix:PATH or tcp:HOST:PORT", spec);
     return -1;
   }
-  s->data = srv;
+  struct cbwd_listener *li = calloc (1, sizeof *li);
+  if (li) li->spec = strdup (spec);
+  if (!li || !li->spec) {
+    if (li) free (li);
+    free (upath);
+    uv_close ((uv_handle_t *) s, reject_closed);
+    return -1;
+  }
+  li->srv = srv;
+  li->max_conns = max_conns;
+  s->data = li;
   uv_stream_t **nl = realloc (srv->listeners, (srv->nlisteners + 1) * sizeof *nl);
   char **np = realloc (srv->unix_paths, (srv->nlisteners + 1) * sizeof *np);
+  struct cbwd_listener **ni = realloc (srv->linfo, (srv->nlinfo + 1) * sizeof *ni);
   if (nl) srv->listeners = nl;
   if (np) srv->unix_paths = np;
-  if (!nl || !np) { free (upath); return -1; }
+  if (ni) srv->linfo = ni;
+  if (!nl || !np || !ni) { free (upath); free (li->spec); free (li); return -1; }
+  srv->linfo[srv->nlinfo++] = li;
   if (!srv->first_listen) srv->first_listen = strdup (spec);
   srv->listeners[srv->nlisteners] = s;
   srv->unix_paths[srv->nlisteners] = upath;
@@ -1292,6 +1531,7 @@ cbwd_admin_init (struct cbwd_server *srv)
 {
   pthread_mutex_init (&srv->admin_lock, NULL);
   pthread_cond_init (&srv->admin_cond, NULL);
+  pthread_mutex_init (&srv->mem_lock, NULL);
   srv->admin.data = srv;
   return uv_async_init (srv->loop, &srv->admin, admin_cb) == 0 ? 0 : -1;
 }
@@ -1360,6 +1600,12 @@ cbwd_server_stop (struct cbwd_server *srv)
   pthread_cond_broadcast (&srv->admin_cond);
   pthread_mutex_unlock (&srv->admin_lock);
   uv_close ((uv_handle_t *) &srv->admin, NULL);
+  pthread_mutex_lock (&srv->mem_lock);
+  if (srv->mem_async_init) {
+    srv->mem_async_init = false;
+    uv_close ((uv_handle_t *) &srv->mem_async, NULL);
+  }
+  pthread_mutex_unlock (&srv->mem_lock);
   for (size_t i = 0; i < srv->nlisteners; i++) {
     uv_close ((uv_handle_t *) srv->listeners[i], reject_closed);
     if (srv->unix_paths[i]) unlink (srv->unix_paths[i]);
@@ -1381,4 +1627,11 @@ cbwd_server_cleanup (struct cbwd_server *srv)
     cbwd_pool_stop (&srv->pool);
     srv->pool_started = false;
   }
+  for (size_t i = 0; i < srv->nlinfo; i++) {
+    free (srv->linfo[i]->spec);
+    free (srv->linfo[i]);
+  }
+  free (srv->linfo);
+  srv->linfo = NULL;
+  srv->nlinfo = 0;
 }

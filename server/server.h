@@ -19,10 +19,15 @@
 #include "tls.h"
 
 struct cbwd_limits {
-  unsigned max_connections;        /* more are accepted and closed at once */
+  unsigned max_connections;        /* per listener (unless it sets its own):
+                                    * more are accepted and closed at once */
   unsigned max_inflight;           /* requests executing per connection */
   uint64_t max_inflight_bytes;     /* payload + reply bytes held per connection */
   unsigned handshake_timeout_ms;   /* 0 = none */
+  uint64_t max_memory;             /* payload + reply bytes held, all connections;
+                                    * 0 = no bound (the options refuse it) */
+  unsigned idle_timeout_ms;        /* after the handshake; 0 = none */
+  unsigned max_conns_per_peer;     /* TCP connections per peer address; 0 = any */
 };
 
 struct cbwd_server {
@@ -32,6 +37,8 @@ struct cbwd_server {
   size_t nlisteners;
   uv_stream_t **listeners;
   char **unix_paths;               /* to unlink at exit, parallel to listeners */
+  struct cbwd_listener **linfo;    /* loop: budgets; freed by cbwd_server_cleanup */
+  size_t nlinfo;
   size_t nconns;
   struct cbwd_conn *conns;         /* list of live connections */
   bool stopping;
@@ -65,9 +72,29 @@ struct cbwd_server {
   size_t npit_allow;
   char **freeze_hooks;
   size_t nfreeze_hooks;
+  /* Global memory bound (conn.c): mem_used is the payload and reply bytes
+   * held by all connections (atomic: workers release, the loop admits);
+   * pend_used the WRITE payloads read but not yet admitted (loop).  A
+   * connection stopped by the bound sets mem_wait; a release then wakes
+   * the loop through mem_async, which pumps the stopped connections. */
+  _Atomic uint64_t mem_used;
+  uint64_t pend_used;
+  _Atomic bool mem_wait;
+  uv_async_t mem_async;            /* set up with the first connection */
+  pthread_mutex_t mem_lock;        /* guards mem_async_init against the close */
+  bool mem_async_init;
 };
 
-/* Add a listener: "unix:PATH" or "tcp:HOST:PORT" ([v6]:PORT allowed).
+/* One listener's connection budget (loop). */
+struct cbwd_listener {
+  struct cbwd_server *srv;
+  unsigned max_conns;              /* 0: srv->limits.max_connections */
+  unsigned nconns;
+  char *spec;                      /* as given, for log lines */
+};
+
+/* Add a listener: "unix:PATH" or "tcp:HOST:PORT" ([v6]:PORT allowed),
+ * optionally followed by ",max-connections=N" (this listener's own budget).
  * Returns 0 or -1 after logging. */
 int cbwd_listen (struct cbwd_server *srv, const char *spec);
 /* After all listeners and srv->tls are known (start-up): load the TLS

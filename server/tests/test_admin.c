@@ -45,7 +45,8 @@ Test (admin, add_remove_while_running)
   memset (&srv, 0, sizeof srv);
   srv.loop = malloc (sizeof *srv.loop);
   uv_loop_init (srv.loop);
-  srv.limits = (struct cbwd_limits) { 64, 16, 1 << 26, 0 };
+  srv.limits = (struct cbwd_limits) { .max_connections = 64, .max_inflight = 16,
+                                      .max_inflight_bytes = 1 << 26 };
   char spec[128];
   snprintf (spec, sizeof spec, "unix:%s/s.sock", dir);
   struct cbwd_export *a = cbwd_export_memory_new ("a", 1 << 20, false, &err);

@@ -49,7 +49,8 @@ start_server (void)
   srv.loop = malloc (sizeof *srv.loop);
   uv_loop_init (srv.loop);
   /* 8 in flight, 4 MiB held: the limits are reached too. */
-  srv.limits = (struct cbwd_limits) { 64, 8, 4 << 20, 0 };
+  srv.limits = (struct cbwd_limits) { .max_connections = 64, .max_inflight = 8,
+                                      .max_inflight_bytes = 4 << 20 };
   srv.threads = 4;
   struct cbwd_export *m = cbwd_export_memory_new ("mem", EXPORT_SIZE, false, &err);
   cr_assert (m && cbwd_add_export (&srv, m, &err) == 0, "%s", err.msg);
