@@ -111,7 +111,7 @@ MiB=$((1 << 20))
 truncate -s $((16 * MiB)) "$T/plain.img"
 start_nbdkit "$T/plain.sock" --filter=cbw --filter=dirtybitmap chain file="$T/plain.img" \
   cbw-control="$T/plain-cbw.ctl" dirtybitmap-image="$T/plain.img" \
-  dirtybitmap-control="$T/plain-db.ctl"
+  dirtybitmap-control="$T/plain-db.ctl" dirtybitmap-create=true
 cbwctl "$T/plain-db.ctl" add '{"name": "b1", "granularity": 65536}' >/dev/null
 qemu-io -f raw -c 'write -P 7 1M 4k' "nbd+unix:///?socket=$T/plain.sock" >/dev/null
 got=$(cbwctl "$T/plain-db.ctl" extents '{"name": "b1"}' | jq -c '[.extents[] | [.offset, .length]]')
