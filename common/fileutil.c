@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -114,30 +115,93 @@ cbw_fsync_dir_of (const char *path, struct cbw_err *err)
 }
 
 int
+cbw_random_hex (char *out, size_t nbytes)
+{
+  static const char hex[] = "0123456789abcdef";
+  unsigned char b[64];
+  size_t got = 0;
+
+  if (nbytes > sizeof b) {
+    errno = EINVAL;
+    return -1;
+  }
+  while (got < nbytes) {
+    ssize_t r = getrandom (b + got, nbytes - got, 0);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    got += (size_t) r;
+  }
+  for (size_t i = 0; i < nbytes; i++) {
+    out[2 * i] = hex[b[i] >> 4];
+    out[2 * i + 1] = hex[b[i] & 15];
+  }
+  out[2 * nbytes] = '\0';
+  return 0;
+}
+
+/* Write buf to a file just created as fd (named path), fsync, close.  On
+ * failure the file is unlinked. */
+static int
+fill_new_file (int fd, const char *path, const void *buf, size_t len,
+               struct cbw_err *err)
+{
+  int e;
+  if (cbw_pwrite_full (fd, buf, len, 0) < 0 || cbw_fsync (fd) < 0) {
+    e = errno;
+    close (fd);
+    unlink (path);
+    return cbw_err_set (err, e, "%s: write: %s", path, strerror (e));
+  }
+  if (close (fd) < 0) {
+    e = errno;
+    unlink (path);
+    return cbw_err_set (err, e, "%s: close: %s", path, strerror (e));
+  }
+  return 0;
+}
+
+int
+cbw_write_file_new (const char *path, const void *buf, size_t len,
+                    struct cbw_err *err)
+{
+  int fd = open (path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    if (errno == EEXIST)
+      return cbw_err_set (err, EEXIST, "%s: already exists (a new file was to be "
+                          "created there; the existing one is left untouched)", path);
+    return cbw_err_set (err, errno, "%s: create: %s", path, strerror (errno));
+  }
+  return fill_new_file (fd, path, buf, len, err);
+}
+
+int
 cbw_write_file_atomic (const char *path, const void *buf, size_t len,
                        struct cbw_err *err)
 {
   CLEANUP_FREE char *tmp = NULL;
-  int fd, e;
+  char id[17];
+  int fd = -1, e;
 
-  if (asprintf (&tmp, "%s.tmp", path) < 0) {
+  /* A fresh name per attempt: an existing file is never opened (O_EXCL). */
+  for (int attempt = 0; fd < 0 && attempt < 8; attempt++) {
+    free (tmp);
     tmp = NULL;
-    return cbw_err_set (err, ENOMEM, "%s: asprintf: %s", path, strerror (errno));
+    if (cbw_random_hex (id, 8) < 0)
+      return cbw_err_set (err, errno, "%s: getrandom: %s", path, strerror (errno));
+    if (asprintf (&tmp, "%s.tmp-%s", path, id) < 0) {
+      tmp = NULL;
+      return cbw_err_set (err, ENOMEM, "%s: asprintf: %s", path, strerror (errno));
+    }
+    fd = open (tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 && errno != EEXIST)
+      return cbw_err_set (err, errno, "%s: create: %s", tmp, strerror (errno));
   }
-  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0)
-    return cbw_err_set (err, errno, "%s: create: %s", tmp, strerror (errno));
-  if (cbw_pwrite_full (fd, buf, len, 0) < 0 || cbw_fsync (fd) < 0) {
-    e = errno;
-    close (fd);
-    unlink (tmp);
-    return cbw_err_set (err, e, "%s: write: %s", tmp, strerror (e));
-  }
-  if (close (fd) < 0) {
-    e = errno;
-    unlink (tmp);
-    return cbw_err_set (err, e, "%s: close: %s", tmp, strerror (e));
-  }
+    return cbw_err_set (err, EEXIST, "%s: create: every temp name tried exists", tmp);
+  if (fill_new_file (fd, tmp, buf, len, err) < 0)
+    return -1;
   if (rename (tmp, path) < 0) {
     e = errno;
     unlink (tmp);

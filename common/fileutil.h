@@ -3,8 +3,13 @@
  *
  * All functions retry on EINTR and short transfers.  The crash-atomic update
  * rule of every on-disk format in cbw is implemented once, here, in
- * cbw_write_file_atomic(): write PATH.tmp, fsync it, rename over PATH, fsync
- * the directory.  No locking: callers serialise updates of one file.
+ * cbw_write_file_atomic(): write a temp file beside PATH, fsync it, rename
+ * over PATH, fsync the directory.  The temp file has a fresh random name and
+ * is created with O_EXCL, so two writers (two processes, or two files whose
+ * names share a prefix) never write into the same temp file.  A new file that
+ * nothing references yet is created with cbw_write_file_new(), which never
+ * replaces or truncates anything already there.  No locking: callers
+ * serialise updates of one file.
  */
 #ifndef CBW_FILEUTIL_H
 #define CBW_FILEUTIL_H
@@ -54,9 +59,22 @@ ssize_t cbw_pwrite_maybe_direct (int fd, int dfd, _Atomic bool *direct,
 /* fsync the directory containing PATH. */
 int cbw_fsync_dir_of (const char *path, struct cbw_err *err);
 
-/* Crash-atomic replace of PATH with the given bytes (see top comment). */
+/* Crash-atomic replace of PATH with the given bytes (see top comment).  The
+ * temp file is PATH.tmp-HEX (16 random hex digits); a crash may leave one
+ * behind, which nothing reads (safe to delete). */
 int cbw_write_file_atomic (const char *path, const void *buf, size_t len,
                            struct cbw_err *err);
+
+/* Create PATH (O_CREAT|O_EXCL, mode 0644 before umask) with the given bytes
+ * and fsync it.  Anything already at PATH, a dangling symlink included, is
+ * an error (EEXIST, the message names PATH) and is left untouched; a failed
+ * write removes the file it created.  The caller fsyncs the directory. */
+int cbw_write_file_new (const char *path, const void *buf, size_t len,
+                        struct cbw_err *err);
+
+/* Fill out[0..2*nbytes] with 2*nbytes lowercase hex digits of getrandom()
+ * bytes and a NUL.  Returns 0, or -1 with errno. */
+int cbw_random_hex (char *out, size_t nbytes);
 
 /* Read a whole (small) file into a malloc'd, NUL-terminated buffer.
  * Fails with EFBIG if it is larger than max_len. */

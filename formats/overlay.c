@@ -109,9 +109,10 @@ json_checksum (struct json_object *obj)
   return XXH64 (s, strlen (s), 0);
 }
 
-/* Add checksum member, write crash-atomically (pretty, one line per member). */
+/* Add checksum member, write crash-atomically (pretty, one line per member);
+ * with create, PATH must not exist (cbw_write_file_new: O_EXCL). */
 static int
-json_save_checksummed (const char *path, struct json_object *obj,
+json_save_checksummed (const char *path, struct json_object *obj, bool create,
                        struct cbw_err *err)
 {
   char sum[32];
@@ -124,6 +125,8 @@ json_save_checksummed (const char *path, struct json_object *obj,
     text = NULL;
     return cbw_err_set (err, ENOMEM, "%s: out of memory", path);
   }
+  if (create)
+    return cbw_write_file_new (path, text, strlen (text), err);
   return cbw_write_file_atomic (path, text, strlen (text), err);
 }
 
@@ -495,9 +498,9 @@ cbw_ovl_desc_load (const char *dir, const char *name, struct cbw_ovl_desc *d,
   return r;
 }
 
-int
-cbw_ovl_desc_save (const char *dir, const struct cbw_ovl_desc *d,
-                   struct cbw_err *err)
+static int
+desc_write (const char *dir, const struct cbw_ovl_desc *d, bool create,
+            struct cbw_err *err)
 {
   CLEANUP_FREE char *path = cbw_ovl_join (dir, d->name);
   if (path == NULL)
@@ -512,9 +515,16 @@ cbw_ovl_desc_save (const char *dir, const struct cbw_ovl_desc *d,
   json_object_object_add (obj, "backing", json_object_new_string (d->backing));
   json_object_object_add (obj, "label", json_object_new_string (d->label ? d->label : ""));
   json_object_object_add (obj, "created", json_object_new_int64 (d->created));
-  int r = json_save_checksummed (path, obj, err);
+  int r = json_save_checksummed (path, obj, create, err);
   json_object_put (obj);
   return r;
+}
+
+int
+cbw_ovl_desc_save (const char *dir, const struct cbw_ovl_desc *d,
+                   struct cbw_err *err)
+{
+  return desc_write (dir, d, false, err);
 }
 
 /* --------------------------------------------------------- chain descriptor */
@@ -657,9 +667,9 @@ cbw_chain_desc_load (const char *path, struct cbw_chain_desc *c,
   return r;
 }
 
-int
-cbw_chain_desc_save (const char *path, struct cbw_chain_desc *c,
-                     struct cbw_err *err)
+static int
+chain_desc_write (const char *path, struct cbw_chain_desc *c, bool create,
+                  struct cbw_err *err)
 {
   size_t i;
   c->generation++;
@@ -685,9 +695,25 @@ cbw_chain_desc_save (const char *path, struct cbw_chain_desc *c,
     json_object_object_add (op, "hi", json_object_new_int64 (c->op.hi));
     json_object_object_add (obj, "operation", op);
   }
-  int r = json_save_checksummed (path, obj, err);
+  int r = json_save_checksummed (path, obj, create, err);
   json_object_put (obj);
   return r;
+}
+
+int
+cbw_chain_desc_save (const char *path, struct cbw_chain_desc *c,
+                     struct cbw_err *err)
+{
+  return chain_desc_write (path, c, false, err);
+}
+
+int
+cbw_chain_desc_create (const char *path, struct cbw_chain_desc *c,
+                       struct cbw_err *err)
+{
+  if (chain_desc_write (path, c, true, err) < 0)
+    return -1;
+  return cbw_fsync_dir_of (path, err);
 }
 
 /* ------------------------------------------------------ create / remove */
@@ -700,7 +726,11 @@ cbw_ovl_create (const char *dir, const char *name, const char *backing,
   struct cbw_ovl_desc d = { 0 };
   struct cbw_ovl_map m;
   CLEANUP_FREE char *data = NULL, *map = NULL, *dpath = NULL, *mpath = NULL;
-  int fd, r;
+  CLEANUP_FREE char *npath = NULL;
+  CLEANUP_FREE void *mbuf = NULL;
+  size_t mlen;
+  bool have_map = false;
+  int fd, e;
 
   if (cbw_ovl_name_valid (name, err) < 0)
     return -1;
@@ -712,25 +742,41 @@ cbw_ovl_create (const char *dir, const char *name, const char *backing,
   }
   dpath = cbw_ovl_join (dir, data);
   mpath = cbw_ovl_join (dir, map);
-  if (dpath == NULL || mpath == NULL)
+  npath = cbw_ovl_join (dir, name);
+  if (dpath == NULL || mpath == NULL || npath == NULL)
     return cbw_err_set (err, ENOMEM, "out of memory");
-
-  fd = open (dpath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0)
-    return cbw_err_set (err, errno, "%s: create: %s", dpath, strerror (errno));
-  if (ftruncate (fd, (off_t) size) < 0 || cbw_fsync (fd) < 0) {
-    int e = errno;
-    close (fd);
-    return cbw_err_set (err, e, "%s: set size: %s", dpath, strerror (e));
-  }
-  close (fd);
-
   if (cbw_ovl_map_init (&m, size, cluster_size, err) < 0)
     return -1;
-  r = cbw_ovl_map_save (mpath, &m, err);
+  m.generation = 1;
+  e = cbw_ovl_map_encode (&m, &mbuf, &mlen, err);
   cbw_ovl_map_free (&m);
-  if (r < 0)
-    return -1;
+  if (e < 0)
+    return cbw_err_prefix (err, "%s", mpath);
+
+  /* Every file is new: O_EXCL, so a name that is taken (another chain's
+   * layer, anything) fails here and nothing of it is touched.  On failure
+   * only the files created here are removed. */
+  fd = open (dpath, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    if (errno == EEXIST)
+      return cbw_err_set (err, EEXIST, "%s: already exists (the new layer's data file "
+                          "name is taken; the existing file is left untouched)", dpath);
+    return cbw_err_set (err, errno, "%s: create: %s", dpath, strerror (errno));
+  }
+  if (ftruncate (fd, (off_t) size) < 0 || cbw_fsync (fd) < 0) {
+    e = errno;
+    close (fd);
+    cbw_err_set (err, e, "%s: set size: %s", dpath, strerror (e));
+    goto fail;
+  }
+  if (close (fd) < 0) {
+    e = errno;
+    cbw_err_set (err, e, "%s: close: %s", dpath, strerror (e));
+    goto fail;
+  }
+  if (cbw_write_file_new (mpath, mbuf, mlen, err) < 0)
+    goto fail;
+  have_map = true;
 
   d.name = (char *) name;
   d.data = data;
@@ -740,7 +786,18 @@ cbw_ovl_create (const char *dir, const char *name, const char *backing,
   d.size = size;
   d.cluster_size = cluster_size;
   d.created = (int64_t) time (NULL);
-  return cbw_ovl_desc_save (dir, &d, err);
+  if (desc_write (dir, &d, true, err) < 0)
+    goto fail;
+  if (cbw_fsync_dir_of (npath, err) < 0) {
+    unlink (npath);
+    goto fail;
+  }
+  return 0;
+ fail:
+  if (have_map)
+    unlink (mpath);
+  unlink (dpath);
+  return -1;
 }
 
 static int

@@ -124,6 +124,10 @@ int cbw_chain_desc_load (const char *path, struct cbw_chain_desc *c,
 /* Crash-atomic save (bumps c->generation first). */
 int cbw_chain_desc_save (const char *path, struct cbw_chain_desc *c,
                          struct cbw_err *err);
+/* Write a new chain descriptor at PATH (which must not exist: EEXIST, the
+ * existing file untouched), bumping c->generation, then fsync its directory. */
+int cbw_chain_desc_create (const char *path, struct cbw_chain_desc *c,
+                           struct cbw_err *err);
 int cbw_chain_desc_copy (struct cbw_chain_desc *dst,
                          const struct cbw_chain_desc *src, struct cbw_err *err);
 
@@ -132,8 +136,10 @@ int cbw_ovl_name_valid (const char *name, struct cbw_err *err);
 const char *cbw_commit_mode_name (enum cbw_commit_mode m);
 
 /* Create a new empty overlay NAME in DIR: data file NAME.data (sparse, size
- * bytes, fsynced), map NAME.map (empty), descriptor NAME (last).  Existing
- * files of that name are replaced (callers only reuse names of orphans). */
+ * bytes, fsynced), map NAME.map (empty), descriptor NAME (last), then fsync
+ * DIR.  Every file is created with O_EXCL: if any of the three names is
+ * taken, this fails with EEXIST naming that file, which is left untouched;
+ * on any failure the files created so far are removed (only those). */
 int cbw_ovl_create (const char *dir, const char *name, const char *backing,
                     const char *label, uint64_t size, uint32_t cluster_size,
                     struct cbw_err *err);

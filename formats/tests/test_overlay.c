@@ -79,6 +79,18 @@ mkchain (int n)
   for (int i = 0; i < n; i++) free (layers[i]);
 }
 
+/* Replace overlay NAME by a new one (cbw_ovl_create never overwrites). */
+static void
+recreate (const char *name, const char *backing, uint64_t size)
+{
+  struct cbw_err err;
+  char f[64];
+  unlink (P (name));
+  snprintf (f, sizeof f, "%s.data", name); unlink (P (f));
+  snprintf (f, sizeof f, "%s.map", name); unlink (P (f));
+  cr_assert_eq (cbw_ovl_create (dir, name, backing, "", size, CS, &err), 0, "%s", err.msg);
+}
+
 static int
 load_validate (struct cbw_err *err)
 {
@@ -341,7 +353,7 @@ Test (overlay, wrong_sizes)
   cr_assert (strstr (err.msg, "base") && strstr (err.msg, "wrong size"), "%s", err.msg);
   mkfile ("base.img", SIZE);
   /* an overlay made for another disk size */
-  cr_assert_eq (cbw_ovl_create (dir, "o2", "o1", "", SIZE * 2, CS, &err), 0);
+  recreate ("o2", "o1", SIZE * 2);
   cr_assert_eq (load_validate (&err), -1);
   cr_assert (strstr (err.msg, "does not match the chain"), "%s", err.msg);
 }
@@ -360,7 +372,7 @@ Test (overlay, loops)
   cr_assert_eq (err.errnum, ELOOP, "%s", err.msg);
   cr_assert (strstr (err.msg, "appears twice") != NULL, "%s", err.msg);
   /* backing links forming a cycle: o1 -> o2 -> o1 */
-  cr_assert_eq (cbw_ovl_create (dir, "o1", "o2", "", SIZE, CS, &err), 0);
+  recreate ("o1", "o2", SIZE);
   d.nlayers = 2;
   cr_assert_eq (cbw_chain_desc_save (P ("c.json"), &d, &err), 0);
   cr_assert_eq (load_validate (&err), -1);
@@ -371,7 +383,7 @@ Test (overlay, loops)
   cr_assert_eq (err.errnum, ELOOP, "%s", err.msg);
   cr_assert (strstr (err.msg, "loop in backing chain") != NULL, "%s", err.msg);
   /* self loop */
-  cr_assert_eq (cbw_ovl_create (dir, "o1", "o1", "", SIZE, CS, &err), 0);
+  recreate ("o1", "o1", SIZE);
   cr_assert_eq (load_validate (&err), -1);
   cr_assert_eq (err.errnum, ELOOP, "%s", err.msg);
   /* base named as a layer */
@@ -416,4 +428,118 @@ Test (overlay, bad_names_and_fields)
   cr_assert_eq (cbw_chain_desc_save (P ("c.json"), &d, &err), 0);
   cr_assert_eq (cbw_chain_desc_load (P ("c.json"), &d2, &err), -1);
   cr_assert (strstr (err.msg, "cluster size") != NULL, "%s", err.msg);
+}
+
+/* ---- new files never replace anything */
+
+static uint64_t
+file_size (const char *name)
+{
+  struct stat st;
+  cr_assert_eq (stat (P (name), &st), 0, "%s: %s", name, strerror (errno));
+  return (uint64_t) st.st_size;
+}
+
+static void
+plant (const char *name, const char *text)
+{
+  FILE *f = fopen (P (name), "w");
+  cr_assert_not_null (f);
+  fputs (text, f);
+  fclose (f);
+}
+
+static void
+check_planted (const char *name, const char *text)
+{
+  size_t len;
+  char *got = slurp (P (name), &len);
+  cr_assert (len == strlen (text) && memcmp (got, text, len) == 0,
+             "%s was changed: now %zu bytes", name, len);
+  free (got);
+}
+
+/* Whichever of the three names of a new overlay is taken, cbw_ovl_create
+ * fails with EEXIST naming that file, leaves it as it was, and removes only
+ * the files it created itself. */
+Test (overlay, create_never_overwrites)
+{
+  static const char *suffix[] = { ".data", ".map", "" };
+  struct cbw_err err;
+  mkfile ("base.img", SIZE);
+  for (int k = 0; k < 3; k++) {
+    char name[32], taken[48], other[2][48];
+    snprintf (name, sizeof name, "n%d", k);
+    snprintf (taken, sizeof taken, "%s%s", name, suffix[k]);
+    plant (taken, "somebody else's data\n");
+    cr_assert_eq (cbw_ovl_create (dir, name, "base.img", "", SIZE, CS, &err), -1,
+                  "created over an existing %s", taken);
+    cr_assert_eq (err.errnum, EEXIST, "%s", err.msg);
+    cr_assert (strstr (err.msg, P (taken)) && strstr (err.msg, "already exists"),
+               "%s", err.msg);
+    check_planted (taken, "somebody else's data\n");
+    for (int j = 0, m = 0; j < 3; j++)
+      if (j != k)
+        snprintf (other[m++], sizeof other[0], "%s%s", name, suffix[j]);
+    cr_assert_eq (access (P (other[0]), F_OK), -1, "%s left behind", other[0]);
+    cr_assert_eq (access (P (other[1]), F_OK), -1, "%s left behind", other[1]);
+  }
+  /* a dangling symlink is taken too (O_EXCL does not follow it) */
+  cr_assert_eq (symlink (P ("nowhere"), P ("s.data")), 0);
+  cr_assert_eq (cbw_ovl_create (dir, "s", "base.img", "", SIZE, CS, &err), -1);
+  cr_assert_eq (err.errnum, EEXIST, "%s", err.msg);
+  cr_assert_eq (access (P ("nowhere"), F_OK), -1, "created through a symlink");
+  /* a free name works, and creating it again fails without touching it */
+  cr_assert_eq (cbw_ovl_create (dir, "ok", "base.img", "", SIZE, CS, &err), 0, "%s", err.msg);
+  int fd = open (P ("ok.data"), O_WRONLY);
+  cr_assert_geq (fd, 0);
+  cr_assert_eq (pwrite (fd, "live", 4, 4096), 4);
+  close (fd);
+  cr_assert_eq (cbw_ovl_create (dir, "ok", "base.img", "", SIZE, CS, &err), -1);
+  cr_assert_eq (err.errnum, EEXIST, "%s", err.msg);
+  cr_assert_eq (file_size ("ok.data"), SIZE);
+  char buf[4];
+  fd = open (P ("ok.data"), O_RDONLY);
+  cr_assert_eq (pread (fd, buf, 4, 4096), 4);
+  close (fd);
+  cr_assert (memcmp (buf, "live", 4) == 0, "existing data file was truncated");
+  struct cbw_ovl_desc d;
+  cr_assert_eq (cbw_ovl_desc_load (dir, "ok", &d, &err), 0, "%s", err.msg);
+  cbw_ovl_desc_free (&d);
+}
+
+/* A new chain descriptor never replaces an existing one. */
+Test (overlay, chain_create_never_overwrites)
+{
+  struct cbw_err err;
+  struct cbw_chain_desc d = { .size = SIZE, .cluster_size = CS, .base = "base.img" };
+  mkchain (1);
+  size_t len;
+  char *before = slurp (P ("c.json"), &len);
+  cr_assert_eq (cbw_chain_desc_create (P ("c.json"), &d, &err), -1);
+  cr_assert_eq (err.errnum, EEXIST, "%s", err.msg);
+  cr_assert (strstr (err.msg, P ("c.json")) != NULL, "%s", err.msg);
+  check_planted ("c.json", before);
+  free (before);
+  cr_assert_eq (load_validate (&err), 0, "%s", err.msg);
+  cr_assert_eq (cbw_chain_desc_create (P ("new.json"), &d, &err), 0, "%s", err.msg);
+  struct cbw_chain_desc l;
+  cr_assert_eq (cbw_chain_desc_load (P ("new.json"), &l, &err), 0, "%s", err.msg);
+  cr_assert_eq (l.nlayers, 0);
+  cbw_chain_desc_free (&l);
+}
+
+/* The temp file of a crash-atomic replace is private to one save, never a
+ * fixed name that two writers would share: a file at the old fixed name
+ * PATH.tmp is left alone, and no temp file is left behind. */
+Test (overlay, atomic_replace_temp_is_private)
+{
+  plant ("d.json.tmp", "not yours\n");
+  spit (P ("d.json"), "one\n", 4);
+  spit (P ("d.json"), "two\n", 4);
+  check_planted ("d.json.tmp", "not yours\n");
+  check_planted ("d.json", "two\n");
+  char cmd[600];
+  snprintf (cmd, sizeof cmd, "test $(ls -A '%s' | wc -l) -eq 2", dir);
+  cr_assert_eq (system (cmd), 0, "temp files left behind");
 }

@@ -19,9 +19,12 @@
  * survives.  Unflushed writes may be lost (read through to the old data).
  *
  * Operations.  A snapshot drains in-flight I/O, flushes, creates the new
- * overlay, and replaces the chain descriptor (the commit point); a crash
- * before leaves the old chain plus unreferenced files, which the next
- * snapshot of the same generation overwrites.  A commit of layers lo..hi into
+ * overlay's files under a fresh random name with O_EXCL (new_layer_name: a
+ * layer file is never truncated or replaced, whoever owns it), and replaces
+ * the chain descriptor (the commit point); a crash before leaves the old
+ * chain plus unreferenced, empty layer files, which nothing reuses (safe to
+ * delete; never deleted automatically: a chain cannot tell its own orphans
+ * from another chain's layers in the same directory).  A commit of layers lo..hi into
  * lo-1 copies, in a background thread, every cluster allocated in lo..hi
  * (view of layers 0..hi) into layer lo-1; those clusters are shadowed by
  * lo..hi, so the guest-visible content never changes.  The copy runs in
@@ -182,12 +185,18 @@ durable (const char *path)
 }
 
 static void
-durable_in (const char *dir, const char *name)
+hook_path_in (const char *point, const char *dir, const char *name)
 {
   if (hook_fn) {
     CLEANUP_FREE char *p = cbw_ovl_join (dir, name);
-    if (p) durable (p);
+    if (p) hook_fn (point, p, hook_opaque);
   }
+}
+
+static void
+durable_in (const char *dir, const char *name)
+{
+  hook_path_in ("durable", dir, name);
 }
 
 /* Every metadata save of the engine goes through these (durability hook). */
@@ -898,13 +907,10 @@ ovc_create (const char *chain_path, const char *base, uint32_t cluster_size,
             struct cbw_err *err)
 {
   struct cbw_chain_desc d = { 0 };
-  struct stat st;
   CLEANUP_FREE char *dir = cbw_ovl_dirname (chain_path);
   CLEANUP_FREE char *bpath = NULL;
   if (dir == NULL || (bpath = cbw_ovl_join (dir, base)) == NULL)
     return cbw_err_set (err, ENOMEM, "out of memory");
-  if (stat (chain_path, &st) == 0)
-    return cbw_err_set (err, EEXIST, "%s: already exists", chain_path);
   int fd = open (bpath, O_RDONLY | O_CLOEXEC);
   if (fd < 0)
     return cbw_err_set (err, errno, "base %s: %s", bpath, strerror (errno));
@@ -921,7 +927,11 @@ ovc_create (const char *chain_path, const char *base, uint32_t cluster_size,
   if (cbw_ovl_map_init (&m, d.size, d.cluster_size, err) < 0)
     return -1;
   cbw_ovl_map_free (&m);
-  return chain_save (chain_path, &d, err);
+  /* O_EXCL: whatever is at chain_path (a chain, a dangling link) stays. */
+  if (cbw_chain_desc_create (chain_path, &d, err) < 0)
+    return -1;
+  durable (chain_path);
+  return 0;
 }
 
 /* Roll a recorded "finish" forward on disk (idempotent). d is updated to
@@ -1111,12 +1121,18 @@ ovc_close (struct ovc *c)
 
 /* -------------------------------------------------------------- snapshot */
 
+/* A new layer's name: the chain file's stem (for people reading the
+ * directory) + 128 random bits, e.g. vm.chain.ov-0f3c...9a.json.  The random
+ * part keeps it apart from every other chain's layers, also those of a chain
+ * in the same directory whose file name has the same stem (vm.chain and
+ * vm.chain.json), and from leftovers of interrupted snapshots; the files are
+ * created with O_EXCL anyway, so even a collision never overwrites. */
 static char *
 new_layer_name (struct ovc *c)
 {
   const char *b = strrchr (c->chain_path, '/');
   b = b ? b + 1 : c->chain_path;
-  char stem[96];
+  char stem[96], id[33];
   size_t n = 0;
   for (; *b && n < sizeof stem - 1; b++)
     stem[n++] = ((*b >= 'a' && *b <= 'z') || (*b >= 'A' && *b <= 'Z') ||
@@ -1125,10 +1141,12 @@ new_layer_name (struct ovc *c)
   stem[n] = 0;
   if (n > 5 && strcmp (stem + n - 5, ".json") == 0)
     stem[n - 5] = 0;
-  for (uint64_t g = c->desc.generation + 1;; g++) {
+  for (;;) {
     char *name;
     bool used = false;
-    if (asprintf (&name, "%s.ov%" PRIu64 ".json", stem, g) < 0)
+    if (cbw_random_hex (id, 16) < 0)
+      return NULL;
+    if (asprintf (&name, "%s.ov-%s.json", stem, id) < 0)
       return NULL;
     for (size_t i = 0; i < c->desc.nlayers; i++)
       if (strcmp (c->desc.layers[i], name) == 0) used = true;
@@ -1160,7 +1178,8 @@ ovc_snapshot (struct ovc *c, const char *label, char **name_out,
     return cbw_err_set (err, ENOSPC, "chain already has %d overlays (limit)",
                         CBW_CHAIN_MAX_LAYERS);
   if ((name = new_layer_name (c)) == NULL)
-    return cbw_err_set (err, ENOMEM, "out of memory");
+    return cbw_err_set (err, errno ? errno : ENOMEM, "snapshot: new layer name: %s",
+                        strerror (errno ? errno : ENOMEM));
 
   gate_pause (c);          /* in-flight writes drain */
   if (do_flush (c, err) < 0) {
@@ -1169,10 +1188,13 @@ ovc_snapshot (struct ovc *c, const char *label, char **name_out,
   }
   if (hook ("snapshot-flushed", err) < 0)
     goto out;
+  hook_path_in ("new-layer", c->dir, name);
+  /* On failure cbw_ovl_create removed what it created, and only that: a
+   * file that was already at one of the names is not ours to remove. */
   if (cbw_ovl_create (c->dir, name, c->layers[c->nl - 1]->name, label,
                       c->size, c->csize, err) < 0) {
     cbw_err_prefix (err, "snapshot");
-    goto out_rm;
+    goto out;
   }
   {
     char tmp[CBW_OVL_NAME_MAX + 8];

@@ -167,7 +167,10 @@ void ovc_set_commit_tuning (uint64_t chunk_bytes, unsigned workers, unsigned fla
  * there with EIO.  Called with point "durable" and a file path right after
  * that file's current content became durable (data file fdatasync'd, a
  * descriptor or map atomically replaced, a new overlay's files created):
- * power-loss tests mirror the files at those moments (return ignored). */
+ * power-loss tests mirror the files at those moments (return ignored).
+ * Called with point "new-layer" and the path of a snapshot's new overlay
+ * descriptor (its files are PATH.data and PATH.map) just before they are
+ * created: tests plant files there (return ignored). */
 typedef int (*ovc_hook_fn) (const char *point, const char *path, void *opaque);
 void ovc_set_test_hook (ovc_hook_fn fn, void *opaque);
 

@@ -162,6 +162,8 @@ skip_name (const char *name, const char *journal_base)
     return true;                  /* mirrored separately, at its own syncs */
   if (len >= 4 && strcmp (name + len - 4, ".tmp") == 0)
     return true;
+  if (strstr (name, ".tmp-") != NULL)
+    return true;                  /* cbw_write_file_atomic's temp files */
   if (len >= 5 && strcmp (name + len - 5, ".lock") == 0)
     return true;
   /* the live-bitmap map is never synced: after a real power cut it is gone

@@ -70,7 +70,7 @@ crash_hook (const char *point, const char *path, void *opaque)
 {
   (void) opaque;
   if (path) {
-    if (mirror_dir[0])
+    if (mirror_dir[0] && strcmp (point, "durable") == 0)
       mirror_file (path);
     return 0;
   }
