@@ -2,8 +2,8 @@
 # client-tests/overlay/crash-restart.sh: kill -9 nbdkit in the middle of an
 # active commit, restart: the disk holds every flushed write, the commit is
 # cleanly undone (chain unchanged) and can be run again; then bad chains
-# (corrupt descriptor, missing or wrong-size layer) are refused at start
-# with a clear error.
+# (corrupt or missing descriptor, missing or wrong-size layer) are refused
+# at start with a clear error, and nothing is created in their place.
 . "$(dirname "$0")/../functions.sh"
 . "$(dirname "$0")/common.sh"
 require_chain_support
@@ -13,7 +13,7 @@ SIZE=$((64 * 1024 * 1024))
 head -c $SIZE /dev/urandom > "$T/base.img"
 cp "$T/base.img" "$T/model.img"
 S=$T/nbd.sock C=$T/ctl.sock U=$(uri "$T/nbd.sock")
-start_chain "$S" "$C" file="$T/base.img" chain="$T/disk.chain"
+start_chain "$S" "$C" file="$T/base.img" chain="$T/disk.chain" chain-create=true
 
 RANDOM=77
 # writes N: N random 4k-aligned writes to the export (then flush) and to the
@@ -56,14 +56,15 @@ writes 1
 kill "$NBDKIT_PID"; wait "$NBDKIT_PID" 2>/dev/null || true
 
 # --- bad chains: nbdkit must refuse to start, naming the problem
-try_start() {   # try_start EXPECTED-REGEX
+try_start() {   # try_start EXPECTED-REGEX [PARAM...]
+  local want=$1; shift
   rm -f "$S" "$C"
   if timeout 20 "${NBDKIT[@]}" -f -U "$S" "$CHAIN_PLUGIN" chain="$T/disk.chain" \
-       control="$C" --run true 2>"$T/err"; then
-    fail "nbdkit served a bad chain ($1)"
+       control="$C" "$@" --run true 2>"$T/err"; then
+    fail "nbdkit served a bad chain ($want)"
   fi
-  grep -Eq "$1" "$T/err" || fail "error does not match '$1': $(cat "$T/err")"
-  log "refused as expected: $(grep -E "$1" "$T/err" | head -1)"
+  grep -Eq "$want" "$T/err" || fail "error does not match '$want': $(cat "$T/err")"
+  log "refused as expected: $(grep -E "$want" "$T/err" | head -1)"
 }
 cp "$T/disk.chain" "$T/good.chain"
 sed -i 's/"size"/"sizE"/' "$T/disk.chain"
@@ -82,6 +83,19 @@ mv "$T/saved.data" "$T/$top.data"
 truncate -s $((SIZE + 4096)) "$T/base.img"
 try_start 'base.*wrong size'
 truncate -s $SIZE "$T/base.img"
+# A missing descriptor is an error naming it, also with file= (which once
+# made a new, empty chain over the base: the overlays' data vanished);
+# chain-create=true is for a new chain and needs file=.
+mv "$T/disk.chain" "$T/saved.chain"
+try_start "$T/disk.chain: No such file.*not creating a new empty chain" file="$T/base.img"
+[ -e "$T/disk.chain" ] && fail "a new chain was created in place of the missing one"
+try_start 'chain-create=true needs file=' chain-create=true
+[ -e "$T/disk.chain" ] && fail "a chain was created without file="
+mv "$T/saved.chain" "$T/disk.chain"
+# chain-create=true with an existing descriptor opens it as it is
+start_chain "$S" "$C" file="$T/base.img" chain="$T/disk.chain" chain-create=true
+compare_export "$U" "$T/model.img"
+kill "$NBDKIT_PID"; wait "$NBDKIT_PID" 2>/dev/null || true
 # and the good chain still serves the right content
 start_chain "$S" "$C" chain="$T/disk.chain"
 compare_export "$U" "$T/model.img"

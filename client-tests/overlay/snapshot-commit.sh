@@ -17,7 +17,7 @@ cp "$T/base.img" "$T/qbase.img"
 QTOP=$T/qbase.img; QFMT=raw
 
 S=$T/nbd.sock C=$T/ctl.sock U=$(uri "$T/nbd.sock")
-start_chain "$S" "$C" file="$T/base.img" chain="$T/disk.chain"
+start_chain "$S" "$C" file="$T/base.img" chain="$T/disk.chain" chain-create=true
 
 RANDOM=4242
 # writes N: N random writes (or zeroes), applied in one qemu-io run each to

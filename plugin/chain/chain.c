@@ -49,6 +49,7 @@ static struct chain {
   char *control_path;            /* control= (absolute), or NULL */
   char *chain_path;              /* chain= (absolute), or NULL: overlay chain */
   char *description;             /* "cbw-disk-id:UUID" from disk-id=, or NULL */
+  bool chain_create;             /* chain-create=: a missing DESC is created */
 
   /* state after get_ready */
   struct rawdisk *raw;           /* the base layer: the data path */
@@ -115,6 +116,8 @@ chain_config (const char *key, const char *value)
       return -1;
     }
   }
+  else if (strcmp (key, "chain-create") == 0)
+    return parse_bool (key, value, &chain.chain_create);
   else if (strcmp (key, "control") == 0) {
     free (chain.control_path);
     chain.control_path = nbdkit_absolute_path (value);
@@ -149,6 +152,16 @@ chain_config_complete (void)
     errno = ENAMETOOLONG;
     return -1;
   }
+  if (chain.chain_create && chain.chain_path == NULL) {
+    nbdkit_error ("chain-create=true needs chain=DESC");
+    errno = EINVAL;
+    return -1;
+  }
+  if (chain.chain_create && chain.file == NULL) {
+    nbdkit_error ("chain-create=true needs file=BASE (the base of the new chain)");
+    errno = EINVAL;
+    return -1;
+  }
   return 0;
 }
 
@@ -161,12 +174,16 @@ chain_config_complete (void)
   "                    image locks, exclusive writer).\n" \
   "control=<SOCKET>    Unix socket for run-time control (JSON lines).\n" \
   "chain=<DESC>        Serve the overlay chain described by DESC (snapshots,\n" \
-  "                    commit; docs/formats/overlay.md).  Created over file=\n" \
-  "                    (as its base) if DESC does not exist.\n" \
+  "                    commit; docs/formats/overlay.md).  DESC must exist.\n" \
+  "chain-create=<BOOL> Create DESC over file= (as its base) if it does not\n" \
+  "                    exist (default false: a missing DESC is an error).\n" \
   "disk-id=<UUID>      Announce \"cbw-disk-id:UUID\" as the export description\n" \
   "                    (clients can tell a live cbw disk from a backup target)."
 
-/* chain=DESC: open (creating it over file= if missing) the overlay chain. */
+/* chain=DESC: open the overlay chain; with chain-create=true, create it
+ * over file= first if DESC does not exist.  Without it a missing DESC is an
+ * error: a disk whose descriptor was lost must not come back as a new empty
+ * chain over its base (its overlays hold guest writes the base lacks). */
 static int
 chain_open_overlays (void)
 {
@@ -176,9 +193,13 @@ chain_open_overlays (void)
   char *note = NULL;
 
   if (access (chain.chain_path, F_OK) == -1) {
-    if (errno != ENOENT || chain.file == NULL) {
-      nbdkit_error ("chain descriptor %s: %s%s", chain.chain_path, strerror (errno),
-                    errno == ENOENT ? " (give file=BASE to create a new chain)" : "");
+    int e = errno;
+    if (e != ENOENT || !chain.chain_create) {
+      nbdkit_error ("chain descriptor %s: %s%s", chain.chain_path, strerror (e),
+                    e == ENOENT ? " (the overlay chain's descriptor is missing: "
+                    "not creating a new empty chain; restore the file, or give "
+                    "chain-create=true only for a new chain)" : "");
+      errno = e;
       return -1;
     }
     if (chain.readonly) {

@@ -255,10 +255,13 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     o->st.disks[o->st.ndisks++] = d;
   }
   /* Saved before nbdkit starts: after a crash the disk is known (dead),
-   * never an unknown orphan. */
+   * never an unknown orphan.  Only this first start may create the bitmap
+   * store and the chain. */
   d->create_bitmaps = true;     /* the one start that makes a new bitmap store */
+  d->chain_create = d->chain != NULL;
   int started = orch_state_save (o, &e) < 0 ? -1 : orch_disk_start (o, d, &e);
   d->create_bitmaps = false;
+  d->chain_create = false;
   if (started < 0 || orch_state_save (o, &e) < 0) {
     struct cbw_err e2 = { 0 };
     orch_disk_stop (o, d, &e2);

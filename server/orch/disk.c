@@ -9,7 +9,9 @@
  * plus dirtybitmap-create=true at disk-add only (later starts refuse a
  * missing bitmap descriptor: lost bitmaps are never recreated empty)
  * plus chain=DISKDIR/overlays/NAME.chain (or the descriptor given to
- * disk-add) for a disk added with overlays; without it the chain plugin
+ * disk-add) for a disk added with overlays (and chain-create=true at
+ * disk-add's start only: a later start never makes a new, empty chain in
+ * place of a lost descriptor); without it the chain plugin
  * serves the raw image on its fast path and cannot take snapshots
  * (the bitmaps live in the state directory, not beside the image: an image
  * may be a block device, and all of cbwd's state is in one place).  With
@@ -448,7 +450,8 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
     if (o->file_plugin)
       return cbw_err_set (err, EINVAL, "disk %s has an overlay chain: it needs the chain "
                           "plugin (this cbwd runs disks with nbdkit's file plugin)", d->name);
-    /* the chain plugin creates the descriptor over file= when it is missing */
+    /* The chain plugin creates a missing descriptor over file= only with
+     * chain-create=true, which disk-add alone asks for. */
     chain_dir = strdup (d->chain);
     char *slash = chain_dir ? strrchr (chain_dir, '/') : NULL;
     if (slash == NULL)
@@ -498,6 +501,8 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
     argv[n++] = a_chain;        /* overlays: every request goes through the chain */
   if (d->force_share && !o->file_plugin)
     argv[n++] = (char *) "force-share=true";
+  if (a_chain && d->chain_create)
+    argv[n++] = (char *) "chain-create=true";
   argv[n++] = a_desc;
   if (d->create_bitmaps)        /* only disk-add: else a lost descriptor is an error */
     argv[n++] = (char *) "dirtybitmap-create=true";

@@ -78,6 +78,9 @@ struct orch_disk {
   bool create_bitmaps;          /* next start may create the bitmap store
                                    (disk-add only: a missing descriptor is
                                    otherwise a start error) */
+  bool chain_create;            /* the next start may create the chain descriptor
+                                   (set by disk-add only: a lost descriptor of a
+                                   known disk is an error, never a new chain) */
 };
 
 /* A checkpoint that can no longer be honoured on one disk (its bitmaps
