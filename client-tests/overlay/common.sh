@@ -2,8 +2,8 @@
 # tests (sourced after ../functions.sh).
 #
 # The chain plugin serves an overlay chain with  chain=DESC  (created over
-# file=BASE on first use when DESC does not exist); snapshot/commit/status
-# go through its control socket.
+# file=BASE when DESC does not exist only with chain-create=true);
+# snapshot/commit/status go through its control socket.
 
 # Skip unless the plugin is built with overlay chain support.
 require_chain_support() {

@@ -1258,7 +1258,10 @@ static const struct cbw_ctl_command commands[] = {
   { "disk-start", h_disk_start, name_arg,
     "Start the nbdkit of a stopped or dead disk (cbwd never restarts one by itself). "
     "Refused, naming the file, when the disk's bitmap descriptor is missing or "
-    "unreadable (see `disk-repair`). Then retries an interrupted operation, if any.",
+    "unreadable (see `disk-repair`). Fails with nbdkit's error, naming the file, when "
+    "the disk's chain descriptor or one of its layer files is missing, truncated or "
+    "corrupt: nothing is recreated (only `disk-add` creates a chain), so the guest never "
+    "sees a disk without its overlays. Then retries an interrupted operation, if any.",
     "the disk, as in `disk-list`" },
   { "disk-repair", h_disk_repair, disk_repair_args,
     "Explicit recovery of a disk whose dirty bitmap descriptor is missing or unreadable "
@@ -1278,7 +1281,10 @@ static const struct cbw_ctl_command commands[] = {
   { "disk-snapshot", h_disk_snapshot, snapshot_args,
     "Live snapshot of a disk added with overlays: guest writes in flight drain, a new "
     "empty overlay becomes the top and receives every write from now on; the layers below "
-    "become read-only. Crash-atomic (the chain descriptor is the commit point). Errors: "
+    "become read-only. Crash-atomic (the chain descriptor is the commit point). The new "
+    "overlay's files get fresh random names and are created exclusively: a file that is "
+    "already there (another chain's) fails the snapshot naming it, and is left untouched. "
+    "Errors: "
     "`NotFound` (no such disk), `InvalidParameter` (the disk has no overlay chain), "
     "`Busy` (the disk is part of the running backup, or a commit runs), `IOError` (not "
     "running).",
