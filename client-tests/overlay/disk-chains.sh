@@ -11,6 +11,9 @@
 #    as they were; with the file back the disk serves its data again;
 #  - a layer (descriptor or data file) that is missing or truncated: `disk
 #    start` fails naming the file, nothing is recreated.
+#  - a chain kept in the state directory whose descriptor is lost while its
+#    layers remain: `disk remove` is refused (it would delete them); one
+#    that never had a layer (an interrupted disk add) can be removed.
 . "$(dirname "$0")/../backup/lib.sh"
 need_modules noprobe
 [ "$PLUGIN" = chain ] || skip "the chain plugin is not built (overlays need it)"
@@ -148,4 +151,28 @@ snap_files | grep -v "$top" > "$T/files.now"
 grep -v "$top" "$T/files.before" | cmp -s - "$T/files.now" || fail "other overlay files changed"
 start 0 da
 check_all
+log "section: a chain in the state directory whose descriptor is lost is not removed"
+head -c $((4 * MiB)) /dev/urandom > "$T/c.img"
+truncate -s $((4 * MiB)) "$T/d.img"
+dcmd 0 dc disk add dc --file "$T/c.img" --overlays
+dcmd 0 dd disk add dd --file "$T/d.img" --overlays
+CC=$STATE/disks/dc/overlays/dc.chain CD=$STATE/disks/dd/overlays/dd.chain
+[ -f "$CC" ] && [ -f "$CD" ] || fail "disk add did not create the chains"
+expect_rc 0 "$CBW" disk snapshot dc
+w dc 0x77 $((1 * MiB)) 128k
+for d in dc dd; do expect_rc 0 "$CBW" disk stop $d; done
+mv "$CC" "$T/saved-dc.chain"
+start 1 dc
+grep -q "$CC" <<<"$ERR" || fail "disk start does not name the missing descriptor: $ERR"
+expect_rc 1 "$CBW" disk remove dc
+grep -q "Busy.*$CC.*missing" <<<"$ERR" || fail "remove with a lost descriptor: $ERR"
+ls "$STATE"/disks/dc/overlays/dc.chain.ov-*.data >/dev/null || fail "dc's overlay files are gone"
+mv "$T/saved-dc.chain" "$CC"
+start 0 dc
+r dc 0x77 $((1 * MiB)) 128k
+# dd's chain never had a layer (as after a disk-add interrupted before its
+# first start): without its descriptor it is refused at start, and removable.
+rm "$CD"
+start 1 dd
+expect_rc 0 "$CBW" disk remove dd
 log "OK: same-stem chains keep their data; planted files untouched; lost descriptors and layers refused"

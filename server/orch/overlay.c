@@ -16,6 +16,7 @@
  * command) without o->lock held, doing only module control calls and file
  * reads.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -89,6 +90,41 @@ orch_chain_info (struct orch_disk *d, struct orch_chain_info *ci, struct cbw_err
   return 0;
 }
 
+/* A file in the chain's directory named like one of its layers (the chain
+ * plugin names them after the chain file, without ".json": STEM.ov...),
+ * copied into buf; false if there is none.  Other chains whose file name
+ * has the same stem match too: callers only use it to refuse. */
+static bool
+layer_file_exists (const char *chain, char *buf, size_t len)
+{
+  CLEANUP_FREE char *copy = strdup (chain);
+  char *slash = copy ? strrchr (copy, '/') : NULL;
+  char stem[300];
+  size_t n = 0;
+  if (slash == NULL)
+    return true;                /* out of memory (paths are absolute): assume one */
+  *slash = '\0';
+  for (const char *b = slash + 1; *b && n < sizeof stem - 4; b++)
+    stem[n++] = ((*b >= 'a' && *b <= 'z') || (*b >= 'A' && *b <= 'Z') ||
+                 (*b >= '0' && *b <= '9') || *b == '.' || *b == '_' || *b == '-')
+      ? *b : '_';
+  stem[n] = '\0';
+  if (n > 5 && strcmp (stem + n - 5, ".json") == 0)
+    stem[n -= 5] = '\0';
+  memcpy (stem + n, ".ov", 4);
+  DIR *dir = opendir (copy[0] ? copy : "/");
+  if (dir == NULL)
+    return errno != ENOENT;     /* unreadable: assume there is one */
+  bool found = false;
+  for (struct dirent *e; !found && (e = readdir (dir)) != NULL; )
+    if (strncmp (e->d_name, stem, n + 3) == 0) {
+      snprintf (buf, len, "%s/%s", copy, e->d_name);
+      found = true;
+    }
+  closedir (dir);
+  return found;
+}
+
 int
 orch_chain_overlays_offline (struct orch_disk *d, unsigned *n, struct cbw_err *err)
 {
@@ -96,9 +132,16 @@ orch_chain_overlays_offline (struct orch_disk *d, unsigned *n, struct cbw_err *e
   if (d->chain == NULL)
     return 0;
   if (access (d->chain, F_OK) < 0) {
-    if (errno == ENOENT)
-      return 0;                 /* never started: no chain yet */
-    return cbw_err_set (err, errno, "%s: %s", d->chain, strerror (errno));
+    char f[600] = "";
+    if (errno != ENOENT)
+      return cbw_err_set (err, errno, "%s: %s", d->chain, strerror (errno));
+    /* Never created (a disk-add interrupted before its first start), or
+     * lost: lost with its layers still there, they may hold guest data. */
+    if (layer_file_exists (d->chain, f, sizeof f))
+      return cbw_err_set (err, ENOENT, "chain descriptor %s is missing but layer "
+                          "files remain (%s)", d->chain, f[0] ? f : "the directory "
+                          "cannot be read");
+    return 0;
   }
 #ifdef ORCH_HAVE_FORMATS
   struct cbw_chain_desc cd = { 0 };
