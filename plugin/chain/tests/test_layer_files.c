@@ -4,7 +4,8 @@
  * every write; a file already at the name a new layer takes (planted through
  * the "new-layer" test hook) makes the snapshot fail naming it, untouched,
  * with the chain unchanged; a new chain is never created over an existing
- * descriptor.  Single-threaded; no locking. */
+ * descriptor; chains with old-style layer names keep working.
+ * Single-threaded; no locking. */
 #include <sys/stat.h>
 
 #include "chain_test_util.h"
@@ -215,5 +216,48 @@ Test (layer_files, create_never_replaces_a_descriptor)
   cr_assert_eq (ovc_create (P ("link.chain"), "a.img", CS, &err), -1);
   cr_assert_eq (err.errnum, EEXIST, "%s", err.msg);
   cr_assert_eq (access (P ("elsewhere.chain"), F_OK), -1, "created through a symlink");
+  free (m);
+}
+
+/* A chain written by an older version, whose layers have the old names
+ * (STEM.ovGEN.json), opens, takes writes and new snapshots (new-style
+ * names beside the old ones) and reopens: readers take every name from the
+ * descriptors. */
+Test (layer_files, old_style_names_keep_working)
+{
+  unsigned char *m;
+  struct cbw_err err;
+  struct ovc *c = mk ("a.img", "vm.chain", 5, &m);
+  ovc_close (c);
+  struct cbw_chain_desc d;
+  cr_assert_eq (cbw_chain_desc_load (P ("vm.chain"), &d, &err), 0, "%s", err.msg);
+  cr_assert_eq (cbw_ovl_create (dir, "vm.chain.ov2.json", "a.img", "old", SIZE, CS, &err),
+                0, "%s", err.msg);
+  char *layers[] = { "vm.chain.ov2.json" };
+  char **keep = d.layers;
+  d.layers = layers;
+  d.nlayers = 1;
+  cr_assert_eq (cbw_chain_desc_save (P ("vm.chain"), &d, &err), 0, "%s", err.msg);
+  d.layers = keep;
+  d.nlayers = 0;
+  cbw_chain_desc_free (&d);
+  c = ovc_open (P ("vm.chain"), NULL, NULL, &err);
+  cr_assert_not_null (c, "%s", err.msg);
+  cr_assert_eq (ovc_nlayers (c), 1);
+  put (c, m, 3 * CS, 2 * CS, 80);
+  char *name = snap (c);
+  cr_assert (strncmp (name, "vm.chain.ov-", 12) == 0, "%s", name);
+  free (name);
+  put (c, m, 4 * CS, CS + 10, 81);
+  ovc_close (c);
+  c = ovc_open (P ("vm.chain"), NULL, NULL, &err);
+  cr_assert_not_null (c, "%s", err.msg);
+  cr_assert_eq (ovc_nlayers (c), 2);
+  check (c, m, "old-style chain after a new snapshot, reopened");
+  cr_assert_eq (ovc_commit_start (c, 1, 2, CBW_COMMIT_DELETE, 0, &err), 0, "%s", err.msg);
+  cr_assert_eq (ovc_commit_wait (c, &err), 0, "%s", err.msg);
+  cr_assert_eq (ovc_nlayers (c), 0);
+  check (c, m, "after committing both");
+  ovc_close (c);
   free (m);
 }
