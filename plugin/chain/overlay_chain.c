@@ -1155,6 +1155,21 @@ new_layer_name (struct ovc *c)
   }
 }
 
+/* True if the chain descriptor at path reads and does not list layer name. */
+static bool
+layer_unreferenced (const char *path, const char *name)
+{
+  struct cbw_chain_desc d;
+  bool listed = false;
+  if (cbw_chain_desc_load (path, &d, NULL) < 0)
+    return false;
+  for (size_t i = 0; i < d.nlayers; i++)
+    if (strcmp (d.layers[i], name) == 0)
+      listed = true;
+  cbw_chain_desc_free (&d);
+  return !listed;
+}
+
 int
 ovc_snapshot (struct ovc *c, const char *label, char **name_out,
               struct cbw_err *err)
@@ -1224,7 +1239,8 @@ ovc_snapshot (struct ovc *c, const char *label, char **name_out,
     cbw_err_set (err, ENOMEM, "out of memory");
     goto out_rm;
   }
-  if (chain_save (c->chain_path, &nd, err) < 0) {   /* commit point */
+  if (chain_save (c->chain_path, &nd, err) < 0 ||   /* commit point */
+      hook ("snapshot-saved", err) < 0) {
     cbw_chain_desc_free (&nd);
     cbw_err_prefix (err, "snapshot");
     goto out_rm;
@@ -1238,6 +1254,12 @@ ovc_snapshot (struct ovc *c, const char *label, char **name_out,
   hook ("snapshot-done", NULL);
   goto out;
  out_rm:
+  /* The new layer's files are ours; but once the chain descriptor on disk
+   * names the layer (a save that failed after its rename, e.g. in the
+   * directory fsync), they are part of the chain: keep them, and keep them
+   * too if the descriptor cannot be read (orphans are harmless). */
+  if (!layer_unreferenced (c->chain_path, name))
+    goto out;
   {
     struct cbw_ovl_desc od = { .name = name, .data = NULL, .map = NULL };
     CLEANUP_FREE char *dn = NULL, *mn = NULL;

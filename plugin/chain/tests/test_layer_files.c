@@ -4,7 +4,8 @@
  * every write; a file already at the name a new layer takes (planted through
  * the "new-layer" test hook) makes the snapshot fail naming it, untouched,
  * with the chain unchanged; a new chain is never created over an existing
- * descriptor; chains with old-style layer names keep working.
+ * descriptor; chains with old-style layer names keep working; a snapshot
+ * failing after its commit point keeps the files the chain now names.
  * Single-threaded; no locking. */
 #include <sys/stat.h>
 
@@ -258,6 +259,42 @@ Test (layer_files, old_style_names_keep_working)
   cr_assert_eq (ovc_commit_wait (c, &err), 0, "%s", err.msg);
   cr_assert_eq (ovc_nlayers (c), 0);
   check (c, m, "after committing both");
+  ovc_close (c);
+  free (m);
+}
+
+/* A snapshot that fails after the chain descriptor naming its new layer
+ * reached the disk (injected at "snapshot-saved", as a failed directory
+ * fsync after the rename would) keeps the new layer's files: the chain on
+ * disk needs them.  The disk keeps every write, also across a reopen. */
+static int
+saved_hook (const char *point, const char *path, void *opaque)
+{
+  (void) opaque;
+  return path == NULL && strcmp (point, "snapshot-saved") == 0;
+}
+
+Test (layer_files, failure_after_commit_point_keeps_files)
+{
+  unsigned char *m;
+  struct cbw_err err;
+  struct ovc *c = mk ("a.img", "disk.chain", 6, &m);
+  free (snap (c));
+  put (c, m, 2 * CS, CS, 90);
+  ovc_set_test_hook (saved_hook, NULL);
+  int r = ovc_snapshot (c, NULL, NULL, &err);
+  ovc_set_test_hook (NULL, NULL);
+  cr_assert_eq (r, -1, "the injected failure did not fail the snapshot");
+  cr_assert (strstr (err.msg, "injected") != NULL, "%s", err.msg);
+  put (c, m, 2 * CS + 100, 300, 91);      /* into the old top, still in use */
+  check (c, m, "after the failed snapshot");
+  ovc_close (c);
+  c = ovc_open (P ("disk.chain"), NULL, NULL, &err);
+  cr_assert_not_null (c, "reopen after a failure past the commit point: %s", err.msg);
+  cr_assert_eq (ovc_nlayers (c), 2);
+  check (c, m, "reopened");
+  put (c, m, 0, 5000, 92);
+  check (c, m, "written after the reopen");
   ovc_close (c);
   free (m);
 }
