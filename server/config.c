@@ -16,29 +16,12 @@
 #include "cleanup.h"
 #include "config.h"
 #include "fileutil.h"
+#include "units.h"
 
 int
 cbwd_parse_size (const char *str, uint64_t *out)
 {
-  char *end;
-  if (!str || !isdigit ((unsigned char) str[0])) return -1;
-  errno = 0;
-  unsigned long long v = strtoull (str, &end, 10);
-  if (errno) return -1;
-  unsigned shift = 0;
-  switch (*end) {
-  case 0: break;
-  case 'k': case 'K': shift = 10; end++; break;
-  case 'm': case 'M': shift = 20; end++; break;
-  case 'g': case 'G': shift = 30; end++; break;
-  case 't': case 'T': shift = 40; end++; break;
-  default: return -1;
-  }
-  if (*end == 'i' || *end == 'B') { if (*end == 'i') end++; if (*end == 'B') end++; }
-  if (*end) return -1;
-  if (shift && v > (UINT64_MAX >> shift)) return -1;
-  *out = (uint64_t) v << shift;
-  return 0;
+  return cbw_parse_size (str, UINT64_MAX, out);
 }
 
 void

@@ -33,6 +33,7 @@
 
 #include "cbw_err.h"
 #include "control.h"
+#include "units.h"
 
 #define EXIT_CMD 1
 #define EXIT_USAGE 2
@@ -518,31 +519,14 @@ parse_uint (const char *s, int64_t *out)
 }
 
 /* "10M" -> 10485760 (K, M, G, T: powers of 1024; an optional trailing B). */
+/* A size in cbw's one grammar (common/units.h), at most INT64_MAX. */
 static bool
 parse_size (const char *s, int64_t *out)
 {
-  char *end;
-  errno = 0;
-  if (s[0] < '0' || s[0] > '9')
+  uint64_t v;
+  if (cbw_parse_size (s, INT64_MAX, &v) < 0)
     return false;
-  unsigned long long v = strtoull (s, &end, 10);
-  if (errno)
-    return false;
-  int shift = 0;
-  switch (*end) {
-  case 'k': case 'K': shift = 10; end++; break;
-  case 'm': case 'M': shift = 20; end++; break;
-  case 'g': case 'G': shift = 30; end++; break;
-  case 't': case 'T': shift = 40; end++; break;
-  default: break;
-  }
-  if (shift && (*end == 'i' || *end == 'I'))
-    end++;
-  if (*end == 'b' || *end == 'B')
-    end++;
-  if (*end || v > (unsigned long long) (INT64_MAX >> shift))
-    return false;
-  *out = (int64_t) (v << shift);
+  *out = (int64_t) v;
   return true;
 }
 

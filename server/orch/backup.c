@@ -50,6 +50,7 @@
 #include <unistd.h>
 
 #include "cleanup.h"
+#include "units.h"
 #include "orch_internal.h"
 
 /* Extent list limit for a session's needed ranges (control lines are at
@@ -67,27 +68,11 @@ disk_by_name (struct cbw_orch *o, const char *name)
 
 /* ---- store bounds ---- */
 
-/* "10G" -> bytes (K, M, G, T: powers of 1024); false if malformed. */
+/* A size in cbw's one grammar (common/units.h); false if malformed. */
 static bool
 parse_size (const char *s, uint64_t *out)
 {
-  char *end;
-  errno = 0;
-  if (s[0] < '0' || s[0] > '9')
-    return false;
-  unsigned long long v = strtoull (s, &end, 10);
-  int shift = 0;
-  switch (*end) {
-  case 'k': case 'K': shift = 10; end++; break;
-  case 'm': case 'M': shift = 20; end++; break;
-  case 'g': case 'G': shift = 30; end++; break;
-  case 't': case 'T': shift = 40; end++; break;
-  default: break;
-  }
-  if (errno || *end || v > (UINT64_MAX >> shift))
-    return false;
-  *out = (uint64_t) v << shift;
-  return true;
+  return cbw_parse_size (s, UINT64_MAX, out) == 0;
 }
 
 int
