@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cleanup.h"
 #include "orch.h"
 
 static void
@@ -47,7 +48,8 @@ main (int argc, char **argv)
   struct cbw_orch_config cfg = { .nbdkit = getenv ("CBW_NBDKIT") };
   bool stop_disks = false;
   int c;
-  char **hooks = calloc ((size_t) argc, sizeof *hooks);   /* checked by cbw_orch_open */
+  /* checked by cbw_orch_open, which keeps the array: freed as main returns */
+  CLEANUP_FREE char **hooks = calloc ((size_t) argc, sizeof *hooks);
   if (hooks == NULL) { perror ("calloc"); return 1; }
   cfg.freeze_hooks = hooks;
 
