@@ -22,6 +22,7 @@
 
 #include <json-c/json.h>
 
+#include "cleanup.h"
 #include "config.h"
 #include "sdnotify.h"
 #include "server.h"
@@ -106,8 +107,9 @@ main (int argc, char **argv)
   srv.loop = uv_default_loop ();
   const char *config = NULL, *pidfile = NULL;
   const char *state_dir = NULL, *control = NULL, *module_dir = NULL;
-  char **listens = calloc (argc, sizeof *listens);
-  char **exports = calloc (argc, sizeof *exports);
+  /* arrays of pointers into argv: freed however main returns */
+  CLEANUP_FREE char **listens = calloc (argc, sizeof *listens);
+  CLEANUP_FREE char **exports = calloc (argc, sizeof *exports);
   size_t nl = 0, ne = 0;
   long threads = 0;
   int c;
@@ -179,12 +181,10 @@ main (int argc, char **argv)
         return 2;
       }
       break;
-    case 'h': usage (stdout); free (listens); free (exports);
+    case 'h': usage (stdout);
       free (srv.tls.psk); free (srv.tls.certificates); return 0;
     case 'V':
       printf ("cbwd %s\n", CBW_VERSION);
-      free (listens);
-      free (exports);
       free (srv.tls.psk);
       free (srv.tls.certificates);
       return 0;
@@ -239,8 +239,6 @@ main (int argc, char **argv)
   }
   if (cbwd_tls_setup (&srv) == -1)
     return 1;
-  free (listens);
-  free (exports);
   if (cbwd_admin_init (&srv) == -1) {
     cbwd_log ("cannot set up the admin channel");
     return 1;
