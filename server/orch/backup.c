@@ -499,7 +499,19 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   snprintf (b->mode, sizeof b->mode, "%s", mode);
   snprintf (b->since, sizeof b->since, "%s", r->since ? r->since : "");
   snprintf (b->checkpoint, sizeof b->checkpoint, "%s", r->checkpoint ? r->checkpoint : "");
+  /* "started" tells two backups of one id apart (job history: a disk a
+   * job released cannot be pushed again in that backup), so it must differ
+   * from every backup the history knows, also for a begin in the same
+   * second as the last one (an end, a restart and a begin take less). */
   b->started = (int64_t) time (NULL);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);        /* then each job's: as job.c */
+    for (size_t k = 0; k < o->njobs; k++) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->jobs[k]->lock);
+      if (strcmp (o->jobs[k]->backup, id) == 0 && o->jobs[k]->backup_started >= b->started)
+        b->started = o->jobs[k]->backup_started + 1;
+    }
+  }
   b->cbw_timeout_ms = r->cbw_timeout_ms;
   b->seq = ++o->backup_seq;
   b->ndisks = r->ndisks;

@@ -103,6 +103,5 @@ main (int argc, char **argv)
   int sig;
   sigwait (&set, &sig);
   cbw_orch_close (o, stop_disks);
-  free (hooks);
   return 0;
 }
