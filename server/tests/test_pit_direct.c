@@ -27,7 +27,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -64,9 +66,17 @@ start_upstream (void)
   snprintf (size, sizeof size, "%d", SIZE);
   snprintf (upstream, sizeof upstream, "nbd+unix:///?socket=%s", sock);
   cr_assert_eq (posix_spawnp (&upid, "nbdkit", NULL, NULL, argv, environ), 0);
+  /* Wait until it accepts, not until the file exists: nbdkit binds before
+   * it listens, and a connect in between is refused. */
   for (int i = 0; i < 200; ++i) {
-    struct stat st;
-    if (stat (sock, &st) == 0) return;
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    int fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    cr_assert_geq (fd, 0);
+    cr_assert_lt (strlen (sock), sizeof sun.sun_path);
+    memcpy (sun.sun_path, sock, strlen (sock) + 1);
+    int r = connect (fd, (struct sockaddr *) &sun, sizeof sun);
+    close (fd);
+    if (r == 0) return;
     usleep (50000);
   }
   cr_assert_fail ("nbdkit memory did not start");
