@@ -80,8 +80,18 @@ start_orchd() {
   wait_socket "$CBW_SOCKET" 30
 }
 
-# stop_orchd: SIGTERM (disks keep running), wait.
-stop_orchd() { kill "$ORCHD_PID" 2>/dev/null || true; wait "$ORCHD_PID" 2>/dev/null || true; }
+# stop_orchd: SIGTERM (disks keep running), wait, and fail unless it exited 0:
+# a crash or sanitizer report at shutdown (after the state is saved) is a bug
+# the test must not hide.  127 means the test already reaped it (kill -9 paths).
+orchd_stop_status() {
+  local rc=0
+  [ -n "${ORCHD_PID:-}" ] || return 0
+  kill "$ORCHD_PID" 2>/dev/null || true
+  wait "$ORCHD_PID" 2>/dev/null || rc=$?
+  ORCHD_PID=
+  [ "$rc" = 0 ] || [ "$rc" = 127 ] || { log "cbwd-orch exited $rc when stopped, expected 0"; return 1; }
+}
+stop_orchd() { orchd_stop_status || fail "cbwd-orch did not stop cleanly"; }
 # Reap the daemon first so the generic cleanup does not wait on a zombie.
 # On failure, show the tail of every nbdkit log first.
 _bk_exit() {
@@ -91,9 +101,10 @@ _bk_exit() {
       [ -f "$f" ] && { echo "--- $f"; tail -n 15 "$f"; } >&2
     done
   fi
-  [ -n "${ORCHD_PID:-}" ] && stop_orchd
+  orchd_stop_status || { [ "$rc" = 0 ] && rc=1; }
   _bk_kill_ours
   _cbw_cleanup
+  exit "$rc"
 }
 
 # expect_rc RC CMD...: run CMD, check its exit status, keep its stderr in $ERR.
