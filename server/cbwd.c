@@ -65,8 +65,11 @@ on_signal (uv_signal_t *h, int sig)
   cbwd_server_stop (srv);
 }
 
-int
-main (int argc, char **argv)
+/* Everything main does between setting the defaults and freeing what the
+ * options and the config allocated: any return, early or not, goes back
+ * through main's single cleanup. */
+static int
+run (struct cbwd_server *srv, int argc, char **argv)
 {
   static const struct option opts[] = {
     { "config", required_argument, 0, 'c' },
@@ -94,17 +97,6 @@ main (int argc, char **argv)
     { "version", no_argument, 0, 'V' },
     { 0, 0, 0, 0 },
   };
-  struct cbwd_server srv;
-  memset (&srv, 0, sizeof srv);
-  srv.limits.max_connections = 1024;
-  srv.limits.max_inflight = 64;
-  srv.limits.max_inflight_bytes = 8ULL * 1024 * 1024;
-  srv.limits.handshake_timeout_ms = 30000;
-  srv.limits.max_memory = CBWD_DEFAULT_MAX_MEMORY;
-  srv.limits.idle_timeout_ms = 300 * 1000;
-  srv.limits.max_conns_per_peer = 64;
-  srv.tls.mode = -1;
-  srv.loop = uv_default_loop ();
   const char *config = NULL, *pidfile = NULL;
   const char *state_dir = NULL, *control = NULL, *module_dir = NULL;
   /* arrays of pointers into argv: freed however main returns */
@@ -116,7 +108,7 @@ main (int argc, char **argv)
   struct cbw_err err = { 0 };
 
   signal (SIGPIPE, SIG_IGN);
-  /* Memory (issue 5): request buffers >= 64 KiB come from common/bufcache.c
+  /* Memory: request buffers >= 64 KiB come from common/bufcache.c
    * (reused mappings, never more cached than the in-flight high-water), so
    * malloc only sees small objects.  Without a limit glibc gives each worker
    * thread its own arena, which keeps its own high-water of small objects
@@ -127,67 +119,81 @@ main (int argc, char **argv)
     case 'c': config = optarg; break;
     case 'l': listens[nl++] = optarg; break;
     case 'e': exports[ne++] = optarg; break;
-    case 'm': srv.limits.max_connections = atoi (optarg); break;
-    case 't': srv.limits.handshake_timeout_ms = atoi (optarg) * 1000; break;
-    case 'T': threads = atol (optarg); break;
+    case 'm':
+      if (cbwd_parse_limit (optarg, "max-connections", &srv->limits, &err) == -1) {
+        cbwd_log ("%s", err.msg);
+        return 2;
+      }
+      break;
+    case 't':
+      if (cbwd_parse_limit (optarg, "handshake-timeout", &srv->limits, &err) == -1) {
+        cbwd_log ("%s", err.msg);
+        return 2;
+      }
+      break;
+    case 'T': {
+      char *end;
+      errno = 0;
+      threads = strtol (optarg, &end, 10);
+      if (errno || end == optarg || *end || threads < 1 || threads > 128) {
+        cbwd_log ("--threads %s: expected a number 1..128", optarg);
+        return 2;
+      }
+      break;
+    }
     case 'p': pidfile = optarg; break;
     case 'B':
-      if (cbwd_parse_size (optarg, &srv.limits.max_inflight_bytes) == -1 ||
-          srv.limits.max_inflight_bytes < 65536) {
+      if (cbwd_parse_size (optarg, &srv->limits.max_inflight_bytes) == -1 ||
+          srv->limits.max_inflight_bytes < 65536) {
         cbwd_log ("--max-inflight-bytes %s: expected a size >= 64K", optarg);
         return 2;
       }
       break;
     case 'G':
-      if (cbwd_parse_limit (optarg, "max-memory", &srv.limits, &err) == -1) {
+      if (cbwd_parse_limit (optarg, "max-memory", &srv->limits, &err) == -1) {
         cbwd_log ("%s", err.msg);
         return 2;
       }
       break;
     case 'I':
-      if (cbwd_parse_limit (optarg, "idle-timeout", &srv.limits, &err) == -1) {
+      if (cbwd_parse_limit (optarg, "idle-timeout", &srv->limits, &err) == -1) {
         cbwd_log ("%s", err.msg);
         return 2;
       }
       break;
     case 'N':
-      if (cbwd_parse_limit (optarg, "max-connections-per-peer", &srv.limits, &err) == -1) {
+      if (cbwd_parse_limit (optarg, "max-connections-per-peer", &srv->limits, &err) == -1) {
         cbwd_log ("%s", err.msg);
         return 2;
       }
       break;
-    case 'v': srv.verbose++; break;
+    case 'v': srv->verbose++; break;
     case 'S': state_dir = optarg; break;
     case 'C': control = optarg; break;
     case 'M': module_dir = optarg; break;
     case 'L':
-      if ((srv.tls.mode = cbwd_tls_parse_mode (optarg)) == -1) {
+      if ((srv->tls.mode = cbwd_tls_parse_mode (optarg)) == -1) {
         cbwd_log ("--tls %s: expected off, on or require", optarg);
         return 2;
       }
       break;
-    case 'P': free (srv.tls.psk); srv.tls.psk = strdup (optarg); break;
-    case 'X': free (srv.tls.certificates); srv.tls.certificates = strdup (optarg); break;
-    case 'Y': srv.tls.verify_peer = true; break;
+    case 'P': free (srv->tls.psk); srv->tls.psk = strdup (optarg); break;
+    case 'X': free (srv->tls.certificates); srv->tls.certificates = strdup (optarg); break;
+    case 'Y': srv->tls.verify_peer = true; break;
     case 'A':
-      if (cbwd_add_pit_allow (&srv, optarg, &err) == -1) {
+      if (cbwd_add_pit_allow (srv, optarg, &err) == -1) {
         cbwd_log ("--pit-allow: %s", err.msg);
         return 2;
       }
       break;
     case 'F':
-      if (cbwd_add_freeze_hook (&srv, optarg, &err) == -1) {
+      if (cbwd_add_freeze_hook (srv, optarg, &err) == -1) {
         cbwd_log ("--freeze-hook: %s", err.msg);
         return 2;
       }
       break;
-    case 'h': usage (stdout);
-      free (srv.tls.psk); free (srv.tls.certificates); return 0;
-    case 'V':
-      printf ("cbwd %s\n", CBW_VERSION);
-      free (srv.tls.psk);
-      free (srv.tls.certificates);
-      return 0;
+    case 'h': usage (stdout); return 0;
+    case 'V': printf ("cbwd %s\n", CBW_VERSION); return 0;
     default: usage (stderr); return 2;
     }
   }
@@ -199,7 +205,7 @@ main (int argc, char **argv)
     if (cbwd_parse_export_kv (exports[i], &s, &err) == 0)
       e = cbwd_build_export (&s, &err);
     cbwd_export_spec_free (&s);
-    if (!e || cbwd_add_export (&srv, e, &err) == -1) {
+    if (!e || cbwd_add_export (srv, e, &err) == -1) {
       cbwd_log ("%s", err.msg);
       if (e) cbwd_export_free (e);
       return 1;
@@ -208,38 +214,37 @@ main (int argc, char **argv)
   /* The config's "disks" (orchestrator only) are applied once the
    * orchestrator has opened its state directory, below. */
   struct json_object *config_disks = NULL;
-  if (config && cbwd_load_config_ex (config, &srv, state_dir ? &config_disks : NULL,
+  if (config && cbwd_load_config_ex (config, srv, state_dir ? &config_disks : NULL,
                                      &err) == -1) {
     cbwd_log ("%s", err.msg);
     return 1;
   }
-  if (state_dir == NULL && srv.nfreeze_hooks) {
+  if (state_dir == NULL && srv->nfreeze_hooks) {
     cbwd_log ("--freeze-hook needs the orchestrator (--state-dir)");
     return 2;
   }
-  if (srv.exports.n == 0 && state_dir == NULL) {
+  if (srv->exports.n == 0 && state_dir == NULL) {
     cbwd_log ("no exports configured (--export or --config)");
     return 1;
   }
   /* Thread pool: enough for the upstream pools plus local file I/O.  Must be
    * set before libuv starts its pool (first uv_queue_work). */
   if (threads <= 0) threads = 8;
-  if (threads > 128) threads = 128;
-  srv.threads = (unsigned) threads;
+  srv->threads = (unsigned) threads;
   char tbuf[16];
   snprintf (tbuf, sizeof tbuf, "%ld", threads);
   setenv ("UV_THREADPOOL_SIZE", tbuf, 0);
 
   for (size_t i = 0; i < nl; i++)
-    if (cbwd_listen (&srv, listens[i]) == -1)
+    if (cbwd_listen (srv, listens[i]) == -1)
       return 1;
-  if (srv.nlisteners == 0) {
+  if (srv->nlisteners == 0) {
     cbwd_log ("nothing to listen on (--listen)");
     return 1;
   }
-  if (cbwd_tls_setup (&srv) == -1)
+  if (cbwd_tls_setup (srv) == -1)
     return 1;
-  if (cbwd_admin_init (&srv) == -1) {
+  if (cbwd_admin_init (srv) == -1) {
     cbwd_log ("cannot set up the admin channel");
     return 1;
   }
@@ -249,15 +254,15 @@ main (int argc, char **argv)
   static struct cbw_orch_exports orch_exports;
   struct cbw_orch *orch = NULL;
   if (state_dir) {
-    cbwd_orch_exports_init (&orch_exports, &srv);
+    cbwd_orch_exports_init (&orch_exports, srv);
     struct cbw_orch_config oc = { .state_dir = state_dir, .control_socket = control,
                                   .module_dir = module_dir, .nbdkit = getenv ("CBW_NBDKIT"),
                                   .exports = &orch_exports,
-                                  .listen_paths = srv.unix_paths,
-                                  .nlisten_paths = srv.nlisteners,
-                                  .warning = cbwd_server_tls_warning (&srv),
-                                  .freeze_hooks = srv.freeze_hooks,
-                                  .nfreeze_hooks = srv.nfreeze_hooks };
+                                  .listen_paths = srv->unix_paths,
+                                  .nlisten_paths = srv->nlisteners,
+                                  .warning = cbwd_server_tls_warning (srv),
+                                  .freeze_hooks = srv->freeze_hooks,
+                                  .nfreeze_hooks = srv->nfreeze_hooks };
     orch = cbw_orch_open (&oc, &err);
     if (orch == NULL || cbw_orch_apply_disks (orch, config_disks, config, &err) == -1 ||
         cbw_orch_serve (orch, &err) == -1) {
@@ -275,11 +280,11 @@ main (int argc, char **argv)
   }
   (void) control; (void) module_dir;
 #endif
-  uv_signal_init (srv.loop, &srv.sigterm);
-  uv_signal_init (srv.loop, &srv.sigint);
-  srv.sigterm.data = srv.sigint.data = &srv;
-  uv_signal_start (&srv.sigterm, on_signal, SIGTERM);
-  uv_signal_start (&srv.sigint, on_signal, SIGINT);
+  uv_signal_init (srv->loop, &srv->sigterm);
+  uv_signal_init (srv->loop, &srv->sigint);
+  srv->sigterm.data = srv->sigint.data = srv;
+  uv_signal_start (&srv->sigterm, on_signal, SIGTERM);
+  uv_signal_start (&srv->sigint, on_signal, SIGINT);
   if (pidfile) {
     FILE *f = fopen (pidfile, "w");
     if (!f || fprintf (f, "%d\n", (int) getpid ()) < 0 || fclose (f) != 0) {
@@ -287,27 +292,53 @@ main (int argc, char **argv)
       return 1;
     }
   }
-  cbwd_log ("serving %zu export(s)", srv.exports.n);
+  cbwd_log ("serving %zu export(s)", srv->exports.n);
   /* Listeners bound, orchestrator serving: systemd (Type=notify) may now
    * start the units ordered after cbwd. */
   int nr = cbw_sd_notify ("READY=1\nSTATUS=serving");
   if (nr < 0)
     cbwd_log ("NOTIFY_SOCKET: cannot report readiness: %s", strerror (-nr));
-  uv_run (srv.loop, UV_RUN_DEFAULT);
-  cbwd_server_cleanup (&srv);
+  uv_run (srv->loop, UV_RUN_DEFAULT);
+  cbwd_server_cleanup (srv);
 #ifdef CBWD_HAVE_ORCH
   cbw_orch_close (orch, false);   /* disks (nbdkit) keep running */
 #endif
-  for (size_t i = 0; i < srv.exports.n; i++)
-    cbwd_export_unref (srv.exports.v[i]);
-  free (srv.first_listen);
-  free (srv.exports.v);
-  cbwd_tls_creds_free (srv.tls_creds);
-  free (srv.tls.psk);
-  free (srv.tls.certificates);
-  cbwd_config_free (&srv);
-  uv_loop_close (srv.loop);
+  uv_loop_close (srv->loop);
   if (pidfile) unlink (pidfile);
   cbwd_log ("exited");
   return 0;
+}
+
+/* What the options, the config and the exports allocated (the loop's
+ * handles are closed by cbwd_server_cleanup once the loop has run). */
+static void
+free_server_config (struct cbwd_server *srv)
+{
+  for (size_t i = 0; i < srv->exports.n; i++)
+    cbwd_export_unref (srv->exports.v[i]);
+  free (srv->exports.v);
+  free (srv->first_listen);
+  cbwd_tls_creds_free (srv->tls_creds);
+  free (srv->tls.psk);
+  free (srv->tls.certificates);
+  cbwd_config_free (srv);
+}
+
+int
+main (int argc, char **argv)
+{
+  struct cbwd_server srv;
+  memset (&srv, 0, sizeof srv);
+  srv.limits.max_connections = 1024;
+  srv.limits.max_inflight = 64;
+  srv.limits.max_inflight_bytes = 8ULL * 1024 * 1024;
+  srv.limits.handshake_timeout_ms = 30000;
+  srv.limits.max_memory = CBWD_DEFAULT_MAX_MEMORY;
+  srv.limits.idle_timeout_ms = 300 * 1000;
+  srv.limits.max_conns_per_peer = 64;
+  srv.tls.mode = -1;
+  srv.loop = uv_default_loop ();
+  int rc = run (&srv, argc, argv);
+  free_server_config (&srv);
+  return rc;
 }

@@ -560,18 +560,33 @@ cbwd_parse_limit (const char *str, const char *key, struct cbwd_limits *l,
     l->max_memory = v;
     return 0;
   }
-  char *end;
-  errno = 0;
-  unsigned long v = strtoul (str, &end, 10);
-  if (errno || end == str || *end || str[0] == '-' || v > 1000000)
-    return cbw_err_set (err, EINVAL, "%s %s: expected a number 0..1000000", key, str);
-  if (strcmp (key, "idle-timeout") == 0)
-    l->idle_timeout_ms = (unsigned) v * 1000;
-  else if (strcmp (key, "max-connections-per-peer") == 0)
-    l->max_conns_per_peer = (unsigned) v;
-  else
-    return cbw_err_set (err, EINVAL, "unknown limit %s", key);
-  return 0;
+  /* The numeric limits: where each goes and its smallest value (0 means
+   * "no timeout" / "no per-peer limit"; a listener that accepts no
+   * connection is a typo). */
+  const struct {
+    const char *key;
+    unsigned long min;
+    unsigned *dst;
+    unsigned scale;
+  } numeric[] = {
+    { "idle-timeout", 0, &l->idle_timeout_ms, 1000 },
+    { "max-connections-per-peer", 0, &l->max_conns_per_peer, 1 },
+    { "max-connections", 1, &l->max_connections, 1 },
+    { "handshake-timeout", 0, &l->handshake_timeout_ms, 1000 },
+  };
+  for (size_t i = 0; i < sizeof numeric / sizeof numeric[0]; i++) {
+    if (strcmp (key, numeric[i].key) != 0) continue;
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul (str, &end, 10);
+    if (errno || end == str || *end || str[0] == '-' || !isdigit ((unsigned char) str[0]) ||
+        v < numeric[i].min || v > 1000000)
+      return cbw_err_set (err, EINVAL, "%s %s: expected a number %lu..1000000", key, str,
+                          numeric[i].min);
+    *numeric[i].dst = (unsigned) v * numeric[i].scale;
+    return 0;
+  }
+  return cbw_err_set (err, EINVAL, "unknown limit %s", key);
 }
 
 /* JSON: a limit as a number or a string ("256M"). */
@@ -628,11 +643,9 @@ cbwd_load_config_ex (const char *path, struct cbwd_server *srv, struct json_obje
     goto out;
   }
   if (disks && cbwd_config_disks (root, path, disks, err) == -1) goto out;
-  if (json_object_object_get_ex (root, "max-connections", &v))
-    srv->limits.max_connections = json_object_get_int (v);
-  if (json_object_object_get_ex (root, "handshake-timeout", &v))
-    srv->limits.handshake_timeout_ms = json_object_get_int (v) * 1000;
-  if (config_limit (root, "max-memory", path, &srv->limits, err) == -1 ||
+  if (config_limit (root, "max-connections", path, &srv->limits, err) == -1 ||
+      config_limit (root, "handshake-timeout", path, &srv->limits, err) == -1 ||
+      config_limit (root, "max-memory", path, &srv->limits, err) == -1 ||
       config_limit (root, "idle-timeout", path, &srv->limits, err) == -1 ||
       config_limit (root, "max-connections-per-peer", path, &srv->limits, err) == -1)
     goto out;
