@@ -35,6 +35,7 @@
 
 #include "cbw_state_map.h"
 #include "export.h"
+#include "nbdkit_test_util.h"
 
 extern char **environ;
 
@@ -60,26 +61,10 @@ write_file (const char *path, const void *buf, size_t len)
 static void
 start_upstream (void)
 {
-  char sock[128], size[32];
-  char *argv[] = { "nbdkit", "-f", "-U", sock, "memory", size, NULL };
+  char sock[128];
   snprintf (sock, sizeof sock, "%s/up.sock", dir);
-  snprintf (size, sizeof size, "%d", SIZE);
   snprintf (upstream, sizeof upstream, "nbd+unix:///?socket=%s", sock);
-  cr_assert_eq (posix_spawnp (&upid, "nbdkit", NULL, NULL, argv, environ), 0);
-  /* Wait until it accepts, not until the file exists: nbdkit binds before
-   * it listens, and a connect in between is refused. */
-  for (int i = 0; i < 200; ++i) {
-    struct sockaddr_un sun = { .sun_family = AF_UNIX };
-    int fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    cr_assert_geq (fd, 0);
-    cr_assert_lt (strlen (sock), sizeof sun.sun_path);
-    memcpy (sun.sun_path, sock, strlen (sock) + 1);
-    int r = connect (fd, (struct sockaddr *) &sun, sizeof sun);
-    close (fd);
-    if (r == 0) return;
-    usleep (50000);
-  }
-  cr_assert_fail ("nbdkit memory did not start");
+  upid = test_start_nbdkit_memory (sock, SIZE);
 }
 
 /* A valid header for SIZE at GRAN; tests corrupt it afterwards. */

@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "bufcache.h"
+#include "nbdkit_test_util.h"
 #include "gate.h"
 #include "session.h"
 #include "target.h"
@@ -77,30 +78,13 @@ static char tdir[64], turi[160];
 static void
 start_target (void)
 {
-  char sock[128], size[32];
-  char *argv[] = { "nbdkit", "-f", "-U", sock, "memory", size, NULL };
-  int i;
+  char sock[128];
 
   strcpy (tdir, "/tmp/cbw-ut.XXXXXX");
   cr_assert_not_null (mkdtemp (tdir));
   snprintf (sock, sizeof sock, "%s/t.sock", tdir);
-  snprintf (size, sizeof size, "%d", SIZE);
   snprintf (turi, sizeof turi, "nbd+unix:///?socket=%s", sock);
-  cr_assert_eq (posix_spawnp (&tpid, "nbdkit", NULL, NULL, argv, environ), 0);
-  /* Wait until it accepts, not until the file exists: nbdkit binds before
-   * it listens, and a connect in between is refused. */
-  for (i = 0; i < 200; ++i) {
-    struct sockaddr_un sun = { .sun_family = AF_UNIX };
-    int fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    cr_assert_geq (fd, 0);
-    cr_assert_lt (strlen (sock), sizeof sun.sun_path);
-    memcpy (sun.sun_path, sock, strlen (sock) + 1);
-    int r = connect (fd, (struct sockaddr *) &sun, sizeof sun);
-    close (fd);
-    if (r == 0) return;
-    usleep (50000);
-  }
-  cr_assert_fail ("nbdkit memory did not start");
+  tpid = test_start_nbdkit_memory (sock, SIZE);
 }
 
 static void
