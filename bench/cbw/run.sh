@@ -8,6 +8,10 @@
 #              (fresh target + session per run: every first write copies)
 #   first-file the same with a local-file target (file:///, sparse raw file):
 #              the same kind of target as QSD's fleecing image
+#   first-kcopy   first-file with cbw-source=disk.img: copies of 64 KiB and
+#              more go from the image to the target inside the kernel
+#              (FICLONERANGE where extents can be shared, else
+#              copy_file_range)
 #   first-direct  first-file with begin's target-direct (copies of 64 KiB and
 #              more written with O_DIRECT, past the page cache)
 #   first-cbwd the NBD target is cbwd's store export with direct=on (our own
@@ -90,7 +94,9 @@ cbw_start() {
   target_image "$tag"
   local bargs=
   [ "$tag" = first-direct ] && bargs=',"target-direct":true'
-  if [ "$tag" = first-file ] || [ "$tag" = first-direct ]; then
+  local fargs=
+  [ "$tag" = first-kcopy ] && fargs="cbw-source=$DISK"
+  if [ "$tag" = first-file ] || [ "$tag" = first-direct ] || [ "$tag" = first-kcopy ]; then
     turi="file://$TIMG"
   elif [ "$tag" = first-cbwd ]; then
     srv "$CBWD" --listen "unix:$TS" \
@@ -101,7 +107,7 @@ cbw_start() {
     nbdkit_target; turi=$TURI
   fi
   C=$SOCKDIR/$tag-ctl.sock; rm -f "$C"
-  nbdkit_start "$tag" cbw-control="$C" cbw-pit-export=pit $CBW_ARGS
+  nbdkit_start "$tag" cbw-control="$C" cbw-pit-export=pit $CBW_ARGS $fargs
   local r; r=$("$CBW_IO" ctl "$C" '{"execute":"begin","arguments":{"target":"'"$turi"'"'"$bargs"'}}')
   case $r in *'"return"'*) ;; *) log "begin failed: $r"; exit 1 ;; esac
 }
@@ -114,7 +120,9 @@ pass_run() {
   fio_once "$U" $job "$RES/$c.$m.$i.json" pass
   case $c in first*) log "status: $("$CBW_IO" ctl "$C" '{"execute":"status"}' |
     jq -c '.return | {state, "copied-bytes", "zero-bytes", "direct-bytes",
-                      "buffered-blocks", errors, "guest-write-waits"}' || true)" ;; esac
+                      "buffered-blocks", errors, "guest-write-waits",
+                      "clone-bytes", "kernel-copy-bytes",
+                      "kernel-copy-fallbacks"}' || true)" ;; esac
   ${STOP[$c]}
 }
 plain_start() { nbdkit_start "$1"; }
@@ -154,12 +162,12 @@ qsd_nbd_start() {
 # fell from 13-14 ms to 6.3 ms (bench/cbw/results.md keeps both runs).
 declare -A START=([base]=plain_start [first]=cbw_start [first-file]=cbw_start
                   [first-direct]=cbw_start [first-cbwd]=cbw_start
-                  [qsd]=qsd_start [qsd-first]=fleece_start_c
+                  [first-kcopy]=cbw_start [qsd]=qsd_start [qsd-first]=fleece_start_c
                   [qsd-first-nbd]=qsd_nbd_start)
 declare -A STOP=([base]=plain_stop [first]=cbw_stop [first-file]=cbw_stop
                  [first-direct]=cbw_stop [first-cbwd]=cbw_stop
-                 [qsd]=plain_stop [qsd-first]=plain_stop [qsd-first-nbd]=cbw_stop)
-PASS_CASES=(${PASS_CASES_ONLY:-base first first-cbwd first-file first-direct qsd qsd-first qsd-first-nbd})
+                 [first-kcopy]=cbw_stop [qsd]=plain_stop [qsd-first]=plain_stop [qsd-first-nbd]=cbw_stop)
+PASS_CASES=(${PASS_CASES_ONLY:-base first first-cbwd first-file first-kcopy first-direct qsd qsd-first qsd-first-nbd})
 [ "${PASS_CASES[*]}" = none ] && PASS_CASES=()
 for job in randwrite4k_1pc seqwrite1m; do
   m=$job; [ $job = seqwrite1m ] && m=seqwrite1m_pass
@@ -254,6 +262,7 @@ def bar(name, ours, qsd, need, ok):
 # comparison than the bar asks for (QSD there pays no NBD round trip).
 try:
     pairs = [("first-file", "local file target", "qsd-first"),
+             ("first-kcopy", "local file target, cbw-source (in-kernel copy)", "qsd-first"),
              ("first-direct", "local file target, target-direct", "qsd-first"),
              ("first", "NBD target", "qsd-first-nbd"),
              ("first-cbwd", "NBD target: cbwd store, direct=on", "qsd-first-nbd"),

@@ -127,6 +127,14 @@ cbw_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     cbw_cfg.buffer_bytes = b;
     return 0;
   }
+  if (strcmp (key, "cbw-source") == 0) {
+    if (value[0] != '/') {
+      nbdkit_error ("cbw-source=%s: expected an absolute path", value);
+      return -1;
+    }
+    cbw_cfg.source = value;
+    return 0;
+  }
   if (strcmp (key, "cbw-debug-pit-delay-us") == 0)
     return nbdkit_parse_uint32_t (key, value, &cbw_cfg.debug_pit_delay_us);
   if (strcmp (key, "cbw-debug-unsafe-no-recheck") == 0) {
@@ -150,7 +158,10 @@ cbw_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   "cbw-connections=N         Connections to the backup target (8).\n" \
   "cbw-workers=N             Threads writing the buffer to the target (1).\n" \
   "cbw-buffer=SIZE           Write-back buffer for old data (64M; 0 = copy\n" \
-  "                          synchronously).  break-snapshot only."
+  "                          synchronously).  break-snapshot only.\n" \
+  "cbw-source=PATH           The raw image the disk below is, byte for\n" \
+  "                          byte: copies to a local target go through\n" \
+  "                          the kernel (reflink / copy_file_range)."
 
 static int
 cbw_config_complete (nbdkit_next_config_complete *next, nbdkit_backend *nxdata)

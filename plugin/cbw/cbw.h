@@ -22,6 +22,7 @@ struct cbw_config {
   unsigned connections;         /* cbw-connections= */
   unsigned workers;             /* cbw-workers= (write-back copy workers) */
   uint64_t buffer_bytes;        /* cbw-buffer= (break-snapshot write-back) */
+  const char *source;           /* cbw-source=: the raw image below, or NULL */
   uint32_t debug_pit_delay_us;  /* cbw-debug-pit-delay-us= (tests) */
   bool debug_no_recheck;        /* cbw-debug-unsafe-no-recheck= (tests) */
 };

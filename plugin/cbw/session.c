@@ -109,7 +109,8 @@ struct cbw_session {
   struct shard shards[NSHARD];
   _Atomic uint64_t needed, copied_blocks, copied_bytes, zero_bytes, skipped,
     failed, in_flight, errors, waits, rechecks,
-    wb_batches, wb_copies;      /* write-back: target batches, copies in them */
+    wb_batches, wb_copies,      /* write-back: target batches, copies in them */
+    kcopy_fallbacks;            /* in-kernel copies redone in user space */
   pthread_mutex_t err_lock;
   char last_error[256];         /* guarded by err_lock */
 
@@ -269,12 +270,18 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
   pthread_condattr_t ca;
   size_t i;
 
-  if (p->granularity < 512 || (p->granularity & (p->granularity - 1)))
+  if (p->granularity < 512 || (p->granularity & (p->granularity - 1))) {
+    if (p->has_source)
+      close (p->source_fd);
     return cbw_err_set (err, EINVAL, "granularity %" PRIu32 " is not a power "
                         "of 2 >= 512", p->granularity), NULL;
+  }
   s = calloc (1, sizeof *s);
-  if (s == NULL)
+  if (s == NULL) {
+    if (p->has_source)
+      close (p->source_fd);
     return cbw_err_set (err, ENOMEM, "out of memory"), NULL;
+  }
   s->p = *p;
   s->p.state_file = NULL;       /* not kept: the caller's string */
   s->shift = __builtin_ctz (p->granularity);
@@ -282,6 +289,8 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
   s->map_fd = -1;
   if (p->state_file) {
     if (map_create (s, p->state_file, err) == -1) {
+      if (p->has_source)
+        close (p->source_fd);
       free (s);
       return NULL;
     }
@@ -290,6 +299,8 @@ cbw_session_new (const struct cbw_session_params *p, struct cbw_target *target,
     s->st = calloc (s->nblocks ? s->nblocks : 1, 1);
   if (s->st == NULL) {
     uint64_t nb = s->nblocks;
+    if (p->has_source)
+      close (p->source_fd);
     free (s);
     return cbw_err_set (err, ENOMEM, "out of memory for %" PRIu64
                         " block states", nb), NULL;
@@ -401,6 +412,8 @@ cbw_session_put (struct cbw_session *s)
   }
   else
     free ((void *) s->st);
+  if (s->p.has_source)
+    close (s->p.source_fd);
   free (s);
 }
 
@@ -766,6 +779,25 @@ copy_blocks (struct cbw_session *s, nbdkit_next *next, uint64_t b0,
 
   if (end > s->p.size)
     end = s->p.size;
+  /* In the kernel, from the image straight to the target, when the
+   * operator named the image and the target is a local file.  The blocks
+   * are COPYING: no guest write changes them until we publish COPIED.  A
+   * failed in-kernel copy is redone below through user space, whole. */
+  if (s->p.has_source && s->p.source_min <= end - off &&
+      cbw_target_can_copy_from (s->target)) {
+    struct cbw_err e = { 0 };
+    uint64_t holes;
+    if (cbw_target_copy_from (s->target, s->p.source_fd, end - off, off,
+                              &holes, &e) == 0) {
+      /* holes of the image count like old data found all zero */
+      atomic_fetch_add_explicit (&s->copied_bytes, end - off - holes, RLX);
+      atomic_fetch_add_explicit (&s->zero_bytes, holes, RLX);
+      return 0;
+    }
+    atomic_fetch_add_explicit (&s->kcopy_fallbacks, 1, RLX);
+    nbdkit_debug ("cbw: in-kernel copy failed, copying through user space: "
+                  "%s", e.msg);
+  }
   bufsize = n = end - off < COPY_CHUNK ? end - off : COPY_CHUNK;
   buf = cbw_buf_alloc (bufsize);
   if (buf == NULL) {
@@ -1148,6 +1180,10 @@ cbw_session_stats (struct cbw_session *s, struct cbw_session_stats *st)
   st->copy_workers = s->nworkers;
   st->timeout_ms = (s->p.timeout_ns + 999999) / 1000000;  /* rounded up */
   st->direct_bytes = s->target ? cbw_target_direct_bytes (s->target) : 0;
+  if (s->target)
+    cbw_target_copy_stats (s->target, &st->clone_bytes,
+                           &st->kernel_copy_bytes);
+  st->kernel_copy_fallbacks = atomic_load_explicit (&s->kcopy_fallbacks, RLX);
   st->writeback_batches = atomic_load_explicit (&s->wb_batches, RLX);
   st->writeback_copies = atomic_load_explicit (&s->wb_copies, RLX);
   st->broken = atomic_load (&s->broken);

@@ -38,6 +38,9 @@ struct cbw_session_stats {
     errors, guest_write_waits, pit_rechecks, buffered_blocks,
     copy_workers,               /* write-back workers running (0: none) */
     direct_bytes,               /* copied bytes written with O_DIRECT */
+    clone_bytes,                /* copied by sharing extents (FICLONERANGE) */
+    kernel_copy_bytes,          /* copied by copy_file_range */
+    kernel_copy_fallbacks,      /* in-kernel copies redone in user space */
     writeback_batches,          /* target batches written by the workers */
     writeback_copies,           /* buffered copies in those batches */
     timeout_ms;                 /* the session's bound on a write's wait */
@@ -57,6 +60,13 @@ struct cbw_session_params {
   unsigned workers;            /* copy workers for the buffer */
   const char *state_file;      /* NULL: states in private memory; else a new
                                   shared state map (cbw-state-map.md) */
+  bool has_source;             /* source_fd is the raw image the live disk
+                                  is, byte for byte (cbw-source): copies to
+                                  a local target go through the kernel.
+                                  cbw_session_new takes it over (closes it
+                                  at the end, or on failure). */
+  int source_fd;
+  uint64_t source_min;         /* shorter copies go through user space */
 };
 
 struct cbw_session;

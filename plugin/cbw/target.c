@@ -213,6 +213,32 @@ cbw_target_direct_bytes (const struct cbw_target *t)
   return t->file ? cbw_file_target_direct_bytes (t->file) : 0;
 }
 
+bool
+cbw_target_can_copy_from (const struct cbw_target *t)
+{
+  return t->file && cbw_file_target_can_copy_from (t->file);
+}
+
+int
+cbw_target_copy_from (struct cbw_target *t, int src, size_t len, uint64_t off,
+                      uint64_t *holes, struct cbw_err *err)
+{
+  *holes = 0;
+  if (t->file == NULL)
+    return cbw_err_set (err, EOPNOTSUPP, "target %s: an in-kernel copy needs "
+                        "a local file target", t->uri);
+  return cbw_file_target_copy_from (t->file, src, len, off, holes, err);
+}
+
+void
+cbw_target_copy_stats (const struct cbw_target *t, uint64_t *cloned,
+                       uint64_t *kcopied)
+{
+  *cloned = *kcopied = 0;
+  if (t->file)
+    cbw_file_target_copy_stats (t->file, cloned, kcopied);
+}
+
 /* Take a free slot, waiting until the deadline; connect it if needed. */
 static struct slot *
 checkout (struct cbw_target *t, int64_t deadline_ns, struct cbw_err *err)

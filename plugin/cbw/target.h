@@ -35,6 +35,15 @@ int cbw_target_set_limit (struct cbw_target *t, uint64_t bytes,
  * EINVAL for NBD targets.  Bytes so written (0 for NBD targets). */
 int cbw_target_set_direct (struct cbw_target *t, struct cbw_err *err);
 uint64_t cbw_target_direct_bytes (const struct cbw_target *t);
+/* In-kernel copy of [off,off+len) from the raw image open at src (local
+ * file targets only; see target_file.c).  0, or -1 with *err: copy the
+ * range through user space instead. */
+bool cbw_target_can_copy_from (const struct cbw_target *t);
+int cbw_target_copy_from (struct cbw_target *t, int src, size_t len,
+                          uint64_t off, uint64_t *holes, struct cbw_err *err);
+/* Bytes the in-kernel copy cloned (shared extents) and copied. */
+void cbw_target_copy_stats (const struct cbw_target *t, uint64_t *cloned,
+                            uint64_t *kcopied);
 
 /* Each returns 0, or -1 with *err filled: errnum ETIMEDOUT if the deadline
  * passed (that connection is then dropped and reopened on next use), the

@@ -42,6 +42,23 @@
  * just-begun session: 250-280 MiB/s through the page cache, 980-1450 with
  * target-direct on the benchmark VM.
  *
+ * Copies inside the kernel (cbw_file_target_copy_from): when the operator
+ * names the raw image under the filter (cbw-source), the old data of a
+ * block goes from the image to the target without passing through user
+ * space: FICLONERANGE where the filesystem shares extents (btrfs, xfs with
+ * reflink: no data is copied at all), else copy_file_range (ext4: one copy
+ * between page-cache pages instead of a pread into our buffer and a pwrite
+ * out of it).  Holes of the image (SEEK_DATA/SEEK_HOLE) become holes of the
+ * target, as the zero detection of the user-space copy makes them.  Any
+ * failure hands the range back to the caller, which copies it through user
+ * space from the start (rewriting what the kernel may already have
+ * written is harmless: the blocks are still COPYING, nobody reads them
+ * from the target yet); a method the filesystem does not have (EXDEV,
+ * EOPNOTSUPP, ENOSYS, EINVAL, ENOTTY) is turned off for the rest of the
+ * session.  A copy that comes back short is continued; one that returns 0
+ * before the end (the image shrank), or an image shorter than the range,
+ * is a failure, never a hole.
+ *
  * Threads and locking: no locks.  The fds are opened before the target is
  * shared and only read afterwards; pread/pwrite/fallocate on one fd are safe
  * from many threads.  `direct` only goes from true to false.
@@ -75,6 +92,9 @@ struct cbw_file_target {
   bool is_block;
   _Atomic bool can_punch;
   _Atomic bool can_zero_range;
+  _Atomic bool can_clone;       /* FICLONERANGE; only goes true -> false */
+  _Atomic bool can_copy_range;  /* copy_file_range; likewise */
+  _Atomic uint64_t cloned_bytes, kcopied_bytes;
   uint64_t limit;               /* 0: none */
   _Atomic uint64_t alloc;       /* estimate, >= the real allocation */
   _Atomic uint64_t inflight;    /* bytes of writes being issued */
@@ -153,6 +173,10 @@ cbw_file_target_open (const char *uri, struct cbw_err *err)
   atomic_init (&t->direct_bytes, 0);
   atomic_init (&t->can_punch, true);
   atomic_init (&t->can_zero_range, !t->is_block);
+  atomic_init (&t->can_clone, true);
+  atomic_init (&t->can_copy_range, true);
+  atomic_init (&t->cloned_bytes, 0);
+  atomic_init (&t->kcopied_bytes, 0);
   return t;
 
  fail:
@@ -374,4 +398,155 @@ cbw_file_target_trim (struct cbw_file_target *t, size_t len, uint64_t off,
   }
   return cbw_err_set (err, errno, "target %s: punch hole: %s", t->path,
                       strerror (errno));
+}
+
+/* The system calls of the in-kernel copy, replaceable by unit tests that
+ * need a short copy or a given errno (cbw_file_target_test_hooks). */
+static ssize_t
+sys_copy_range (int in, off_t *in_off, int out, off_t *out_off, size_t len)
+{
+  return copy_file_range (in, in_off, out, out_off, len, 0);
+}
+
+static int
+sys_clone_range (int in, uint64_t in_off, int out, uint64_t out_off,
+                 uint64_t len)
+{
+  struct file_clone_range r = {
+    .src_fd = in, .src_offset = in_off, .src_length = len,
+    .dest_offset = out_off,
+  };
+  return ioctl (out, FICLONERANGE, &r);
+}
+
+static cbw_copy_range_fn copy_range_fn = sys_copy_range;
+static cbw_clone_range_fn clone_range_fn = sys_clone_range;
+
+void
+cbw_file_target_test_hooks (cbw_copy_range_fn copy, cbw_clone_range_fn clone)
+{
+  copy_range_fn = copy ? copy : sys_copy_range;
+  clone_range_fn = clone ? clone : sys_clone_range;
+}
+
+/* The filesystem has no such method (as opposed to a failed copy). */
+static bool
+no_method (int e)
+{
+  return e == EXDEV || e == EOPNOTSUPP || e == ENOSYS || e == EINVAL ||
+    e == ENOTTY;
+}
+
+/* Copy the data range [off,off+len) of src to the same offset of the
+ * target, by clone else copy_file_range.  0, or -1 with *err. */
+static int
+copy_data (struct cbw_file_target *t, int src, size_t len, uint64_t off,
+           struct cbw_err *err)
+{
+  uint64_t done = 0;
+
+  if (atomic_load_explicit (&t->can_clone, memory_order_relaxed)) {
+    if (clone_range_fn (src, off, t->fd, off, len) == 0) {
+      atomic_fetch_add_explicit (&t->cloned_bytes, len, memory_order_relaxed);
+      return 0;
+    }
+    /* EINVAL may only mean "not aligned to the filesystem's blocks" (a
+     * range at the disk's end): the method stays on for the others. */
+    if (errno != EINVAL && no_method (errno))
+      atomic_store (&t->can_clone, false);
+  }
+  if (!atomic_load_explicit (&t->can_copy_range, memory_order_relaxed))
+    return cbw_err_set (err, EOPNOTSUPP, "target %s: no in-kernel copy",
+                        t->path);
+  while (done < len) {
+    off_t in_off = (off_t) (off + done), out_off = in_off;
+    ssize_t r = copy_range_fn (src, &in_off, t->fd, &out_off, len - done);
+    if (r == -1) {
+      int e = errno;
+      if (e == EINTR)
+        continue;
+      if (no_method (e))
+        atomic_store (&t->can_copy_range, false);
+      return cbw_err_set (err, e, "target %s: copy_file_range at %llu: %s",
+                          t->path, (unsigned long long) (off + done),
+                          strerror (e));
+    }
+    if (r == 0)                 /* the image is shorter: never invent data */
+      return cbw_err_set (err, EIO, "target %s: copy_file_range: source "
+                          "ends at %llu", t->path,
+                          (unsigned long long) (off + done));
+    done += (uint64_t) r;
+    atomic_fetch_add_explicit (&t->kcopied_bytes, (uint64_t) r,
+                               memory_order_relaxed);
+  }
+  return 0;
+}
+
+int
+cbw_file_target_copy_from (struct cbw_file_target *t, int src, size_t len,
+                           uint64_t off, uint64_t *holes, struct cbw_err *err)
+{
+  uint64_t pos = off, end = off + len, d, h;
+
+  *holes = 0;
+  if (!cbw_file_target_can_copy_from (t))
+    return cbw_err_set (err, EOPNOTSUPP, "target %s: no in-kernel copy",
+                        t->path);
+  if (range_ok (t, len, off, err) == -1)
+    return -1;
+  while (pos < end) {
+    off_t x = lseek (src, (off_t) pos, SEEK_DATA);
+    if (x == -1 && errno == ENXIO)
+      d = end;                  /* only a hole up to the end of the image */
+    else if (x == -1)
+      d = pos;                  /* no hole detection here: copy it all */
+    else
+      d = (uint64_t) x < end ? (uint64_t) x : end;
+    if (d > pos && cbw_file_target_zero (t, d - pos, pos, err) == -1)
+      return -1;
+    *holes += d - pos;
+    if ((pos = d) == end)
+      break;
+    x = lseek (src, (off_t) pos, SEEK_HOLE);
+    h = x == -1 || (uint64_t) x > end ? end : (uint64_t) x;
+    if (h <= pos)
+      h = end;
+    if (reserve (t, h - pos, err) == -1)
+      return -1;
+    int r = copy_data (t, src, h - pos, pos, err);
+    release (t, h - pos, true);
+    if (r == -1)
+      return -1;
+    pos = h;
+  }
+  /* Past the image's end SEEK_DATA finds "no data", which must not pass
+   * for a hole: an image that is (or became, while we copied) shorter than
+   * the range fails the copy.  Images never shrink back to grow again, so
+   * looking once at the end covers the whole copy. */
+  struct stat st;
+  if (fstat (src, &st) == -1)
+    return cbw_err_set (err, errno, "target %s: fstat of the source: %s",
+                        t->path, strerror (errno));
+  if ((uint64_t) st.st_size < end)
+    return cbw_err_set (err, EIO, "target %s: the source ends at %lld, "
+                        "before %llu", t->path, (long long) st.st_size,
+                        (unsigned long long) end);
+  return 0;
+}
+
+bool
+cbw_file_target_can_copy_from (const struct cbw_file_target *t)
+{
+  /* A direct target keeps the copies out of the page cache; the kernel's
+   * copy would put them back in. */
+  return !atomic_load (&t->direct) &&
+    (atomic_load (&t->can_clone) || atomic_load (&t->can_copy_range));
+}
+
+void
+cbw_file_target_copy_stats (const struct cbw_file_target *t,
+                            uint64_t *cloned, uint64_t *kcopied)
+{
+  *cloned = atomic_load_explicit (&t->cloned_bytes, memory_order_relaxed);
+  *kcopied = atomic_load_explicit (&t->kcopied_bytes, memory_order_relaxed);
 }

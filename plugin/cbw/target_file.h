@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "cbw_err.h"
 
@@ -40,5 +41,27 @@ int cbw_file_target_zero (struct cbw_file_target *t, size_t len, uint64_t off,
                           struct cbw_err *err);
 int cbw_file_target_trim (struct cbw_file_target *t, size_t len, uint64_t off,
                           struct cbw_err *err);
+
+/* Copy [off,off+len) of the raw image open at src to the same range of the
+ * target inside the kernel (FICLONERANGE, else copy_file_range; holes of
+ * src become holes: *holes bytes of the range).  0, or -1 with *err: the
+ * caller then copies the whole range through user space (part of it may
+ * have been written).  */
+int cbw_file_target_copy_from (struct cbw_file_target *t, int src,
+                               size_t len, uint64_t off, uint64_t *holes,
+                               struct cbw_err *err);
+/* Can copy_from still work (a method left, and not a direct target)? */
+bool cbw_file_target_can_copy_from (const struct cbw_file_target *t);
+/* Bytes copied by clone and by copy_file_range so far. */
+void cbw_file_target_copy_stats (const struct cbw_file_target *t,
+                                 uint64_t *cloned, uint64_t *kcopied);
+
+/* Testing: replace the system calls of copy_from (NULL: the real one). */
+typedef ssize_t (*cbw_copy_range_fn) (int in, off_t *in_off, int out,
+                                      off_t *out_off, size_t len);
+typedef int (*cbw_clone_range_fn) (int in, uint64_t in_off, int out,
+                                   uint64_t out_off, uint64_t len);
+void cbw_file_target_test_hooks (cbw_copy_range_fn copy,
+                                 cbw_clone_range_fn clone);
 
 #endif

@@ -31,6 +31,7 @@
 #include "gate.h"
 #include "session.h"
 #include "target.h"
+#include "target_file.h"
 
 extern char **environ;
 
@@ -54,6 +55,9 @@ int nbdkit_add_extent (struct nbdkit_extents *e, uint64_t o, uint64_t l, uint32_
 #define SIZE (8 * 1024 * 1024 + 4096 * 3)
 static char *disk, *ref;
 static pthread_mutex_t disk_lock = PTHREAD_MUTEX_INITIALIZER;
+/* >= 0: a raw image file kept equal to `disk` (guest writes go to both),
+ * the cbw-source of the in-kernel copy tests */
+static int disk_fd = -1;
 
 static int
 fake_pread (nbdkit_next *n, void *buf, uint32_t count, uint64_t off,
@@ -164,6 +168,10 @@ setup (void)
 static void
 teardown (void)
 {
+  if (disk_fd >= 0)
+    close (disk_fd);
+  disk_fd = -1;
+  cbw_file_target_test_hooks (NULL, NULL);
   stop_target ();
   free (disk);
   free (ref);
@@ -209,6 +217,8 @@ guest_write (struct cbw_session *s, uint64_t off, uint64_t len, uint64_t *seed)
   if (r == 0) {
     pthread_mutex_lock (&disk_lock);
     memcpy (disk + off, buf, len);
+    if (disk_fd >= 0 && pwrite (disk_fd, buf, len, (off_t) off) != (ssize_t) len)
+      r = -1;
     pthread_mutex_unlock (&disk_lock);
   }
   cbw_gate_leave ();
@@ -705,4 +715,279 @@ Test (session, file_target_limit)
   cr_assert_eq (cbw_target_set_limit (t, 1 << 20, &err), -1);
   cr_assert_eq (err.errnum, EINVAL);
   cbw_target_close (t);
+}
+
+/* ---- in-kernel copies from the raw image (cbw-source) ---- */
+
+/* A raw image file equal to the disk at begin in dir; sets disk_fd (the
+ * writers keep it equal) and returns a second descriptor for the session
+ * (which closes it). */
+static int
+make_source (const char *dir)
+{
+  char path[128];
+  snprintf (path, sizeof path, "%s/source.img", dir);
+  disk_fd = open (path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  cr_assert_geq (disk_fd, 0, "%s: %s", path, strerror (errno));
+  cr_assert_eq (pwrite (disk_fd, disk, SIZE, 0), SIZE);
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  cr_assert_geq (fd, 0);
+  return fd;
+}
+
+static struct cbw_session *
+new_source_session (const char *tpath, int src, uint64_t min)
+{
+  struct cbw_err err = { 0 };
+  char uri[256];
+  struct cbw_session_params p = {
+    .size = SIZE, .granularity = 4096, .policy = CBW_BREAK_SNAPSHOT,
+    .timeout_ns = 10000000000LL, .has_source = true, .source_fd = src,
+    .source_min = min,
+  };
+  make_sparse (tpath, SIZE);
+  snprintf (uri, sizeof uri, "file://%s", tpath);
+  struct cbw_target *t = cbw_target_open (uri, 1, cbw_now_ns () + 10000000000LL,
+                                          &err);
+  cr_assert_not_null (t, "%s", err.msg);
+  struct cbw_session *s = cbw_session_new (&p, t, &err);
+  cr_assert_not_null (s, "%s", err.msg);
+  cbw_session_mark_all_needed (s);
+  return s;
+}
+
+/* One guest write over [off,off+len) (fresh blocks: one copy of them). */
+static void
+write_once (struct cbw_session *s, uint64_t off, uint64_t len)
+{
+  uint64_t seed = off + 7;
+  cr_assert_eq (guest_write (s, off, len, &seed), 0);
+}
+
+/* The target holds the old data at [off,off+len). */
+static void
+expect_target_old (const char *tpath, uint64_t off, uint64_t len)
+{
+  char *b = malloc (len);
+  int fd = open (tpath, O_RDONLY);
+  cr_assert_geq (fd, 0);
+  cr_assert_eq (pread (fd, b, len, (off_t) off), (ssize_t) len);
+  close (fd);
+  cr_expect (memcmp (b, ref + off, len) == 0, "target at %" PRIu64 "+%"
+             PRIu64 " is not the old data", off, len);
+  free (b);
+}
+
+/* Guest writes race with in-kernel copies and PIT reads: the PIT view is
+ * the disk at begin (the copy is complete before the guest data lands:
+ * were the state published first, a writer could overwrite the image
+ * before the kernel read it), and the copies did go through the kernel. */
+Test (session, kernel_copy_concurrent)
+{
+  char tpath[128];
+  struct cbw_session_stats st;
+  snprintf (tpath, sizeof tpath, "%s/target.img", tdir);
+  struct cbw_session *s = new_source_session (tpath, make_source (tdir), 0);
+  hammer (s, 1.5);
+  check_full_pit (s);
+  cbw_session_stats (s, &st);
+  cr_expect_gt (st.kernel_copy_bytes + st.clone_bytes, 0);
+  cr_expect_eq (st.kernel_copy_fallbacks, 0);
+  cr_expect_eq (st.errors, 0);
+  cbw_session_end (s);
+  cbw_session_put (s);
+}
+
+/* Holes of the image stay holes of the target (no space spent on them);
+ * data around them is copied. */
+Test (session, kernel_copy_holes)
+{
+  char tpath[128];
+  struct stat sb;
+  snprintf (tpath, sizeof tpath, "%s/target.img", tdir);
+  int src = make_source (tdir);
+  /* a hole of 1 MiB at 2 MiB, on disk and in the reference alike */
+  memset (disk + (2 << 20), 0, 1 << 20);
+  memset (ref + (2 << 20), 0, 1 << 20);
+  cr_assert_eq (fallocate (disk_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           2 << 20, 1 << 20), 0);
+  struct cbw_session *s = new_source_session (tpath, src, 0);
+  write_once (s, (2 << 20) - 65536, (1 << 20) + 2 * 65536);
+  expect_target_old (tpath, (2 << 20) - 65536, (1 << 20) + 2 * 65536);
+  cr_assert_eq (stat (tpath, &sb), 0);
+  cr_expect_leq ((uint64_t) sb.st_blocks * 512, 2 * 65536 + 8192,
+                 "the hole was written: %lld bytes allocated",
+                 (long long) sb.st_blocks * 512);
+  cbw_session_put (s);
+}
+
+/* Short copies: continued until the range is done. */
+static _Atomic int short_calls;
+static ssize_t
+short_copy (int in, off_t *io, int out, off_t *oo, size_t len)
+{
+  short_calls++;
+  return copy_file_range (in, io, out, oo, len > 3000 ? 3000 : len, 0);
+}
+static int
+no_clone (int in, uint64_t a, int out, uint64_t b, uint64_t len)
+{
+  (void) in; (void) a; (void) out; (void) b; (void) len;
+  errno = EOPNOTSUPP;
+  return -1;
+}
+
+Test (session, kernel_copy_short)
+{
+  char tpath[128];
+  struct cbw_session_stats st;
+  snprintf (tpath, sizeof tpath, "%s/target.img", tdir);
+  cbw_file_target_test_hooks (short_copy, no_clone);
+  struct cbw_session *s = new_source_session (tpath, make_source (tdir), 0);
+  write_once (s, 1 << 20, 65536);
+  expect_target_old (tpath, 1 << 20, 65536);
+  cbw_session_stats (s, &st);
+  cr_expect_eq (st.kernel_copy_bytes, 65536);
+  cr_expect_eq (st.kernel_copy_fallbacks, 0);
+  cr_expect_geq (short_calls, 65536 / 3000);
+  cbw_session_put (s);
+}
+
+/* A method the filesystem lacks (EXDEV: image and target on different
+ * filesystems; EOPNOTSUPP): this copy is redone in user space and the
+ * method is not tried again. */
+static _Atomic int fail_calls, fail_errno;
+static ssize_t
+failing_copy (int in, off_t *io, int out, off_t *oo, size_t len)
+{
+  (void) in; (void) io; (void) out; (void) oo; (void) len;
+  fail_calls++;
+  errno = fail_errno;
+  return -1;
+}
+
+static void
+method_missing (int e)
+{
+  char tpath[128];
+  struct cbw_session_stats st;
+  snprintf (tpath, sizeof tpath, "%s/target.img", tdir);
+  fail_errno = e;
+  fail_calls = 0;
+  cbw_file_target_test_hooks (failing_copy, no_clone);
+  struct cbw_session *s = new_source_session (tpath, make_source (tdir), 0);
+  write_once (s, 0, 65536);
+  write_once (s, 1 << 20, 65536);
+  expect_target_old (tpath, 0, 65536);
+  expect_target_old (tpath, 1 << 20, 65536);
+  cbw_session_stats (s, &st);
+  cr_expect_eq (fail_calls, 1, "the missing method was tried %d times",
+                fail_calls);
+  cr_expect_eq (st.kernel_copy_fallbacks, 1);
+  cr_expect_eq (st.kernel_copy_bytes, 0);
+  cr_expect_eq (st.errors, 0);
+  cbw_session_put (s);
+}
+
+Test (session, kernel_copy_exdev) { method_missing (EXDEV); }
+Test (session, kernel_copy_eopnotsupp) { method_missing (EOPNOTSUPP); }
+
+/* A copy that fails half-way (EIO after part of the range was written):
+ * the whole range is copied again in user space, and the method stays on
+ * for the next copy. */
+static _Atomic int partial_calls;
+static ssize_t
+partial_copy (int in, off_t *io, int out, off_t *oo, size_t len)
+{
+  if (partial_calls++ % 2 == 0)
+    return copy_file_range (in, io, out, oo, len / 2, 0);
+  errno = EIO;
+  return -1;
+}
+
+Test (session, kernel_copy_partial)
+{
+  char tpath[128];
+  struct cbw_session_stats st;
+  snprintf (tpath, sizeof tpath, "%s/target.img", tdir);
+  cbw_file_target_test_hooks (partial_copy, no_clone);
+  struct cbw_session *s = new_source_session (tpath, make_source (tdir), 0);
+  write_once (s, 0, 65536);
+  write_once (s, 1 << 20, 65536);
+  expect_target_old (tpath, 0, 65536);
+  expect_target_old (tpath, 1 << 20, 65536);
+  cbw_session_stats (s, &st);
+  cr_expect_eq (partial_calls, 4, "the method was not tried again");
+  cr_expect_eq (st.kernel_copy_fallbacks, 2);
+  cbw_session_put (s);
+}
+
+/* The image ends early (shrunk under us): copy_file_range returns 0; that
+ * is a failed copy redone from the disk below, never a hole. */
+Test (session, kernel_copy_source_eof)
+{
+  char tpath[128];
+  struct cbw_session_stats st;
+  snprintf (tpath, sizeof tpath, "%s/target.img", tdir);
+  cbw_file_target_test_hooks (NULL, no_clone);
+  struct cbw_session *s = new_source_session (tpath, make_source (tdir), 0);
+  cr_assert_eq (ftruncate (disk_fd, 1 << 20), 0);
+  write_once (s, (1 << 20) - 4096, 65536);
+  expect_target_old (tpath, (1 << 20) - 4096, 65536);
+  cbw_session_stats (s, &st);
+  cr_expect_eq (st.kernel_copy_fallbacks, 1);
+  cbw_session_put (s);
+}
+
+/* The real system calls on this machine's filesystems: FICLONERANGE where
+ * the filesystem shares extents, else (EOPNOTSUPP, e.g. ext4; EXDEV on
+ * tmpfs -> other) copy_file_range, else user space: whichever runs, the
+ * target holds the old data and nothing is counted as an error. */
+Test (session, kernel_copy_real_methods)
+{
+  char tpath[128], sdir[64];
+  struct cbw_session_stats st;
+  int pass;
+  for (pass = 0; pass < 2; ++pass) {
+    /* pass 1: the image on /dev/shm (tmpfs), the target in /tmp */
+    strcpy (sdir, pass ? "/dev/shm/cbw-ut.XXXXXX" : tdir);
+    if (pass && mkdtemp (sdir) == NULL)
+      continue;                 /* no /dev/shm here */
+    snprintf (tpath, sizeof tpath, "%s/target.img", tdir);
+    if (disk_fd >= 0)
+      close (disk_fd);
+    memcpy (disk, ref, SIZE);   /* a new begin: the old data again */
+    struct cbw_session *s = new_source_session (tpath, make_source (sdir), 0);
+    write_once (s, 0, 1 << 20);
+    write_once (s, SIZE - 4096 * 3, 4096 * 3);   /* the unaligned end */
+    expect_target_old (tpath, 0, 1 << 20);
+    expect_target_old (tpath, SIZE - 4096 * 3, 4096 * 3);
+    cbw_session_stats (s, &st);
+    cr_expect_eq (st.errors, 0);
+    cr_log_info ("pass %d: cloned %" PRIu64 ", kernel-copied %" PRIu64
+                 ", fallbacks %" PRIu64, pass, st.clone_bytes,
+                 st.kernel_copy_bytes, st.kernel_copy_fallbacks);
+    cbw_session_put (s);
+    if (pass) {
+      char cmd[128];
+      snprintf (cmd, sizeof cmd, "rm -rf %s", sdir);
+      if (system (cmd)) {}
+    }
+  }
+}
+
+/* Copies shorter than source_min stay in user space. */
+Test (session, kernel_copy_min)
+{
+  char tpath[128];
+  struct cbw_session_stats st;
+  snprintf (tpath, sizeof tpath, "%s/target.img", tdir);
+  struct cbw_session *s = new_source_session (tpath, make_source (tdir), 65536);
+  write_once (s, 0, 4096);
+  write_once (s, 1 << 20, 65536);
+  expect_target_old (tpath, 0, 4096);
+  expect_target_old (tpath, 1 << 20, 65536);
+  cbw_session_stats (s, &st);
+  cr_expect_eq (st.kernel_copy_bytes + st.clone_bytes, 65536);
+  cbw_session_put (s);
 }
