@@ -32,6 +32,14 @@
  * between connections, but the store's writer (the cbw filter) and
  * fio/qemu-img use one connection, where only removing hand-offs helps.
  *
+ * Zero-copy sends were measured and are not used: sendfile() of store
+ * data (worker holding the token, file segments never handed to the loop)
+ * cost several times the server CPU per byte of the copy path, on Unix
+ * sockets and on TCP loopback alike (bench/cbwd/results.md), and could never
+ * serve PIT exports (export_pit.c says why).  What helped the read path is
+ * a larger send buffer on Unix sockets (see conn accept): replies leave
+ * with the direct sendmsg instead of the loop's queue.
+ *
  * Replies go out in completion order (out of order on the wire, as NBD
  * allows; cookies match them up).  Limits per connection: at most
  * max_inflight requests executing and at most max_inflight_bytes of
@@ -1261,6 +1269,19 @@ on_connection (uv_stream_t *server, int status)
     }
   }
   if (tcp) uv_tcp_nodelay (&c->h.tcp, 1);
+  else {
+    /* Room for a few large replies in the socket (the default is ~200 KiB,
+     * less than one 256 KiB read reply): most replies then leave with the
+     * one direct sendmsg of the thread that has them, instead of going
+     * through the loop's queue (partial write, EAGAIN, wait for POLLOUT,
+     * write the rest): about half the system calls and a third of the
+     * context switches per MiB read.  The kernel clamps it to
+     * net.core.wmem_max (the stock 208 KiB makes this a no-op: docs/cbwd.md
+     * says to raise it).  TCP keeps the kernel's send buffer autotuning
+     * (setting it turns that off). */
+    int v = CBWD_UNIX_SNDBUF;
+    (void) setsockopt (fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+  }
   cbwd_debug (srv, "conn %u: accepted", c->id);
   if (srv->limits.handshake_timeout_ms) {
     uv_timer_start (&c->timer, handshake_timeout, srv->limits.handshake_timeout_ms, 0);

@@ -115,6 +115,7 @@
 #define CBWD_MAX_PAYLOAD          (32 * 1024 * 1024) /* advertised max block size */
 #define CBWD_PREF_BLOCK           4096
 #define CBWD_MAX_OPTIONS          4096             /* options per connection */
+#define CBWD_UNIX_SNDBUF          (2 * 1024 * 1024) /* SO_SNDBUF of Unix-socket clients */
 #define CBWD_MAX_EXTENTS          (64 * 1024)      /* descriptors per block-status chunk */
 #define CBWD_MAX_QUERIES          1024             /* meta context queries per option */
 

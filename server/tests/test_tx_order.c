@@ -8,7 +8,10 @@
  * the export kept by the test.  Run on the memory export (worker path) and
  * on a store file (page-cache reads replied on the loop, writes on workers,
  * interleaved on the same stream).  Also: a client that vanishes with
- * replies stuck in its socket must not disturb the server.
+ * replies stuck in its socket must not disturb the server.  And: a Unix
+ * socket client that does not read gets several large replies queued in
+ * its socket at once (cbwd enlarges the send buffer of Unix-socket
+ * connections, so replies leave with one direct send).
  */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -17,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -242,5 +246,49 @@ Test (tx_order, client_vanishes_with_replies_queued, .timeout = 60)
   }
   /* The server still serves, and correctly. */
   exercise ("mem", 3, 1, 16);
+  stop_server ();
+}
+
+/* Six 256 KiB reads pipelined, nothing read back: all six replies must
+ * reach the client's socket (the default Unix send buffer, ~200 KiB, holds
+ * less than one).  Needs net.core.wmem_max >= 2 MiB (the kernel clamps
+ * SO_SNDBUF to it). */
+Test (tx_order, unix_replies_fill_a_large_send_buffer, .timeout = 60)
+{
+  FILE *f = fopen ("/proc/sys/net/core/wmem_max", "r");
+  long wmax = 0;
+  if (f) { if (fscanf (f, "%ld", &wmax) != 1) wmax = 0; fclose (f); }
+  if (wmax < CBWD_UNIX_SNDBUF)
+    cr_skip_test ("net.core.wmem_max %ld < %d: SO_SNDBUF would be clamped", wmax,
+                  CBWD_UNIX_SNDBUF);
+  start_server ();
+  int fd = connect_export ("store");
+  const int n = 6;
+  const uint32_t len = 256 * 1024;
+  for (int i = 0; i < n; i++)
+    request (fd, NBD_CMD_READ, 500 + i, (uint64_t) i * len, len);
+  int want = n * (int) (16 + len), have = 0;
+  /* Poll the queued byte count until it is all there (or the deadline). */
+  struct timespec t0, now, ts = { 0, 5 * 1000 * 1000 };
+  clock_gettime (CLOCK_MONOTONIC, &t0);
+  for (;;) {
+    cr_assert_eq (ioctl (fd, FIONREAD, &have), 0);
+    clock_gettime (CLOCK_MONOTONIC, &now);
+    if (have >= want || now.tv_sec - t0.tv_sec > 10) break;
+    nanosleep (&ts, NULL);
+  }
+  cr_assert_geq (have, want, "only %d of %d reply bytes reached the socket: "
+                 "the server's send buffer is too small", have, want);
+  uint8_t *buf = malloc (len);
+  for (int i = 0; i < n; i++) {
+    uint8_t r[16];
+    full_read (fd, r, 16);
+    cr_assert_eq (get_be32 (r), NBD_SIMPLE_REPLY_MAGIC);
+    cr_assert_eq (get_be32 (r + 4), 0);
+    full_read (fd, buf, len);
+  }
+  free (buf);
+  request (fd, NBD_CMD_DISC, 0, 0, 0);
+  close (fd);
   stop_server ();
 }
