@@ -26,6 +26,20 @@
  * still go through the upstream.  Counters (direct/upstream bytes,
  * re-checks) are relaxed atomics, logged when the export is freed.
  *
+ * Why direct reads are always COPIED into our buffer, never sent with
+ * sendfile/splice/MSG_ZEROCOPY: the order that proves a NEEDED block is
+ * point-in-time data is (1) our copy of the live bytes is complete, (2) full
+ * fence, (3) the state is still NEEDED.  Only then may the bytes leave.  A
+ * zero-copy send hands page-cache pages to the socket by reference: the bytes
+ * the client receives are the page's contents when the kernel finally copies
+ * them, which can be after a guest write that the filter let through once the
+ * block left NEEDED (copied to the store, state changed, then the live page
+ * overwritten).  Step (3) would then vouch for bytes that no longer exist:
+ * post-PIT data on the wire, against invariant 1.  The same holds for splice
+ * into a pipe (also page references) and for the store file (a skip releases
+ * and may punch a COPIED block).  So the PIT export has no read_fd-style
+ * zero-copy op; the copy is the price of the proof.
+ *
  * Guarantee: cbwd returns only what the upstream returned for the same range;
  * an upstream error (the filter could not be sure of the data) or a lost
  * upstream connection is an error to the client, never data.  A broken pool
