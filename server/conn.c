@@ -1275,12 +1275,14 @@ on_connection (uv_stream_t *server, int status)
      * one direct sendmsg of the thread that has them, instead of going
      * through the loop's queue (partial write, EAGAIN, wait for POLLOUT,
      * write the rest): about half the system calls and a third of the
-     * context switches per MiB read.  The kernel clamps it to
-     * net.core.wmem_max (the stock 208 KiB makes this a no-op: docs/cbwd.md
-     * says to raise it).  TCP keeps the kernel's send buffer autotuning
-     * (setting it turns that off). */
+     * context switches per MiB read.  SO_SNDBUF is clamped to
+     * net.core.wmem_max (stock: 208 KiB, which would make it a no-op), so
+     * a cbwd with CAP_NET_ADMIN (root, as packaged) forces the size;
+     * otherwise it asks, and gets at most wmem_max.  TCP keeps the
+     * kernel's send buffer autotuning (setting it turns that off). */
     int v = CBWD_UNIX_SNDBUF;
-    (void) setsockopt (fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+    if (setsockopt (fd, SOL_SOCKET, SO_SNDBUFFORCE, &v, sizeof v) == -1)
+      (void) setsockopt (fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
   }
   cbwd_debug (srv, "conn %u: accepted", c->id);
   if (srv->limits.handshake_timeout_ms) {
