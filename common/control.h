@@ -137,7 +137,7 @@ struct cbw_ctl_event_source {
 };
 
 /* The two command-table rows of "subscribe" / "unsubscribe" (handlers and
- * argument specs live in control.c; they need the connection, which the
+ * argument specs live in control_events.c; they need the connection, which the
  * server passes them itself). */
 int cbw_ctl_subscribe_handler (void *, struct json_object *, struct cbw_ctl_reply *);
 int cbw_ctl_unsubscribe_handler (void *, struct json_object *, struct cbw_ctl_reply *);
