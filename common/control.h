@@ -38,6 +38,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <json-c/json.h>
 
 #define CBW_CTL_MAX_LINE (1024 * 1024)  /* longer request lines: error + drop */
@@ -179,6 +180,23 @@ struct cbw_ctl_server *cbw_ctl_server_start (const char *path,
 struct cbw_ctl_server *cbw_ctl_server_start_events
   (const char *path, const struct cbw_ctl_table *table, void *module_data,
    const struct cbw_ctl_event_source *events, struct cbw_err *err);
+/* Who may use a control socket besides root and the server's own euid.
+ * With group_set, the members of `group` too: the socket file is then mode
+ * 0660 with that group (else 0600), and a peer is a member when the gid or
+ * one of the supplementary groups of its process at connect time is
+ * `group` (SO_PEERCRED, SO_PEERGROUPS): the credentials the kernel checked
+ * the file's mode against, not the user database, so nothing on the
+ * control thread waits for NSS, and a user added to the group must log in
+ * again, as for any file. */
+struct cbw_ctl_access {
+  bool group_set;
+  gid_t group;
+};
+/* The same with an access policy (NULL: root and the server's euid). */
+struct cbw_ctl_server *cbw_ctl_server_start_access
+  (const char *path, const struct cbw_ctl_table *table, void *module_data,
+   const struct cbw_ctl_event_source *events,
+   const struct cbw_ctl_access *access, struct cbw_err *err);
 /* Stop the thread, close clients, unlink the socket.  NULL is a no-op. */
 void cbw_ctl_server_stop (struct cbw_ctl_server *srv);
 

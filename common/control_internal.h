@@ -116,6 +116,7 @@ struct cbw_ctl_server {
   pthread_t thread;
   struct client clients[CBW_CTL_MAX_CLIENTS];
   const struct cbw_ctl_event_source *events;  /* NULL: none */
+  struct cbw_ctl_access access;  /* who besides root and our euid */
   size_t max_backlog;
   /* guarded by qlock (see the top of this file) */
   pthread_mutex_t qlock;

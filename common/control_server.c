@@ -4,10 +4,12 @@
  * hands them to the dispatcher one at a time and sends the replies (and the
  * events of control_events.c).
  *
- * Access: the socket file is made 0600 between bind and listen, whatever
- * the umask, and every accepted peer is checked with SO_PEERCRED (root or
- * the server's euid): cbwd's commands run freeze hooks, so a control socket
- * is a root shell for whoever reaches it.
+ * Access: the socket file is made 0600 (0660 with a control group) between
+ * bind and listen, whatever the umask, and every accepted peer is checked
+ * with SO_PEERCRED (root, the server's euid, or with a control group a
+ * process whose gid or supplementary groups (SO_PEERGROUPS) include it):
+ * cbwd's commands start backups and freeze guests, so a control socket is
+ * as powerful as the server's user for whoever reaches it.
  *
  * Threads and locking: a server owns one thread; the clients are touched
  * only by it (see control_internal.h for the fields `qlock` guards).
@@ -226,13 +228,47 @@ client_read (struct cbw_ctl_server *srv, struct client *c)
   return client_process (srv, c);
 }
 
-/* Who may talk to a control socket: root and the server's own effective
- * uid.  The socket file is created 0600 (bind_socket), so this only
- * matters when its mode was widened by hand or the kernel's file check is
- * bypassed (a descriptor passed on); commands such as cbwd's backup-begin
- * run hooks as the server's user, so another uid must never reach them. */
+#ifndef SO_PEERGROUPS
+#define SO_PEERGROUPS 59         /* Linux >= 4.13 */
+#endif
+
+/* Whether `group` is one of the supplementary groups the peer process had
+ * when it connected.  The kernel says how much room it needs (ERANGE);
+ * that size is still bounded, as any length we are handed. */
 static bool
-peer_allowed (int fd)
+peer_has_group (int fd, gid_t group)
+{
+  gid_t stackbuf[64], *groups = stackbuf;
+  socklen_t len = sizeof stackbuf;
+  bool found = false;
+
+  if (getsockopt (fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) == -1) {
+    if (errno != ERANGE || len == 0 ||
+        len > (socklen_t) (NGROUPS_MAX * sizeof (gid_t)) ||
+        (groups = malloc (len)) == NULL)
+      return false;
+    if (getsockopt (fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) == -1) {
+      free (groups);
+      return false;
+    }
+  }
+  for (size_t i = 0; i < len / sizeof (gid_t); i++)
+    if (groups[i] == group)
+      found = true;
+  if (groups != stackbuf)
+    free (groups);
+  return found;
+}
+
+/* Who may talk to a control socket: root, the server's own effective uid
+ * and, with a control group, the processes in that group (their gid or a
+ * supplementary group: see struct cbw_ctl_access).  The socket file's mode
+ * (bind_socket) already keeps others out, so this matters when the mode
+ * was widened by hand or the kernel's file check is bypassed (a descriptor
+ * passed on); commands such as cbwd's backup-begin run hooks as the
+ * server's user, so nobody else may ever reach them. */
+static bool
+peer_allowed (const struct cbw_ctl_server *srv, int fd)
 {
   struct ucred cred;
   socklen_t len = sizeof cred;
@@ -240,7 +276,12 @@ peer_allowed (int fd)
   if (getsockopt (fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == -1 ||
       len != sizeof cred)
     return false;
-  return cred.uid == 0 || cred.uid == geteuid ();
+  if (cred.uid == 0 || cred.uid == geteuid ())
+    return true;
+  if (!srv->access.group_set)
+    return false;
+  return cred.gid == srv->access.group ||
+    peer_has_group (fd, srv->access.group);
 }
 
 /* Send one error line to a client that is not taken on, and close it. */
@@ -268,10 +309,16 @@ accept_one (struct cbw_ctl_server *srv)
   fd = accept4 (srv->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
   if (fd < 0)
     return;                      /* EAGAIN, ECONNABORTED, EMFILE: try later */
-  if (!peer_allowed (fd)) {
-    reject_client (fd, CBW_CTL_PERMISSION_DENIED,
-                   "permission denied: only root and the server's own uid "
-                   "may use this control socket");
+  if (!peer_allowed (srv, fd)) {
+    char desc[128];
+    if (srv->access.group_set)
+      snprintf (desc, sizeof desc, "permission denied: only root, the "
+                "server's own uid and group %u may use this control socket",
+                (unsigned) srv->access.group);
+    else
+      snprintf (desc, sizeof desc, "permission denied: only root and the "
+                "server's own uid may use this control socket");
+    reject_client (fd, CBW_CTL_PERMISSION_DENIED, desc);
     return;
   }
   for (i = 0; i < CBW_CTL_MAX_CLIENTS; ++i)
@@ -359,6 +406,32 @@ server_thread (void *arg)
   return NULL;
 }
 
+/* Owner-only (or owner and group) before anyone can connect: connect
+ * fails until listen, the file's mode is what the kernel checks on
+ * connect, and bind gave it the umask's mode, which may let every local
+ * user in.  The group first, then the mode: never a moment where the
+ * wrong group may connect. */
+static int
+set_socket_mode (struct cbw_ctl_server *srv, struct cbw_err *err)
+{
+  mode_t mode = S_IRUSR | S_IWUSR;
+
+  if (chmod (srv->path, mode) == -1)
+    return cbw_err_set (err, errno, "control socket %s: chmod 0600: %s",
+                        srv->path, errstr (errno));
+  if (!srv->access.group_set)
+    return 0;
+  if (chown (srv->path, (uid_t) -1, srv->access.group) == -1)
+    return cbw_err_set (err, errno, "control socket %s: chown to group "
+                        "%u: %s", srv->path, (unsigned) srv->access.group,
+                        errstr (errno));
+  mode |= S_IRGRP | S_IWGRP;
+  if (chmod (srv->path, mode) == -1)
+    return cbw_err_set (err, errno, "control socket %s: chmod 0660: %s",
+                        srv->path, errstr (errno));
+  return 0;
+}
+
 /* Bind a Unix socket at path, replacing a stale socket file. */
 static int
 bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
@@ -420,15 +493,10 @@ bind_socket (struct cbw_ctl_server *srv, struct cbw_err *err)
   if (fd < 0)
     return cbw_err_set (err, EADDRINUSE, "control socket %s: bind failed",
                         path);
-  /* Owner-only before anyone can connect (connect fails until listen):
-   * the file's mode is what the kernel checks on connect, and bind gave it
-   * the umask's mode, which may let every local user in. */
-  if (chmod (path, S_IRUSR | S_IWUSR) == -1) {
-    int e = errno;
+  if (set_socket_mode (srv, err) == -1) {
     close (fd);
     unlink (path);
-    return cbw_err_set (err, e, "control socket %s: chmod 0600: %s",
-                        path, errstr (e));
+    return -1;
   }
   if (listen (fd, CBW_CTL_MAX_CLIENTS) == -1) {
     int e = errno;
@@ -459,6 +527,18 @@ cbw_ctl_server_start_events (const char *path,
                              const struct cbw_ctl_event_source *events,
                              struct cbw_err *err)
 {
+  return cbw_ctl_server_start_access (path, table, module_data, events, NULL,
+                                      err);
+}
+
+struct cbw_ctl_server *
+cbw_ctl_server_start_access (const char *path,
+                             const struct cbw_ctl_table *table,
+                             void *module_data,
+                             const struct cbw_ctl_event_source *events,
+                             const struct cbw_ctl_access *access,
+                             struct cbw_err *err)
+{
   struct cbw_ctl_server *srv;
   sigset_t all, old;
   int i, e;
@@ -476,6 +556,8 @@ cbw_ctl_server_start_events (const char *path,
   srv->table = table;
   srv->module_data = module_data;
   srv->events = events;
+  if (access)
+    srv->access = *access;
   srv->max_backlog = events && events->max_backlog ? events->max_backlog
     : CBW_CTL_EVENT_BACKLOG;
   pthread_mutex_init (&srv->qlock, NULL);

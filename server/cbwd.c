@@ -13,6 +13,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <grp.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -24,6 +25,7 @@
 
 #include "cleanup.h"
 #include "config.h"
+#include "control.h"
 #include "sdnotify.h"
 #include "server.h"
 #ifdef CBWD_HAVE_ORCH
@@ -43,13 +45,37 @@ usage (FILE *f)
 "            [--tls=off|on|require] [--tls-psk FILE | --tls-certificates DIR\n"
 "             [--tls-verify-peer]]  (a TCP listener needs one of these)\n"
 "            [--pidfile FILE] [-v] [--version]\n"
-"            [--state-dir DIR [--control PATH] [--module-dir DIR]  (orchestrator;\n"
+"            [--state-dir DIR [--control PATH] [--control-group GROUP]\n"
+"             [--module-dir DIR]  (orchestrator;\n"
 "             [--pit-allow IDENTITY]... [--freeze-hook NAME=/PATH]...]\n"
 "             the config file may then declare \"disks\")\n"
 "export keys: path= size= limit= description= upstream= connections= release=on|off\n"
 "             allow=IDENTITY[;IDENTITY...] (psk:USER, x509:DN, *)\n"
 "             bitmap=NAME:raw:PATH:GRANULARITY | NAME:extents:PATH | NAME:store:DESC[:STORED]\n"
 "see cbwd(8).\n");
+}
+
+/* --control-group: a group name, or a number.  Resolved once at start-up,
+ * so the control thread never waits for the group database. */
+static int
+parse_group (const char *s, gid_t *gid)
+{
+  struct group gr, *res = NULL;
+  char buf[16384];
+  char *end;
+  unsigned long n;
+
+  if (getgrnam_r (s, &gr, buf, sizeof buf, &res) == 0 && res != NULL) {
+    *gid = res->gr_gid;
+    return 0;
+  }
+  errno = 0;
+  n = strtoul (s, &end, 10);
+  if (s[0] < '0' || s[0] > '9' || *end != '\0' || errno != 0 ||
+      n >= (unsigned long) (gid_t) -1)
+    return -1;
+  *gid = (gid_t) n;
+  return 0;
 }
 
 static void
@@ -86,6 +112,7 @@ run (struct cbwd_server *srv, int argc, char **argv)
     { "verbose", no_argument, 0, 'v' },
     { "state-dir", required_argument, 0, 'S' },
     { "control", required_argument, 0, 'C' },
+    { "control-group", required_argument, 0, 'g' },
     { "module-dir", required_argument, 0, 'M' },
     { "tls", required_argument, 0, 'L' },
     { "tls-psk", required_argument, 0, 'P' },
@@ -99,6 +126,7 @@ run (struct cbwd_server *srv, int argc, char **argv)
   };
   const char *config = NULL, *pidfile = NULL;
   const char *state_dir = NULL, *control = NULL, *module_dir = NULL;
+  struct cbw_ctl_access control_access = { .group_set = false };
   /* arrays of pointers into argv: freed however main returns */
   CLEANUP_FREE char **listens = calloc (argc, sizeof *listens);
   CLEANUP_FREE char **exports = calloc (argc, sizeof *exports);
@@ -170,6 +198,13 @@ run (struct cbwd_server *srv, int argc, char **argv)
     case 'v': srv->verbose++; break;
     case 'S': state_dir = optarg; break;
     case 'C': control = optarg; break;
+    case 'g':
+      if (parse_group (optarg, &control_access.group) == -1) {
+        cbwd_log ("--control-group %s: no such group", optarg);
+        return 2;
+      }
+      control_access.group_set = true;
+      break;
     case 'M': module_dir = optarg; break;
     case 'L':
       if ((srv->tls.mode = cbwd_tls_parse_mode (optarg)) == -1) {
@@ -219,6 +254,10 @@ run (struct cbwd_server *srv, int argc, char **argv)
     cbwd_log ("%s", err.msg);
     return 1;
   }
+  if (state_dir == NULL && control_access.group_set) {
+    cbwd_log ("--control-group needs the orchestrator (--state-dir)");
+    return 2;
+  }
   if (state_dir == NULL && srv->nfreeze_hooks) {
     cbwd_log ("--freeze-hook needs the orchestrator (--state-dir)");
     return 2;
@@ -256,6 +295,7 @@ run (struct cbwd_server *srv, int argc, char **argv)
   if (state_dir) {
     cbwd_orch_exports_init (&orch_exports, srv);
     struct cbw_orch_config oc = { .state_dir = state_dir, .control_socket = control,
+                                  .control_access = control_access,
                                   .module_dir = module_dir, .nbdkit = getenv ("CBW_NBDKIT"),
                                   .exports = &orch_exports,
                                   .listen_paths = srv->unix_paths,
@@ -278,7 +318,7 @@ run (struct cbwd_server *srv, int argc, char **argv)
     cbwd_log ("--state-dir: this cbwd was built without the orchestrator");
     return 2;
   }
-  (void) control; (void) module_dir;
+  (void) control; (void) module_dir; (void) control_access;
 #endif
   uv_signal_init (srv->loop, &srv->sigterm);
   uv_signal_init (srv->loop, &srv->sigint);

@@ -330,6 +330,7 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
   o->state_path = orch_strdup_printf ("%s/%s", o->state_dir, ORCH_STATE_FILE);
   o->ctl_path = cfg->control_socket ? strdup (cfg->control_socket)
     : orch_strdup_printf ("%s/control.sock", o->state_dir);
+  o->ctl_access = cfg->control_access;
   o->module_dir = cfg->module_dir ? strdup (cfg->module_dir) : NULL;
   o->nbdkit_argv = split_words (cfg->nbdkit && cfg->nbdkit[0] ? cfg->nbdkit : "nbdkit");
   o->start_timeout = cfg->start_timeout > 0 ? cfg->start_timeout : 30;
@@ -446,8 +447,8 @@ int
 cbw_orch_serve (struct cbw_orch *o, struct cbw_err *err)
 {
   struct cbw_ctl_server *ctl =
-    cbw_ctl_server_start_events (o->ctl_path, &cbw_orch_ctl_table, o,
-                                 &orch_event_source, err);
+    cbw_ctl_server_start_access (o->ctl_path, &cbw_orch_ctl_table, o,
+                                 &orch_event_source, &o->ctl_access, err);
   if (ctl == NULL)
     return -1;
   {

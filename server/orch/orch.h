@@ -27,6 +27,8 @@
 struct cbw_orch_config {
   const char *state_dir;        /* required; created if missing */
   const char *control_socket;   /* default STATE_DIR/control.sock */
+  struct cbw_ctl_access control_access;  /* who besides root and cbwd's uid
+                                   may use it (--control-group) */
   const char *module_dir;       /* dir holding nbdkit-{chain-plugin,cbw-filter,
                                    dirtybitmap-filter}.so; NULL = by name */
   const char *nbdkit;           /* command prefix, words split on spaces,

@@ -160,6 +160,7 @@ struct cbw_orch {
   pthread_mutex_t lock;
   bool busy;
   char *state_dir, *state_path, *ctl_path, *module_dir;
+  struct cbw_ctl_access ctl_access;     /* never changed after open */
   char **nbdkit_argv;           /* prefix words, NULL terminated */
   double start_timeout;
   bool file_plugin;             /* cfg.plugin == "file" */
