@@ -127,6 +127,19 @@ print_disk (struct json_object *d)
     printf ("  overlay chain: %s\n", jstr (d, "chain", ""));
   if (json_object_get_boolean (jget (d, "force-share")))
     printf ("  force-share: image locks not exclusive (another writer can corrupt it)\n");
+  struct json_object *t = jget (d, "tcp");
+  if (t) {
+    printf ("  tcp: %s (listen %s, tls %s", jstr (t, "uri", "?"), jstr (t, "listen", "?"),
+            jstr (t, "tls", "?"));
+    if (jstr (t, "tls-psk", NULL))
+      printf (", psk file %s", jstr (t, "tls-psk", ""));
+    if (jstr (t, "tls-certificates", NULL))
+      printf (", x509 %s%s", jstr (t, "tls-certificates", ""),
+              json_object_get_boolean (jget (t, "tls-verify-peer")) ? ", verify-peer" : "");
+    printf (", pid %" PRId64 ")\n", jint (t, "pid"));
+    if (jstr (t, "warning", NULL))
+      printf ("  warning: %s\n", jstr (t, "warning", ""));
+  }
 }
 
 static void
@@ -152,10 +165,14 @@ print_disks (struct json_object *ret)
     struct json_object *d = json_object_array_get_idx (a, i);
     char sz[32];
     human_size ((uint64_t) jint (d, "size"), sz, sizeof sz);
-    printf ("%-16s %-8s %-8" PRId64 " %10s  %-36s  %s%s\n", jstr (d, "name", "?"),
+    struct json_object *t = jget (d, "tcp");
+    printf ("%-16s %-8s %-8" PRId64 " %10s  %-36s  %s%s", jstr (d, "name", "?"),
             jstr (d, "state", "?"), jint (d, "pid"), sz, jstr (d, "id", "-"),
             jstr (d, "file", "?"),
             json_object_get_boolean (jget (d, "force-share")) ? " (force-share)" : "");
+    if (t)
+      printf (" (tcp %s, tls %s)", jstr (t, "listen", "?"), jstr (t, "tls", "?"));
+    printf ("\n");
   }
 }
 
@@ -370,6 +387,15 @@ static const struct sub subs[] = {
         "it, without exclusive image locks (dangerous: two writers corrupt it)" },
       { "--cbw-timeout", "cbw-timeout-ms", O_SECS, "SECS: longest wait of a guest write "
         "for a backup; past it the backup breaks (default 5)" },
+      { "--listen", "listen", O_STR, "HOST:PORT: also serve it on TCP for remote guests "
+        "(needs --tls)" },
+      { "--tls", "tls", O_STR, "require|on|off: TLS of the TCP listener (off: plain, "
+        "explicit only)" },
+      { "--tls-psk", "tls-psk", O_STR, "FILE: PSK file (absolute, mode 600)" },
+      { "--tls-certificates", "tls-certificates", O_STR, "DIR: X.509 server-cert.pem, "
+        "server-key.pem (mode 600), ca-cert.pem" },
+      { "--tls-verify-peer", "tls-verify-peer", O_BOOL, "X.509: require client "
+        "certificates signed by ca-cert.pem" },
       { NULL } },
     "add a disk and start serving it", print_disk },
   { "disk", "list", "disk-list", NULL, false, NULL, { { NULL } },

@@ -133,6 +133,19 @@ disk_json (struct orch_disk *d)
   json_object_object_add (ctl, "dirtybitmap", json_object_new_string (d->ctl_bitmap));
   json_object_object_add (j, "control", ctl);
   json_object_object_add (j, "log", json_object_new_string (d->log_path));
+  if (d->tcp) {
+    struct json_object *t = orch_disk_tcp_json (d->tcp, true);
+    const char *scheme = d->tcp->tls == 2 ? "nbds" : "nbd";
+    CLEANUP_FREE char *turi = orch_strdup_printf
+      (strchr (d->tcp->host, ':') ? "%s://[%s]:%s/" : "%s://%s:%s/", scheme,
+       d->tcp->host, d->tcp->port);
+    json_object_object_add (t, "uri", json_object_new_string (turi ? turi : ""));
+    if (d->tcp->tls == 0 && !orch_disk_tcp_loopback (d->tcp))
+      json_object_object_add (t, "warning", json_object_new_string
+                              ("plain NBD on a non-loopback TCP listener: anyone "
+                               "who can reach it reads and writes the disk"));
+    json_object_object_add (j, "tcp", t);
+  }
   if (d->exit_status >= 0)
     json_object_object_add (j, "wait-status", json_object_new_int (d->exit_status));
   return j;
@@ -172,6 +185,12 @@ h_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   return 0;
 }
 
+static void
+tcp_cleanup (struct orch_disk_tcp **t)
+{
+  orch_disk_tcp_free (*t);
+}
+
 static int
 h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
 {
@@ -203,6 +222,11 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   if (stat (path, &sb) < 0 || !(S_ISREG (sb.st_mode) || S_ISBLK (sb.st_mode)))
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "%s: not a regular file or "
                          "block device", path);
+  struct orch_disk_tcp *tcp = NULL;
+  if (orch_disk_tcp_parse (args, false, &tcp, &e) < 0)
+    return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "%s", e.msg);
+  /* Not yet the disk's: freed on every refusal below. */
+  __attribute__ ((cleanup (tcp_cleanup))) struct orch_disk_tcp *tcp_owned = tcp;
   if (chain_arg && !overlays)
     return cbw_ctl_fail (r, CBW_CTL_INVALID_PARAMETER, "\"chain\" needs overlays "
                          "(or leave overlays out)");
@@ -251,6 +275,8 @@ h_disk_add (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     orch_disk_set_cbw_timeout (d, (uint32_t) tmo_ms);
     d->chain = chain;
     d->force_share = force_share;
+    d->tcp = tcp_owned;
+    tcp_owned = NULL;
     chain = NULL;
     o->st.disks[o->st.ndisks++] = d;
   }
@@ -1122,6 +1148,20 @@ static const struct cbw_ctl_arg disk_add_args[] = {
     "long a guest write may wait for a backup of this disk (its copy-before-write to the "
     "backup store); past it the backup of the disk breaks and the write goes on. Saved "
     "with the disk, given to nbdkit as `cbw-timeout`; default 5000" },
+  { "listen", CBW_ARG_STRING, false, "`HOST:PORT` or `[IPV6]:PORT`: also serve the disk "
+    "on TCP, for guests on other hosts, through a forwarding nbdkit in front of the "
+    "disk's Unix socket (every write still goes through the cbw and dirtybitmap "
+    "filters). Needs `tls`" },
+  { "tls", CBW_ARG_STRING, false, "`require` (or `on`: clients choose) with `tls-psk` or "
+    "`tls-certificates`; `off` (plain NBD on TCP, trusted networks only) must be "
+    "given explicitly and is shown as a warning" },
+  { "tls-psk", CBW_ARG_STRING, false, "absolute path of nbdkit's PSK file "
+    "(`USER:HEXKEY` lines, psktool); refused unless mode 600 or stricter" },
+  { "tls-certificates", CBW_ARG_STRING, false, "absolute path of a directory with "
+    "`server-cert.pem`, `server-key.pem` (mode 600 or stricter) and, for "
+    "`tls-verify-peer`, `ca-cert.pem`" },
+  { "tls-verify-peer", CBW_ARG_BOOL, false, "X.509: admit only clients with a "
+    "certificate signed by `ca-cert.pem`" },
   { NULL }
 };
 static const struct cbw_ctl_arg snapshot_args[] = {

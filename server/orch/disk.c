@@ -107,8 +107,8 @@ try_connect (const char *path)
 }
 
 /* Last non-empty line of a log file, for error messages. */
-static void
-log_tail (const char *path, char *buf, size_t len)
+void
+orch_log_tail (const char *path, char *buf, size_t len)
 {
   char tmp[4096];
   buf[0] = '\0';
@@ -531,11 +531,17 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
                                    or trust it; stop the nbdkit we started
                                    through a new pidfd, if it is still it */
         orch_kill_wait_if (pid, d->nbd_sock, true);
-      log_tail (d->log_path, tail, sizeof tail);
+      orch_log_tail (d->log_path, tail, sizeof tail);
       memcpy (msg, err->msg, sizeof msg);
       return cbw_err_set (err, err->errnum, "disk %s: nbdkit did not start: %s%s%s",
                           d->name, msg, tail[0] ? "; nbdkit said: " : "", tail);
     }
+  }
+  /* The TCP front last: a disk start is all or nothing. */
+  if (orch_disk_tcp_start (o, d, err) < 0) {
+    orch_kill_wait (pid, pidfd);
+    close (pidfd);
+    return -1;
   }
   uint64_t size = nbd_size (d->nbd_sock);
   {
@@ -584,12 +590,18 @@ orch_disk_adopt (struct cbw_orch *o, struct orch_disk *d)
     pidfd_check (pidfd, (pid_t) d->pid, 0, &e) == 0;
   if (ok && try_connect (d->nbd_sock) == 0) {
     uint64_t size = nbd_size (d->nbd_sock);
-    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
-    d->pidfd = pidfd;
-    d->pidfd_serial = ++pidfd_serials;
-    d->is_child = false;
-    d->run = ORCH_DISK_RUNNING;
-    d->size = size;
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+      d->pidfd = pidfd;
+      d->pidfd_serial = ++pidfd_serials;
+      d->is_child = false;
+      d->run = ORCH_DISK_RUNNING;
+      d->size = size;
+    }
+    /* The front is stateless: one that is gone is started again. */
+    if (orch_disk_tcp_start (o, d, &e) < 0)
+      fprintf (stderr, "cbwd: %s (the disk serves its Unix socket; "
+               "`cbw disk stop` and `disk start` retry)\n", e.msg);
     return;
   }
   if (pidfd >= 0)
@@ -617,6 +629,7 @@ orch_disk_stop (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   pid_t pid;
   int sigfd = -1;
   (void) err;
+  orch_disk_tcp_stop (o, d);    /* remote guests first, then the disk */
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
     if (d->run != ORCH_DISK_RUNNING) {

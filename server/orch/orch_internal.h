@@ -50,6 +50,19 @@ enum orch_disk_run {
   ORCH_DISK_DEAD,               /* nbdkit exited or was killed: reported, not restarted */
 };
 
+/* A disk's TCP listener (disk_tcp.c): a forwarding nbdkit in front of the
+ * disk's Unix socket.  Configuration never changes after disk-add; pid
+ * (0: not running) under o->lock. */
+struct orch_disk_tcp {
+  char *listen;                 /* HOST:PORT as given */
+  char *host, *port;            /* parsed from listen */
+  int tls;                      /* 0 off, 1 on, 2 require */
+  char *psk;                    /* absolute path of the PSK file, or NULL */
+  char *certificates;           /* absolute X.509 directory, or NULL */
+  bool verify_peer;
+  int64_t pid;                  /* the front nbdkit, 0 if none */
+};
+
 struct orch_disk {
   /* persistent */
   char name[ORCH_NAME_MAX + 1];
@@ -65,6 +78,7 @@ struct orch_disk {
   uint32_t cbw_timeout_ms;      /* bound on a guest write's wait for the backup;
                                    0 = ORCH_CBW_TIMEOUT_MS (saved only if set) */
   char cbw_timeout_arg[40];     /* "cbw-timeout=SECS" for nbdkit's argv */
+  struct orch_disk_tcp *tcp;    /* TCP listener for remote guests, or NULL */
   /* derived paths under STATE_DIR/disks/NAME/ */
   char *dir, *nbd_sock, *ctl_chain, *ctl_cbw, *ctl_bitmap, *log_path;
   char *bitmaps;                /* dirtybitmap descriptor DISKDIR/bitmaps.json */
@@ -324,6 +338,25 @@ void orch_kill_wait (pid_t pid, int pidfd);
  * orch_pid_cmdline_has), so the check and the signals are about the same
  * process. */
 void orch_kill_wait_if (pid_t pid, const char *needle, bool whole_arg);
+/* The last lines of a log file, on one line (for error messages). */
+void orch_log_tail (const char *path, char *buf, size_t len);
+
+/* disk_tcp.c: a disk's TCP listener with nbdkit's TLS. */
+/* From disk-add's arguments or a state file's "tcp" object (with_pid: it
+ * carries "pid"): *out = NULL if there is no "listen"; -1 with *err on a
+ * bad or unsafe combination. */
+int orch_disk_tcp_parse (struct json_object *j, bool with_pid,
+                         struct orch_disk_tcp **out, struct cbw_err *err);
+struct json_object *orch_disk_tcp_json (const struct orch_disk_tcp *t,
+                                        bool with_pid);
+bool orch_disk_tcp_loopback (const struct orch_disk_tcp *t);
+const char *orch_disk_tcp_tls_name (int tls);
+bool orch_disk_tcp_alive (struct cbw_orch *o, struct orch_disk *d);
+/* Start the front unless it runs; checks the key files first. */
+int orch_disk_tcp_start (struct cbw_orch *o, struct orch_disk *d,
+                         struct cbw_err *err);
+void orch_disk_tcp_stop (struct cbw_orch *o, struct orch_disk *d);
+void orch_disk_tcp_free (struct orch_disk_tcp *t);
 /* Is pid still the process we started (pid-reuse guard)?  True if one
  * argument of /proc/PID/cmdline equals needle (whole_arg) or contains it. */
 bool orch_pid_cmdline_has (int64_t pid, const char *needle, bool whole_arg);

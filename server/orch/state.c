@@ -129,6 +129,7 @@ orch_disk_free (struct orch_disk *d)
   free (d->file); free (d->dir); free (d->nbd_sock); free (d->ctl_chain);
   free (d->ctl_cbw); free (d->ctl_bitmap); free (d->log_path); free (d->bitmaps);
   free (d->chain);
+  orch_disk_tcp_free (d->tcp);
   free (d);
 }
 
@@ -311,6 +312,8 @@ orch_state_to_json (const struct orch_state *st)
       json_object_object_add (o, "force-share", json_object_new_boolean (true));
     if (d->cbw_timeout_ms)        /* absent = the default */
       json_object_object_add (o, "cbw-timeout-ms", json_object_new_int64 (d->cbw_timeout_ms));
+    if (d->tcp)                   /* absent = Unix socket only */
+      json_object_object_add (o, "tcp", orch_disk_tcp_json (d->tcp, true));
     json_object_array_add (disks, o);
   }
   json_object_object_add (body, "disks", disks);
@@ -557,6 +560,16 @@ orch_state_from_json (const char *text, size_t len, const char *what,
         goto fail_od;
       }
       orch_disk_set_cbw_timeout (od, (uint32_t) ms);
+    }
+    struct json_object *tcp;
+    if (json_object_object_get_ex (d, "tcp", &tcp)) {
+      if (!json_object_is_type (tcp, json_type_object) ||
+          orch_disk_tcp_parse (tcp, true, &od->tcp, err) < 0 || od->tcp == NULL) {
+        if (err->msg[0] == '\0' || od->tcp == NULL)
+          cbw_err_set (err, EINVAL, "tcp: not a listener object");
+        cbw_err_prefix (err, "%s: %s", what, where);
+        goto fail_od;
+      }
     }
     st->disks[st->ndisks++] = od;
     continue;
@@ -867,6 +880,8 @@ orch_state_load (struct cbw_orch *o, struct cbw_err *err)
     memcpy (d->id, old->id, sizeof d->id);
     d->id_new = old->id_new;
     d->force_share = old->force_share;
+    d->tcp = old->tcp;
+    old->tcp = NULL;
     old->chain = NULL;
     orch_disk_free (old);
     st.disks[i] = d;
