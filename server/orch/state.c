@@ -563,9 +563,11 @@ orch_state_from_json (const char *text, size_t len, const char *what,
     }
     struct json_object *tcp;
     if (json_object_object_get_ex (d, "tcp", &tcp)) {
-      if (!json_object_is_type (tcp, json_type_object) ||
-          orch_disk_tcp_parse (tcp, true, &od->tcp, err) < 0 || od->tcp == NULL) {
-        if (err->msg[0] == '\0' || od->tcp == NULL)
+      int pr = !json_object_is_type (tcp, json_type_object) ? 1
+        : orch_disk_tcp_parse (tcp, true, &od->tcp, err) < 0 ? -1
+        : od->tcp == NULL ? 1 : 0;
+      if (pr != 0) {
+        if (pr > 0)
           cbw_err_set (err, EINVAL, "tcp: not a listener object");
         cbw_err_prefix (err, "%s: %s", what, where);
         goto fail_od;

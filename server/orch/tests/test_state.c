@@ -34,6 +34,12 @@ make_state (struct orch_state *st)
   st->disks = calloc (2, sizeof *st->disks);
   st->disks[0] = orch_disk_new ("/s", "vda", "/img/a.raw", 65536);
   st->disks[0]->pid = 1234;
+  struct json_object *tcp = json_tokener_parse
+    ("{\"listen\": \"[::1]:10810\", \"tls\": \"require\", "
+     "\"tls-psk\": \"/k/keys.psk\", \"pid\": 4321}");
+  struct cbw_err err = { 0 };
+  cr_assert_eq (orch_disk_tcp_parse (tcp, true, &st->disks[0]->tcp, &err), 0, "%s", err.msg);
+  json_object_put (tcp);
   st->disks[1] = orch_disk_new ("/s", "vdb", "/img/b.raw", 4096);
   st->ncps = 2;
   st->cps = calloc (2, sizeof *st->cps);
@@ -89,6 +95,14 @@ Test (state, round_trip)
   cr_assert_str_eq (b.disks[0]->file, "/img/a.raw");
   cr_assert_eq (b.disks[0]->pid, 1234);
   cr_assert_eq (b.disks[1]->granularity, 4096);
+  cr_assert_not_null (b.disks[0]->tcp);
+  cr_assert_str_eq (b.disks[0]->tcp->host, "::1");
+  cr_assert_str_eq (b.disks[0]->tcp->port, "10810");
+  cr_assert_eq (b.disks[0]->tcp->tls, 2);
+  cr_assert_str_eq (b.disks[0]->tcp->psk, "/k/keys.psk");
+  cr_assert_null (b.disks[0]->tcp->certificates);
+  cr_assert_eq (b.disks[0]->tcp->pid, 4321);
+  cr_assert_null (b.disks[1]->tcp);
   cr_assert_eq (b.ncps, 2);
   cr_assert_str_eq (b.cps[1].name, "c2");
   cr_assert_eq (b.cps[1].ndisks, 1);
@@ -192,6 +206,20 @@ Test (state, bad_inputs)
     { "backup.disks.0.name", "\"vdz\"", "unknown disk" },
     { "pending.op", "\"explode\"", "unknown op" },
     { "disks", "{}", "wrong type" },
+    { "disks.0.tcp", "[]", "not a listener object" },
+    { "disks.0.tcp", "{\"tls\": \"off\"}", "need listen" },
+    { "disks.0.tcp", "{}", "not a listener object" },
+    { "disks.0.tcp", "{\"listen\": \"h:1\"}", "needs tls" },
+    { "disks.0.tcp", "{\"listen\": \"nocolon\", \"tls\": \"off\"}", "expected HOST:PORT" },
+    { "disks.0.tcp", "{\"listen\": \"h:70000\", \"tls\": \"off\"}", "expected HOST:PORT" },
+    { "disks.0.tcp", "{\"listen\": \"h:1\", \"tls\": \"maybe\"}", "expected off, on or require" },
+    { "disks.0.tcp", "{\"listen\": \"h:1\", \"tls\": \"require\"}", "exactly one of" },
+    { "disks.0.tcp", "{\"listen\": \"h:1\", \"tls\": \"require\", \"tls-psk\": \"rel\"}",
+      "absolute path" },
+    { "disks.0.tcp", "{\"listen\": \"h:1\", \"tls\": \"off\", \"tls-psk\": \"/k\"}",
+      "off with TLS credentials" },
+    { "disks.0.tcp", "{\"listen\": \"h:1\", \"tls\": \"on\", \"tls-psk\": \"/k\", "
+      "\"tls-verify-peer\": true}", "needs tls-certificates" },
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     j = good_json ();
