@@ -1,6 +1,6 @@
 /* cbw — server/export_admin.c: the orchestrator's view of cbwd's exports
- * (struct cbw_orch_exports in orch/orch_exports.h): store and PIT exports
- * created at run time, their URIs, removal.
+ * (struct cbw_orch_exports in orch/orch_exports.h): store, PIT and
+ * offline-backup file exports created at run time, their URIs, removal.
  *
  * Threads: called from the orchestrator's control thread.  Export objects
  * are built on the calling thread (opening files and the first upstream
@@ -98,6 +98,32 @@ add_pit (void *opaque, const char *name, const char *upstream,
 }
 
 static int
+add_file (void *opaque, const char *name, const char *path, const char *extents,
+          const char *context, char *uri_out, size_t uri_len, struct cbw_err *err)
+{
+  struct cbwd_store_opts o = { .path = path, .readonly = true };
+  struct cbwd_export *e = cbwd_export_file_new (name, &o, err);
+  if (!e) return -1;
+  if (extents) {
+    struct cbwd_meta m;
+    if (!context) {
+      cbwd_export_unref (e);
+      return cbw_err_set (err, EINVAL, "export '%s': bitmap without context", name);
+    }
+    if (cbwd_meta_bitmap_from_extents (&m, context, extents, e->size, err) == -1) {
+      cbwd_export_unref (e);
+      return -1;
+    }
+    if (cbwd_export_add_meta (e, &m, err) == -1) {
+      m.free (&m);
+      cbwd_export_unref (e);
+      return -1;
+    }
+  }
+  return publish (opaque, e, uri_out, uri_len, err);
+}
+
+static int
 remove_export (void *opaque, const char *name, struct cbw_err *err)
 {
   return cbwd_server_remove_export (opaque, name, err);
@@ -111,4 +137,5 @@ cbwd_orch_exports_init (struct cbw_orch_exports *x, struct cbwd_server *srv)
   x->add_pit_export = add_pit;
   x->add_pit_export_direct = add_pit_direct;
   x->remove_export = remove_export;
+  x->add_file_export = add_file;
 }

@@ -227,6 +227,8 @@ print_backup (struct json_object *ret)
   for (size_t i = 0; a && i < json_object_array_length (a); i++) {
     struct json_object *d = json_object_array_get_idx (a, i);
     printf ("  %-16s %s\n", jstr (d, "name", "?"), jstr (d, "pit-uri", "-"));
+    if (json_object_get_boolean (jget (d, "offline")))
+      printf ("  %-16s offline: yes (stopped disk: its image, read-only)\n", "");
     if (jstr (d, "bitmap", NULL))
       printf ("  %-16s dirty bitmap: %s\n", "", jstr (d, "bitmap", ""));
     struct json_object *s = jget (d, "session");

@@ -31,6 +31,22 @@
  * too, so recovery redoes it.  A reader that disconnects mid-backup simply
  * reconnects: nothing is tied to its connection.
  *
+ * offline (a disk that is stopped at begin: no nbdkit, nothing writes it):
+ *   no copy-before-write is needed.  Such a disk gets no store, no quiesce
+ *   and no session; the orchestrator takes QEMU-compatible read locks on its
+ *   image (qemu-img/qemu-io writers are refused, common/imagelock.h) and
+ *   cbwd serves the image read-only under the disk's name (the same URI as
+ *   an online PIT export), its qemu:dirty-bitmap:backup-DISK context read
+ *   from BACKUPDIR/DISK.dirty, the union of its checkpoint bitmaps written
+ *   from the bitmap store (bmstore.c).  A checkpoint created with the backup
+ *   is rotated in the store (an enabled, empty bitmap the dirtybitmap
+ *   filter fills from the disk's next start).  disk-start is refused while
+ *   the backup runs (d->offline).  Overlay chains are refused (only the
+ *   chain plugin reads a chain right).  Backups may mix running and stopped
+ *   disks: the stopped ones need nothing at the point in time.  After a
+ *   restart of cbwd the backup is still recorded; the watch thread
+ *   publishes its offline exports and takes the locks again.
+ *
  * watch: a thread polls the cbw sessions of the running backup every
  *   ORCH_WATCH_MS and reports one that broke (event backup-broken, with the
  *   filter's last error), so the operator learns why without asking.
@@ -50,6 +66,7 @@
 #include <unistd.h>
 
 #include "cleanup.h"
+#include "imagelock.h"
 #include "units.h"
 #include "orch_internal.h"
 
@@ -308,6 +325,86 @@ store_uri (const struct orch_backup_disk *bd)
   return orch_strdup_printf ("nbd+unix:///?socket=%s", bd->store_sock);
 }
 
+/* ---- offline disks ---- */
+
+static char *
+offline_extents_path (struct cbw_orch *o, const char *id, const char *disk)
+{
+  return orch_strdup_printf ("%s/backups/%s/%s.dirty", o->state_dir, id, disk);
+}
+
+/* The image's read locks, held through our own descriptor until teardown
+ * (released at once on backup-end, whatever readers still do). */
+static int
+offline_lock (struct orch_disk *d, struct orch_backup_disk *bd, struct cbw_err *err)
+{
+  if (bd->locked)
+    return 0;
+  int fd = open (d->file, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return cbw_err_set (err, errno, "disk %s: %s: %s", d->name, d->file, strerror (errno));
+  if (cbw_imagelock_serve (fd, d->file, false, d->force_share, err) < 0) {
+    close (fd);
+    return cbw_err_prefix (err, "disk %s (stopped): cannot lock its image for the "
+                           "offline backup", d->name);
+  }
+  bd->lock_fd = fd;
+  bd->locked = true;
+  return 0;
+}
+
+static void
+offline_unlock (struct orch_backup_disk *bd)
+{
+  if (bd->locked) {
+    cbw_imagelock_release (bd->lock_fd);
+    close (bd->lock_fd);
+    bd->locked = false;
+  }
+}
+
+/* Lock and serve a stopped disk's image (begin, and after a restart). */
+static int
+offline_publish (struct cbw_orch *o, const char *id, struct orch_disk *d,
+                 struct orch_backup_disk *bd, struct cbw_err *err)
+{
+  if (o->exports == NULL || o->exports->add_file_export == NULL)
+    return cbw_err_set (err, ENOTSUP, "disk %s is not running, and offline backups "
+                        "need cbwd's NBD server", d->name);
+  if (offline_lock (d, bd, err) < 0)
+    return -1;
+  CLEANUP_FREE char *ctx = orch_strdup_printf ("backup-%s", d->name);
+  CLEANUP_FREE char *ext = bd->bitmap ? offline_extents_path (o, id, d->name) : NULL;
+  if (ctx == NULL || (bd->bitmap && ext == NULL))
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  if (bd->export_name == NULL && (bd->export_name = strdup (d->name)) == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  char uri[512];
+  if (o->exports->add_file_export (o->exports->opaque, bd->export_name, d->file, ext,
+                                   ctx, uri, sizeof uri, err) < 0)
+    return cbw_err_prefix (err, "disk %s (stopped)", d->name);
+  bd->published = true;
+  char *u = strdup (uri);
+  if (u == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  free (bd->pit_uri);
+  bd->pit_uri = u;
+  return 0;
+}
+
+/* Mark (or unmark) the offline disks of b (d->offline: disk-start refused,
+ * bitmap primitives on the store). */
+static void
+set_offline (struct cbw_orch *o, struct orch_backup *b, bool on)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+  for (size_t i = 0; b && i < b->ndisks; i++) {
+    struct orch_disk *d = orch_find_disk (&o->st, b->disks[i].name);
+    if (d && b->disks[i].offline)
+      d->offline = on;
+  }
+}
+
 /* Undo everything of backup b (idempotent; errors collected, not fatal, so
  * that a half-dead disk does not keep the rest alive). */
 static int
@@ -323,7 +420,14 @@ teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
         o->exports->remove_export (o->exports->opaque, bd->export_name, &e) < 0) {
       /* an export that is gone already is fine */
     }
-    if (d && orch_disk_running (o, d) && (bd->began || !only_began)) {
+    if (bd->offline) {
+      bd->published = false;
+      offline_unlock (bd);
+      CLEANUP_FREE char *ext = offline_extents_path (o, b->id, bd->name);
+      if (ext)
+        unlink (ext);
+    }
+    if (d && !bd->offline && orch_disk_running (o, d) && (bd->began || !only_began)) {
       char cls[32];
       struct json_object *r = orch_mod_call (d->ctl_cbw, "end", NULL, cls, sizeof cls, &e);
       if (r)
@@ -386,6 +490,9 @@ drop_backup (struct cbw_orch *o)
     o->st.pending.op[0] = '\0';
     o->st.pending.name[0] = '\0';
   }
+  set_offline (o, b, false);
+  for (size_t i = 0; b && i < b->ndisks; i++)
+    offline_unlock (&b->disks[i]);
   orch_backup_free (b);
 }
 
@@ -426,8 +533,34 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
       return cbw_err_set (err, EBUSY, "backup %s is running (end it first)",
                           o->st.backup->id);
   }
-  if (orch_check_disks (o, r->disks, r->ndisks, err) < 0)
+  /* offline[i]: disk i is stopped (offline backup, see the top) */
+  CLEANUP_FREE bool *offline = calloc (r->ndisks + 1, sizeof *offline);
+  CLEANUP_FREE char **live = calloc (r->ndisks + 1, sizeof *live);
+  size_t nlive = 0;
+  if (offline == NULL || live == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
+  if (orch_check_disks_offline (o, r->disks, r->ndisks, offline, err) < 0)
     return -1;
+  for (size_t i = 0; i < r->ndisks; i++) {
+    struct orch_disk *d = disk_by_name (o, r->disks[i]);
+    if (!offline[i]) {
+      live[nlive++] = r->disks[i];
+      continue;
+    }
+    if (o->exports == NULL || o->exports->add_file_export == NULL)
+      return cbw_err_set (err, EIO, "disk %s is not running (its nbdkit is dead or "
+                          "stopped; offline backups need cbwd's NBD server)", d->name);
+    if (d->chain)
+      return cbw_err_set (err, EINVAL, "disk %s is stopped and has an overlay chain: "
+                          "offline backups read raw images only (start the disk and "
+                          "take the backup online)", d->name);
+    /* Its bitmaps are read (incremental) or rotated (new checkpoint): the
+     * store must be clean, else refuse now rather than half-way. */
+    uint64_t size;
+    if ((strcmp (mode, "incremental") == 0 || (r->checkpoint && r->checkpoint[0])) &&
+        orch_bm_store_check (d, &size, err) < 0)
+      return -1;
+  }
   /* Overlays (overlay.c): `top` needs an overlay on every disk; no backup
    * begins while a commit runs on one of its disks (the chain changes when
    * it ends).  top_gran: the backup bitmap's granularity, at most the
@@ -438,6 +571,8 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   for (size_t i = 0; i < r->ndisks; i++) {
     struct orch_disk *d = disk_by_name (o, r->disks[i]);
     struct orch_chain_info ci;
+    if (offline[i] && !top)
+      continue;
     if (d->chain == NULL) {
       if (top)
         return cbw_err_set (err, EINVAL, "disk %s has no overlay chain: mode top backs up "
@@ -515,8 +650,10 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   b->cbw_timeout_ms = r->cbw_timeout_ms;
   b->seq = ++o->backup_seq;
   b->ndisks = r->ndisks;
-  for (size_t i = 0; i < r->ndisks; i++)
+  for (size_t i = 0; i < r->ndisks; i++) {
     snprintf (b->disks[i].name, sizeof b->disks[i].name, "%s", r->disks[i]);
+    b->disks[i].offline = offline[i];
+  }
 
   step = "prepare";
   if (store_plan (o, r, id, &bdir, &store_limit, err) < 0)
@@ -524,7 +661,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   for (size_t i = 0; i < r->ndisks; i++) {
     struct orch_disk *d = disk_by_name (o, r->disks[i]);
     b->disks[i].store_limit = store_limit;
-    if (start_store (o, bdir, d, &b->disks[i], id, err) < 0)
+    if (!offline[i] && start_store (o, bdir, d, &b->disks[i], id, err) < 0)
       goto fail_unrecorded;
     if (strcmp (mode, "incremental") == 0 || top)
       b->disks[i].bitmap = orch_strdup_printf ("backup-%s", d->name);
@@ -533,8 +670,10 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
     o->st.backup = b;
   }
+  set_offline (o, b, true);
   if (b->checkpoint[0]) {
     if (orch_cp_prepare (o, b->checkpoint, r->disks, r->ndisks, "backup-begin", id, err) < 0) {
+      set_offline (o, b, false);
       ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
       o->st.backup = NULL;
       goto fail_unrecorded;
@@ -543,8 +682,13 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   else {
     orch_set_pending (o, "backup-begin", id);
     if (orch_state_save (o, err) < 0) {
-      drop_backup (o);
-      b = NULL;
+      set_offline (o, b, false);       /* b's stores: teardown below */
+      {
+        ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+        o->st.backup = NULL;
+        o->st.pending.op[0] = '\0';
+        o->st.pending.name[0] = '\0';
+      }
       goto fail_unrecorded;
     }
   }
@@ -574,11 +718,51 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
       frozen = true;
   }
   step = "quiesce";
-  if (orch_quiesce (o, r->disks, r->ndisks, &quiesced, err) < 0)
+  if (orch_quiesce (o, live, nlive, &quiesced, err) < 0)
     goto fail;
   for (size_t i = 0; i < r->ndisks; i++) {
     struct orch_disk *d = disk_by_name (o, r->disks[i]);
     struct orch_backup_disk *bd = &b->disks[i];
+    if (bd->offline) {
+      /* Nothing writes it: its dirty extents now are its dirty extents
+       * at the point in time, read from the store. */
+      if (bd->bitmap) {
+        step = "bitmap";
+        ssize_t n = orch_plan_since (&o->st, d->name, r->since, idx, err);
+        CLEANUP_FREE char **bms = calloc ((n > 0 ? (size_t) n : 0) + 1, sizeof *bms);
+        CLEANUP_FREE char *bdir2 = orch_strdup_printf ("%s/backups", o->state_dir);
+        CLEANUP_FREE char *bdir3 = orch_strdup_printf ("%s/backups/%s", o->state_dir, id);
+        CLEANUP_FREE char *ext = offline_extents_path (o, id, d->name);
+        if (n < 0)
+          goto fail;
+        if (!bms || !bdir2 || !bdir3 || !ext) {
+          cbw_err_set (err, ENOMEM, "out of memory");
+          goto fail;
+        }
+        size_t nb = 0;
+        int r2 = 0;
+        for (ssize_t k = 0; k < n && r2 == 0; k++) {
+          /* the checkpoint being created now is not part of "since" */
+          if (b->checkpoint[0] && strcmp (o->st.cps[idx[k]].name, b->checkpoint) == 0)
+            continue;
+          char bm[ORCH_NAME_MAX + 8];
+          orch_cp_bitmap (o->st.cps[idx[k]].name, bm, sizeof bm);
+          if ((bms[nb++] = strdup (bm)) == NULL)
+            r2 = cbw_err_set (err, ENOMEM, "out of memory");
+        }
+        uint64_t dirty;
+        if (r2 == 0 && ((mkdir (bdir2, 0700) < 0 && errno != EEXIST) ||
+                        (mkdir (bdir3, 0700) < 0 && errno != EEXIST)))
+          r2 = cbw_err_set (err, errno, "%s: mkdir: %s", bdir3, strerror (errno));
+        if (r2 == 0)
+          r2 = orch_bm_store_union_file (d, bms, nb, ext, &dirty, err);
+        for (size_t k = 0; k < nb; k++)
+          free (bms[k]);
+        if (r2 < 0)
+          goto fail;
+      }
+      continue;
+    }
     if (bd->bitmap && top) {
       /* top: the clusters the top overlay holds now (we are quiesced) */
       uint64_t bytes;
@@ -661,7 +845,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
       goto fail;
   }
   step = "resume";
-  orch_resume (o, r->disks, quiesced);
+  orch_resume (o, live, quiesced);
   quiesced = 0;
   if (frozen) {
     step = "thaw";
@@ -680,6 +864,11 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   for (size_t i = 0; i < r->ndisks; i++) {
     struct orch_disk *d = disk_by_name (o, r->disks[i]);
     struct orch_backup_disk *bd = &b->disks[i];
+    if (bd->offline) {
+      if (offline_publish (o, id, d, bd, err) < 0)
+        goto fail;
+      continue;
+    }
     CLEANUP_FREE char *upstream = orch_strdup_printf ("nbd+unix:///pit?socket=%s",
                                                       d->nbd_sock);
     if (upstream == NULL) {
@@ -740,7 +929,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     struct cbw_err e2 = { 0 };
     if (frozen)
       orch_guest_run (&r->freeze, "thaw", &e2);
-    orch_resume (o, r->disks, quiesced);
+    orch_resume (o, live, quiesced);
     int t = teardown (o, b, true, true, &e2);
     if (t == 0) {
       drop_backup (o);
@@ -862,12 +1051,60 @@ watch_once (struct cbw_orch *o, uint64_t *bseq, bool *reported)
       reported[i] |= broke[i];
 }
 
+/* After a restart of cbwd the running backup's offline disks are recorded
+ * but not served: publish them again (locks, export) as the busy owner,
+ * so no command changes the backup meanwhile.  Called with o->lock held;
+ * drops it around the I/O.  A failure is reported once as an event
+ * (backup-offline-unavailable) and retried at the next tick. */
+static void
+republish_once (struct cbw_orch *o, uint64_t *reported_seq)
+{
+  struct orch_backup *b = o->st.backup;
+  if (b == NULL || o->st.pending.op[0] || o->busy)
+    return;
+  bool need = false;
+  for (size_t i = 0; i < b->ndisks; i++)
+    need = need || (b->disks[i].offline && !b->disks[i].published);
+  if (!need)
+    return;
+  o->busy = true;
+  pthread_mutex_unlock (&o->lock);
+  for (size_t i = 0; i < b->ndisks; i++) {
+    struct orch_backup_disk *bd = &b->disks[i];
+    struct cbw_err e = { 0 };
+    struct orch_disk *d = disk_by_name (o, bd->name);
+    if (!bd->offline || bd->published || d == NULL)
+      continue;
+    if (offline_publish (o, b->id, d, bd, &e) < 0) {
+      offline_unlock (bd);
+      if (*reported_seq != b->seq + 1) {
+        struct json_object *data = json_object_new_object ();
+        json_object_object_add (data, "backup", json_object_new_string (b->id));
+        json_object_object_add (data, "disk", json_object_new_string (bd->name));
+        json_object_object_add (data, "error", json_object_new_string (e.msg));
+        orch_event (o, "backup-offline-unavailable", data);
+      }
+      *reported_seq = b->seq + 1;
+    }
+    else {
+      struct json_object *data = json_object_new_object ();
+      json_object_object_add (data, "backup", json_object_new_string (b->id));
+      json_object_object_add (data, "disk", json_object_new_string (bd->name));
+      json_object_object_add (data, "uri", json_object_new_string (bd->pit_uri));
+      orch_event (o, "backup-offline-served", data);
+    }
+  }
+  pthread_mutex_lock (&o->lock);
+  o->busy = false;
+}
+
 static void *
 watch_thread (void *arg)
 {
   struct cbw_orch *o = arg;
   uint64_t bseq = 0;            /* the backup watched: its seq + 1, 0 = none yet */
   bool reported[ORCH_WATCH_DISKS];
+  uint64_t offline_reported = 0; /* republish failure reported for seq + 1 */
 
   pthread_mutex_lock (&o->lock);
   while (!o->watch_stop) {
@@ -879,6 +1116,8 @@ watch_thread (void *arg)
     pthread_cond_timedwait (&o->watch_cond, &o->lock, &ts);
     if (!o->watch_stop)
       watch_once (o, &bseq, reported);
+    if (!o->watch_stop)
+      republish_once (o, &offline_reported);
   }
   pthread_mutex_unlock (&o->lock);
   return NULL;

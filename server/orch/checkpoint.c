@@ -19,6 +19,11 @@
  * then cp-C is merged into cp-P and removed.  Every step is idempotent, so
  * recovery simply redoes it.
  *
+ * A disk in an offline backup (d->offline: stopped, disk-start refused) has
+ * no dirtybitmap filter running: the primitives below then edit its bitmap
+ * store directly (bmstore.c), one crash-atomic save per primitive, so every
+ * step above keeps the same crash behaviour.
+ *
  * Locking: runs as the busy owner; o->lock only around state changes.
  */
 #include <errno.h>
@@ -64,6 +69,8 @@ int
 orch_bm_add_gran (struct orch_disk *d, const char *bm, bool enabled, uint64_t gran,
                   struct cbw_err *err)
 {
+  if (d->offline)
+    return orch_bm_store_add (d, bm, enabled, gran, err);
   struct json_object *a = args1 ("name", bm);
   json_object_object_add (a, "granularity",
                           json_object_new_int64 ((int64_t) (gran ? gran : d->granularity)));
@@ -75,6 +82,8 @@ int
 orch_bm_remove (struct orch_disk *d, const char *bm, bool missing_ok, struct cbw_err *err)
 {
   char cls[32];
+  if (d->offline)
+    return orch_bm_store_remove (d, bm, missing_ok, err);
   if (call (d->ctl_bitmap, "remove", args1 ("name", bm), cls, sizeof cls, err) == 0)
     return 0;
   if (missing_ok && strcmp (cls, "NotFound") == 0)
@@ -85,6 +94,8 @@ orch_bm_remove (struct orch_disk *d, const char *bm, bool missing_ok, struct cbw
 int
 orch_bm_enable (struct orch_disk *d, const char *bm, bool on, struct cbw_err *err)
 {
+  if (d->offline)
+    return orch_bm_store_enable (d, bm, on, err);
   return call (d->ctl_bitmap, on ? "enable" : "disable", args1 ("name", bm),
                NULL, 0, err);
 }
@@ -92,6 +103,8 @@ orch_bm_enable (struct orch_disk *d, const char *bm, bool on, struct cbw_err *er
 int
 orch_bm_merge (struct orch_disk *d, const char *src, const char *dst, struct cbw_err *err)
 {
+  if (d->offline)
+    return orch_bm_store_merge (d, src, dst, err);
   struct json_object *a = args1 ("src", src);
   json_object_object_add (a, "dst", json_object_new_string (dst));
   return call (d->ctl_bitmap, "merge", a, NULL, 0, err);
@@ -100,6 +113,8 @@ orch_bm_merge (struct orch_disk *d, const char *src, const char *dst, struct cbw
 int
 orch_bm_exists (struct orch_disk *d, const char *bm, struct cbw_err *err)
 {
+  if (d->offline)
+    return orch_bm_store_exists (d, bm, err);
   struct json_object *r = orch_mod_call (d->ctl_bitmap, "list", NULL, NULL, 0, err);
   struct json_object *arr;
   if (r == NULL)
@@ -520,9 +535,11 @@ orch_cp_undo (struct cbw_orch *o, const char *name, struct cbw_err *err)
   return 0;
 }
 
-/* Validate a disk set: non-empty, known, running, no duplicates. */
+/* Validate a disk set: non-empty, known, running (or, with offline, stopped:
+ * offline[i] says which), no duplicates. */
 int
-orch_check_disks (struct cbw_orch *o, char **disks, size_t n, struct cbw_err *err)
+orch_check_disks_offline (struct cbw_orch *o, char **disks, size_t n, bool *offline,
+                          struct cbw_err *err)
 {
   if (n == 0)
     return cbw_err_set (err, EINVAL, "no disks");
@@ -534,11 +551,20 @@ orch_check_disks (struct cbw_orch *o, char **disks, size_t n, struct cbw_err *er
     struct orch_disk *d = disk_by_name (o, disks[i]);
     if (d == NULL)
       return cbw_err_set (err, ENOENT, "no disk named %s", disks[i]);
-    if (!orch_disk_running (o, d))
-      return cbw_err_set (err, EIO, "disk %s is not running (its nbdkit is dead "
-                          "or stopped; see disk-list)", disks[i]);
+    if (!orch_disk_running (o, d)) {
+      if (offline == NULL)
+        return cbw_err_set (err, EIO, "disk %s is not running (its nbdkit is dead "
+                            "or stopped; see disk-list)", disks[i]);
+      offline[i] = true;
+    }
   }
   return 0;
+}
+
+int
+orch_check_disks (struct cbw_orch *o, char **disks, size_t n, struct cbw_err *err)
+{
+  return orch_check_disks_offline (o, disks, n, NULL, err);
 }
 
 int

@@ -487,6 +487,20 @@ h_disk_start (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     cbw_ctl_fail (r, CBW_CTL_EXISTS, "disk %s is already running", name);
     goto out;
   }
+  {
+    char bid[ORCH_NAME_MAX + 1] = "";
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+      if (d->offline && o->st.backup)
+        snprintf (bid, sizeof bid, "%s", o->st.backup->id);
+    }
+    if (bid[0]) {
+      cbw_ctl_fail (r, CBW_CTL_BUSY, "disk %s is being backed up offline by backup %s: "
+                    "its image is served read-only and must not change; end the backup "
+                    "first (`cbw backup end %s`)", name, bid, bid);
+      goto out;
+    }
+  }
   if (orch_disk_start (o, d, &e) < 0 || orch_state_save (o, &e) < 0) {
     fail_err (r, &e);
     goto out;
@@ -938,7 +952,9 @@ h_backup_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     n = o->st.backup->ndisks;
     for (size_t i = 0; i < n && i < ORCH_DISKS_MAX; i++) {
       struct orch_disk *d = orch_find_disk (&o->st, o->st.backup->disks[i].name);
-      snprintf (socks[i], sizeof socks[i], "%s", d ? d->ctl_cbw : "");
+      /* an offline disk has no session (its image is served as is) */
+      snprintf (socks[i], sizeof socks[i], "%s",
+                d && !o->st.backup->disks[i].offline ? d->ctl_cbw : "");
     }
   }
   /* Per-disk session status from the cbw filters, unlocked. */
@@ -947,6 +963,8 @@ h_backup_status (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   json_object_object_get_ex (j, "disks", &disks);
   for (size_t i = 0; i < n && i < ORCH_DISKS_MAX; i++) {
     struct cbw_err e = { 0 };
+    if (socks[i][0] == '\0')
+      continue;
     struct json_object *st = orch_mod_call (socks[i], "status", NULL, NULL, 0, &e);
     struct json_object *dj = json_object_array_get_idx (disks, i);
     if (st && json_object_object_get_ex (st, "broken", &v) && json_object_get_boolean (v))
@@ -1301,7 +1319,8 @@ static const struct cbw_ctl_command commands[] = {
     "unreadable (see `disk-repair`). Fails with nbdkit's error, naming the file, when "
     "the disk's chain descriptor or one of its layer files is missing, truncated or "
     "corrupt: nothing is recreated (only `disk-add` creates a chain), so the guest never "
-    "sees a disk without its overlays. Then retries an interrupted operation, if any.",
+    "sees a disk without its overlays. Then retries an interrupted operation, if any. "
+    "Refused (`Busy`, naming the backup) while the disk is in an offline backup.",
     "the disk, as in `disk-list`" },
   { "disk-repair", h_disk_repair, disk_repair_args,
     "Explicit recovery of a disk whose dirty bitmap descriptor is missing or unreadable "
@@ -1379,10 +1398,18 @@ static const struct cbw_ctl_command commands[] = {
     "resume, then "
     "one point-in-time export per disk. Any failure rolls everything back; the error "
     "says `backup-begin failed at step S`. An incremental since a checkpoint that is "
-    "unusable on one of the disks is refused (`InvalidParameter`: take a full backup).",
+    "unusable on one of the disks is refused (`InvalidParameter`: take a full backup). "
+    "A stopped disk is backed up offline (same modes except `top`, same export name and "
+    "context): no session and no store, its raw image is served read-only under QEMU "
+    "read locks (writers such as qemu-io are refused) with `backup-DISK` read from its "
+    "bitmap store, a new checkpoint is rotated in the store, and `disk-start` is refused "
+    "(`Busy`) until `backup-end`. Refused for a stopped disk with an overlay chain "
+    "(`InvalidParameter`) and for one whose bitmaps were not saved cleanly (`IOError`: "
+    "start and stop it once). Running and stopped disks may share one backup.",
     "`{\"id\", \"mode\", \"since\", \"checkpoint\", \"started\", \"disks\": [{\"name\", "
     "\"pit-uri\", \"bitmap\", \"store-path\", \"store-socket\", \"store-pid\", \"export\", "
-    "\"store-limit\"}]}` (`store-limit` 0: not bounded)" },
+    "\"store-limit\", \"offline\"}]}` (`store-limit` 0: not bounded; `offline` only when "
+    "true)" },
   { "backup-end", h_backup_end, backup_end_args,
     "End the running backup: cancel its running push jobs, remove its exports, end the "
     "sessions, drop the backup bitmaps and stores. Checkpoints created with it stay.",

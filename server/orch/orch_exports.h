@@ -42,6 +42,14 @@ struct cbw_orch_exports {
                          const char *bitmap, const char *context,
                          char *uri_out, size_t uri_len, struct cbw_err *err);
   int (*remove_export) (void *opaque, const char *name, struct cbw_err *err);
+  /* Optional (NULL: offline backups are refused).  A read-only export `name`
+   * of the stopped disk's raw image `path` (offline backup) with the
+   * block-status context "qemu:dirty-bitmap:<context>" answered from the
+   * extents file `extents` (NULL: no such context).  The image locks are
+   * the orchestrator's (backup.c), not the export's. */
+  int (*add_file_export) (void *opaque, const char *name, const char *path,
+                          const char *extents, const char *context,
+                          char *uri_out, size_t uri_len, struct cbw_err *err);
   /* Optional (NULL: not offered).  add_pit_export with direct reads: cbwd
    * reads the raw live disk `live_file` and the store file `store_file`
    * itself, following the cbw session's shared state map `state_file`

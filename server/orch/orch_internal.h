@@ -92,6 +92,11 @@ struct orch_disk {
   bool create_bitmaps;          /* next start may create the bitmap store
                                    (disk-add only: a missing descriptor is
                                    otherwise a start error) */
+  bool offline;                 /* part of the running backup while stopped:
+                                   disk-start is refused and the orch_bm_*
+                                   primitives edit the bitmap store file
+                                   directly (bmstore.c); set and cleared with
+                                   the backup record */
   bool chain_create;            /* the next start may create the chain descriptor
                                    (set by disk-add only: a lost descriptor of a
                                    known disk is an error, never a new chain) */
@@ -127,8 +132,17 @@ struct orch_backup_disk {
   int64_t store_pid;            /* that nbdkit, 0 if cbwd serves the store */
   char *export_name;            /* cbwd export name, NULL when cbwd has no exports */
   uint64_t store_limit;         /* bytes the store may take on the host, 0 = none */
+  bool offline;                 /* the disk was stopped at begin: its image is
+                                   served read-only by a cbwd file export, no
+                                   session, no store (backup.c) */
   bool began;                   /* run time: this begin started its session
                                    (a rollback ends only those) */
+  bool published;               /* run time: offline export is served by this
+                                   cbwd (false after a restart until the
+                                   watch publishes it again) */
+  bool locked;                  /* run time: lock_fd holds the offline image's
+                                   QEMU read locks (backup.c) */
+  int lock_fd;
 };
 
 struct orch_backup {
@@ -408,6 +422,9 @@ int orch_cp_abandon (struct cbw_orch *o, const char *name, bool deleting, const 
                      struct json_object *failed);
 /* A disk set is non-empty, known, running, without duplicates. */
 int orch_check_disks (struct cbw_orch *o, char **disks, size_t n, struct cbw_err *err);
+/* The same, but stopped disks are allowed (*offline[i] set for them). */
+int orch_check_disks_offline (struct cbw_orch *o, char **disks, size_t n, bool *offline,
+                              struct cbw_err *err);
 void orch_set_pending (struct cbw_orch *o, const char *op, const char *name);
 /* dirtybitmap filter primitives on one disk (checkpoint.c) */
 int orch_bm_add (struct orch_disk *d, const char *bm, bool enabled, struct cbw_err *err);
@@ -427,6 +444,27 @@ int orch_bm_exists (struct orch_disk *d, const char *bm, struct cbw_err *err);
 int orch_quiesce (struct cbw_orch *o, char **disks, size_t n, size_t *done,
                   struct cbw_err *err);
 void orch_resume (struct cbw_orch *o, char **disks, size_t n);
+
+/* ---- bmstore.c: the same primitives on a stopped disk's bitmap store ---- */
+/* Each call opens the store (its lock must be free), refuses a store whose
+ * bitmaps are "in-use" (the disk's nbdkit died; only its dirtybitmap filter
+ * can recover them), edits it and saves it crash-atomically. */
+int orch_bm_store_add (struct orch_disk *d, const char *bm, bool enabled, uint64_t gran,
+                       struct cbw_err *err);
+int orch_bm_store_remove (struct orch_disk *d, const char *bm, bool missing_ok,
+                          struct cbw_err *err);
+int orch_bm_store_enable (struct orch_disk *d, const char *bm, bool on, struct cbw_err *err);
+int orch_bm_store_merge (struct orch_disk *d, const char *src, const char *dst,
+                         struct cbw_err *err);
+int orch_bm_store_exists (struct orch_disk *d, const char *bm, struct cbw_err *err);
+/* Check a stopped disk can be backed up offline: image size in *size, the
+ * store opens and is clean. */
+int orch_bm_store_check (struct orch_disk *d, uint64_t *size, struct cbw_err *err);
+/* Write to `path` (crash-atomically) the union of bitmaps bms[0..n) as an
+ * "OFFSET LENGTH" extents file (server/meta_bitmap.c, source extents);
+ * every bitmap must exist.  *dirty = bytes listed. */
+int orch_bm_store_union_file (struct orch_disk *d, char *const *bms, size_t n,
+                              const char *path, uint64_t *dirty, struct cbw_err *err);
 
 /* ---- overlay.c: a disk's overlay chain ---- */
 /* STATE/disks/NAME/overlays/NAME.chain (malloc'd) */

@@ -216,6 +216,8 @@ orch_backup_free (struct orch_backup *b)
     struct orch_backup_disk *bd = &b->disks[i];
     free (bd->pit_uri); free (bd->bitmap); free (bd->store_path);
     free (bd->store_sock); free (bd->export_name);
+    if (bd->locked)
+      close (bd->lock_fd);
   }
   free (b->disks);
   free (b);
@@ -283,6 +285,8 @@ orch_backup_to_json (const struct orch_backup *b)
     json_object_object_add (d, "store-pid", json_object_new_int64 (bd->store_pid));
     add_str (d, "export", bd->export_name);
     json_object_object_add (d, "store-limit", json_object_new_int64 ((int64_t) bd->store_limit));
+    if (bd->offline)
+      json_object_object_add (d, "offline", json_object_new_boolean (true));
     json_object_array_add (a, d);
   }
   json_object_object_add (o, "disks", a);
@@ -713,6 +717,16 @@ orch_state_from_json (const char *text, size_t len, const char *what,
         }
         x->store_limit = (uint64_t) json_object_get_int64 (lim);
       }
+      struct json_object *off;      /* offline backup of a stopped disk */
+      if (json_object_object_get_ex (e, "offline", &off)) {
+        if (!json_object_is_type (off, json_type_boolean)) {
+          cbw_err_set (err, EINVAL, "%s: %s: \"offline\" must be a boolean", what, where);
+          goto fail;
+        }
+        x->offline = json_object_get_boolean (off);
+        if (x->offline)
+          orch_find_disk (st, x->name)->offline = true;
+      }
     }
   }
 
@@ -884,6 +898,7 @@ orch_state_load (struct cbw_orch *o, struct cbw_err *err)
     d->force_share = old->force_share;
     d->tcp = old->tcp;
     old->tcp = NULL;
+    d->offline = old->offline;        /* from the backup record */
     old->chain = NULL;
     orch_disk_free (old);
     st.disks[i] = d;
