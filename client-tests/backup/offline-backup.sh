@@ -244,6 +244,21 @@ dirty_map "$EXP" > "$T/got5"
 diff -u "$T/want34" "$T/got5" >&2 || fail "incremental since c2 after the recovery"
 expect_rc 0 "$CBW" backup end
 
+# ---- cbwd dies inside backup-end of an offline backup ----
+log "section: crash at backup-end:recorded of an offline backup, recovery"
+expect_rc 0 "$CBW" disk stop vda
+stop_orchd
+start_cbwd CBW_ORCH_CRASH_AT=backup-end:recorded
+expect_rc 0 "$CBW" backup begin --disk vda --id endcrash
+"$CBW" backup end >/dev/null 2>&1 || true
+rc=0; wait "$ORCHD_PID" || rc=$?
+[ "$rc" = 99 ] || fail "cbwd did not stop at backup-end:recorded (exit $rc)"
+start_cbwd                                 # finishes the end at start-up
+expect_rc 1 "$CBW" backup status
+grep -q "no backup is running" <<<"$ERR" || fail "backup status after the recovery: $ERR"
+qemu-io -f raw -c "read 0 4096" "$T/a.img" >/dev/null || fail "image still locked"
+expect_rc 0 "$CBW" disk start vda
+
 # ---- refusals ----
 log "section: a stopped disk with an overlay chain is refused"
   truncate -s 4M "$T/c.img"

@@ -432,7 +432,14 @@ cbw_orch_open (const struct cbw_orch_config *cfg, struct cbw_err *err)
   json_object_object_add (data, "state-dir", json_object_new_string (o->state_dir));
   orch_event (o, "started", data);
   struct cbw_err rerr = { 0 };
-  if (reconcile (o, &rerr) < 0)
+  /* cbwd's run-time exports died with the previous process, and its event
+   * loop does not run yet (an export call now would wait for it for ever):
+   * recovery at start-up has no exports to remove. */
+  const struct cbw_orch_exports *exports = o->exports;
+  o->exports = NULL;
+  int rr = reconcile (o, &rerr);
+  o->exports = exports;
+  if (rr < 0)
     fprintf (stderr, "cbwd: recovery of an interrupted operation failed "
              "(will retry): %s\n", rerr.msg);
   orch_jobs_load (o);
