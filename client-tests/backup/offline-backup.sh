@@ -23,7 +23,10 @@
 #    hook CBW_ORCH_CRASH_AT=rotate:added): the restart rolls the checkpoint
 #    back in the bitmap store (bitmaps as before, the disk starts, an
 #    incremental since c2 still reports every write);
-#  - refusals: a stopped disk with an overlay chain (clear message).
+#  - refusals: a dead disk whose bitmaps were not saved cleanly (only its
+#    dirtybitmap filter can recover them: start + stop, then the offline
+#    incremental works and misses nothing); a stopped disk with an overlay
+#    chain (clear message).
 . "$(dirname "$0")/lib.sh"
 need_modules
 [ "$PLUGIN" = chain ] || skip "the chain plugin is not built (cbwd serves disks with it)"
@@ -260,6 +263,29 @@ qemu-io -f raw -c "read 0 4096" "$T/a.img" >/dev/null || fail "image still locke
 expect_rc 0 "$CBW" disk start vda
 
 # ---- refusals ----
+log "section: a dead disk's unclean bitmaps are refused, recovered by a start"
+disk_field() { "$CBW" --json disk list | jq -r ".disks[] | select(.name==\"$1\") | .$2"; }
+gw $((3 * MiB)) 4096                      # a write the store's data files do not have yet
+kill -9 "$(disk_field vda pid)"
+for _ in $(seq 50); do [ "$(disk_field vda state)" = dead ] && break; sleep 0.1; done
+[ "$(disk_field vda state)" = dead ] || fail "killed nbdkit not reported dead"
+expect_rc 1 "$CBW" backup begin --incremental c2 --disk vda
+grep -q "IOError: disk vda (not running): bitmap cp-c[0-9] .* was not saved cleanly.*cbw disk start vda && cbw disk stop vda" \
+  <<<"$ERR" || fail "offline incremental of a dead disk: $ERR"
+expect_rc 1 "$CBW" backup begin --checkpoint cy --disk vda
+grep -q "was not saved cleanly" <<<"$ERR" || fail "offline checkpoint of a dead disk: $ERR"
+expect_rc 0 "$CBW" disk start vda           # the filter recovers its bitmaps
+expect_rc 0 "$CBW" disk stop vda
+expect_rc 0 "$CBW" backup begin --incremental c2 --disk vda --id recovered
+dirty_map "$EXP" > "$T/got6"
+# c2's bitmap after recovery: every write since c2, the one before the kill
+# included (never less; more only where the filter's recovery over-reports)
+echo "$((3 * MiB)) 4096" | model_runs /dev/stdin | cat - "$T/want34" | merge_runs > "$T/want6"
+comm -23 <(awk '{ for (o = $1; o < $1 + $2; o += 65536) print o }' "$T/want6" | sort) \
+         <(awk '{ for (o = $1; o < $1 + $2; o += 65536) print o }' "$T/got6" | sort) > "$T/missing"
+[ ! -s "$T/missing" ] || fail "offline incremental after recovery misses clusters: $(head "$T/missing")"
+expect_rc 0 "$CBW" backup end
+expect_rc 0 "$CBW" disk start vda
 log "section: a stopped disk with an overlay chain is refused"
   truncate -s 4M "$T/c.img"
   expect_rc 0 "$CBW" disk add vdc --file "$T/c.img" --overlays

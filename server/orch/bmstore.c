@@ -68,12 +68,12 @@ store_open (struct orch_disk *d, uint64_t *size_out, struct cbw_err *err)
   }
   struct cbw_bitmap_store *st = cbw_bitmap_store_open_ex (d->bitmaps, size, 0, err);
   if (st == NULL) {
-    cbw_err_prefix (err, "disk %s (stopped): its bitmap store", d->name);
+    cbw_err_prefix (err, "disk %s (not running): its bitmap store", d->name);
     return NULL;
   }
   for (size_t i = 0; i < st->count; i++)
     if (st->bitmaps[i].state != CBW_BITMAP_CLEAN) {
-      cbw_err_set (err, EIO, "disk %s (stopped): bitmap %s in %s was not saved cleanly "
+      cbw_err_set (err, EIO, "disk %s (not running): bitmap %s in %s was not saved cleanly "
                    "(the disk's nbdkit died); only its dirtybitmap filter can recover it: "
                    "start the disk once and stop it again (`cbw disk start %s && cbw disk "
                    "stop %s`)", d->name, st->bitmaps[i].name, d->bitmaps, d->name, d->name);
@@ -91,14 +91,14 @@ store_save_close (struct orch_disk *d, struct cbw_bitmap_store *st, struct cbw_e
   int r = cbw_bitmap_store_save (st, err);
   cbw_bitmap_store_close (st);
   if (r < 0)
-    return cbw_err_prefix (err, "disk %s (stopped): saving %s", d->name, d->bitmaps);
+    return cbw_err_prefix (err, "disk %s (not running): saving %s", d->name, d->bitmaps);
   return 0;
 }
 
 static int
 not_found (struct orch_disk *d, const char *bm, struct cbw_err *err)
 {
-  return cbw_err_set (err, ENOENT, "disk %s (stopped): no bitmap %s in %s", d->name, bm,
+  return cbw_err_set (err, ENOENT, "disk %s (not running): no bitmap %s in %s", d->name, bm,
                       d->bitmaps);
 }
 
@@ -121,7 +121,7 @@ orch_bm_store_add (struct orch_disk *d, const char *bm, bool enabled, uint64_t g
     return -1;
   if (cbw_bitmap_store_add (st, bm, gran ? gran : d->granularity, enabled, err) == NULL) {
     cbw_bitmap_store_close (st);
-    return cbw_err_prefix (err, "disk %s (stopped): add bitmap %s", d->name, bm);
+    return cbw_err_prefix (err, "disk %s (not running): add bitmap %s", d->name, bm);
   }
   return store_save_close (d, st, err);
 }
