@@ -23,7 +23,8 @@
 #    hook CBW_ORCH_CRASH_AT=rotate:added): the restart rolls the checkpoint
 #    back in the bitmap store (bitmaps as before, the disk starts, an
 #    incremental since c2 still reports every write);
-#  - refusals: a dead disk whose bitmaps were not saved cleanly (only its
+#  - refusals: a push job on an offline disk (no session to follow; the
+#    error names the export to pull); a dead disk whose bitmaps were not saved cleanly (only its
 #    dirtybitmap filter can recover them: start + stop, then the offline
 #    incremental works and misses nothing); a stopped disk with an overlay
 #    chain (clear message).
@@ -165,6 +166,9 @@ apply_incremental "$EXP" "$T/r1.img" "$T/r2.img"
 same "$T/r2.img" "$T/p2.img" "full + incremental c0..c1 + offline incremental c1..c2"
 expect_rc 1 "$CBW" disk start vda
 grep -q "Busy.*backed up offline by backup off2" <<<"$ERR" || fail "disk start: $ERR"
+expect_rc 1 "$CBW" job start --target vda="$T/push.img"
+grep -q "InvalidParameter: disk vda is backed up offline.*pull its export $EXP" <<<"$ERR" ||
+  fail "push job on an offline disk: $ERR"
 expect_rc 0 "$CBW" backup end
 expect_rc 0 "$CBW" --json checkpoint list
 jq -e '[.checkpoints[].name] == ["c0", "c1", "c2"]' "$T/out" >/dev/null ||

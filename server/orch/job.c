@@ -1759,6 +1759,14 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
           cbw_err_set (err, EINVAL, "disk %s listed twice", name);
           goto fail;
         }
+      if (bd->offline) {
+        /* A push job follows and releases a copy-before-write session,
+         * which a stopped disk does not have. */
+        cbw_err_set (err, EINVAL, "disk %s is backed up offline (stopped): push jobs "
+                     "need a running disk; pull its export %s instead (nbdcopy, "
+                     "qemu-img convert)", name, bd->pit_uri ? bd->pit_uri : "");
+        goto fail;
+      }
       struct orch_job_disk *jd = &j->disks[i];
       snprintf (jd->name, sizeof jd->name, "%s", name);
       jd->src_uri = strdup (bd->pit_uri ? bd->pit_uri : "");
