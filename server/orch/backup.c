@@ -377,18 +377,30 @@ offline_publish (struct cbw_orch *o, const char *id, struct orch_disk *d,
   CLEANUP_FREE char *ext = bd->bitmap ? offline_extents_path (o, id, d->name) : NULL;
   if (ctx == NULL || (bd->bitmap && ext == NULL))
     return cbw_err_set (err, ENOMEM, "out of memory");
-  if (bd->export_name == NULL && (bd->export_name = strdup (d->name)) == NULL)
-    return cbw_err_set (err, ENOMEM, "out of memory");
   char uri[512];
-  if (o->exports->add_file_export (o->exports->opaque, bd->export_name, d->file, ext,
+  if (o->exports->add_file_export (o->exports->opaque, d->name, d->file, ext,
                                    ctx, uri, sizeof uri, err) < 0)
     return cbw_err_prefix (err, "disk %s (stopped)", d->name);
-  bd->published = true;
-  char *u = strdup (uri);
-  if (u == NULL)
+  char *u = strdup (uri), *x = bd->export_name ? NULL : strdup (d->name);
+  char *old = NULL;
+  {
+    /* backup-status reads these under o->lock (it is not a busy command) */
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
+    bd->published = true;
+    if (x)
+      bd->export_name = x;
+    if (u) {
+      old = bd->pit_uri;
+      bd->pit_uri = u;
+    }
+  }
+  free (old);
+  if (bd->export_name == NULL) {        /* teardown could not find it: remove now */
+    struct cbw_err e2 = { 0 };
+    o->exports->remove_export (o->exports->opaque, d->name, &e2);
+  }
+  if (u == NULL || bd->export_name == NULL)
     return cbw_err_set (err, ENOMEM, "out of memory");
-  free (bd->pit_uri);
-  bd->pit_uri = u;
   return 0;
 }
 
@@ -421,7 +433,10 @@ teardown (struct cbw_orch *o, struct orch_backup *b, bool undo_checkpoint,
       /* an export that is gone already is fine */
     }
     if (bd->offline) {
-      bd->published = false;
+      {
+        ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);   /* read by the watch */
+        bd->published = false;
+      }
       offline_unlock (bd);
       CLEANUP_FREE char *ext = offline_extents_path (o, b->id, bd->name);
       if (ext)
