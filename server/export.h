@@ -147,6 +147,10 @@ int cbwd_meta_bitmap_from_store (struct cbwd_meta *m, const char *name,
 int cbwd_meta_bitmap_from_ctl (struct cbwd_meta *m, const char *name,
                                const char *ctl_path, const char *stored_name,
                                uint64_t export_size, struct cbw_err *err);
+/* Is some byte of [off, off+len) clean in bitmap context m?  Then *clean is
+ * the first clean byte.  False for a context that is not a bitmap. */
+bool cbwd_meta_bitmap_first_clean (const struct cbwd_meta *m, uint64_t off,
+                                   uint64_t len, uint64_t *clean);
 /* In-memory dirty ranges (tests, fuzzing): sorted, merged copy is made. */
 int cbwd_meta_bitmap_from_ranges (struct cbwd_meta *m, const char *name,
                                   const uint64_t (*ranges)[2], size_t n,
@@ -176,6 +180,14 @@ struct cbwd_pit_opts {
   uint32_t debug_delay_us;      /* testing: sleep before a direct read */
   bool debug_no_recheck;        /* testing: UNSAFE, proves the race test bites */
 };
+/* Serve only the blocks the export's meta context `context` (a
+ * qemu:dirty-bitmap:NAME added to e) marks dirty: a read touching any other
+ * block fails with EIO and a message "offset O is not readable: WHY" (the
+ * structured error reply carries it), and base:allocation reports those
+ * blocks as data.  why: what the operator needs to know (which backup, why
+ * it serves only these blocks, how to get the others). */
+int cbwd_export_pit_readable_only (struct cbwd_export *e, const char *context,
+                                   const char *why, struct cbw_err *err);
 /* Counters of a PIT export (tests, logs): bytes read directly from the
  * live/store files, bytes read through the upstream, re-checks that
  * discarded data.  Zero for other export types. */

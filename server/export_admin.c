@@ -60,7 +60,7 @@ add_store (void *opaque, const char *name, const char *path, uint64_t size,
 static int
 add_pit_direct (void *opaque, const char *name, const char *upstream,
                 const char *bitmap_ctl, const char *bitmap, const char *context,
-                const char *state_file, const char *live_file, const char *store_file,
+                const char *unreadable_why, const char *state_file, const char *live_file, const char *store_file,
                 char *uri_out, size_t uri_len, struct cbw_err *err)
 {
   struct cbwd_pit_opts o = { .upstream = upstream, .connections = 8,
@@ -84,6 +84,17 @@ add_pit_direct (void *opaque, const char *name, const char *upstream,
       cbwd_export_unref (e);
       return -1;
     }
+    char ctxname[1100];
+    snprintf (ctxname, sizeof ctxname, "qemu:dirty-bitmap:%s", context);
+    if (unreadable_why &&
+        cbwd_export_pit_readable_only (e, ctxname, unreadable_why, err) == -1) {
+      cbwd_export_unref (e);
+      return -1;
+    }
+  }
+  else if (unreadable_why) {
+    cbwd_export_unref (e);
+    return cbw_err_set (err, EINVAL, "export '%s': a readable set needs a bitmap", name);
   }
   return publish (opaque, e, uri_out, uri_len, err);
 }
@@ -91,10 +102,10 @@ add_pit_direct (void *opaque, const char *name, const char *upstream,
 static int
 add_pit (void *opaque, const char *name, const char *upstream,
          const char *bitmap_ctl, const char *bitmap, const char *context,
-         char *uri_out, size_t uri_len, struct cbw_err *err)
+         const char *unreadable_why, char *uri_out, size_t uri_len, struct cbw_err *err)
 {
   return add_pit_direct (opaque, name, upstream, bitmap_ctl, bitmap, context,
-                         NULL, NULL, NULL, uri_out, uri_len, err);
+                         unreadable_why, NULL, NULL, NULL, uri_out, uri_len, err);
 }
 
 static int

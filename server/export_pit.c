@@ -40,6 +40,16 @@
  * and may punch a COPIED block).  So the PIT export has no read_fd-style
  * zero-copy op; the copy is the price of the proof.
  *
+ * Readable set (cbwd_export_pit_readable_only, an incremental backup begun
+ * with readable=changed): the cbw session protects only the blocks of the
+ * backup's dirty bitmap, and the upstream answers a bare EIO for the others
+ * (nbdkit sends no error messages).  Such a read is refused here, before
+ * any I/O, with a message saying why, from the same frozen bitmap the
+ * export's qemu:dirty-bitmap context serves.  base:allocation still reports
+ * those blocks as data (the filter's conservative answer): HOLE|ZERO would
+ * make a copying reader (nbdcopy) skip them and write zeroes, wrong data
+ * without an error; "data" makes it read and fail with the reason.
+ *
  * Guarantee: cbwd returns only what the upstream returned for the same range;
  * an upstream error (the filter could not be sure of the data) or a lost
  * upstream connection is an error to the client, never data.  A broken pool
@@ -103,6 +113,11 @@ struct pit_priv {
   struct nbd_handle **h;         /* NULL: not connected */
   bool *busy;
   struct pit_direct *d;          /* NULL: proxy only */
+  /* Readable set: index of the bitmap meta context in e->metas, and the
+   * reason for refusals; set before the export is published, immutable
+   * after.  readable_meta < 0: the whole disk is served. */
+  long readable_meta;
+  char *unreadable_why;
 };
 
 static struct nbd_handle *
@@ -386,11 +401,27 @@ direct_pread (struct cbwd_export *e, struct pit_direct *d, char *buf,
   return 0;
 }
 
+/* Outside the readable set?  Then fill *err (with the reason) and say so. */
+static bool
+unreadable (struct cbwd_export *e, struct pit_priv *p, uint32_t len, uint64_t off,
+            struct cbw_err *err)
+{
+  uint64_t clean;
+  if (p->readable_meta < 0 || len == 0 ||
+      !cbwd_meta_bitmap_first_clean (&e->metas[p->readable_meta], off, len, &clean))
+    return false;
+  cbw_err_set (err, EIO, "export '%s': offset %llu is not readable: %s", e->name,
+               (unsigned long long) clean, p->unreadable_why);
+  return true;
+}
+
 static int
 pit_pread (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off,
            struct cbwd_holes *holes, struct cbw_err *err)
 {
   struct pit_priv *p = e->priv;
+  if (unreadable (e, p, len, off, err))
+    return -1;
   if (p->d)
     return direct_pread (e, p->d, buf, len, off, false, err);
   return upstream_pread (p, buf, len, off, holes, err);
@@ -401,8 +432,8 @@ pit_pread_nowait (struct cbwd_export *e, void *buf, uint32_t len, uint64_t off)
 {
   struct pit_priv *p = e->priv;
   struct cbw_err err = { 0 };
-  if (!p->d || p->d->delay_us)
-    return -1;
+  if (!p->d || p->d->delay_us || unreadable (e, p, len, off, &err))
+    return -1;                  /* the pool answers (a refusal too) */
   return direct_pread (e, p->d, buf, len, off, true, &err) == 0 ? 0 : -1;
 }
 
@@ -678,6 +709,7 @@ pit_close (struct cbwd_export *e)
   pthread_mutex_destroy (&p->lock);
   pthread_cond_destroy (&p->cond);
   free (p->uri);
+  free (p->unreadable_why);
   free (p);
   e->priv = NULL;
 }
@@ -713,6 +745,7 @@ cbwd_export_pit_new (const char *name, const struct cbwd_pit_opts *o,
   }
   p->n = n;
   p->release = o->release;
+  p->readable_meta = -1;
   pthread_mutex_init (&p->lock, NULL);
   pthread_cond_init (&p->cond, NULL);
   e->refs = 1;
@@ -755,4 +788,27 @@ cbwd_export_pit_new (const char *name, const struct cbwd_pit_opts *o,
   cbw_err_prefix (err, "export '%s'", name);
   cbwd_export_free (e);
   return NULL;
+}
+
+int
+cbwd_export_pit_readable_only (struct cbwd_export *e, const char *context,
+                               const char *why, struct cbw_err *err)
+{
+  struct pit_priv *p = e->priv;
+  if (e->ops != &pit_ops || p == NULL)
+    return cbw_err_set (err, EINVAL, "export '%s' is not a point-in-time export", e->name);
+  if (strncmp (context, "qemu:dirty-bitmap:", 18) != 0)
+    return cbw_err_set (err, EINVAL, "export '%s': readable set '%s' is not a dirty bitmap",
+                        e->name, context);
+  for (size_t i = 0; i < e->nmetas; i++)
+    if (strcmp (e->metas[i].name, context) == 0) {
+      char *w = strdup (why ? why : "outside the export's readable set");
+      if (w == NULL)
+        return cbw_err_set (err, ENOMEM, "out of memory");
+      free (p->unreadable_why);
+      p->unreadable_why = w;
+      p->readable_meta = (long) i;
+      return 0;
+    }
+  return cbw_err_set (err, EINVAL, "export '%s': no meta context '%s'", e->name, context);
 }

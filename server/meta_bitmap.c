@@ -78,6 +78,9 @@ bitmap_free (struct cbwd_meta *m)
   free (m->name);
 }
 
+static int bitmap_extents (struct cbwd_export *e, struct cbwd_meta *m,
+                           struct cbwd_extents *x, struct cbw_err *err);
+
 /* First range whose end > off. */
 static size_t
 find_range (const struct ranges *rs, uint64_t off)
@@ -88,6 +91,23 @@ find_range (const struct ranges *rs, uint64_t off)
     if (rs->r[mid][1] <= off) lo = mid + 1; else hi = mid;
   }
   return lo;
+}
+
+bool
+cbwd_meta_bitmap_first_clean (const struct cbwd_meta *m, uint64_t off, uint64_t len,
+                              uint64_t *clean)
+{
+  const struct ranges *rs = m->data;
+  uint64_t end = off + len;
+  if (m->extents != bitmap_extents || rs == NULL)
+    return false;               /* not a bitmap: nothing to say */
+  /* Ranges are merged and non-adjacent: one range covers all or it is not
+   * covered. */
+  size_t i = find_range (rs, off);
+  if (i < rs->n && rs->r[i][0] <= off && rs->r[i][1] >= end)
+    return false;
+  *clean = i < rs->n && rs->r[i][0] <= off ? rs->r[i][1] : off;
+  return true;
 }
 
 static int

@@ -95,7 +95,7 @@ writes_args "$QU"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 fresh_copy() { rm -f "$COPY"; truncate -s "$SIZE" "$COPY"; }
 run_cbwd_pull() {
-  "$CBW" backup begin --incremental c0 >/dev/null
+  "$CBW" backup begin --incremental c0 --readable changed >/dev/null
   local uri; uri=$("$CBW" --json backup status | jq -r '.disks[0]."pit-uri"')
   fresh_copy; local t0; t0=$(now_ms)
   "$READER" "$uri" backup-bench "$COPY" > "$RES/reader-cbwd.txt"
@@ -103,7 +103,7 @@ run_cbwd_pull() {
   "$CBW" backup end >/dev/null
 }
 run_cbwd_push() {
-  "$CBW" backup begin --incremental c0 >/dev/null
+  "$CBW" backup begin --incremental c0 --readable changed >/dev/null
   fresh_copy
   "$CBW" job start --target "raw:$COPY" --id push >/dev/null
   "$CBW" job wait push >/dev/null || { log "job failed: $("$CBW" job status push)"; exit 1; }

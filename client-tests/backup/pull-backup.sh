@@ -9,7 +9,8 @@
 #  - each PIT export equals a copy of the image taken just before
 #    `backup begin` (bytes 8.. — bytes 0..7 hold the running sequence), and
 #    the restore equals the incremental's point-in-time copy (qemu-img
-#    compare); blocks outside the incremental are not served (EIO);
+#    compare); with --readable changed, blocks outside the incremental are
+#    not served (EIO);
 #  - both disks were taken at the same instant: seq(B) <= seq(A) <= seq(B)+1
 #    on the PIT exports (a non-atomic point in time breaks it);
 #  - the incremental copied far less than the disk;
@@ -97,7 +98,7 @@ expect_rc 0 "$CBW" backup end
 log "section: incremental backup"
 guest_writes vda 6; guest_writes vdb 7
 cp "$T/a.img" "$T/exp-a1"; cp "$T/b.img" "$T/exp-b1"
-expect_rc 0 "$CBW" backup begin --incremental full --checkpoint inc1
+expect_rc 0 "$CBW" backup begin --incremental full --readable changed --checkpoint inc1
 guest_writes vda 8; guest_writes vdb 9
 for d in a b; do
   cp "$T/full-$d" "$T/restore-$d"
@@ -107,8 +108,9 @@ for d in a b; do
     fail "incremental of vd$d copied $copied bytes of $SIZE"
   # The point-in-time copy: the image copied before begin, with the writer's
   # sequence number as the PIT export holds it (bytes 0..7 keep changing).
-  # Only dirty blocks are readable from an incremental PIT export (the
-  # session protects just those), so a full nbdcopy would rightly fail.
+  # With --readable changed only dirty blocks are readable from an
+  # incremental PIT export (the session protects just those), so a full
+  # nbdcopy would rightly fail.
   "$BK" readseq "$(pit_uri vd$d)" | perl -ne 'print pack("Q<", $_)' |
     dd of="$T/exp-${d}1" conv=notrunc status=none
   qemu-img compare -q -f raw -F raw "$T/restore-$d" "$T/exp-${d}1" ||

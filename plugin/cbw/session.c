@@ -986,8 +986,10 @@ cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next, void *buf,
 
     switch (v) {
     case CBW_B_NOT_NEEDED:
-      nbdkit_error ("cbw: point-in-time read at %" PRIu64 ": not in the "
-                    "backup set (or already released by skip)", pos);
+      nbdkit_error ("cbw: point-in-time read at %" PRIu64 ": not protected "
+                    "by this session: outside the extents it was begun with "
+                    "(an incremental backup with readable=changed protects "
+                    "only the changed blocks), or released by skip/trim", pos);
       *err = EIO;
       return -1;
     case CBW_B_FAILED:

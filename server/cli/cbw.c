@@ -219,6 +219,8 @@ print_backup (struct json_object *ret)
   const char *since = jstr (ret, "since", "");
   const char *cp = jstr (ret, "checkpoint", "");
   if (since[0]) printf (", since checkpoint %s", since);
+  if (since[0] && jstr (ret, "readable", NULL))
+    printf (", readable %s", jstr (ret, "readable", ""));
   if (cp[0]) printf (", created checkpoint %s", cp);
   if (json_object_get_boolean (jget (ret, "broken")))
     printf (" -- BROKEN (see `cbw event list`: backup-broken)");
@@ -441,6 +443,8 @@ static const struct sub subs[] = {
       { "--incremental", "since", O_INCR, "CHECKPOINT: only blocks changed since it" },
       { "--mode", "mode", O_STR, "full | incremental | top | none (top: what each "
         "disk's top overlay holds)" },
+      { "--readable", "readable", O_STR, "all | changed: incremental exports serve the "
+        "whole disk (default, as libvirt) or only the changed blocks (cheaper)" },
       { "--checkpoint", "checkpoint", O_STR, "create this checkpoint at the point in time" },
       { "--freeze-hook", "freeze-hook", O_STR, "NAME of a hook configured in cbwd (--freeze-hook NAME=/PATH)" },
       { "--freeze-qga", "freeze-qga", O_STR, "qemu-guest-agent socket: fsfreeze through it" },

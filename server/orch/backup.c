@@ -417,6 +417,25 @@ set_offline (struct cbw_orch *o, struct orch_backup *b, bool on)
   }
 }
 
+/* A PIT export that serves only the changed blocks says why it refuses the
+ * others (the text ends cbwd's error message to the reader); NULL when it
+ * serves the whole disk. */
+static char *
+unreadable_why (const struct orch_backup *b, const char *disk)
+{
+  if (b->readable != ORCH_READABLE_CHANGED)
+    return NULL;
+  if (b->mode == ORCH_BACKUP_TOP)
+    return orch_strdup_printf ("backup %s (mode top) serves only the clusters the top "
+                               "overlay of disk %s holds (qemu:dirty-bitmap:backup-%s); "
+                               "the others are in the layers below", b->id, disk, disk);
+  return orch_strdup_printf ("backup %s is an incremental since checkpoint %s begun with "
+                             "readable=changed: it serves only the blocks changed since "
+                             "then (qemu:dirty-bitmap:backup-%s); this block did not "
+                             "change, read it from an earlier backup, or begin the "
+                             "backup with readable=all", b->id, b->since, disk);
+}
+
 /* Undo everything of backup b (idempotent; errors collected, not fatal, so
  * that a half-dead disk does not keep the rest alive). */
 static int
@@ -520,21 +539,34 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   bool frozen = false;
   struct orch_backup *b = NULL;
   const char *id = r->id && r->id[0] ? r->id : "backup";
-  const char *mode = r->mode && r->mode[0] ? r->mode : "full";
+  enum orch_backup_mode mode = ORCH_BACKUP_FULL;
+  enum orch_readable readable = ORCH_READABLE_ALL;
   CLEANUP_FREE char *bdir = NULL;       /* where the stores go */
   uint64_t store_limit = 0;             /* per store */
 
   if (!orch_valid_name (id))
     return cbw_err_set (err, EINVAL, "invalid backup id \"%.80s\"", id);
-  if (strcmp (mode, "full") && strcmp (mode, "incremental") && strcmp (mode, "none") &&
-      strcmp (mode, "top"))
+  if (r->mode && r->mode[0] && orch_backup_mode_parse (r->mode, &mode) < 0)
     return cbw_err_set (err, EINVAL, "mode must be full, incremental, top or none, not "
-                        "\"%.40s\"", mode);
-  bool top = strcmp (mode, "top") == 0;
-  if (strcmp (mode, "incremental") == 0 && (r->since == NULL || r->since[0] == '\0'))
+                        "\"%.40s\"", r->mode);
+  bool top = mode == ORCH_BACKUP_TOP, incremental = mode == ORCH_BACKUP_INCREMENTAL;
+  if (incremental && (r->since == NULL || r->since[0] == '\0'))
     return cbw_err_set (err, EINVAL, "an incremental backup needs \"since\" (a checkpoint)");
-  if (strcmp (mode, "incremental") != 0 && r->since && r->since[0])
+  if (!incremental && r->since && r->since[0])
     return cbw_err_set (err, EINVAL, "\"since\" only makes sense with mode incremental");
+  /* readable: incremental only (default all, as libvirt); a full backup
+   * serves everything, a top backup what the top overlay holds. */
+  if (top)
+    readable = ORCH_READABLE_CHANGED;
+  if (r->readable && r->readable[0]) {
+    if (orch_readable_parse (r->readable, &readable) < 0)
+      return cbw_err_set (err, EINVAL, "readable must be all or changed, not \"%.40s\"",
+                          r->readable);
+    if (!incremental)
+      return cbw_err_set (err, EINVAL, "\"readable\" only makes sense with mode incremental "
+                          "(a %s backup serves %s)", orch_backup_mode_name (mode),
+                          top ? "what the top overlay holds" : "the whole disk");
+  }
   if (r->checkpoint && r->checkpoint[0]) {
     if (!orch_valid_name (r->checkpoint))
       return cbw_err_set (err, EINVAL, "invalid checkpoint name \"%.80s\"", r->checkpoint);
@@ -572,7 +604,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     /* Its bitmaps are read (incremental) or rotated (new checkpoint): the
      * store must be clean, else refuse now rather than half-way. */
     uint64_t size;
-    if ((strcmp (mode, "incremental") == 0 || (r->checkpoint && r->checkpoint[0])) &&
+    if ((incremental || (r->checkpoint && r->checkpoint[0])) &&
         orch_bm_store_check (d, &size, err) < 0)
       return -1;
   }
@@ -614,7 +646,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
   size_t *idx = calloc (o->st.ncps + 1, sizeof *idx);
   if (idx == NULL)
     return cbw_err_set (err, ENOMEM, "out of memory");
-  if (strcmp (mode, "incremental") == 0)
+  if (incremental)
     for (size_t i = 0; i < r->ndisks; i++) {
       ssize_t np = orch_plan_since (&o->st, r->disks[i], r->since, idx, err);
       if (np < 0) {
@@ -646,7 +678,8 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     return cbw_err_set (err, ENOMEM, "out of memory");
   }
   snprintf (b->id, sizeof b->id, "%s", id);
-  snprintf (b->mode, sizeof b->mode, "%s", mode);
+  b->mode = mode;
+  b->readable = readable;
   snprintf (b->since, sizeof b->since, "%s", r->since ? r->since : "");
   snprintf (b->checkpoint, sizeof b->checkpoint, "%s", r->checkpoint ? r->checkpoint : "");
   /* "started" tells two backups of one id apart (job history: a disk a
@@ -678,7 +711,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
     b->disks[i].store_limit = store_limit;
     if (!offline[i] && start_store (o, bdir, d, &b->disks[i], id, err) < 0)
       goto fail_unrecorded;
-    if (strcmp (mode, "incremental") == 0 || top)
+    if (incremental || top)
       b->disks[i].bitmap = orch_strdup_printf ("backup-%s", d->name);
   }
   {
@@ -816,10 +849,11 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
      * the filter's own (long) default. */
     json_object_object_add (a, "timeout-ms", json_object_new_int64
                             (b->cbw_timeout_ms ? b->cbw_timeout_ms : orch_disk_cbw_timeout (d)));
-    if (bd->bitmap) {
+    if (bd->bitmap && b->readable == ORCH_READABLE_CHANGED) {
       /* The session protects only the blocks the incremental reader needs:
        * we pass them as an extent list read from the dirtybitmap filter
-       * (the bitmap is frozen: disabled, and we are quiesced). */
+       * (the bitmap is frozen: disabled, and we are quiesced).  Without
+       * extents (readable all) it protects the whole disk. */
       uint64_t dirty;
       struct json_object *ext = orch_bm_extents (d, bd->bitmap, d->size, ORCH_SESSION_EXTENTS_MAX,
                                                  &dirty, err);
@@ -899,10 +933,11 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
       }
       char uri[512];
       CLEANUP_FREE char *states = direct[i] ? pit_state_path (o, id, d->name) : NULL;
+      CLEANUP_FREE char *why = unreadable_why (b, d->name);
       struct cbw_err de = { 0 };
       if (states &&
           o->exports->add_pit_export_direct (o->exports->opaque, bd->export_name, upstream,
-                                             d->ctl_bitmap, bd->bitmap, ctx, states, d->file,
+                                             d->ctl_bitmap, bd->bitmap, ctx, why, states, d->file,
                                              bd->store_path, uri, sizeof uri, &de) < 0) {
         struct json_object *data = json_object_new_object ();
         json_object_object_add (data, "disk", json_object_new_string (d->name));
@@ -912,7 +947,7 @@ orch_backup_begin (struct cbw_orch *o, const struct orch_backup_req *r,
       }
       if ((!states || !states[0]) &&
           o->exports->add_pit_export (o->exports->opaque, bd->export_name, upstream,
-                                      d->ctl_bitmap, bd->bitmap, ctx, uri, sizeof uri,
+                                      d->ctl_bitmap, bd->bitmap, ctx, why, uri, sizeof uri,
                                       err) < 0)
         goto fail;
       bd->pit_uri = strdup (uri);

@@ -877,6 +877,7 @@ h_backup_begin (void *data, struct json_object *args, struct cbw_ctl_reply *r)
     .id = cbw_ctl_arg_str (args, "id", "backup"),
     .mode = cbw_ctl_arg_str (args, "mode", "full"),
     .since = cbw_ctl_arg_str (args, "since", NULL),
+    .readable = cbw_ctl_arg_str (args, "readable", NULL),
     .checkpoint = cbw_ctl_arg_str (args, "checkpoint", NULL),
     .freeze = {
       .hook = hook,
@@ -1209,6 +1210,11 @@ static const struct cbw_ctl_arg backup_begin_args[] = {
     "disks added with overlays) or `none` (copy-before-write only)" },
   { "since", CBW_ARG_STRING, false, "incremental: the base checkpoint; any earlier "
     "checkpoint works (differential = since the checkpoint of the last full backup)" },
+  { "readable", CBW_ARG_STRING, false, "incremental: what the point-in-time exports serve: "
+    "`all` (default, as libvirt: the whole disk at its point in time; every block is "
+    "protected, `qemu:dirty-bitmap:backup-DISK` still lists only the changes) or `changed` "
+    "(only the changed blocks are protected and readable, cheaper for the guest's writes; "
+    "reading another block fails with an error saying why)" },
   { "checkpoint", CBW_ARG_STRING, false, "create this checkpoint at the backup's point in time" },
   { "freeze-hook", CBW_ARG_STRING, false, "name of a freeze hook configured in cbwd "
     "(`--freeze-hook NAME=/PATH`, config `freeze-hooks`): its program runs as `PATH freeze` / "
@@ -1406,7 +1412,7 @@ static const struct cbw_ctl_command commands[] = {
     "(`Busy`) until `backup-end`. Refused for a stopped disk with an overlay chain "
     "(`InvalidParameter`) and for one whose bitmaps were not saved cleanly (`IOError`: "
     "start and stop it once). Running and stopped disks may share one backup.",
-    "`{\"id\", \"mode\", \"since\", \"checkpoint\", \"started\", \"disks\": [{\"name\", "
+    "`{\"id\", \"mode\", \"readable\", \"since\", \"checkpoint\", \"started\", \"disks\": [{\"name\", "
     "\"pit-uri\", \"bitmap\", \"store-path\", \"store-socket\", \"store-pid\", \"export\", "
     "\"store-limit\", \"offline\"}]}` (`store-limit` 0: not bounded; `offline` only when "
     "true)" },

@@ -105,7 +105,7 @@ job_to_json_locked (const struct orch_job *j, bool for_file)
   struct json_object *o = json_object_new_object ();
   json_object_object_add (o, "id", json_object_new_string (j->id));
   json_object_object_add (o, "backup", json_object_new_string (j->backup));
-  json_object_object_add (o, "mode", json_object_new_string (j->mode));
+  json_object_object_add (o, "mode", json_object_new_string (orch_backup_mode_name (j->mode)));
   json_object_object_add (o, "state", json_object_new_string (orch_job_state_name (j->state)));
   json_object_object_add (o, "error", j->error[0] ? json_object_new_string (j->error) : NULL);
   json_object_object_add (o, "started", json_object_new_int64 (j->started));
@@ -1712,7 +1712,7 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
 {
   struct orch_job *j = NULL;
   size_t nd = 0;
-  char mode[16];
+  enum orch_backup_mode mode;
   int rc = -1;
 
   if (r->id && r->id[0] && !orch_valid_name (r->id))
@@ -1733,10 +1733,7 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
       return cbw_err_set (err, ENOENT, "no backup is running (begin one first)");
     if (r->backup && r->backup[0] && strcmp (r->backup, b->id) != 0)
       return cbw_err_set (err, ENOENT, "no backup named %.80s (running: %s)", r->backup, b->id);
-    if (strcmp (b->mode, "none") == 0 || strcmp (b->mode, "full") == 0)
-      snprintf (mode, sizeof mode, "full");
-    else
-      snprintf (mode, sizeof mode, "%s", b->mode);
+    mode = b->mode == ORCH_BACKUP_NONE ? ORCH_BACKUP_FULL : b->mode;
     nd = r->ndisks ? r->ndisks : b->ndisks;
     j = job_new (nd);
     if (j == NULL)
@@ -1815,7 +1812,7 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
         snprintf (j->id, sizeof j->id, "job-%" PRIu64, ++o->job_seq);
       while (find_job_locked (o, j->id));
   }
-  snprintf (j->mode, sizeof j->mode, "%s", mode);
+  j->mode = mode;
   j->o = o;
   j->speed = r->speed;
   j->request_size = r->request_size;
@@ -1845,10 +1842,10 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
 
   /* What to copy, and each session's block size (for aligned releases).
    * Unlocked I/O: the disks stay put while we are the busy owner. */
-  bool incremental = strcmp (mode, "incremental") == 0;
+  bool incremental = mode == ORCH_BACKUP_INCREMENTAL;
   /* top: only the backup bitmap's extents too, but onto any target (a new
    * one then holds just the top overlay's clusters) */
-  bool ranged = incremental || strcmp (mode, "top") == 0;
+  bool ranged = incremental || mode == ORCH_BACKUP_TOP;
   for (size_t i = 0; i < nd; i++) {
     struct orch_job_disk *jd = &j->disks[i];
     struct json_object *st = orch_mod_call (jd->ctl_cbw, "status", NULL, NULL, 0, err), *g, *s;
@@ -1982,7 +1979,7 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
   struct json_object *d = json_object_new_object ();
   json_object_object_add (d, "job", json_object_new_string (j->id));
   json_object_object_add (d, "backup", json_object_new_string (j->backup));
-  json_object_object_add (d, "mode", json_object_new_string (j->mode));
+  json_object_object_add (d, "mode", json_object_new_string (orch_backup_mode_name (j->mode)));
   json_object_object_add (d, "bytes-total", json_object_new_int64 ((int64_t) j->total));
   orch_event (o, "job-started", d);
   *ret = orch_job_to_json (j);
@@ -2174,7 +2171,8 @@ orch_jobs_load (struct cbw_orch *o)
 #define I(key, dst) do { if (json_object_object_get_ex (x, key, &v) && json_object_is_type (v, json_type_int) && json_object_get_int64 (v) >= 0) dst = json_object_get_int64 (v); } while (0)
     char state[16] = "";
     S ("backup", j->backup);
-    S ("mode", j->mode);
+    if (json_object_object_get_ex (x, "mode", &v) && json_object_is_type (v, json_type_string))
+      orch_backup_mode_parse (json_object_get_string (v), &j->mode);   /* else full */
     S ("state", state);
     S ("error", j->error);
     I ("started", j->started);

@@ -1,5 +1,5 @@
 /* cbw — server/orch/orch_exports.h: the narrow interface the orchestrator
- * needs from cbwd's NBD server (server/, engineer E) to publish backup
+ * needs from cbwd's NBD server (server/) to publish backup
  * exports at run time.
  *
  * The orchestrator calls these from its control thread; the implementation
@@ -35,11 +35,15 @@ struct cbw_orch_exports {
    * filter's PIT export) with the block-status context
    * "qemu:dirty-bitmap:<context>" answered from bitmap `bitmap` of the
    * dirtybitmap filter whose control socket is `bitmap_ctl` (bitmap may be
-   * NULL: no dirty-bitmap context, e.g. a full backup).  Writes the URI
-   * readers use into uri_out. */
+   * NULL: no dirty-bitmap context, e.g. a full backup).  unreadable_why
+   * (NULL: the whole disk is readable): the export serves only the blocks
+   * that bitmap marks dirty, a read of any other block fails with an error
+   * whose message ends in this reason.  Writes the URI readers use into
+   * uri_out. */
   int (*add_pit_export) (void *opaque, const char *name,
                          const char *upstream_uri, const char *bitmap_ctl,
                          const char *bitmap, const char *context,
+                         const char *unreadable_why,
                          char *uri_out, size_t uri_len, struct cbw_err *err);
   int (*remove_export) (void *opaque, const char *name, struct cbw_err *err);
   /* Optional (NULL: offline backups are refused).  A read-only export `name`
@@ -58,7 +62,7 @@ struct cbw_orch_exports {
   int (*add_pit_export_direct) (void *opaque, const char *name,
                                 const char *upstream_uri, const char *bitmap_ctl,
                                 const char *bitmap, const char *context,
-                                const char *state_file, const char *live_file,
+                                const char *unreadable_why, const char *state_file, const char *live_file,
                                 const char *store_file,
                                 char *uri_out, size_t uri_len, struct cbw_err *err);
 };

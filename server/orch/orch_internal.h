@@ -145,9 +145,35 @@ struct orch_backup_disk {
   int lock_fd;
 };
 
+/* What a backup copies, and what its point-in-time export serves.  Parsed
+ * once where a name comes in (control request, state file, job record); the
+ * names live only in the tables of state.c. */
+enum orch_backup_mode {
+  ORCH_BACKUP_FULL,             /* the whole disk */
+  ORCH_BACKUP_INCREMENTAL,      /* changes since a checkpoint (`since`) */
+  ORCH_BACKUP_TOP,              /* what the top overlay holds */
+  ORCH_BACKUP_NONE,             /* point in time only: no job may copy it */
+};
+/* Incremental backups: which blocks the point-in-time export serves.  ALL:
+ * the whole disk at its point in time (every block protected, as libvirt
+ * and QEMU do), the bitmap context still lists only the changes; CHANGED:
+ * only the changed blocks (cheaper: unchanged blocks are never copied),
+ * the others fail with an error saying why.  Full backups are ALL, top
+ * backups CHANGED. */
+enum orch_readable {
+  ORCH_READABLE_ALL,
+  ORCH_READABLE_CHANGED,
+};
+/* name -> value: 0, or -1 if the name is not one of the table's. */
+int orch_backup_mode_parse (const char *name, enum orch_backup_mode *out);
+const char *orch_backup_mode_name (enum orch_backup_mode m);
+int orch_readable_parse (const char *name, enum orch_readable *out);
+const char *orch_readable_name (enum orch_readable r);
+
 struct orch_backup {
   char id[ORCH_NAME_MAX + 1];
-  char mode[16];                /* full | incremental | top | none */
+  enum orch_backup_mode mode;
+  enum orch_readable readable;  /* what its PIT exports serve */
   char since[ORCH_NAME_MAX + 1];      /* incremental base checkpoint or "" */
   char checkpoint[ORCH_NAME_MAX + 1]; /* checkpoint created with it or "" */
   int64_t started;
@@ -506,7 +532,8 @@ int orch_guest_agent (const char *socket_path, const char *phase, double timeout
 struct orch_backup_req {
   const char *id;
   char **disks; size_t ndisks;
-  const char *mode;
+  const char *mode;             /* a name of orch_backup_mode, NULL = full */
+  const char *readable;         /* all | changed, NULL = the mode's default */
   const char *since;
   const char *checkpoint;
   uint32_t cbw_timeout_ms;      /* 0 = each disk's own */
@@ -590,7 +617,7 @@ struct orch_job {
   bool backup_ended;            /* j->lock: its backup has ended (backup-end);
                                    `started` has 1 s resolution, so a new
                                    backup with the same id may share it */
-  char mode[16];                /* full | incremental | top */
+  enum orch_backup_mode mode;   /* full, incremental or top (none: full) */
   unsigned requests;            /* requests in flight */
   unsigned connect_timeout;     /* seconds: NBD targets' connect + handshake */
   uint64_t request_size;

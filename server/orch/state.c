@@ -256,6 +256,61 @@ orch_find_cp (const struct orch_state *st, const char *name)
 
 /* ---- serialisation ---- */
 
+/* The one place backup modes and readable sets have names. */
+static const char *const backup_mode_names[] = {
+  [ORCH_BACKUP_FULL] = "full", [ORCH_BACKUP_INCREMENTAL] = "incremental",
+  [ORCH_BACKUP_TOP] = "top", [ORCH_BACKUP_NONE] = "none",
+};
+static const char *const readable_names[] = {
+  [ORCH_READABLE_ALL] = "all", [ORCH_READABLE_CHANGED] = "changed",
+};
+
+static int
+name_parse (const char *const *names, size_t n, const char *name, int *out)
+{
+  for (size_t i = 0; name && i < n; i++)
+    if (strcmp (names[i], name) == 0) {
+      *out = (int) i;
+      return 0;
+    }
+  return -1;
+}
+
+int
+orch_backup_mode_parse (const char *name, enum orch_backup_mode *out)
+{
+  int v;
+  if (name_parse (backup_mode_names, sizeof backup_mode_names / sizeof *backup_mode_names,
+                  name, &v) < 0)
+    return -1;
+  *out = (enum orch_backup_mode) v;
+  return 0;
+}
+
+const char *
+orch_backup_mode_name (enum orch_backup_mode m)
+{
+  return (size_t) m < sizeof backup_mode_names / sizeof *backup_mode_names
+    ? backup_mode_names[m] : "?";
+}
+
+int
+orch_readable_parse (const char *name, enum orch_readable *out)
+{
+  int v;
+  if (name_parse (readable_names, sizeof readable_names / sizeof *readable_names,
+                  name, &v) < 0)
+    return -1;
+  *out = (enum orch_readable) v;
+  return 0;
+}
+
+const char *
+orch_readable_name (enum orch_readable r)
+{
+  return (size_t) r < sizeof readable_names / sizeof *readable_names ? readable_names[r] : "?";
+}
+
 static void
 add_str (struct json_object *o, const char *k, const char *v)
 {
@@ -267,7 +322,8 @@ orch_backup_to_json (const struct orch_backup *b)
 {
   struct json_object *o = json_object_new_object ();
   add_str (o, "id", b->id);
-  add_str (o, "mode", b->mode);
+  add_str (o, "mode", orch_backup_mode_name (b->mode));
+  add_str (o, "readable", orch_readable_name (b->readable));
   add_str (o, "since", b->since);
   add_str (o, "checkpoint", b->checkpoint);
   json_object_object_add (o, "started", json_object_new_int64 (b->started));
@@ -661,12 +717,22 @@ orch_state_from_json (const char *text, size_t len, const char *what,
     struct orch_backup *ob = st->backup;
     if (get_name (b, "id", ob->id, false, what, "backup", err) < 0) goto fail;
     const char *mode = json_object_get_string (GET (b, "mode", json_type_string, "backup"));
-    if (strcmp (mode, "full") && strcmp (mode, "incremental") && strcmp (mode, "none") &&
-        strcmp (mode, "top")) {
+    if (orch_backup_mode_parse (mode, &ob->mode) < 0) {
       cbw_err_set (err, EINVAL, "%s: backup: bad mode \"%.20s\"", what, mode);
       goto fail;
     }
-    snprintf (ob->mode, sizeof ob->mode, "%s", mode);
+    /* A record without "readable" was written before the choice existed:
+     * its incremental/top sessions protect only the changed blocks. */
+    struct json_object *rd;
+    ob->readable = ob->mode == ORCH_BACKUP_INCREMENTAL || ob->mode == ORCH_BACKUP_TOP
+      ? ORCH_READABLE_CHANGED : ORCH_READABLE_ALL;
+    if (json_object_object_get_ex (b, "readable", &rd) &&
+        (!json_object_is_type (rd, json_type_string) ||
+         orch_readable_parse (json_object_get_string (rd), &ob->readable) < 0)) {
+      cbw_err_set (err, EINVAL, "%s: backup: bad readable \"%.20s\" (all or changed)", what,
+                   json_object_get_string (rd));
+      goto fail;
+    }
     if (get_name (b, "since", ob->since, true, what, "backup", err) < 0) goto fail;
     if (get_name (b, "checkpoint", ob->checkpoint, true, what, "backup", err) < 0) goto fail;
     ob->started = json_object_get_int64 (GET (b, "started", json_type_int, "backup"));

@@ -56,7 +56,8 @@ make_state (struct orch_state *st)
   st->cps[1].disks[0] = strdup ("vdb");
   st->backup = calloc (1, sizeof *st->backup);
   strcpy (st->backup->id, "nightly");
-  strcpy (st->backup->mode, "incremental");
+  st->backup->mode = ORCH_BACKUP_INCREMENTAL;
+  st->backup->readable = ORCH_READABLE_ALL;
   strcpy (st->backup->since, "c1");
   strcpy (st->backup->checkpoint, "c2");
   st->backup->started = 3000;
@@ -110,6 +111,8 @@ Test (state, round_trip)
   cr_assert_eq (b.cps[0].created, 1000);
   cr_assert_not_null (b.backup);
   cr_assert_str_eq (b.backup->since, "c1");
+  cr_assert_eq (b.backup->mode, ORCH_BACKUP_INCREMENTAL);
+  cr_assert_eq (b.backup->readable, ORCH_READABLE_ALL);
   cr_assert_str_eq (b.backup->disks[0].bitmap, "backup-vdb");
   cr_assert_eq (b.backup->disks[0].store_pid, 99);
   cr_assert_null (b.backup->disks[0].export_name);
@@ -203,6 +206,8 @@ Test (state, bad_inputs)
     { "checkpoints.0.disks", "[]", "covers no disk" },
     { "checkpoints.1.name", "\"c1\"", "duplicate checkpoint" },
     { "backup.mode", "\"sideways\"", "bad mode" },
+    { "backup.readable", "\"some\"", "bad readable" },
+    { "backup.readable", "1", "bad readable" },
     { "backup.disks.0.name", "\"vdz\"", "unknown disk" },
     { "pending.op", "\"explode\"", "unknown op" },
     { "disks", "{}", "wrong type" },
@@ -254,6 +259,50 @@ Test (state, bad_inputs)
   huge[big] = '\0';
   expect_bad (huge, "larger than");
   free (huge);
+}
+
+/* The backup's readable set survives a save and load in both values; a
+ * record written before the choice existed (no "readable") was an
+ * incremental whose sessions protect only the changed blocks: it loads as
+ * changed, never as all. */
+Test (state, readable)
+{
+  struct orch_state a, b;
+  struct cbw_err err = { 0 };
+  make_state (&a);
+  for (int r = ORCH_READABLE_ALL; r <= ORCH_READABLE_CHANGED; r++) {
+    a.backup->readable = (enum orch_readable) r;
+    char *text = to_text (&a);
+    cr_assert_not_null (strstr (text, r == ORCH_READABLE_ALL ? "\"readable\":\"all\""
+                                : "\"readable\":\"changed\""), "%s", text);
+    cr_assert_eq (orch_state_from_json (text, strlen (text), "t.json", &b, &err), 0, "%s",
+                  err.msg);
+    cr_assert_eq (b.backup->readable, (enum orch_readable) r);
+    orch_state_free (&b);
+    free (text);
+  }
+  a.backup->readable = ORCH_READABLE_ALL;
+  struct json_object *j = orch_state_to_json (&a), *bk;
+  json_object_object_get_ex (body_of (j), "backup", &bk);
+  json_object_object_del (bk, "readable");
+  char *t = resign (j);
+  cr_assert_eq (orch_state_from_json (t, strlen (t), "t.json", &b, &err), 0, "%s", err.msg);
+  cr_assert_eq (b.backup->readable, ORCH_READABLE_CHANGED);
+  orch_state_free (&b);
+  free (t);
+  json_object_put (j);
+  orch_state_free (&a);
+
+  enum orch_backup_mode m;
+  enum orch_readable rd;
+  cr_assert_eq (orch_backup_mode_parse ("top", &m), 0);
+  cr_assert_eq (m, ORCH_BACKUP_TOP);
+  cr_assert_str_eq (orch_backup_mode_name (ORCH_BACKUP_NONE), "none");
+  cr_assert_eq (orch_backup_mode_parse ("Full", &m), -1);
+  cr_assert_eq (orch_backup_mode_parse (NULL, &m), -1);
+  cr_assert_eq (orch_readable_parse ("changed", &rd), 0);
+  cr_assert_eq (rd, ORCH_READABLE_CHANGED);
+  cr_assert_eq (orch_readable_parse ("", &rd), -1);
 }
 
 /* ---- model test of the checkpoint scheme ---- */
@@ -433,13 +482,14 @@ Test (state, chain_and_top)
   struct cbw_err err = { 0 };
   make_state (&a);
   a.disks[0]->chain = strdup ("/s/disks/vda/overlays/vda.chain");
-  strcpy (a.backup->mode, "top");
+  a.backup->mode = ORCH_BACKUP_TOP;
+  a.backup->readable = ORCH_READABLE_CHANGED;
   a.backup->since[0] = '\0';
   char *text = to_text (&a);
   cr_assert_eq (orch_state_from_json (text, strlen (text), "t.json", &b, &err), 0, "%s", err.msg);
   cr_assert_str_eq (b.disks[0]->chain, "/s/disks/vda/overlays/vda.chain");
   cr_assert_null (b.disks[1]->chain);
-  cr_assert_str_eq (b.backup->mode, "top");
+  cr_assert_eq (b.backup->mode, ORCH_BACKUP_TOP);
   char *text2 = to_text (&b);
   cr_assert_str_eq (text, text2);
   cr_assert_null (strstr (strstr (text, "\"vdb\""), "\"chain\""),
