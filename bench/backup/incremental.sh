@@ -4,7 +4,10 @@
 # same data and the same dirty blocks (ratios only hold inside one run).
 # Issue 6 bar: cbwd's incremental pull wall time <= QSD's.
 #
-#   cbwd-pull  cbwd (with its orchestrator): `backup begin --incremental c0`,
+#   cbwd-pull  cbwd (with its orchestrator): `backup begin --incremental c0
+#              --readable changed` (the mode the recorded results were taken
+#              in; nothing is written during the reads, so `all` reads the
+#              same),
 #              then client-tests/cbwd/incremental_reader (virtnbdbackup-style:
 #              block status of qemu:dirty-bitmap:backup-DISK + base:allocation
 #              in 32 MiB steps, reads only the dirty data) on cbwd's PIT export
