@@ -739,3 +739,36 @@ Test (session, authz_rules)
     cr_assert (cbwd_export_allow (e, bad[i], &err) == -1, "'%s' accepted", bad[i]);
   cbwd_export_free (e);
 }
+
+/* A readable set (an incremental with readable=changed): a read is
+ * allowed only if one dirty run covers it; otherwise the first clean byte
+ * is named.  Edges: a read ending exactly at a run's end, one crossing it,
+ * one starting in a gap, one between two runs that touch nothing. */
+Test (meta, bitmap_first_clean)
+{
+  struct cbw_err err = { 0 };
+  static const uint64_t r[][2] = { { 4096, 8192 }, { 0, 512 }, { 8192, 100 }, { 100000, 1 } };
+  struct cbwd_meta m;
+  uint64_t c = 0;
+  cr_assert (cbwd_meta_bitmap_from_ranges (&m, "bm", r, 4, 1 << 20, &err) == 0, "%s", err.msg);
+  cr_assert_not (cbwd_meta_bitmap_first_clean (&m, 0, 512, &c));
+  cr_assert_not (cbwd_meta_bitmap_first_clean (&m, 4096, 8192, &c));
+  cr_assert_not (cbwd_meta_bitmap_first_clean (&m, 12287, 1, &c));
+  cr_assert_not (cbwd_meta_bitmap_first_clean (&m, 100000, 1, &c));
+  cr_assert (cbwd_meta_bitmap_first_clean (&m, 0, 513, &c));
+  cr_assert_eq (c, 512);
+  cr_assert (cbwd_meta_bitmap_first_clean (&m, 12000, 4096, &c));
+  cr_assert_eq (c, 12288);
+  cr_assert (cbwd_meta_bitmap_first_clean (&m, 600, 10, &c));
+  cr_assert_eq (c, 600);
+  cr_assert (cbwd_meta_bitmap_first_clean (&m, 2048, 4096, &c));    /* gap, then dirty */
+  cr_assert_eq (c, 2048);
+  cr_assert (cbwd_meta_bitmap_first_clean (&m, 200000, 1, &c));     /* past every run */
+  cr_assert_eq (c, 200000);
+  /* base:allocation is not a bitmap: it never restricts reads */
+  struct cbwd_meta base;
+  cr_assert (cbwd_meta_base_init (&base) == 0);
+  cr_assert_not (cbwd_meta_bitmap_first_clean (&base, 0, 4096, &c));
+  base.free (&base);
+  m.free (&m);
+}
