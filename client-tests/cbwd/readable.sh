@@ -30,7 +30,7 @@ export CBW_SOCKET=$STATE/control.sock XDG_RUNTIME_DIR=$T/run CBW_NBDKIT="${NBDKI
 WRITER_PID=
 _orch_exit() {
   local rc=$? f p
-  [ -n "$WRITER_PID" ] && kill "$WRITER_PID" 2>/dev/null
+  [ -z "$WRITER_PID" ] || kill "$WRITER_PID" 2>/dev/null || true
   "$CBW" disk remove vda >/dev/null 2>&1 || true
   for f in $(grep -lF -- "$T/" /proc/[0-9]*/cmdline 2>/dev/null); do
     p=${f#/proc/}; p=${p%/cmdline}
