@@ -14,7 +14,8 @@
  * commit point of every chain change (snapshot, commit, delete).
  *
  * This library only reads, validates and writes the files; the layered I/O
- * engine and the operations are in plugin/chain/overlay_chain.c.
+ * engine and the operations are in plugin/chain/ (overlay_chain.c,
+ * commit.c).
  *
  * Locking: none inside; callers serialise updates of one file.  Struct
  * cbw_ovl_map bit accessors follow formats/bitmap.h rules (caller locks).

@@ -32,7 +32,8 @@ for p in nbdkit nbdcopy hyperfine fio jq bc; do command -v $p >/dev/null || { lo
 
 gcc -O2 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -I"$CBW_SRC/common" -I"$CBW_SRC/formats" \
   -I"$CBW_SRC/plugin/chain" -o "$WORK/ovc-tool" "$HERE/ovc-tool.c" \
-  "$CBW_SRC/plugin/chain/overlay_chain.c" "$CBW_SRC/formats/overlay.c" \
+  "$CBW_SRC/plugin/chain/overlay_chain.c" "$CBW_SRC/plugin/chain/overlay_open.c" \
+  "$CBW_SRC/plugin/chain/commit.c" "$CBW_SRC/plugin/chain/overlay_ctl.c" "$CBW_SRC/formats/overlay.c" \
   "$CBW_SRC/formats/bitmap.c" "$CBW_SRC/common/cbw_err.c" "$CBW_SRC/common/fileutil.c" \
   "$CBW_SRC/common/control.c" -ljson-c -lxxhash -lpthread
 TOOL=$WORK/ovc-tool

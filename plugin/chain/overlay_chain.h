@@ -6,7 +6,7 @@
  * cbw_err (errnum + message) and is unit-tested on its own
  * (plugin/chain/tests/).  The plugin maps calls 1:1 from its callbacks and
  * its control table.  Thread-safety: every function may be called from any
- * thread concurrently (see the locking notes at the top of overlay_chain.c),
+ * thread concurrently (see the locking notes in overlay_chain_int.h),
  * except ovc_open/ovc_close.
  */
 #ifndef CBW_OVERLAY_CHAIN_H
