@@ -330,9 +330,11 @@ print_commit (struct json_object *ret)
               jint (ret, "hi"));
   else
     snprintf (layers, sizeof layers, "layer %" PRId64, jint (ret, "lo"));
-  printf ("disk %s: committing %s into layer %" PRId64 "%s (progress: cbw disk chain %s)\n",
+  bool keep = strcmp (jstr (ret, "mode", "delete"), "make-empty") == 0;
+  printf ("disk %s: committing %s into layer %" PRId64 "%s%s (progress: cbw disk chain %s)\n",
           jstr (ret, "disk", "?"), layers, jint (ret, "lo") - 1,
-          json_object_get_boolean (jget (ret, "active")) ? ", live" : "", jstr (ret, "disk", "?"));
+          json_object_get_boolean (jget (ret, "active")) ? ", live" : "",
+          keep ? ", keeping them emptied" : "", jstr (ret, "disk", "?"));
 }
 
 static void
@@ -419,11 +421,17 @@ static const struct sub subs[] = {
     { { "--label", "label", O_STR, "free text stored with the new overlay" }, { NULL } },
     "live snapshot: a new top overlay takes the writes from now on", print_snapshot },
   { "disk", "commit", "disk-commit", "name", true, "NAME",
-    { { "--speed", "speed", O_SIZE, "limit in bytes/s (suffixes K, M, G; default none)" },
+    { { "--base", "base", O_STR, "LAYER: index or name (see disk chain) receiving the "
+        "data; default: the layer below --top" },
+      { "--top", "top", O_STR, "LAYER: highest layer merged; default: the active layer" },
+      { "--keep", "keep", O_BOOL, "make-empty: keep the merged layers, emptied (the active "
+        "one keeps taking writes); default: delete them" },
+      { "--speed", "speed", O_SIZE, "limit in bytes/s (suffixes K, M, G; default none)" },
       { "--wait", "wait", O_BOOL, "follow the commit until it ends; exit 0 only if it "
         "completed (progress bar on a terminal)" },
       { NULL } },
-    "live commit: merge the top overlay into the layer below", print_commit },
+    "live commit: merge layers base+1..top into base (default: the top overlay into "
+    "the layer below)", print_commit },
   { "disk", "commit-cancel", "disk-commit-cancel", "name", true, "NAME", { { NULL } },
     "cancel a disk's running commit", NULL },
   { "disk", "chain", "disk-chain", "name", true, "NAME", { { NULL } },

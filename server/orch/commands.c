@@ -633,21 +633,50 @@ h_disk_snapshot (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   return ret;
 }
 
+/* The plugin's commit arguments for a disk-commit request: the range
+ * resolved from the chain's layers (names or indices), the mode, the speed. */
+static struct json_object *
+commit_request (struct orch_disk *d, const char *name, struct json_object *args,
+                unsigned *lo, unsigned *hi, struct cbw_err *e)
+{
+  struct json_object *c = orch_chain_status (d, e), *layers = NULL;
+  if (c == NULL)
+    return NULL;
+  json_object_object_get_ex (c, "layers", &layers);
+  int rr = orch_commit_range (name, layers, cbw_ctl_arg_str (args, "base", NULL),
+                              cbw_ctl_arg_str (args, "top", NULL), lo, hi, e);
+  json_object_put (c);
+  if (rr < 0)
+    return NULL;
+  struct json_object *a = json_object_new_object ();
+  json_object_object_add (a, "base", json_object_new_int64 (*lo - 1));
+  json_object_object_add (a, "top", json_object_new_int64 (*hi));
+  json_object_object_add (a, "mode", json_object_new_string
+                          (cbw_ctl_arg_bool (args, "keep", false) ? "make-empty" : "delete"));
+  json_object_object_add (a, "speed", json_object_new_int64
+                          (cbw_ctl_arg_int (args, "speed", 0)));
+  return a;
+}
+
 static int
 h_disk_commit (void *data, struct json_object *args, struct cbw_ctl_reply *r)
 {
   struct cbw_orch *o = data;
   struct cbw_err e = { 0 };
   const char *name = cbw_ctl_arg_str (args, "name", "");
-  long long speed = cbw_ctl_arg_int (args, "speed", 0);
+  const char *mode = cbw_ctl_arg_bool (args, "keep", false) ? "make-empty" : "delete";
+  unsigned lo, hi;
   if (enter (o, r, false) < 0)
     return -1;
   int ret = -1;
   struct orch_disk *d = chain_disk (o, name, "a commit", true, r);
   if (d == NULL)
     goto out;
-  struct json_object *a = json_object_new_object ();
-  json_object_object_add (a, "speed", json_object_new_int64 (speed));
+  struct json_object *a = commit_request (d, name, args, &lo, &hi, &e);
+  if (a == NULL) {
+    fail_err (r, &e);
+    goto out;
+  }
   struct json_object *cr = orch_mod_call (d->ctl_chain, "commit", a, NULL, 0, &e), *v;
   if (cr == NULL) {
     cbw_err_prefix (&e, "disk %s: commit", name);
@@ -656,8 +685,10 @@ h_disk_commit (void *data, struct json_object *args, struct cbw_ctl_reply *r)
   }
   r->ret = json_object_new_object ();
   json_object_object_add (r->ret, "disk", json_object_new_string (name));
+  json_object_object_add (r->ret, "mode", json_object_new_string (mode));
   struct json_object *ev = json_object_new_object ();
   json_object_object_add (ev, "disk", json_object_new_string (name));
+  json_object_object_add (ev, "mode", json_object_new_string (mode));
   const char *keys[] = { "lo", "hi", "active" };
   for (size_t i = 0; i < 3; i++)
     if (json_object_object_get_ex (cr, keys[i], &v)) {
@@ -1190,6 +1221,12 @@ static const struct cbw_ctl_arg snapshot_args[] = {
 };
 static const struct cbw_ctl_arg commit_args[] = {
   { "name", CBW_ARG_STRING, true, "the disk" },
+  { "base", CBW_ARG_STRING, false, "LAYER receiving the data: an index (0 = the image) "
+    "or a name, as `disk-chain` lists them; default: the layer below `top`" },
+  { "top", CBW_ARG_STRING, false, "highest LAYER merged (index or name); default: the "
+    "active layer" },
+  { "keep", CBW_ARG_BOOL, false, "make-empty: the merged layers stay in the chain, "
+    "emptied (the active one keeps taking the guest's writes); default: they are deleted" },
   { "speed", CBW_ARG_UINT, false, "bytes/s, 0 = unlimited (default)" },
   { NULL }
 };
@@ -1355,13 +1392,23 @@ static const struct cbw_ctl_command commands[] = {
     "running).",
     "`{\"disk\", \"layer\": NAME, \"index\": N, \"overlays\": N}`" },
   { "disk-commit", h_disk_commit, commit_args,
-    "Live commit: merge the top overlay into the layer below it (the image itself when "
-    "it is the only overlay) in the background while the guest keeps running; writes "
-    "meanwhile go to both. When it completes the top leaves the chain and the layer below "
-    "is the writable top again. Progress and the result are in `disk-chain` "
-    "(`operation`); `cbw disk commit --wait` follows it. Refused like `disk-snapshot`, "
-    "and with `InvalidParameter` when the chain has no overlay.",
-    "`{\"disk\", \"lo\", \"hi\", \"active\"}` (the layers merged)" },
+    "Live commit: merge layers `base`+1..`top` into layer `base` in the background while "
+    "the guest keeps running. Default: the active (top) overlay into the layer below it "
+    "(the image itself when it is the only overlay). An active commit (`top` is the "
+    "active layer) mirrors the guest's writes into `base` meanwhile; an intermediate "
+    "commit (`top` below the active layer) copies while the guest writes to the layers "
+    "above, which shadow it. The guest-visible disk never changes. When it completes, "
+    "the merged layers leave the chain (`base` is the layer below the ones that stayed), "
+    "or with `keep` they stay, emptied, and the active one keeps taking the guest's "
+    "writes. Progress and the result are in `disk-chain` (`operation`); `cbw disk commit "
+    "--wait` follows it; `disk-commit-cancel` stops any of them with the chain as it was. "
+    "A crash at any instant loses no acknowledged write (an interrupted copy is undone "
+    "at the next start, an interrupted switch finished). Refused like `disk-snapshot`, "
+    "and with `InvalidParameter` naming the problem when the chain has no overlay, a "
+    "LAYER is unknown or out of range, `top` is the image, `base` is the active layer or "
+    "not below `top`.",
+    "`{\"disk\", \"lo\", \"hi\", \"active\", \"mode\": delete|make-empty}` (layers "
+    "lo..hi merge into lo-1)" },
   { "disk-commit-cancel", h_disk_commit_cancel, name_arg,
     "Cancel the disk's running commit; the chain stays as it was.",
     NULL },

@@ -505,6 +505,15 @@ struct orch_chain_info {
   char top[256];                /* name of the top layer */
 };
 int orch_chain_info (struct orch_disk *d, struct orch_chain_info *ci, struct cbw_err *err);
+/* The range of a commit (`disk-commit` base/top): layers (the chain
+ * status "layers" array, bottom to top) and the LAYER arguments (a decimal
+ * index or a layer name as disk-chain shows them; NULL = default: top = the
+ * active layer, base = the layer below top) give *lo..*hi, the overlays
+ * merged into layer *lo - 1.  EINVAL with a message naming the problem:
+ * no overlay, unknown name, index out of range, base not below top, top is
+ * the image. */
+int orch_commit_range (const char *disk, struct json_object *layers, const char *base,
+                       const char *top, unsigned *lo, unsigned *hi, struct cbw_err *err);
 /* Overlays listed in the descriptor on disk (for a disk that is not
  * running); 0 if there is no descriptor yet. */
 int orch_chain_overlays_offline (struct orch_disk *d, unsigned *n, struct cbw_err *err);

@@ -64,6 +64,66 @@ orch_chain_status (struct orch_disk *d, struct cbw_err *err)
   return c;
 }
 
+/* One LAYER argument: index or name -> index in 0..n (n = overlays). */
+static int
+layer_index (const char *disk, struct json_object *layers, const char *what,
+             const char *arg, unsigned *idx, struct cbw_err *err)
+{
+  size_t nl = json_object_array_length (layers);
+  if (arg[0] == 0)
+    return cbw_err_set (err, EINVAL, "--%s: empty layer (give an index or a name as "
+                        "`cbw disk chain %s` shows them)", what, disk);
+  if (strspn (arg, "0123456789") == strlen (arg)) {
+    if (strlen (arg) > 9 || strtoul (arg, NULL, 10) >= nl)
+      return cbw_err_set (err, EINVAL, "--%s %.32s: disk %s has no layer with that index "
+                          "(its layers are 0..%zu, 0 = the image)", what, arg, disk, nl - 1);
+    *idx = (unsigned) strtoul (arg, NULL, 10);
+    return 0;
+  }
+  for (size_t i = 0; i < nl; i++) {
+    struct json_object *l = json_object_array_get_idx (layers, i), *nm;
+    if (json_object_object_get_ex (l, "name", &nm) &&
+        strcmp (json_object_get_string (nm), arg) == 0) {
+      *idx = (unsigned) i;
+      return 0;
+    }
+  }
+  return cbw_err_set (err, EINVAL, "--%s %.200s: disk %s has no layer of that name (see "
+                      "`cbw disk chain %s`)", what, arg, disk, disk);
+}
+
+int
+orch_commit_range (const char *disk, struct json_object *layers, const char *base,
+                   const char *top, unsigned *lo, unsigned *hi, struct cbw_err *err)
+{
+  if (layers == NULL || !json_object_is_type (layers, json_type_array) ||
+      json_object_array_length (layers) < 1)
+    return cbw_err_set (err, EPROTO, "disk %s: the chain status lists no layers", disk);
+  unsigned n = (unsigned) json_object_array_length (layers) - 1, b, t = n;
+  if (n == 0)
+    return cbw_err_set (err, EINVAL, "disk %s has no overlay to commit (its chain is "
+                        "the image alone; `cbw disk snapshot %s` adds one)", disk, disk);
+  if (top && layer_index (disk, layers, "top", top, &t, err) < 0)
+    return -1;
+  if (t == 0)
+    return cbw_err_set (err, EINVAL, "--top %.200s is the image (layer 0): there is no "
+                        "layer below it to merge into", top);
+  b = t - 1;
+  if (base && layer_index (disk, layers, "base", base, &b, err) < 0)
+    return -1;
+  if (b == n)
+    return cbw_err_set (err, EINVAL, "--base %.200s is the active layer %u (it takes the "
+                        "guest's writes): a commit merges layers into one below them",
+                        base, n);
+  if (b >= t)
+    return cbw_err_set (err, EINVAL, "--base %.200s (layer %u) is not below --top %s "
+                        "(layer %u): the base receives layers base+1..top", base, b,
+                        top ? top : "(the active layer)", t);
+  *lo = b + 1;
+  *hi = t;
+  return 0;
+}
+
 int
 orch_chain_info (struct orch_disk *d, struct orch_chain_info *ci, struct cbw_err *err)
 {

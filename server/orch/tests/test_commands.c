@@ -284,3 +284,68 @@ Test (docs, committed_reference_matches_table)
   free (md);
   free (file);
 }
+
+/* disk-commit's LAYER arguments: indices and names resolve against the
+ * chain's layers; every bad combination is refused naming the problem. */
+static struct json_object *
+test_layers (unsigned n)
+{
+  struct json_object *a = json_object_new_array ();
+  for (unsigned i = 0; i <= n; i++) {
+    struct json_object *l = json_object_new_object ();
+    char nm[32];
+    snprintf (nm, sizeof nm, i ? "ovl-%u" : "/img/base.raw", i);
+    json_object_object_add (l, "index", json_object_new_int ((int) i));
+    json_object_object_add (l, "name", json_object_new_string (nm));
+    json_object_array_add (a, l);
+  }
+  return a;
+}
+
+static void
+range_ok (struct json_object *l, const char *base, const char *top, unsigned lo, unsigned hi)
+{
+  struct cbw_err e = { 0 };
+  unsigned rl = 99, rh = 99;
+  cr_assert_eq (orch_commit_range ("vda", l, base, top, &rl, &rh, &e), 0,
+                "base %s top %s: %s", base ? base : "-", top ? top : "-", e.msg);
+  cr_assert_eq (rl, lo, "base %s top %s: lo %u", base ? base : "-", top ? top : "-", rl);
+  cr_assert_eq (rh, hi, "base %s top %s: hi %u", base ? base : "-", top ? top : "-", rh);
+}
+
+static void
+range_bad (struct json_object *l, const char *base, const char *top, const char *needle)
+{
+  struct cbw_err e = { 0 };
+  unsigned rl = 99, rh = 99;
+  cr_assert_eq (orch_commit_range ("vda", l, base, top, &rl, &rh, &e), -1,
+                "base %s top %s accepted", base ? base : "-", top ? top : "-");
+  cr_assert_eq (e.errnum, EINVAL);
+  cr_assert_not_null (strstr (e.msg, needle), "base %s top %s: '%s' lacks '%s'",
+                      base ? base : "-", top ? top : "-", e.msg, needle);
+  cr_assert_eq (rl, 99);
+}
+
+Test (commit_range, layers_by_index_and_name)
+{
+  struct json_object *l = test_layers (4), *none = test_layers (0);
+  range_ok (l, NULL, NULL, 4, 4);             /* active top into the layer below */
+  range_ok (l, "0", NULL, 1, 4);              /* everything into the image */
+  range_ok (l, "0", "3", 1, 3);               /* intermediate */
+  range_ok (l, NULL, "3", 3, 3);
+  range_ok (l, "/img/base.raw", "ovl-3", 1, 3);
+  range_ok (l, "ovl-1", "ovl-2", 2, 2);
+  range_bad (none, NULL, NULL, "no overlay to commit");
+  range_bad (l, NULL, "ovl-9", "no layer of that name");
+  range_bad (l, "nope", NULL, "no layer of that name");
+  range_bad (l, "5", NULL, "layers are 0..4");
+  range_bad (l, NULL, "99999999999999999999", "layers are 0..4");
+  range_bad (l, NULL, "0", "is the image");
+  range_bad (l, "4", NULL, "is the active layer");
+  range_bad (l, "ovl-4", "ovl-4", "is the active layer");
+  range_bad (l, "3", "3", "is not below --top");
+  range_bad (l, "3", "2", "is not below --top");
+  range_bad (l, "", NULL, "empty layer");
+  json_object_put (l);
+  json_object_put (none);
+}
