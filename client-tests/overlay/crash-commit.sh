@@ -11,7 +11,8 @@
 # the one write that may have been in flight, where every 4 KiB block holds
 # either the model's data or the write's.  Then the chain must keep working:
 # the commit is run again to completion and the disk still equals the model.
-# CBW_CRASH_SEED fixes the random choices (printed at start).
+# CBW_CRASH_SEED fixes the random choices (printed at start);
+# CBW_CRASH_ROUNDS=N runs each kind N times (default 1).
 . "$(dirname "$0")/../functions.sh"
 . "$(dirname "$0")/common.sh"
 require_chain_support
@@ -34,14 +35,17 @@ wr() {
   rm -f "$T/pending"
 }
 # writes N [MAXBLOCKS]: N random 4k-aligned writes of up to MAXBLOCKS (64)
-# blocks, in the foreground
+# blocks and a flush in one qemu-io run, in the foreground, then the model
 writes() {
-  local i off len
+  local i off len cmds=() a=() c
   for i in $(seq "$1"); do
     off=$(( (RANDOM % (SIZE / 4096)) * 4096 )) len=$(( (1 + RANDOM % ${2:-64}) * 4096 ))
     [ $((off + len)) -le $SIZE ] || len=$((SIZE - off))
-    wr $off $len $((1 + RANDOM % 255)) || fail "write failed with nbdkit up"
+    cmds+=("write -P $((1 + RANDOM % 255)) $off $len")
   done
+  for c in "${cmds[@]}" flush; do a+=(-c "$c"); done
+  qemu-io -f raw "$U" "${a[@]}" >/dev/null || fail "writes failed with nbdkit up"
+  qemu-io -f raw "$T/model.img" "${a[@]}" >/dev/null
 }
 # writer SEED: writes until nbdkit dies (run in the background)
 writer() {
@@ -78,8 +82,10 @@ EOF
 overlays() { ctl_ok "$C" '{"execute":"status"}' | jq -r .overlays; }
 
 kinds=("intermediate delete" "intermediate make-empty" "active make-empty")
+all=()
+for i in $(seq "${CBW_CRASH_ROUNDS:-1}"); do all+=("${kinds[@]}"); done
 round=0
-for kind in "${kinds[@]}" "${kinds[@]}"; do
+for kind in "${all[@]}"; do
   round=$((round + 1))
   while [ "$(overlays)" -lt 3 ]; do
     ctl_ok "$C" '{"execute":"snapshot"}' >/dev/null
@@ -95,13 +101,16 @@ for kind in "${kinds[@]}" "${kinds[@]}"; do
   # (about the last 10% of the draw) or just after it.
   speed=4194304
   before=$(ctl_ok "$C" '{"execute":"status"}' | jq -c '[.chain.layers[].name]')
+  t0=$(date +%s%N)
   ctl_ok "$C" "{\"execute\":\"commit\",\"arguments\":{$args,\"speed\":$speed}}" >/dev/null
   writer $((SEED + round)) &
   WPID=$!
   total=$(ctl_ok "$C" '{"execute":"status"}' | jq -r '.chain.operation.total')
   ms=$(( total * 1000 / speed ))
   delay=$(( (RANDOM * 32768 + RANDOM) % (ms + ms / 10 + 1) ))
-  sleep "$((delay / 1000)).$(printf '%03d' $((delay % 1000)))"
+  # the instant is counted from the commit's start
+  left=$(( delay - ($(date +%s%N) - t0) / 1000000 ))
+  [ $left -gt 0 ] && sleep "$((left / 1000)).$(printf '%03d' $((left % 1000)))"
   st=$(octl "$C" '{"execute":"status"}' | jq -r '.return.chain.operation | "\(.state) \(.done)/\(.total)"' 2>/dev/null || true)
   kill9 "$NBDKIT_PID"
   wait "$WPID" 2>/dev/null || true
@@ -113,6 +122,9 @@ for kind in "${kinds[@]}" "${kinds[@]}"; do
   if [ "$after" != "$before" ]; then
     log "  the switch had happened: $before -> $after"
   fi
+  # The write that was in flight is now decided by what the disk holds
+  # (checked above): the model takes it, so later checks are exact.
+  cp "$T/read.img" "$T/model.img"
   rm -f "$T/pending"
   writes 3
   check "round $round ($kind): writes after restart"
