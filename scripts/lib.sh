@@ -13,6 +13,7 @@ CBW_PACKAGES=(
   qemu-utils qemu-system-common fio hyperfine jq python3 perl
   clang libclang-rt-dev util-linux procps psmisc
   debhelper dpkg-dev lintian systemd man-db
+  virtnbdbackup
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
