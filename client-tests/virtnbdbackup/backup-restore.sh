@@ -182,7 +182,7 @@ jq -e --argjson half $((24 * MiB)) '[.[] | select(.incremental and .diskName == 
 # refreshes): libvirt's in-process test driver stands in, no libvirtd.
 restore() {      # restore DIR ARGS...: virtnbdrestore into $T/DIR
   local dir=$1; shift
-  $PY /usr/bin/virtnbdrestore -U test:///default -n -i "$OUT" -o "$T/$dir" -f "$T/restore.sock" \
+  $PY /usr/bin/virtnbdrestore -U test:///default -n -i "$OUT" -o "$T/$dir" -f "$T/restore-$dir.sock" \
     -L "$T/restore-$dir.log" "$@" > "$T/restore-$dir.out" 2>&1 ||
     { tail -n 20 "$T/restore-$dir.log" >&2; fail "virtnbdrestore $*"; }
 }

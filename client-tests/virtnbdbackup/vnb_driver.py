@@ -33,8 +33,8 @@
 # The wait wraps virtnbdbackup's lib.writeBlock/writeChunk; their reads are
 # untouched.
 #
-# No locking: one process, the per-disk threads share only the paced-disk
-# set (guarded by a lock) and virtnbdbackup's own state.
+# Locking: one process; the per-disk threads share only pace()'s per-disk
+# call counts (under its lock) and virtnbdbackup's own state.
 import argparse
 import importlib.machinery
 import importlib.util
@@ -49,6 +49,7 @@ import time
 import urllib.parse
 from argparse import Namespace
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from html import escape
 
 DOMAIN_XML = """<domain type='kvm'>
   <name>{domain}</name>
@@ -147,7 +148,7 @@ class CbwVirt:
 
 
 def pace(vnb, spec):
-    """Delay each disk's first data read until the guest wrote N more times."""
+    """Delay each disk's first two data reads until the guest wrote N more times."""
     path, n = spec.rsplit(":", 1)
     n = int(n)
     done, lock = {}, threading.Lock()
@@ -196,7 +197,8 @@ def main():
                     help="disk format told to virtnbdbackup (raw disks get no incrementals there)")
     ap.add_argument("--begin-arg", action="append", default=[],
                     help="extra argument for `cbw backup begin`")
-    ap.add_argument("--pace", default=None, metavar="FILE:N")
+    ap.add_argument("--pace", default=None, metavar="FILE:N",
+                    help="test only: let a guest writer write N times before a disk's first two reads")
     ap.add_argument("-z", "--compress", type=int, default=False)
     ap.add_argument("-v", "--verbose", action="store_true", help="virtnbdbackup's debug log")
     a = ap.parse_args()
@@ -234,7 +236,6 @@ def main():
     vnb.handleCheckpoints(args, virt, None)
     if a.pace:
         pace(vnb, a.pace)
-    ok = False
     try:
         virt.startBackup(args, None, disks)
         if args.level not in ("copy", "diff"):
@@ -246,16 +247,16 @@ def main():
             for f in as_completed(futs):
                 if f.result() is not True:
                     raise CbwError(f"backup of disk {futs[f].target} failed")
-        ok = True
     finally:
         virt.stopBackup(None)
-    xml = DOMAIN_XML.format(domain=a.domain, disks="".join(
-        DISK_XML.format(fmt=d.format, path=d.path, target=d.target) for d in disks))
+    xml = DOMAIN_XML.format(domain=escape(a.domain), disks="".join(
+        DISK_XML.format(fmt=escape(d.format, quote=True), path=escape(d.path, quote=True),
+                        target=escape(d.target, quote=True)) for d in disks))
     if vnb.backupConfig(args, xml) is None:
         sys.exit("could not save the domain config")
     print(json.dumps({"level": args.level, "checkpoint": args.cpt.name,
                       "parent": args.cpt.parent, "socket": args.socketfile}))
-    return 0 if ok else 1
+    return 0
 
 
 if __name__ == "__main__":
