@@ -7,7 +7,8 @@
 # sparse) and vdb (40 MiB + 12345 bytes: one data extent larger than cbwd's
 # 32 MiB maximum request, and a partial last cluster).  A guest writer
 # (qemu-io through each disk's live export) writes random ranges to both
-# (write-zeroes too on vda, now and then vdb's last bytes), all the time.
+# (write-zeroes too on vda, now and then vdb's last bytes, a hot block on
+# both every round), all the time.
 # vnb_driver.py runs virtnbdbackup's own backup steps (checkpoint naming,
 # backupDisk per disk in its thread pool, its sparse stream files) with
 # `cbw backup begin/end` in the place of libvirt, in this order:
@@ -104,6 +105,10 @@ writer() {
           cmds+=(-c "write -P $((RANDOM % 250 + 1)) $(( (RANDOM * 32768 + RANDOM) % (size - 70000) )) $((RANDOM % 65536 + 1))")
         fi
       done
+      # a hot block, new bytes every round: dirty in every incremental and
+      # overwritten after every point in time before the first data read
+      # (--pace), so a reader served post-PIT data always gets it wrong there
+      cmds+=(-c "write -P $((n % 250 + 1)) $((MiB + 4096)) 4096")
       # vdb: now and then its last, partial 64 KiB cluster
       [ $d = vdb ] && [ $((RANDOM % 6)) = 0 ] && cmds+=(-c "write -P $((n % 250 + 1)) $((size - 3000)) 3000")
       qemu-io -f raw "${cmds[@]}" "$(disk_uri $d)" >/dev/null || { echo "writer: qemu-io on $d failed" >&2; exit 1; }
