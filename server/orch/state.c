@@ -962,6 +962,8 @@ orch_state_load (struct cbw_orch *o, struct cbw_err *err)
     memcpy (d->id, old->id, sizeof d->id);
     d->id_new = old->id_new;
     d->force_share = old->force_share;
+    if (old->cbw_timeout_ms)
+      orch_disk_set_cbw_timeout (d, old->cbw_timeout_ms);
     d->tcp = old->tcp;
     old->tcp = NULL;
     d->offline = old->offline;        /* from the backup record */

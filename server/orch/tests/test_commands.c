@@ -271,6 +271,47 @@ Test (startup, disk_ids_added_at_load)
   orch_test_rm_rf (d);
 }
 
+/* A disk's own settings survive a restart: the state file's disks read
+ * back by a new orchestrator serialise to the same JSON (cbw-timeout-ms
+ * was once dropped at load, so a restarted cbwd ran the disk with the
+ * default bound). */
+Test (startup, disk_settings_survive_restart)
+{
+  char d[] = "/tmp/cbw-orch-test.XXXXXX";
+  cr_assert_not_null (mkdtemp (d));
+  struct orch_state st = { 0 };
+  st.generation = 1;
+  st.ndisks = 1;
+  st.disks = calloc (1, sizeof *st.disks);
+  st.disks[0] = orch_disk_new (d, "vda", "/nonexistent/a.img", 65536);
+  st.disks[0]->force_share = true;
+  orch_disk_set_cbw_timeout (st.disks[0], 1234);
+  struct json_object *want = orch_state_to_json (&st), *wbody, *wdisks;
+  json_object_object_get_ex (want, "body", &wbody);
+  json_object_object_get_ex (wbody, "disks", &wdisks);
+  const char *t = json_object_to_json_string_ext (want, JSON_C_TO_STRING_PLAIN);
+  char p[128];
+  snprintf (p, sizeof p, "%s/%s", d, ORCH_STATE_FILE);
+  struct cbw_err err = { 0 };
+  cr_assert_eq (cbw_write_file_atomic (p, t, strlen (t), &err), 0, "%s", err.msg);
+  orch_state_free (&st);
+
+  struct cbw_orch_config cfg = { .state_dir = d };
+  struct cbw_orch *o = cbw_orch_open (&cfg, &err);
+  cr_assert_not_null (o, "%s", err.msg);
+  cr_assert_eq (orch_disk_cbw_timeout (o->st.disks[0]), 1234);
+  struct json_object *got = orch_state_to_json (&o->st), *gbody, *gdisks;
+  json_object_object_get_ex (got, "body", &gbody);
+  json_object_object_get_ex (gbody, "disks", &gdisks);
+  cr_assert_str_eq (json_object_to_json_string_ext (gdisks, JSON_C_TO_STRING_PLAIN),
+                    json_object_to_json_string_ext (wdisks, JSON_C_TO_STRING_PLAIN),
+                    "a disk changed across a restart");
+  json_object_put (got);
+  json_object_put (want);
+  cbw_orch_close (o, false);
+  orch_test_rm_rf (d);
+}
+
 Test (docs, committed_reference_matches_table)
 {
   char *md = cbw_ctl_docs_markdown (&cbw_orch_ctl_table), *file = NULL;
