@@ -516,32 +516,24 @@ static const char *const bitmap_keys[] = {
   "data_file", "checksum", NULL
 };
 
-/* Parse and validate the descriptor text, then load the data files.  All
- * messages are prefixed with the path by the caller except those of
- * load_data_file, which name the data file themselves. */
+/* Parse the descriptor text as one strict JSON value (nothing after it but
+ * white space); *rootp on success. */
 static int
-load_descriptor (struct store_impl *si, const char *buf, size_t len,
-                 uint64_t image_size, struct cbw_err *err)
+parse_json (const char *path, const char *buf, size_t len, json_object **rootp,
+            struct cbw_err *err)
 {
-  struct cbw_bitmap_store *st = &si->pub;
-  json_tokener *tok;
-  json_object *root, *v, *bitmaps, *garbage;
-  int64_t version;
-  uint64_t disk_size;
-  int ret = -1;
-
   if (memchr (buf, '\0', len) != NULL)
-    return cbw_err_set (err, EIO, "%s: malformed JSON: NUL byte in file", st->descriptor_path);
-  tok = json_tokener_new ();
+    return cbw_err_set (err, EIO, "%s: malformed JSON: NUL byte in file", path);
+  json_tokener *tok = json_tokener_new ();
   if (tok == NULL)
-    return cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
+    return cbw_err_set (err, ENOMEM, "%s: out of memory", path);
   json_tokener_set_flags (tok, JSON_TOKENER_STRICT);
-  root = json_tokener_parse_ex (tok, buf, (int) len);
+  json_object *root = json_tokener_parse_ex (tok, buf, (int) len);
   if (root == NULL || json_tokener_get_error (tok) != json_tokener_success
       || strspn (buf + json_tokener_get_parse_end (tok), " \t\r\n")
          != len - json_tokener_get_parse_end (tok)) {
     enum json_tokener_error e = json_tokener_get_error (tok);
-    cbw_err_set (err, EIO, "%s: malformed JSON at offset %zu: %s", st->descriptor_path,
+    cbw_err_set (err, EIO, "%s: malformed JSON at offset %zu: %s", path,
                  json_tokener_get_parse_end (tok),
                  root == NULL ? json_tokener_error_desc (e == json_tokener_continue
                                                          ? json_tokener_error_parse_eof : e)
@@ -551,12 +543,23 @@ load_descriptor (struct store_impl *si, const char *buf, size_t len,
     return -1;
   }
   json_tokener_free (tok);
+  *rootp = root;
+  return 0;
+}
 
-  if (!json_object_is_type (root, json_type_object)) {
-    cbw_err_set (err, EIO, "%s: top level is %s, expected an object",
-                 st->descriptor_path, type_name (root));
-    goto out;
-  }
+/* The top level: format, version, checksum trailer, keys, generation and
+ * image size; *bitmaps and *garbage are its two arrays. */
+static int
+check_top (struct cbw_bitmap_store *st, json_object *root, const char *buf, size_t len,
+           uint64_t image_size, json_object **bitmaps, json_object **garbage,
+           struct cbw_err *err)
+{
+  json_object *v = NULL;
+  uint64_t disk_size;
+
+  if (!json_object_is_type (root, json_type_object))
+    return cbw_err_set (err, EIO, "%s: top level is %s, expected an object",
+                        st->descriptor_path, type_name (root));
   if (!json_object_object_get_ex (root, "format", &v) || !json_object_is_type (v, json_type_string)
       || strcmp (json_object_get_string (v), FORMAT_NAME) != 0) {
     char shown[64] = "(missing)";
@@ -564,186 +567,197 @@ load_descriptor (struct store_impl *si, const char *buf, size_t len,
       sanitize (shown, sizeof shown, json_object_get_string (v));
     else if (v)
       snprintf (shown, sizeof shown, "(%s)", type_name (v));
-    cbw_err_set (err, EINVAL, "%s: wrong format \"%s\": not a cbw bitmap descriptor "
-                 "(expected \"" FORMAT_NAME "\")", st->descriptor_path, shown);
-    goto out;
+    return cbw_err_set (err, EINVAL, "%s: wrong format \"%s\": not a cbw bitmap descriptor "
+                        "(expected \"" FORMAT_NAME "\")", st->descriptor_path, shown);
   }
-  if (!json_object_object_get_ex (root, "version", &v) || !json_object_is_type (v, json_type_int)) {
-    cbw_err_set (err, EIO, "%s: key \"version\" missing or not an integer", st->descriptor_path);
-    goto out;
-  }
-  version = json_object_get_int64 (v);
-  if (version != CBW_BITMAP_FORMAT_VERSION) {
-    cbw_err_set (err, ENOTSUP, "%s: unsupported version %" PRId64 " (this build reads version %d)",
-                 st->descriptor_path, version, CBW_BITMAP_FORMAT_VERSION);
-    goto out;
-  }
+  if (!json_object_object_get_ex (root, "version", &v) || !json_object_is_type (v, json_type_int))
+    return cbw_err_set (err, EIO, "%s: key \"version\" missing or not an integer",
+                        st->descriptor_path);
+  int64_t version = json_object_get_int64 (v);
+  if (version != CBW_BITMAP_FORMAT_VERSION)
+    return cbw_err_set (err, ENOTSUP, "%s: unsupported version %" PRId64 " (this build reads "
+                        "version %d)", st->descriptor_path, version, CBW_BITMAP_FORMAT_VERSION);
   if (verify_trailer (buf, len, err) < 0
       || check_keys (root, top_keys, "", err) < 0
       || get_u64 (root, "generation", &st->generation, "", err) < 0
       || get_u64 (root, "image_size", &disk_size, "", err) < 0
-      || get_member (root, "bitmaps", json_type_array, &bitmaps, "", err) < 0
-      || get_member (root, "garbage", json_type_array, &garbage, "", err) < 0) {
-    cbw_err_prefix (err, "%s", st->descriptor_path);
-    goto out;
-  }
-  if (disk_size != image_size) {
-    cbw_err_set (err, EINVAL, "%s: image size mismatch: descriptor is for %" PRIu64
-                 " bytes, image is %" PRIu64 " bytes", st->descriptor_path, disk_size, image_size);
-    goto out;
-  }
-  if (json_object_array_length (bitmaps) > CBW_BITMAP_MAX_COUNT) {
-    cbw_err_set (err, EIO, "%s: too many bitmaps (%zu, limit %d)", st->descriptor_path,
-                 json_object_array_length (bitmaps), CBW_BITMAP_MAX_COUNT);
-    goto out;
-  }
+      || get_member (root, "bitmaps", json_type_array, bitmaps, "", err) < 0
+      || get_member (root, "garbage", json_type_array, garbage, "", err) < 0)
+    return cbw_err_prefix (err, "%s", st->descriptor_path);
+  if (disk_size != image_size)
+    return cbw_err_set (err, EINVAL, "%s: image size mismatch: descriptor is for %" PRIu64
+                        " bytes, image is %" PRIu64 " bytes", st->descriptor_path, disk_size,
+                        image_size);
+  if (json_object_array_length (*bitmaps) > CBW_BITMAP_MAX_COUNT)
+    return cbw_err_set (err, EIO, "%s: too many bitmaps (%zu, limit %d)", st->descriptor_path,
+                        json_object_array_length (*bitmaps), CBW_BITMAP_MAX_COUNT);
+  return 0;
+}
 
-  /* Pass 1: every field of every bitmap, no file I/O. */
-  uint64_t *cksums = calloc (json_object_array_length (bitmaps) + 1, sizeof *cksums);
-  if (cksums == NULL) {
-    cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
-    goto out;
+/* Bitmap entry i's name: valid, without NUL, not used by an earlier one. */
+static int
+check_bitmap_name (struct cbw_bitmap_store *st, size_t i, json_object *name,
+                   struct cbw_err *err)
+{
+  if (cbw_bitmap_name_valid (json_object_get_string (name), err) < 0) {
+    cbw_err_prefix (err, "%s: bitmap #%zu", st->descriptor_path, i);
+    err->errnum = EIO;
+    return -1;
   }
-  for (size_t i = 0; i < json_object_array_length (bitmaps); i++) {
-    json_object *b = json_object_array_get_idx (bitmaps, i), *name, *en, *state, *df, *ck;
-    struct cbw_stored_bitmap *sb = &st->bitmaps[i];
-    char where[64 + CBW_BITMAP_NAME_MAX];
-    uint64_t bsize;
+  if (strlen (json_object_get_string (name)) != (size_t) json_object_get_string_len (name))
+    return cbw_err_set (err, EIO, "%s: bitmap #%zu: NUL byte in name", st->descriptor_path, i);
+  for (size_t j = 0; j < i; j++)
+    if (strcmp (st->bitmaps[j].name, json_object_get_string (name)) == 0)
+      return cbw_err_set (err, EIO, "%s: duplicate bitmap name '%s' (entries #%zu and #%zu)",
+                          st->descriptor_path, st->bitmaps[j].name, j, i);
+  return 0;
+}
 
-    snprintf (where, sizeof where, "bitmap #%zu: ", i);
-    if (!json_object_is_type (b, json_type_object)) {
-      cbw_err_set (err, EIO, "%s: %sexpected an object, got %s", st->descriptor_path,
-                   where, type_name (b));
-      goto out_ck;
-    }
-    if (get_member (b, "name", json_type_string, &name, where, err) < 0) {
-      cbw_err_prefix (err, "%s", st->descriptor_path);
-      goto out_ck;
-    }
-    if (cbw_bitmap_name_valid (json_object_get_string (name), err) < 0) {
-      cbw_err_prefix (err, "%s: bitmap #%zu", st->descriptor_path, i);
-      err->errnum = EIO;
-      goto out_ck;
-    }
-    if (strlen (json_object_get_string (name)) != (size_t) json_object_get_string_len (name)) {
-      cbw_err_set (err, EIO, "%s: %sNUL byte in name", st->descriptor_path, where);
-      goto out_ck;
-    }
-    snprintf (where, sizeof where, "bitmap '%s': ", json_object_get_string (name));
-    for (size_t j = 0; j < i; j++)
-      if (strcmp (st->bitmaps[j].name, json_object_get_string (name)) == 0) {
-        cbw_err_set (err, EIO, "%s: duplicate bitmap name '%s' (entries #%zu and #%zu)",
-                     st->descriptor_path, st->bitmaps[j].name, j, i);
-        goto out_ck;
-      }
-    if (check_keys (b, bitmap_keys, where, err) < 0
-        || get_u64 (b, "granularity", &sb->granularity, where, err) < 0
-        || get_u64 (b, "image_size", &bsize, where, err) < 0
-        || get_u64 (b, "generation", &sb->generation, where, err) < 0
-        || get_member (b, "enabled", json_type_boolean, &en, where, err) < 0
-        || get_member (b, "state", json_type_string, &state, where, err) < 0
-        || get_member (b, "data_file", json_type_string, &df, where, err) < 0
-        || get_member (b, "checksum", json_type_string, &ck, where, err) < 0) {
-      cbw_err_prefix (err, "%s", st->descriptor_path);
-      goto out_ck;
-    }
-    if (cbw_bitmap_granularity_valid (sb->granularity, err) < 0) {
-      cbw_err_prefix (err, "%s: bitmap '%s'", st->descriptor_path, json_object_get_string (name));
-      err->errnum = EIO;
-      goto out_ck;
-    }
-    if (bsize != image_size) {
-      cbw_err_set (err, EINVAL, "%s: bitmap '%s': image size mismatch: bitmap is for %" PRIu64
-                   " bytes, image is %" PRIu64 " bytes", st->descriptor_path,
-                   json_object_get_string (name), bsize, image_size);
-      goto out_ck;
-    }
-    if (sb->generation == 0 || sb->generation > st->generation) {
-      cbw_err_set (err, EIO, "%s: %sgeneration %" PRIu64 " out of range (1..%" PRIu64 ")",
-                   st->descriptor_path, where, sb->generation, st->generation);
-      goto out_ck;
-    }
-    if (strcmp (json_object_get_string (state), "clean") == 0)
-      sb->state = CBW_BITMAP_CLEAN;
-    else if (strcmp (json_object_get_string (state), "in-use") == 0)
-      sb->state = CBW_BITMAP_IN_USE;
-    else {
-      char shown[64];
-      sanitize (shown, sizeof shown, json_object_get_string (state));
-      cbw_err_set (err, EIO, "%s: %sinvalid state \"%s\" (expected \"clean\" or \"in-use\")",
-                   st->descriptor_path, where, shown);
-      goto out_ck;
-    }
-    if (parse_checksum (json_object_get_string (ck), &cksums[i]) < 0) {
-      cbw_err_set (err, EIO, "%s: %smalformed checksum (expected \"" CKSUM_PREFIX "<16 hex>\")",
-                   st->descriptor_path, where);
-      goto out_ck;
-    }
-    if (file_name_valid (json_object_get_string (df), err) < 0) {
-      cbw_err_prefix (err, "%s: %s", st->descriptor_path, where);
-      goto out_ck;
-    }
-    for (size_t j = 0; j < i; j++)
-      if (strcmp (si->files[j], json_object_get_string (df)) == 0) {
-        cbw_err_set (err, EIO, "%s: %sdata file '%s' also used by bitmap '%s'",
-                     st->descriptor_path, where, si->files[j], st->bitmaps[j].name);
-        goto out_ck;
-      }
-    strcpy (sb->name, json_object_get_string (name));
-    sb->enabled = json_object_get_boolean (en);
-    si->files[i] = strdup (json_object_get_string (df));
-    if (si->files[i] == NULL) {
-      cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
-      goto out_ck;
-    }
-    st->count = i + 1;
+/* Bitmap entry i, every field, no file I/O: st->bitmaps[i], si->files[i]
+ * and *cksum (the data file's checksum). */
+static int
+parse_bitmap_entry (struct store_impl *si, size_t i, json_object *b, uint64_t image_size,
+                    uint64_t *cksum, struct cbw_err *err)
+{
+  struct cbw_bitmap_store *st = &si->pub;
+  json_object *name, *en, *state, *df, *ck;
+  struct cbw_stored_bitmap *sb = &st->bitmaps[i];
+  char where[64 + CBW_BITMAP_NAME_MAX];
+  uint64_t bsize;
+
+  snprintf (where, sizeof where, "bitmap #%zu: ", i);
+  if (!json_object_is_type (b, json_type_object))
+    return cbw_err_set (err, EIO, "%s: %sexpected an object, got %s", st->descriptor_path,
+                        where, type_name (b));
+  if (get_member (b, "name", json_type_string, &name, where, err) < 0)
+    return cbw_err_prefix (err, "%s", st->descriptor_path);
+  if (check_bitmap_name (st, i, name, err) < 0)
+    return -1;
+  snprintf (where, sizeof where, "bitmap '%s': ", json_object_get_string (name));
+  if (check_keys (b, bitmap_keys, where, err) < 0
+      || get_u64 (b, "granularity", &sb->granularity, where, err) < 0
+      || get_u64 (b, "image_size", &bsize, where, err) < 0
+      || get_u64 (b, "generation", &sb->generation, where, err) < 0
+      || get_member (b, "enabled", json_type_boolean, &en, where, err) < 0
+      || get_member (b, "state", json_type_string, &state, where, err) < 0
+      || get_member (b, "data_file", json_type_string, &df, where, err) < 0
+      || get_member (b, "checksum", json_type_string, &ck, where, err) < 0)
+    return cbw_err_prefix (err, "%s", st->descriptor_path);
+  if (cbw_bitmap_granularity_valid (sb->granularity, err) < 0) {
+    cbw_err_prefix (err, "%s: bitmap '%s'", st->descriptor_path, json_object_get_string (name));
+    err->errnum = EIO;
+    return -1;
   }
+  if (bsize != image_size)
+    return cbw_err_set (err, EINVAL, "%s: bitmap '%s': image size mismatch: bitmap is for %"
+                        PRIu64 " bytes, image is %" PRIu64 " bytes", st->descriptor_path,
+                        json_object_get_string (name), bsize, image_size);
+  if (sb->generation == 0 || sb->generation > st->generation)
+    return cbw_err_set (err, EIO, "%s: %sgeneration %" PRIu64 " out of range (1..%" PRIu64 ")",
+                        st->descriptor_path, where, sb->generation, st->generation);
+  if (strcmp (json_object_get_string (state), "clean") == 0)
+    sb->state = CBW_BITMAP_CLEAN;
+  else if (strcmp (json_object_get_string (state), "in-use") == 0)
+    sb->state = CBW_BITMAP_IN_USE;
+  else {
+    char shown[64];
+    sanitize (shown, sizeof shown, json_object_get_string (state));
+    return cbw_err_set (err, EIO, "%s: %sinvalid state \"%s\" (expected \"clean\" or "
+                        "\"in-use\")", st->descriptor_path, where, shown);
+  }
+  if (parse_checksum (json_object_get_string (ck), cksum) < 0)
+    return cbw_err_set (err, EIO, "%s: %smalformed checksum (expected \"" CKSUM_PREFIX
+                        "<16 hex>\")", st->descriptor_path, where);
+  if (file_name_valid (json_object_get_string (df), err) < 0)
+    return cbw_err_prefix (err, "%s: %s", st->descriptor_path, where);
+  for (size_t j = 0; j < i; j++)
+    if (strcmp (si->files[j], json_object_get_string (df)) == 0)
+      return cbw_err_set (err, EIO, "%s: %sdata file '%s' also used by bitmap '%s'",
+                          st->descriptor_path, where, si->files[j], st->bitmaps[j].name);
+  strcpy (sb->name, json_object_get_string (name));
+  sb->enabled = json_object_get_boolean (en);
+  si->files[i] = strdup (json_object_get_string (df));
+  if (si->files[i] == NULL)
+    return cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
+  st->count = i + 1;
+  return 0;
+}
+
+/* The garbage list: valid file names, none of them a bitmap's data file. */
+static int
+parse_garbage (struct store_impl *si, json_object *garbage, struct cbw_err *err)
+{
+  struct cbw_bitmap_store *st = &si->pub;
   for (size_t i = 0; i < json_object_array_length (garbage); i++) {
     json_object *g = json_object_array_get_idx (garbage, i);
-    if (!json_object_is_type (g, json_type_string)) {
-      cbw_err_set (err, EIO, "%s: garbage entry #%zu: expected string, got %s",
-                   st->descriptor_path, i, type_name (g));
-      goto out_ck;
-    }
-    if (file_name_valid (json_object_get_string (g), err) < 0) {
-      cbw_err_prefix (err, "%s: garbage entry #%zu", st->descriptor_path, i);
-      goto out_ck;
-    }
+    if (!json_object_is_type (g, json_type_string))
+      return cbw_err_set (err, EIO, "%s: garbage entry #%zu: expected string, got %s",
+                          st->descriptor_path, i, type_name (g));
+    if (file_name_valid (json_object_get_string (g), err) < 0)
+      return cbw_err_prefix (err, "%s: garbage entry #%zu", st->descriptor_path, i);
     for (size_t j = 0; j < st->count; j++)
-      if (strcmp (si->files[j], json_object_get_string (g)) == 0) {
-        cbw_err_set (err, EIO, "%s: garbage entry '%s' is the data file of bitmap '%s'",
-                     st->descriptor_path, si->files[j], st->bitmaps[j].name);
-        goto out_ck;
-      }
-    if (list_add (&si->garbage, &si->ngarbage, json_object_get_string (g)) < 0) {
-      cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
-      goto out_ck;
-    }
+      if (strcmp (si->files[j], json_object_get_string (g)) == 0)
+        return cbw_err_set (err, EIO, "%s: garbage entry '%s' is the data file of bitmap '%s'",
+                            st->descriptor_path, si->files[j], st->bitmaps[j].name);
+    if (list_add (&si->garbage, &si->ngarbage, json_object_get_string (g)) < 0)
+      return cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
   }
+  return 0;
+}
 
-  /* Pass 2: data files. */
+/* Every bitmap's data file, checked against its checksum cksums[i]. */
+static int
+load_data_files (struct store_impl *si, const uint64_t *cksums, uint64_t image_size,
+                 struct cbw_err *err)
+{
+  struct cbw_bitmap_store *st = &si->pub;
   for (size_t i = 0; i < st->count; i++) {
     struct cbw_stored_bitmap *sb = &st->bitmaps[i];
     CLEANUP_FREE char *path = path_in_dir (st, si->files[i]);
     uint64_t nbits = nbits_for (image_size, sb->granularity);
 
-    if (path == NULL) {
-      cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
-      goto out_ck;
-    }
-    if (cbw_bitmap_init (&sb->bits, nbits) < 0) {
-      cbw_err_set (err, errno, "%s: bitmap '%s': cannot allocate %" PRIu64 " bits: %s",
-                   st->descriptor_path, sb->name, nbits, strerror (errno));
-      goto out_ck;
-    }
+    if (path == NULL)
+      return cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
+    if (cbw_bitmap_init (&sb->bits, nbits) < 0)
+      return cbw_err_set (err, errno, "%s: bitmap '%s': cannot allocate %" PRIu64 " bits: %s",
+                          st->descriptor_path, sb->name, nbits, strerror (errno));
     si->cksums[i] = cksums[i];
     if (load_data_file (path, sb, image_size, cksums[i], err) < 0)
-      goto out_ck;
+      return -1;
   }
+  return 0;
+}
+
+/* Parse and validate the descriptor text (pass 1: every field, no file
+ * I/O), then load the data files (pass 2).  Every message names the
+ * descriptor, except those of load_data_file, which name the data file. */
+static int
+load_descriptor (struct store_impl *si, const char *buf, size_t len,
+                 uint64_t image_size, struct cbw_err *err)
+{
+  struct cbw_bitmap_store *st = &si->pub;
+  json_object *root = NULL, *bitmaps, *garbage;
+  uint64_t *cksums = NULL;
+  int ret = -1;
+
+  if (parse_json (st->descriptor_path, buf, len, &root, err) < 0)
+    return -1;
+  if (check_top (st, root, buf, len, image_size, &bitmaps, &garbage, err) < 0)
+    goto out;
+  cksums = calloc (json_object_array_length (bitmaps) + 1, sizeof *cksums);
+  if (cksums == NULL) {
+    cbw_err_set (err, ENOMEM, "%s: out of memory", st->descriptor_path);
+    goto out;
+  }
+  for (size_t i = 0; i < json_object_array_length (bitmaps); i++)
+    if (parse_bitmap_entry (si, i, json_object_array_get_idx (bitmaps, i), image_size,
+                            &cksums[i], err) < 0)
+      goto out;
+  if (parse_garbage (si, garbage, err) < 0 || load_data_files (si, cksums, image_size, err) < 0)
+    goto out;
   ret = 0;
- out_ck:
-  free (cksums);
  out:
+  free (cksums);
   json_object_put (root);
   return ret;
 }
