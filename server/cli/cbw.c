@@ -618,6 +618,88 @@ absolute_target (const char *val)
   return r;
 }
 
+/* Add option o (given as flag, with value val or NULL) to the request's
+ * arguments as its JSON type: 0, or EXIT_USAGE after the message. */
+static int
+add_option (const struct opt *o, const char *flag, const char *val,
+            struct json_object *args)
+{
+  int64_t n;
+  struct json_object *list;
+  switch (o->type) {
+  case O_STR:
+    if (json_object_object_get_ex (args, o->key, NULL))
+      return usage_error ("%s given twice (or conflicts with another option)%s", flag, "");
+    json_object_object_add (args, o->key, json_object_new_string (val));
+    break;
+  case O_UINT:
+    if (!parse_uint (val, &n))
+      return usage_error ("%s: \"%s\" is not a non-negative integer", flag, val);
+    json_object_object_add (args, o->key, json_object_new_int64 (n));
+    break;
+  case O_DIR: {
+    char cwd[4096];
+    if (json_object_object_get_ex (args, o->key, NULL))
+      return usage_error ("%s given twice%s", flag, "");
+    if (val[0] == '/' || getcwd (cwd, sizeof cwd) == NULL)
+      json_object_object_add (args, o->key, json_object_new_string (val));
+    else {
+      size_t len = strlen (cwd) + strlen (val) + 2;
+      char *abs = malloc (len);
+      if (abs == NULL)
+        return usage_error ("out of memory%s%s", "", "");
+      snprintf (abs, len, "%s/%s", cwd, val);
+      json_object_object_add (args, o->key, json_object_new_string (abs));
+      free (abs);
+    }
+    break;
+  }
+  case O_SECS:
+    if (!parse_secs_ms (val, &n))
+      return usage_error ("%s: \"%s\" is not a number of seconds (0.001..86400)", flag, val);
+    json_object_object_add (args, o->key, json_object_new_int64 (n));
+    break;
+  case O_SIZE:
+    if (!parse_size (val, &n))
+      return usage_error ("%s: \"%s\" is not a size (e.g. 1048576, 512K, 10M)", flag, val);
+    json_object_object_add (args, o->key, json_object_new_int64 (n));
+    break;
+  case O_TARGET: {
+    char *abs = absolute_target (val);
+    if (abs == NULL)
+      return usage_error ("out of memory%s%s", "", "");
+    if (!json_object_object_get_ex (args, o->key, &list)) {
+      list = json_object_new_array ();
+      json_object_object_add (args, o->key, list);
+    }
+    json_object_array_add (list, json_object_new_string (abs));
+    free (abs);
+    break;
+  }
+  case O_BOOL:
+    json_object_object_add (args, o->key, json_object_new_boolean (true));
+    break;
+  case O_LIST:
+    if (!json_object_object_get_ex (args, o->key, &list)) {
+      list = json_object_new_array ();
+      json_object_object_add (args, o->key, list);
+    }
+    json_object_array_add (list, json_object_new_string (val));
+    break;
+  case O_FULL:
+  case O_INCR:
+    if (json_object_object_get_ex (args, "mode", NULL))
+      return usage_error ("%s conflicts with another mode option%s", flag, "");
+    json_object_object_add (args, "mode",
+                            json_object_new_string (o->type == O_FULL ? "full"
+                                                    : "incremental"));
+    if (o->type == O_INCR)
+      json_object_object_add (args, "since", json_object_new_string (val));
+    break;
+  }
+  return 0;
+}
+
 /* Build the arguments of subcommand s from argv[i..]; EXIT_USAGE on error. */
 static int
 build_args (const struct sub *s, int argc, char **argv, int i, struct json_object *args)
@@ -652,79 +734,8 @@ build_args (const struct sub *s, int argc, char **argv, int i, struct json_objec
         else
           return usage_error ("option %s needs a value%s", flag, "");
       }
-      int64_t n;
-      struct json_object *list;
-      switch (o->type) {
-      case O_STR:
-        if (json_object_object_get_ex (args, o->key, NULL))
-          return usage_error ("%s given twice (or conflicts with another option)%s", flag, "");
-        json_object_object_add (args, o->key, json_object_new_string (val));
-        break;
-      case O_UINT:
-        if (!parse_uint (val, &n))
-          return usage_error ("%s: \"%s\" is not a non-negative integer", flag, val);
-        json_object_object_add (args, o->key, json_object_new_int64 (n));
-        break;
-      case O_DIR: {
-        char cwd[4096];
-        if (json_object_object_get_ex (args, o->key, NULL))
-          return usage_error ("%s given twice%s", flag, "");
-        if (val[0] == '/' || getcwd (cwd, sizeof cwd) == NULL)
-          json_object_object_add (args, o->key, json_object_new_string (val));
-        else {
-          size_t len = strlen (cwd) + strlen (val) + 2;
-          char *abs = malloc (len);
-          if (abs == NULL)
-            return usage_error ("out of memory%s%s", "", "");
-          snprintf (abs, len, "%s/%s", cwd, val);
-          json_object_object_add (args, o->key, json_object_new_string (abs));
-          free (abs);
-        }
-        break;
-      }
-      case O_SECS:
-        if (!parse_secs_ms (val, &n))
-          return usage_error ("%s: \"%s\" is not a number of seconds (0.001..86400)", flag, val);
-        json_object_object_add (args, o->key, json_object_new_int64 (n));
-        break;
-      case O_SIZE:
-        if (!parse_size (val, &n))
-          return usage_error ("%s: \"%s\" is not a size (e.g. 1048576, 512K, 10M)", flag, val);
-        json_object_object_add (args, o->key, json_object_new_int64 (n));
-        break;
-      case O_TARGET: {
-        char *abs = absolute_target (val);
-        if (abs == NULL)
-          return usage_error ("out of memory%s%s", "", "");
-        if (!json_object_object_get_ex (args, o->key, &list)) {
-          list = json_object_new_array ();
-          json_object_object_add (args, o->key, list);
-        }
-        json_object_array_add (list, json_object_new_string (abs));
-        free (abs);
-        break;
-      }
-      case O_BOOL:
-        json_object_object_add (args, o->key, json_object_new_boolean (true));
-        break;
-      case O_LIST:
-        if (!json_object_object_get_ex (args, o->key, &list)) {
-          list = json_object_new_array ();
-          json_object_object_add (args, o->key, list);
-        }
-        json_object_array_add (list, json_object_new_string (val));
-        break;
-      case O_FULL:
-      case O_INCR:
-        if (json_object_object_get_ex (args, "mode", NULL))
-          return usage_error ("%s conflicts with another mode option%s", flag, "");
-        json_object_object_add (args, "mode",
-                                json_object_new_string (o->type == O_FULL ? "full"
-                                                        : "incremental"));
-        if (o->type == O_INCR)
-          json_object_object_add (args, "since", json_object_new_string (val));
-        break;
-      }
+      if (add_option (o, flag, val, args) != 0)
+        return EXIT_USAGE;
     }
     else if (a[0] == '-' && a[1] != '\0')
       return usage_error ("unknown option %s for `%s`", a, s->command);
@@ -1249,22 +1260,23 @@ complete (const char *sock, int n, char **w)
   return 0;
 }
 
-int
-main (int argc, char **argv)
+/* The options before the command (--json, --connect, --help, --version,
+ * --complete).  -1 to go on with argv[*ip] (*sockp set), else the exit
+ * status. */
+static int
+global_options (int argc, char **argv, int *ip, const char **sockp)
 {
-  const char *sock = getenv ("CBW_SOCKET");
-  int i = 1;
-
+  int i = *ip;
   for (; i < argc && argv[i][0] == '-'; i++) {
     if (strcmp (argv[i], "--json") == 0)
       json_out = true;
     else if (strcmp (argv[i], "-c") == 0 || strcmp (argv[i], "--connect") == 0) {
       if (++i >= argc)
         return usage_error ("%s needs a socket path%s", argv[i - 1], "");
-      sock = argv[i];
+      *sockp = argv[i];
     }
     else if (strncmp (argv[i], "--connect=", 10) == 0)
-      sock = argv[i] + 10;
+      *sockp = argv[i] + 10;
     else if (strcmp (argv[i], "-h") == 0 || strcmp (argv[i], "--help") == 0) {
       usage (stdout);
       return 0;
@@ -1274,75 +1286,79 @@ main (int argc, char **argv)
       return 0;
     }
     else if (strcmp (argv[i], "--complete") == 0)
-      return complete (sock && sock[0] ? sock : DEFAULT_SOCKET, argc - i - 1, argv + i + 1);
+      return complete (*sockp && (*sockp)[0] ? *sockp : DEFAULT_SOCKET, argc - i - 1,
+                       argv + i + 1);
     else
       return usage_error ("unknown option %s%s", argv[i], "");
   }
-  if (sock == NULL || sock[0] == '\0')
-    sock = DEFAULT_SOCKET;
-  if (i >= argc) {
-    usage (stderr);
-    return EXIT_USAGE;
+  if (*sockp == NULL || (*sockp)[0] == '\0')
+    *sockp = DEFAULT_SOCKET;
+  *ip = i;
+  return -1;
+}
+
+/* `cbw raw COMMAND [JSON-ARGUMENTS]`: any control command, JSON out. */
+static int
+raw_cmd (const char *sock, int argc, char **argv, int i)
+{
+  if (i >= argc || i + 2 < argc)
+    return usage_error ("usage: cbw raw COMMAND [JSON-ARGUMENTS]%s%s", "", "");
+  struct json_object *args = NULL;
+  if (i + 1 < argc) {
+    args = json_tokener_parse (argv[i + 1]);
+    if (args == NULL || !json_object_is_type (args, json_type_object)) {
+      json_object_put (args);
+      return usage_error ("raw: arguments must be a JSON object: %s%s", argv[i + 1], "");
+    }
   }
-  const char *group = argv[i++];
-  if (strcmp (group, "help") == 0) {
-    usage (stdout);
+  json_out = true;
+  return run (sock, argv[i], args, NULL);
+}
+
+/* A group given without a verb it knows: its help, or a usage error that
+ * lists its verbs (from subs[]). */
+static int
+missing_verb (const char *group, int argc, char **argv, int i)
+{
+  if (i < argc && (strcmp (argv[i], "--help") == 0 || strcmp (argv[i], "-h") == 0)) {
+    for (const struct sub *t = subs; t->group; t++)
+      if (strcmp (t->group, group) == 0)
+        sub_usage (stdout, t);
     return 0;
   }
-  if (strcmp (group, "raw") == 0) {
-    if (i >= argc || i + 2 < argc)
-      return usage_error ("usage: cbw raw COMMAND [JSON-ARGUMENTS]%s%s", "", "");
-    struct json_object *args = NULL;
-    if (i + 1 < argc) {
-      args = json_tokener_parse (argv[i + 1]);
-      if (args == NULL || !json_object_is_type (args, json_type_object)) {
-        json_object_put (args);
-        return usage_error ("raw: arguments must be a JSON object: %s%s", argv[i + 1], "");
-      }
-    }
-    json_out = true;
-    return run (sock, argv[i], args, NULL);
-  }
-  if (strcmp (group, "events") == 0) {
-    if (i < argc && strcmp (argv[i], "list") == 0)
-      group = "event";          /* `cbw events list` as before */
-    else
-      return events_cmd (sock, argc, argv, i);
-  }
+  char verbs[512] = "";
+  size_t n = 0;
+  for (const struct sub *t = subs; t->group && n < sizeof verbs; t++)
+    if (strcmp (t->group, group) == 0 && t->verb)
+      n += (size_t) snprintf (verbs + n, sizeof verbs - n, "%s%s", n ? ", " : "", t->verb);
+  return usage_error ("`%s` needs a subcommand (%s)", group, verbs);
+}
 
-  bool group_known = false;
-  const struct sub *s = NULL;
+/* The row of subs[] for GROUP [VERB] at argv[*ip] (advanced past the
+ * verb); NULL with *group_known telling an unknown group from a missing
+ * or unknown verb. */
+static const struct sub *
+find_sub (const char *group, int argc, char **argv, int *ip, bool *group_known)
+{
+  *group_known = false;
   for (const struct sub *t = subs; t->group; t++) {
     if (strcmp (t->group, group) != 0)
       continue;
-    group_known = true;
-    if (t->verb == NULL) {
-      s = t;
-      break;
-    }
-    if (i < argc && strcmp (t->verb, argv[i]) == 0) {
-      s = t;
-      i++;
-      break;
+    *group_known = true;
+    if (t->verb == NULL)
+      return t;
+    if (*ip < argc && strcmp (t->verb, argv[*ip]) == 0) {
+      (*ip)++;
+      return t;
     }
   }
-  if (!group_known)
-    return usage_error ("unknown command \"%s\"%s", group, "");
-  if (s == NULL) {
-    if (i < argc && (strcmp (argv[i], "--help") == 0 || strcmp (argv[i], "-h") == 0)) {
-      for (const struct sub *t = subs; t->group; t++)
-        if (strcmp (t->group, group) == 0)
-          sub_usage (stdout, t);
-      return 0;
-    }
-    return usage_error ("`%s` needs a subcommand (%s)", group,
-                        strcmp (group, "disk") == 0 ? "add, list, remove, repair, start, stop, "
-                        "snapshot, commit, commit-cancel, chain"
-                        : strcmp (group, "checkpoint") == 0 ? "create, list, delete"
-                        : strcmp (group, "backup") == 0 ? "begin, end, status"
-                        : strcmp (group, "job") == 0 ? "start, list, status, wait, pause, "
-                        "resume, cancel, set-speed" : "list");
-  }
+  return NULL;
+}
+
+/* Send subcommand s with the rest of argv as its arguments. */
+static int
+sub_cmd (const char *sock, const struct sub *s, int argc, char **argv, int i)
+{
   struct json_object *args = json_object_new_object ();
   int r = build_args (s, argc, argv, i, args);
   if (r != 0) {
@@ -1356,4 +1372,38 @@ main (int argc, char **argv)
     return commit_wait (sock, args);
   }
   return run (sock, s->command, args, s->print);
+}
+
+int
+main (int argc, char **argv)
+{
+  const char *sock = getenv ("CBW_SOCKET");
+  int i = 1;
+  int r = global_options (argc, argv, &i, &sock);
+  if (r >= 0)
+    return r;
+  if (i >= argc) {
+    usage (stderr);
+    return EXIT_USAGE;
+  }
+  const char *group = argv[i++];
+  if (strcmp (group, "help") == 0) {
+    usage (stdout);
+    return 0;
+  }
+  if (strcmp (group, "raw") == 0)
+    return raw_cmd (sock, argc, argv, i);
+  if (strcmp (group, "events") == 0) {
+    if (i < argc && strcmp (argv[i], "list") == 0)
+      group = "event";          /* `cbw events list` as before */
+    else
+      return events_cmd (sock, argc, argv, i);
+  }
+  bool group_known;
+  const struct sub *s = find_sub (group, argc, argv, &i, &group_known);
+  if (!group_known)
+    return usage_error ("unknown command \"%s\"%s", group, "");
+  if (s == NULL)
+    return missing_verb (group, argc, argv, i);
+  return sub_cmd (sock, s, argc, argv, i);
 }
