@@ -81,7 +81,7 @@
 
 #include <libnbd.h>
 
-#include "cbw_state_map.h"
+#include "state_map.h"
 #include "cleanup.h"
 #include "export.h"
 #include "fileutil.h"
@@ -285,16 +285,6 @@ upstream_pread (struct pit_priv *p, void *buf, uint32_t len, uint64_t off,
 
 #define RLX memory_order_relaxed
 
-/* First block in [b0,b1) whose state is not v, or b1. */
-static uint64_t
-first_changed (const struct pit_direct *d, uint64_t b0, uint64_t b1, uint8_t v)
-{
-  for (; b0 < b1; ++b0)
-    if (atomic_load (&d->st[b0]) != v)
-      return b0;
-  return b1;
-}
-
 /* Is the session still active (status ACTIVE and the filter's liveness lock
  * held)?  Called AFTER the data reads it vouches for. */
 static bool
@@ -343,13 +333,7 @@ direct_pread (struct cbwd_export *e, struct pit_direct *d, char *buf,
     return 1;
   while (pos < end) {
     b = pos >> d->shift;
-    v = atomic_load (&d->st[b]);
-    for (rb = b + 1; rb < d->nblocks && (rb << d->shift) < end; ++rb)
-      if (atomic_load (&d->st[rb]) != v)
-        break;
-    rend = rb << d->shift;
-    if (rend > end)
-      rend = end;
+    v = cbw_sm_run (d->st, d->nblocks, d->shift, pos, end, &rb, &rend);
     n = rend - pos;
     char *dst = buf + (pos - off);
     int fd = v == CBW_SM_NEEDED ? d->live_fd : v == CBW_SM_COPIED ? d->store_fd : -1;
@@ -363,7 +347,7 @@ direct_pread (struct cbwd_export *e, struct pit_direct *d, char *buf,
       /* Pairs with the filter's fence after its claim: the state loads
        * below happen after our read of the data. */
       atomic_thread_fence (memory_order_seq_cst);
-      chg = first_changed (d, b, rb, v);
+      chg = cbw_sm_first_changed (d->st, b, rb, v);
       if (chg == rb) {
         direct += n;
         pos = rend;

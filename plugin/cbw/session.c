@@ -949,16 +949,6 @@ cbw_session_before_write (struct cbw_session *s, nbdkit_next *next,
   return 0;
 }
 
-/* First block in [b0,b1) whose state is not v, or b1. */
-static uint64_t
-first_changed (struct cbw_session *s, uint64_t b0, uint64_t b1, uint8_t v)
-{
-  for (; b0 < b1; ++b0)
-    if (atomic_load (&s->st[b0]) != v)
-      return b0;
-  return b1;
-}
-
 int
 cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next, void *buf,
                       uint32_t count, uint64_t off, int *err)
@@ -974,13 +964,7 @@ cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next, void *buf,
   }
   while (pos < end) {
     b = pos >> s->shift;
-    v = atomic_load (&s->st[b]);
-    for (rb = b + 1; rb < s->nblocks && (rb << s->shift) < end; ++rb)
-      if (atomic_load (&s->st[rb]) != v)
-        break;
-    rend = rb << s->shift;
-    if (rend > end)
-      rend = end;
+    v = cbw_sm_run (s->st, s->nblocks, s->shift, pos, end, &rb, &rend);
     n = rend - pos;
     char *dst = (char *) buf + (pos - off);
 
@@ -1056,7 +1040,7 @@ cbw_session_pit_read (struct cbw_session *s, nbdkit_next *next, void *buf,
     }
     /* The re-check: data is valid only for the prefix whose state did not
      * change while we read it. */
-    chg = first_changed (s, b, rb, v);
+    chg = cbw_sm_first_changed (s->st, b, rb, v);
     if (chg == rb)
       pos = rend;
     else {
@@ -1078,20 +1062,14 @@ cbw_session_pit_extents (struct cbw_session *s, nbdkit_next *next,
 
   while (pos < end) {
     b = pos >> s->shift;
-    v = atomic_load (&s->st[b]);
-    for (rb = b + 1; rb < s->nblocks && (rb << s->shift) < end; ++rb)
-      if (atomic_load (&s->st[rb]) != v)
-        break;
-    rend = rb << s->shift;
-    if (rend > end)
-      rend = end;
+    v = cbw_sm_run (s->st, s->nblocks, s->shift, pos, end, &rb, &rend);
     if (v == CBW_B_NEEDED && next->can_extents (next) == 1) {
       /* What the live disk says, if it still holds the old data after. */
       struct nbdkit_extents *tmp = nbdkit_extents_new (pos, rend);
       uint64_t covered = pos;
       size_t i;
       if (tmp && next->extents (next, rend - pos, pos, 0, tmp, err) == 0 &&
-          first_changed (s, b, rb, v) == rb) {
+          cbw_sm_first_changed (s->st, b, rb, v) == rb) {
         for (i = 0; i < nbdkit_extents_count (tmp); ++i) {
           struct nbdkit_extent x = nbdkit_get_extent (tmp, i);
           if (x.offset + x.length > rend)

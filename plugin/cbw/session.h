@@ -10,13 +10,13 @@
 #include <nbdkit-filter.h>
 
 #include "cbw_err.h"
-#include "cbw_state_map.h"
+#include "state_map.h"
 #include "target.h"
 
 enum cbw_policy { CBW_BREAK_SNAPSHOT = 0, CBW_BREAK_GUEST_WRITE = 1 };
 
 /* Per-block states (one byte each).  The byte values are a file format
- * (docs/formats/cbw-state-map.md, common/cbw_state_map.h) once a session
+ * (docs/formats/cbw-state-map.md, formats/state_map.h) once a session
  * has a state file: they are defined from there and cannot drift. */
 enum cbw_block_state {
   CBW_B_NOT_NEEDED = CBW_SM_NOT_NEEDED, /* outside the set, skipped, released */

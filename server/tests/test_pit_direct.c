@@ -33,7 +33,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "cbw_state_map.h"
+#include "state_map.h"
 #include "export.h"
 #include "nbdkit_test_util.h"
 

@@ -1,7 +1,9 @@
-/* cbw — common/cbw_state_map.h: the shared block-state map of a cbw backup
+/* cbw — formats/state_map.h: the shared block-state map of a cbw backup
  * session (docs/formats/cbw-state-map.md), the one definition used by its
- * writer (the cbw filter, plugin/cbw/session.c) and its reader (cbwd's
- * point-in-time export, server/export_pit.c).
+ * writer (the cbw filter, plugin/cbw/session.c) and its readers (the
+ * filter's own point-in-time view, and cbwd's point-in-time export,
+ * server/export_pit.c): the header, its check, and the run scanner both
+ * point-in-time readers serve requests with.
  *
  * The file: a 4096-byte header, then one byte per block (the block states
  * below, values fixed by the spec).  The writer changes state bytes with
@@ -12,11 +14,12 @@
  * Header-only (static inline), so neither side needs another library: the
  * checksum is XXH3-64 from xxhash.h compiled inline.
  */
-#ifndef CBW_STATE_MAP_H
-#define CBW_STATE_MAP_H
+#ifndef CBW_FORMATS_STATE_MAP_H
+#define CBW_FORMATS_STATE_MAP_H
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -139,6 +142,39 @@ cbw_sm_check_header (const struct cbw_sm_header *h, uint64_t file_size,
     return cbw_err_set (err, EINVAL, "state map %s: unknown status %" PRIu64,
                         what, h->status);
   return 0;
+}
+
+/* The run scanner.  A point-in-time reader serves [pos, end) one run of
+ * blocks with the same state at a time.  cbw_sm_run: the state v of the
+ * block holding pos, and the run of blocks from there with state v, cut at
+ * the block that holds end - 1 and at the map's end: *rb = the first block
+ * after the run, *rend = where the run's bytes end (min (rb << shift,
+ * end)).  Requires pos < end and pos within the disk.  Each state byte is
+ * loaded once, atomically: the writer may change any of them meanwhile, so
+ * a reader that must know a run did not change while it read the data
+ * calls cbw_sm_first_changed afterwards. */
+static inline uint8_t
+cbw_sm_run (const _Atomic uint8_t *st, uint64_t nblocks, unsigned shift,
+            uint64_t pos, uint64_t end, uint64_t *rb, uint64_t *rend)
+{
+  uint64_t b = pos >> shift, r;
+  uint8_t v = atomic_load (&st[b]);
+  for (r = b + 1; r < nblocks && (r << shift) < end; ++r)
+    if (atomic_load (&st[r]) != v)
+      break;
+  *rb = r;
+  *rend = r << shift < end ? r << shift : end;
+  return v;
+}
+
+/* The first block in [b0, b1) whose state is not v, or b1. */
+static inline uint64_t
+cbw_sm_first_changed (const _Atomic uint8_t *st, uint64_t b0, uint64_t b1, uint8_t v)
+{
+  for (; b0 < b1; ++b0)
+    if (atomic_load (&st[b0]) != v)
+      return b0;
+  return b1;
 }
 
 #endif
