@@ -8,8 +8,8 @@
  * writer sends 1 MiB ones; or the filter's copies grow from 256 KiB runs
  * to 1 MiB ones), the cache is full of the old class and the peak rule
  * would unmap every new buffer on free: each request then pays a fresh
- * mapping and a page fault per 4 KiB received (1 MiB writes to cbwd fell
- * from ~2000 to ~150 MiB/s after a read phase).  So a buffer that does not
+ * mapping and a page fault per 4 KiB received (bench/cbwd/results.md has
+ * the figures of 1 MiB writes after a read phase).  So a buffer that does not
  * fit evicts cached buffers of other classes (largest first) to make room:
  * the cache follows the current workload, and the bounds still hold.
  *

@@ -12,9 +12,8 @@
  *
  * Why the filter needs it: malloc handed its 1 MiB copy buffers back to the
  * kernel, and every copy into a new one faulted in 256 fresh pages: half of
- * the filter's CPU in the 1 MiB pass after `begin` (reusing buffers: 5.0 ->
- * 2.1 CPU-seconds for a 2 GiB pass, measured with the filter's earlier
- * per-session pool, which lacked the eviction below).
+ * the filter's CPU in the 1 MiB pass after `begin` (bench/cbw/results.md
+ * has what reusing buffers saved).
  *
  * What it does: big buffers are anonymous mappings kept in a free list per
  * power-of-two size class and reused; the cache never holds more than

@@ -31,8 +31,8 @@ int cbw_pwrite_full (int fd, const void *buf, size_t len, uint64_t offset);
  * target-direct, cbwd's store direct=on).  A backup target is written once
  * and read once; through the page cache every copied byte takes a fresh page
  * and evicts the host's cached data (on a VM a fresh page also costs a first
- * touch in the hypervisor: 271 MB/s buffered vs 1.2 GB/s direct for a 2 GiB
- * copy on the benchmark host).  Reads stay buffered.
+ * touch in the hypervisor; bench/cbw/results.md has the figures).  Reads
+ * stay buffered.
  *
  * cbw_open_direct: open PATH again with O_DIRECT and turn readahead off on
  * the buffered fd (POSIX_FADV_RANDOM): the writers' readers read a block only

@@ -8,7 +8,7 @@
  * blocking: page-cache hits of file exports are served on the loop with
  * preadv2/pwritev2(RWF_NOWAIT).
  *
- * Design note (issue 5, store write path): the worker that executed a
+ * Design note (store write path): the worker that executed a
  * request also sends its reply, so a request costs ONE thread hand-off
  * (loop -> worker) instead of two (loop -> pool -> loop), like nbdkit's
  * thread-per-request model but with libuv reading.  libuv's rule that a
@@ -26,8 +26,8 @@
  * when the loop waits for something: its queue, capacity to submit pending
  * requests or to resume reading, or the close.  In steady state (limits not
  * reached, socket writable) the loop is never woken for a completion.
- * Measured (bench/cbwd/ab-store.sh, cpu per 40000 4k writes at QD16): about
- * half the context switches and 15-40% less CPU than loop -> pool -> loop.
+ * bench/cbwd/ab-store.sh measures it against loop -> pool -> loop (fewer
+ * context switches, less CPU; figures in bench/cbwd/results.md).
  * Several event loops were considered too; they would parallelise reading
  * between connections, but the store's writer (the cbw filter) and
  * fio/qemu-img use one connection, where only removing hand-offs helps.

@@ -7,14 +7,17 @@
  *                         disk / store files following the shared state map
  * and a list of meta contexts (struct cbwd_meta) each export offers:
  *   base:allocation       from the backend's block_status
- *   qemu:allocation-depth meta_depth.c
+ *   qemu:allocation-depth export.c (every export is one layer)
  *   qemu:dirty-bitmap:N   meta_bitmap.c (frozen bitmaps attached to the export)
  *
- * Threads: export ops and meta extents() run on libuv's thread pool, many at a
- * time, never on the event loop.  Each backend documents its own locking; a
- * backend never holds a lock across I/O.  The export list itself is built at
- * start-up and immutable afterwards (runtime add/remove is for the
- * orchestrator and will need a reference count on struct cbwd_export).
+ * Threads: export ops and meta extents() run on cbwd's worker pool (pool.h),
+ * many at a time; a backend that can serve a request without blocking (page
+ * cache hits, RWF_NOWAIT) may also be called on the event loop in nowait
+ * mode.  Each backend documents its own locking; a backend never holds a
+ * lock across I/O.  The export list is changed only on the loop thread
+ * (start-up, and exports the orchestrator adds and removes at run time,
+ * export_admin.c); an export lives as long as its references (see
+ * cbwd_export_ref below).
  *
  * Errors: ops return 0, or -1 with *err filled (errnum is what the client gets
  * on the wire, msg goes into the structured error reply and the log).
@@ -208,7 +211,7 @@ void cbwd_export_free (struct cbwd_export *e);
 void cbwd_export_ref (struct cbwd_export *e);
 void cbwd_export_unref (struct cbwd_export *e);
 
-/* The export list (immutable after start-up). */
+/* The export list (loop thread only). */
 struct cbwd_exports {
   size_t n;
   struct cbwd_export **v;

@@ -38,9 +38,9 @@
  * of 64 KiB and more from common/bufcache are page-aligned.  Our reads of
  * the target are point-in-time reads of blocks already copied; no other
  * process may read the file while the session runs (cbwd's direct reads,
- * store-file=, would bring their own readahead).  The 1 MiB pass over a
- * just-begun session: 250-280 MiB/s through the page cache, 980-1450 with
- * target-direct on the benchmark VM.
+ * store-file=, would bring their own readahead).  bench/cbw/results.md
+ * compares the 1 MiB pass over a just-begun session with and without
+ * target-direct.
  *
  * Copies inside the kernel (cbw_file_target_copy_from): when the operator
  * names the raw image under the filter (cbw-source), the old data of a
