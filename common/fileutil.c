@@ -12,8 +12,10 @@
 #include "cleanup.h"
 #include "fileutil.h"
 
-int
-cbw_pread_full (int fd, void *buf, size_t len, uint64_t offset)
+/* Read len bytes; at the end of the file, fail with EIO or (zero_eof)
+ * zero the rest of buf. */
+static int
+pread_loop (int fd, void *buf, size_t len, uint64_t offset, bool zero_eof)
 {
   char *p = buf;
   while (len > 0) {
@@ -22,10 +24,26 @@ cbw_pread_full (int fd, void *buf, size_t len, uint64_t offset)
       if (errno == EINTR) continue;
       return -1;
     }
-    if (r == 0) { errno = EIO; return -1; }
+    if (r == 0) {
+      if (!zero_eof) { errno = EIO; return -1; }
+      memset (p, 0, len);
+      return 0;
+    }
     p += r; len -= (size_t) r; offset += (uint64_t) r;
   }
   return 0;
+}
+
+int
+cbw_pread_full (int fd, void *buf, size_t len, uint64_t offset)
+{
+  return pread_loop (fd, buf, len, offset, false);
+}
+
+int
+cbw_pread_full_or_zero (int fd, void *buf, size_t len, uint64_t offset)
+{
+  return pread_loop (fd, buf, len, offset, true);
 }
 
 int

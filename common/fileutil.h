@@ -25,6 +25,9 @@
 /* Read/write exactly len bytes at offset; return 0 or -1 with errno set.
  * cbw_pread_full returns -1/EIO ("unexpected end of file") on a short file. */
 int cbw_pread_full (int fd, void *buf, size_t len, uint64_t offset);
+/* The same, but bytes past the end of the file read as zero (a direct-I/O
+ * read of a file's last, partial aligned block). */
+int cbw_pread_full_or_zero (int fd, void *buf, size_t len, uint64_t offset);
 int cbw_pwrite_full (int fd, const void *buf, size_t len, uint64_t offset);
 
 /* Writes past the page cache, for backup targets (the cbw filter's

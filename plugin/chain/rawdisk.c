@@ -317,25 +317,14 @@ write_full (struct rawdisk *d, int fd, const void *buf, size_t len,
   return 0;
 }
 
-/* Read fully; bytes past the end of the file read as zero (only possible
- * for the last aligned block in direct mode). */
-static int
-read_full (int fd, void *buf, size_t len, uint64_t offset)
+/* Direct mode splits a request at mid: [offset, mid) goes through the
+ * O_DIRECT fd, [mid, end) (the disk's last, partial aligned block) through
+ * the buffered one. */
+static uint64_t
+direct_mid (const struct rawdisk *d, uint64_t end, uint64_t offset)
 {
-  char *p = buf;
-  while (len > 0) {
-    ssize_t r = pread (fd, p, len, (off_t) offset);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return -1;
-    }
-    if (r == 0) {
-      memset (p, 0, len);
-      return 0;
-    }
-    p += r; len -= (size_t) r; offset += (uint64_t) r;
-  }
-  return 0;
+  uint64_t mid = end < d->tail_start ? end : d->tail_start;
+  return mid < offset ? offset : mid;
 }
 
 static inline bool
@@ -413,7 +402,7 @@ direct_pread (struct rawdisk *d, char *buf, size_t count, uint64_t offset,
 
   if (is_aligned (offset, d->align) && is_aligned (count, d->align) &&
       is_aligned ((uintptr_t) buf, d->align)) {
-    if (read_full (d->fd, buf, count, offset) == -1)
+    if (cbw_pread_full_or_zero (d->fd, buf, count, offset) == -1)
       return cbw_err_set (err, errno, "%s: read at %llu: %s", d->path,
                           (unsigned long long) offset, errstr (errno));
     return 0;
@@ -425,7 +414,7 @@ direct_pread (struct rawdisk *d, char *buf, size_t count, uint64_t offset,
     return cbw_err_set (err, ENOMEM, "%s: out of memory for a %llu byte "
                         "bounce buffer", d->path,
                         (unsigned long long) (a1 - a0));
-  if (read_full (d->fd, b, a1 - a0, a0) == -1) {
+  if (cbw_pread_full_or_zero (d->fd, b, a1 - a0, a0) == -1) {
     int e = errno;
     free (b);
     return cbw_err_set (err, e, "%s: read at %llu: %s", d->path,
@@ -453,9 +442,7 @@ rawdisk_pread (struct rawdisk *d, void *buf, uint32_t count, uint64_t offset,
 
   if (check_range (d, count, offset, err) == -1)
     return -1;
-  uint64_t end = offset + count;
-  uint64_t mid = end < d->tail_start ? end : d->tail_start;
-  if (mid < offset) mid = offset;
+  uint64_t end = offset + count, mid = direct_mid (d, end, offset);
   if (mid > offset &&
       direct_pread (d, buf, (size_t) (mid - offset), offset, err) == -1)
     return -1;
@@ -496,11 +483,11 @@ direct_pwrite (struct rawdisk *d, const char *buf, size_t count,
     goto out;
   }
   /* read-modify-write of the partial first and last blocks */
-  if (offset != a0 && read_full (d->fd, b, d->align, a0) == -1)
+  if (offset != a0 && cbw_pread_full_or_zero (d->fd, b, d->align, a0) == -1)
     goto read_error;
   if (offset + count != a1 && (a1 - d->align != a0 || offset == a0) &&
-      read_full (d->fd, b + (a1 - a0 - d->align), d->align,
-                 a1 - d->align) == -1)
+      cbw_pread_full_or_zero (d->fd, b + (a1 - a0 - d->align), d->align,
+                              a1 - d->align) == -1)
     goto read_error;
   memcpy (b + (offset - a0), buf, count);
   if (write_full (d, d->fd, b, a1 - a0, a0, fua) == -1) {
@@ -536,9 +523,7 @@ rawdisk_pwrite (struct rawdisk *d, const void *buf, uint32_t count,
 
   if (check_range (d, count, offset, err) == -1)
     return -1;
-  uint64_t end = offset + count;
-  uint64_t mid = end < d->tail_start ? end : d->tail_start;
-  if (mid < offset) mid = offset;
+  uint64_t end = offset + count, mid = direct_mid (d, end, offset);
   if (mid > offset &&
       direct_pwrite (d, buf, (size_t) (mid - offset), offset, fua, err) == -1)
     return -1;
