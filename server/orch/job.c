@@ -248,6 +248,16 @@ find_job_locked (struct cbw_orch *o, const char *id)
   return NULL;
 }
 
+/* The job named id, or NULL and ENOENT in *err (o->lock held). */
+static struct orch_job *
+lookup_locked (struct cbw_orch *o, const char *id, struct cbw_err *err)
+{
+  struct orch_job *j = find_job_locked (o, id);
+  if (j == NULL)
+    cbw_err_set (err, ENOENT, "no job named %.80s", id);
+  return j;
+}
+
 struct orch_job *
 orch_job_find (struct cbw_orch *o, const char *id)
 {
@@ -656,10 +666,10 @@ orch_job_start (struct cbw_orch *o, const struct orch_job_req *r,
 int
 orch_job_pause (struct cbw_orch *o, const char *id, bool pause, struct cbw_err *err)
 {
-  struct orch_job *j;
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
-  if ((j = find_job_locked (o, id)) == NULL)
-    return cbw_err_set (err, ENOENT, "no job named %.80s", id);
+  struct orch_job *j = lookup_locked (o, id, err);
+  if (j == NULL)
+    return -1;
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&j->lock);
     if (!job_active (j) || j->cancel_req)
@@ -683,10 +693,10 @@ orch_job_pause (struct cbw_orch *o, const char *id, bool pause, struct cbw_err *
 int
 orch_job_set_speed (struct cbw_orch *o, const char *id, uint64_t speed, struct cbw_err *err)
 {
-  struct orch_job *j;
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
-  if ((j = find_job_locked (o, id)) == NULL)
-    return cbw_err_set (err, ENOENT, "no job named %.80s", id);
+  struct orch_job *j = lookup_locked (o, id, err);
+  if (j == NULL)
+    return -1;
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&j->lock);
   if (!job_active (j))
     return cbw_err_set (err, EALREADY, "job %s is %s: its speed cannot change", id,
@@ -718,8 +728,8 @@ orch_job_cancel (struct cbw_orch *o, const char *id, struct json_object **ret,
   struct orch_job *j;
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
-    if ((j = find_job_locked (o, id)) == NULL)
-      return cbw_err_set (err, ENOENT, "no job named %.80s", id);
+    if ((j = lookup_locked (o, id, err)) == NULL)
+      return -1;
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&j->lock);
     if (!job_active (j))
       return cbw_err_set (err, EALREADY, "job %s is %s already", id,
