@@ -94,7 +94,10 @@ struct cbw_bitmap_store *cbw_bitmap_store_open (const char *descriptor_path,
 void cbw_bitmap_store_close (struct cbw_bitmap_store *st);
 
 /* Crash-atomic save of every bitmap as it is in memory now, with the states
- * as they are in memory now. */
+ * as they are in memory now.  It reads only bits.nbits and bits.words of
+ * each bitmap (never the summary), so an owner that keeps the bits elsewhere
+ * may point words at them for the duration of a save (the dirtybitmap
+ * filter does: plugin/dirtybitmap/tracker.c). */
 int cbw_bitmap_store_save (struct cbw_bitmap_store *st, struct cbw_err *err);
 
 /* In-memory edits (call save to persist).  Returned pointers stay valid

@@ -47,10 +47,15 @@
  * (livemap_rebuild); if that fails the old map is invalidated, never left
  * half-true, and recovery falls back to the journal.
  *
- * Two copies of every bitmap: live[] (in the map, written by the data path)
- * and the store's (formats/bitmap_store, the save buffer).  The store is only
- * touched under ckpt_lock, so it can be saved without blocking the data
- * path; a checkpoint copies live[] into it under bm_lock first.
+ * One copy of every bitmap: live[] (in the map, written by the data path).
+ * The store's bitmaps (formats/bitmap_store) own no words: a checkpoint
+ * points each at what the save must write and detaches it again after the
+ * save.  A bitmap that records (enabled, or disabling until that is durable)
+ * changes under the save, so it is copied under bm_lock into a snapshot
+ * that lives only for that save; one that does not record changes only
+ * under ckpt_lock (control operations), which the checkpoint holds, so the
+ * save reads its live words in place.  The store is only touched under
+ * ckpt_lock, so it is saved without blocking the data path.
  *
  * Locks, in order (never held across I/O unless said):
  *   ckpt_lock  serialises checkpoints and control mutations (control plane
@@ -72,6 +77,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <time.h>
 
@@ -359,14 +365,50 @@ dbm_tracker_record (struct dbm_tracker *t, uint64_t offset, uint64_t count,
 
 /* ---- checkpoints ------------------------------------------------------- */
 
-/* dst := src for two maps of the same size (no allocation). */
+/* The store's bitmaps own no words between saves (see the top of the file):
+ * a store bitmap is a size (nbits, nwords) whose words are set for one save
+ * only.  The save reads only words and nbits, never the summary. */
 static void
-copy_bits (struct cbw_bitmap *dst, const struct cbw_bitmap *src)
+store_bits_detach (struct cbw_bitmap *sb)
 {
-  if (src->nwords == 0)
-    return;
-  memcpy (dst->words, src->words, src->nwords * sizeof (uint64_t));
-  memcpy (dst->summary, src->summary, (src->nwords + 63) / 64 * sizeof (uint64_t));
+  sb->words = NULL;
+  sb->summary = NULL;
+  sb->external_words = true;
+}
+
+/* Take the words (and summary) the store allocated or loaded for b: the live
+ * bitmap owns them from now on, the store keeps only the size. */
+static void
+store_bits_move_to (struct cbw_stored_bitmap *b, struct cbw_bitmap *live)
+{
+  *live = b->bits;
+  store_bits_detach (&b->bits);
+}
+
+/* A snapshot buffer of n words for one save: its own mapping, so that it
+ * is given back to the kernel when the save is over (a heap block of this
+ * size could stay resident), and populated here so that the copy under
+ * bm_lock takes no page fault. */
+static uint64_t *
+snapshot_alloc (uint64_t nwords)
+{
+  void *p = mmap (NULL, nwords * sizeof (uint64_t), PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+static void
+snapshot_free (uint64_t *words, uint64_t nwords)
+{
+  if (words)
+    munmap (words, nwords * sizeof (uint64_t));
+}
+
+/* A bitmap the data path may change under a save (ckpt_lock or bm_lock). */
+static bool
+records (const struct live_bitmap *l)
+{
+  return l->enabled || l->disabling;
 }
 
 /* Called with ckpt_lock held. */
@@ -375,13 +417,33 @@ checkpoint_locked (struct dbm_tracker *t, enum cbw_bitmap_state state,
                    struct cbw_err *err)
 {
   CLEANUP_FREE uint8_t *target = NULL;
+  CLEANUP_FREE uint64_t **snap = NULL;
   uint64_t r;
   size_t i;
   int ret;
 
   target = calloc (1, t->jbytes);
-  if (target == NULL)
+  snap = calloc (t->nlive ? t->nlive : 1, sizeof *snap);
+  if (target == NULL || snap == NULL)
     return cbw_err_set (err, ENOMEM, "checkpoint: out of memory");
+  /* Snapshots of the recording bitmaps, allocated before the lock (the
+   * list and the enabled flags change only under ckpt_lock, held here). */
+  for (i = 0; i < t->nlive; ++i) {
+    if (!records (&t->live[i]) || t->live[i].bits.nwords == 0)
+      continue;
+    snap[i] = snapshot_alloc (t->live[i].bits.nwords);
+    if (snap[i] == NULL) {
+      int e = errno;
+      cbw_err_set (err, e, "checkpoint: bitmap '%s': no memory for its save "
+                   "snapshot: %s", t->live[i].name, strerror (e));
+      while (i-- > 0)
+        snapshot_free (snap[i], t->live[i].bits.nwords);
+      pthread_mutex_lock (&t->j_lock);
+      t->changed = true;             /* try again next time */
+      pthread_mutex_unlock (&t->j_lock);
+      return -1;
+    }
+  }
 
   /* 1. reset marks */
   pthread_mutex_lock (&t->j_lock);
@@ -390,12 +452,19 @@ checkpoint_locked (struct dbm_tracker *t, enum cbw_bitmap_state state,
     __atomic_store_n (&t->marks[r], 0, __ATOMIC_SEQ_CST);
   pthread_mutex_unlock (&t->j_lock);
 
-  /* 2. copy the live bitmaps into the store while no write is between its
-   *    mark test and its bit setting (memcpy only, no I/O) */
+  /* 2. snapshot the recording bitmaps while no write is between its mark
+   *    test and its bit setting (memcpy only, no I/O); the others are saved
+   *    from their live words, which only ckpt_lock holders change */
   pthread_rwlock_wrlock (&t->bm_lock);
   for (i = 0; i < t->nlive; ++i) {
     struct cbw_stored_bitmap *d = &t->st->bitmaps[i];
-    copy_bits (&d->bits, &t->live[i].bits);
+    const struct cbw_bitmap *lb = &t->live[i].bits;
+    if (snap[i]) {
+      memcpy (snap[i], lb->words, lb->nwords * sizeof (uint64_t));
+      d->bits.words = snap[i];
+    }
+    else
+      d->bits.words = lb->words;
     d->enabled = t->live[i].enabled && !t->live[i].disabling;
     d->state = state;
   }
@@ -405,6 +474,10 @@ checkpoint_locked (struct dbm_tracker *t, enum cbw_bitmap_state state,
    *    descriptor's generation so that recovery can tell it is current */
   dbm_livemap_saving (t->map, t->st->generation + 1);
   ret = cbw_bitmap_store_save (t->st, err);
+  for (i = 0; i < t->nlive; ++i) {
+    store_bits_detach (&t->st->bitmaps[i].bits);
+    snapshot_free (snap[i], t->live[i].bits.nwords);
+  }
   if (ret == 0) {
     dbm_livemap_saved (t->map, t->st->generation);
     pthread_rwlock_wrlock (&t->bm_lock);
@@ -882,10 +955,7 @@ dbm_tracker_open_flags (const char *descriptor, const char *journal_path,
   for (i = 0; i < t->st->count; ++i) {
     struct cbw_stored_bitmap *b = &t->st->bitmaps[i];
     struct live_bitmap *l = &t->live[i];
-    if (cbw_bitmap_copy (&l->bits, &b->bits) < 0) {
-      cbw_err_set (err, errno, "bitmap '%s': out of memory", b->name);
-      goto fail;
-    }
+    store_bits_move_to (b, &l->bits);
     t->nlive++;
     memcpy (l->name, b->name, sizeof l->name);
     l->granularity = b->granularity;
@@ -993,12 +1063,7 @@ dbm_tracker_add (struct dbm_tracker *t, const char *name, uint64_t granularity,
     return -1;
   b->state = CBW_BITMAP_IN_USE;
   memset (&l, 0, sizeof l);
-  if (cbw_bitmap_init (&l.bits, b->bits.nbits) < 0) {
-    int e = errno;
-    cbw_bitmap_store_remove (t->st, name, NULL);
-    return cbw_err_set (err, e, "bitmap '%s': cannot allocate %" PRIu64 " bits: %s",
-                        name, b->bits.nbits, strerror (e));
-  }
+  store_bits_move_to (b, &l.bits);      /* all clear, as the store made it */
   memcpy (l.name, b->name, sizeof l.name);
   l.granularity = granularity;
   l.enabled = enabled;

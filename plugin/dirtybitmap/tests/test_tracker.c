@@ -777,3 +777,80 @@ Test (tracker, unsaved_remove_keeps_journaling)
   cr_assert_eq (n, 1, "a write after an unsaved remove is missing");
   dbm_tracker_close (t, true, &err);
 }
+
+/* "Pss" or "Pss_Anon"/"Pss_File" of this process, KiB. */
+static uint64_t
+pss_kib (const char *field)
+{
+  FILE *f = fopen ("/proc/self/smaps_rollup", "r");
+  char line[256];
+  size_t n = strlen (field);
+  uint64_t v = UINT64_MAX;
+
+  cr_assert_not_null (f, "/proc/self/smaps_rollup: %s", strerror (errno));
+  while (fgets (line, sizeof line, f))
+    if (strncmp (line, field, n) == 0 && line[n] == ':')
+      v = strtoull (line + n + 1, NULL, 10);
+  fclose (f);
+  cr_assert_neq (v, UINT64_MAX, "no %s in smaps_rollup", field);
+  return v;
+}
+
+/* Each checkpoint bitmap is in memory once: its words in the live-bitmap
+ * map, which the data path writes and the save reads.  A second copy kept
+ * per bitmap (a save buffer, a copy of a frozen bitmap) doubles the memory
+ * per checkpoint; the save of a recording bitmap may copy it only for the
+ * duration of the save.  Measured as the process's PSS growth while
+ * checkpoints are made the way cbwd-orch makes them (add the new bitmap
+ * enabled, disable the previous one), with writes in between. */
+Test (tracker, one_copy_of_each_bitmap_in_memory)
+{
+#if defined (__SANITIZE_ADDRESS__)
+  cr_skip_test ("the ASan allocator keeps freed blocks resident (quarantine): "
+                "memory is measured in the normal build");
+#endif
+  struct cbw_err err = { 0 };
+  const uint64_t size = 1ULL << 40, gran = 65536;
+  const uint64_t bm_kib = size / gran / 8 / 1024;       /* 2048 */
+  /* the first checkpoints pay the one-time costs (journal state, the heap
+   * growing to its trim threshold): the slope is measured after them, as
+   * bench/scale does */
+  const int WARM = 4, K = 8, LAST = WARM + K;
+  struct dbm_tracker *t = topen (size, 64 * MiB);
+  char name[32], prev[32];
+  uint64_t p0 = 0, a0 = 0, f0 = 0, p1, a1, f1;
+
+  cr_assert_eq (dbm_tracker_add (t, "cp-0", gran, true, &err), 0, "%s", err.msg);
+  for (int k = 1; k <= LAST; ++k) {
+    if (k == WARM + 1) {
+      p0 = pss_kib ("Pss"); a0 = pss_kib ("Pss_Anon"); f0 = pss_kib ("Pss_File");
+    }
+    snprintf (name, sizeof name, "cp-%d", k);
+    snprintf (prev, sizeof prev, "cp-%d", k - 1);
+    cr_assert_eq (dbm_tracker_add (t, name, gran, true, &err), 0, "%s", err.msg);
+    cr_assert_eq (dbm_tracker_set_enabled (t, prev, false, &err), 0, "%s", err.msg);
+    /* writes spread over the disk, then a timer-style checkpoint */
+    for (uint64_t off = 0; off < size; off += size / 64)
+      cr_assert_eq (dbm_tracker_record (t, off + (uint64_t) k * gran, 4096, &err), 0,
+                    "%s", err.msg);
+    cr_assert_eq (dbm_tracker_checkpoint (t, &err), 0, "%s", err.msg);
+  }
+  p1 = pss_kib ("Pss"); a1 = pss_kib ("Pss_Anon"); f1 = pss_kib ("Pss_File");
+  double per = (double) ((int64_t) p1 - (int64_t) p0) / K;
+  cr_log_info ("PSS growth per checkpoint bitmap: %.0f KiB (anon %.0f, file %.0f); "
+               "bitmap %" PRIu64 " KiB", per,
+               (double) ((int64_t) a1 - (int64_t) a0) / K,
+               (double) ((int64_t) f1 - (int64_t) f0) / K, bm_kib);
+  /* one copy plus its summary (1/64) and some slack; two copies is 2x */
+  cr_assert_leq (per, 1.25 * (double) bm_kib,
+                 "PSS grows by %.0f KiB per checkpoint bitmap (anon %.0f, file %.0f), "
+                 "more than one copy of its %" PRIu64 " KiB: a second copy is kept",
+                 per, (double) ((int64_t) a1 - (int64_t) a0) / K,
+                 (double) ((int64_t) f1 - (int64_t) f0) / K, bm_kib);
+  /* and the bitmaps are still right: every checkpoint holds its writes */
+  for (int k = 1; k <= LAST; ++k) {
+    snprintf (name, sizeof name, "cp-%d", k);
+    cr_assert_geq (dirty_of (t, name), 64 * gran, "%s lost writes", name);
+  }
+  cr_assert_eq (dbm_tracker_close (t, true, &err), 0, "%s", err.msg);
+}
