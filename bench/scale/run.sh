@@ -12,7 +12,8 @@
 #   2. memory per served disk: PSS and RSS of the idle nbdkit stacks (chain
 #      or file plugin + cbw + dirtybitmap filters) of 1, 8, 32 disks, per disk.
 #   3. memory per checkpoint: PSS of one disk's nbdkit after K checkpoints
-#      (backup begin --checkpoint + end), on a large sparse disk.
+#      (backup begin --checkpoint + end), on a large sparse disk, split into
+#      anonymous and file pages (the live-bitmap map is a shared file map).
 #   4. dirty map query: block status of a qemu:dirty-bitmap context served
 #      by cbwd, whole disk, for 1 k / 100 k / 1 M dirty extents (alternate
 #      64 KiB blocks dirty, so extents = 2 x dirty blocks).
@@ -107,6 +108,12 @@ mem() {
   done
   echo "$pss $rss"
 }
+# mem_split PID: "PSS_KiB RSS_KiB PSS_anon_KiB PSS_file_KiB" of one process
+# (anonymous memory: malloc'd copies; file: the MAP_SHARED live-bitmap map)
+mem_split() {
+  awk '/^Pss:/{p=$2} /^Rss:/{r=$2} /^Pss_Anon:/{a=$2} /^Pss_File:/{f=$2}
+       END{print p+0, r+0, a+0, f+0}' "/proc/$1/smaps_rollup" 2>/dev/null || echo "0 0 0 0"
+}
 
 R=$WORK/rows; mkdir -p "$R"
 START_ALL=$(ns)
@@ -151,7 +158,7 @@ sleep 1
 bigpid() { local f; for f in $(grep -lF -- "$STATE/disks/big/" /proc/[0-9]*/cmdline 2>/dev/null); do
   case $({ tr '\0' ' ' < "$f"; } 2>/dev/null) in *nbdkit*) f=${f#/proc/}; echo "${f%/cmdline}"; return ;; esac; done; }
 BP=$(bigpid)
-echo "0 $(mem "$BP")" >> "$R/ckpt"
+echo "0 $(mem_split "$BP")" >> "$R/ckpt"
 k=0
 for want in $CKPTS; do
   while [ $k -lt "$want" ]; do
@@ -159,7 +166,7 @@ for want in $CKPTS; do
     "$CBW" backup begin --disk big --mode none --checkpoint "c$k" > /dev/null
     "$CBW" backup end > /dev/null
   done
-  echo "$k $(mem "$BP")" >> "$R/ckpt"
+  echo "$k $(mem_split "$BP")" >> "$R/ckpt"
 done
 fi
 kill "$ORCHD_PID"; wait "$ORCHD_PID" 2>/dev/null || true; ORCHD_PID=
@@ -241,11 +248,13 @@ for l in (open(f"{R}/mem") if os.path.exists(f"{R}/mem") else []):
 # 3. per checkpoint
 rows = [tuple(map(int, l.split())) for l in open(f"{R}/ckpt")] if os.path.exists(f"{R}/ckpt") else []
 L += ["", "## 3. Memory per checkpoint (one disk, sparse image, 64 KiB bitmap granularity)", "",
-      "| checkpoints | nbdkit PSS MiB | RSS MiB | PSS growth per checkpoint since the previous point KiB |", "|---|---|---|---|"]
+      "| checkpoints | nbdkit PSS MiB | RSS MiB | PSS anon MiB | PSS file MiB | PSS growth per checkpoint since the previous point KiB (anon / file) |",
+      "|---|---|---|---|---|---|"]
 prev = None
-for k, pss, rss in rows:
-    g = "" if prev is None or k == prev[0] else f"{(pss - prev[1]) / (k - prev[0]):.0f}"
-    L.append(f"| {k} | {pss/1024:.1f} | {rss/1024:.1f} | {g} |"); prev = (k, pss)
+for k, pss, rss, anon, fil in rows:
+    g = "" if prev is None or k == prev[0] else \
+        f"{(pss - prev[1]) / (k - prev[0]):.0f} ({(anon - prev[2]) / (k - prev[0]):.0f} / {(fil - prev[3]) / (k - prev[0]):.0f})"
+    L.append(f"| {k} | {pss/1024:.1f} | {rss/1024:.1f} | {anon/1024:.1f} | {fil/1024:.1f} | {g} |"); prev = (k, pss, anon, fil)
 # 4. map query
 L += ["", "## 4. Dirty map query (cbwd, `qemu:dirty-bitmap`, whole disk, block status in 1 GiB requests)", "",
       "| dirty extents | extents in reply | median ms | min ms | us per extent | time ratio to the previous point (extents x10) |",
