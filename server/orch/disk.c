@@ -6,6 +6,12 @@
  *     dirtybitmap=DISKDIR/bitmaps.json dirtybitmap-image=IMAGE \
  *     dirtybitmap-control=DISKDIR/dirtybitmap.ctl cbw-control=DISKDIR/cbw.ctl
  *     cbw-pit-export=pit disk-id=UUID
+ * plus cbw-source=IMAGE when IMAGE is a regular file served raw (no overlay
+ * chain): the cbw filter's first-write copies then go from the image to
+ * the local store inside the kernel (copy_file_range / FICLONERANGE)
+ * instead of through the filter's buffers (a block device, or a chain
+ * whose top is not the image, must not be named: the copies would read
+ * other bytes than the disk's)
  * plus dirtybitmap-create=true at disk-add only (later starts refuse a
  * missing bitmap descriptor: lost bitmaps are never recreated empty)
  * plus chain=DISKDIR/overlays/NAME.chain (or the descriptor given to
@@ -429,7 +435,7 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   CLEANUP_FREE char *fdb = module_path (o, "nbdkit-dirtybitmap-filter.so", "dirtybitmap");
   CLEANUP_FREE char *a_fcbw = NULL, *a_fdb = NULL, *a_file = NULL, *a_ctl = NULL;
   CLEANUP_FREE char *a_dbimg = NULL, *a_dbctl = NULL, *a_cbwctl = NULL, *a_desc = NULL;
-  CLEANUP_FREE char *a_chain = NULL, *chain_dir = NULL, *a_id = NULL;
+  CLEANUP_FREE char *a_chain = NULL, *chain_dir = NULL, *a_id = NULL, *a_src = NULL;
   char *argv[64];
   size_t n = 0;
 
@@ -482,6 +488,10 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   a_dbctl = orch_strdup_printf ("dirtybitmap-control=%s", d->ctl_bitmap);
   a_cbwctl = orch_strdup_printf ("cbw-control=%s", d->ctl_cbw);
   a_id = orch_strdup_printf ("disk-id=%s", d->id);
+  struct stat img;
+  if (a_chain == NULL && stat (d->file, &img) == 0 && S_ISREG (img.st_mode) &&
+      (a_src = orch_strdup_printf ("cbw-source=%s", d->file)) == NULL)
+    return cbw_err_set (err, ENOMEM, "out of memory");
   if (!a_id || !a_fcbw || !a_fdb || !a_file || !a_ctl || !a_dbimg || !a_dbctl || !a_cbwctl || !a_desc)
     return cbw_err_set (err, ENOMEM, "out of memory");
   for (size_t i = 0; o->nbdkit_argv[i] && n < 40; i++)
@@ -510,6 +520,8 @@ orch_disk_start (struct cbw_orch *o, struct orch_disk *d, struct cbw_err *err)
   argv[n++] = a_dbctl;
   argv[n++] = a_cbwctl;
   argv[n++] = d->cbw_timeout_arg;
+  if (a_src)
+    argv[n++] = a_src;
   /* The filter's own PIT export: only cbwd's PIT exports (one request in
    * flight per upstream connection) should connect to it; see "Which
    * clients may connect" in nbdkit-cbw-filter(1). */
