@@ -41,28 +41,14 @@
 #ifdef ORCH_HAVE_FORMATS
 #include "bitmap_store.h"
 
-static int
-image_size (const char *file, uint64_t *size, struct cbw_err *err)
-{
-  int fd = open (file, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return cbw_err_set (err, errno, "%s: %s", file, strerror (errno));
-  off_t end = lseek (fd, 0, SEEK_END);
-  int e = errno;
-  close (fd);
-  if (end <= 0)
-    return cbw_err_set (err, end < 0 ? e : EINVAL, "%s: cannot find the size%s%s", file,
-                        end < 0 ? ": " : " (empty)", end < 0 ? strerror (e) : "");
-  *size = (uint64_t) end;
-  return 0;
-}
-
 /* Open d's store for an offline edit; NULL with *err. */
 static struct cbw_bitmap_store *
 store_open (struct orch_disk *d, uint64_t *size_out, struct cbw_err *err)
 {
   uint64_t size = 0;
-  if (image_size (d->file, &size, err) < 0) {
+  if (orch_image_size (d->file, &size, err) == 0 && size == 0)
+    cbw_err_set (err, EINVAL, "%s: cannot find the size (empty)", d->file);
+  if (size == 0) {                      /* an error, or an empty image */
     cbw_err_prefix (err, "disk %s", d->name);
     return NULL;
   }

@@ -285,6 +285,10 @@ int orch_protect_check_newdir (const struct orch_protect *ps, const char *label,
 /* ---- names ---- */
 bool orch_valid_name (const char *s);
 
+/* ---- repair.c ---- */
+/* Size of a disk's image (file or block device), without nbdkit. */
+int orch_image_size (const char *file, uint64_t *size, struct cbw_err *err);
+
 /* ---- state.c ---- */
 struct json_object *orch_state_to_json (const struct orch_state *st);
 int orch_state_from_json (const char *text, size_t len, const char *what,

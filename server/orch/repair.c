@@ -34,12 +34,9 @@
 #include "cleanup.h"
 #include "orch_internal.h"
 
-#ifdef ORCH_HAVE_FORMATS
-#include "bitmap_store.h"
-
-/* Size of the disk's image (file or block device), without nbdkit. */
-static int
-image_size (const char *file, uint64_t *size, struct cbw_err *err)
+/* Size of a disk's image (file or block device), without nbdkit. */
+int
+orch_image_size (const char *file, uint64_t *size, struct cbw_err *err)
 {
   int fd = open (file, O_RDONLY | O_CLOEXEC);
   if (fd < 0)
@@ -52,6 +49,10 @@ image_size (const char *file, uint64_t *size, struct cbw_err *err)
   *size = (uint64_t) end;
   return 0;
 }
+
+#ifdef ORCH_HAVE_FORMATS
+#include "bitmap_store.h"
+
 
 /* Step 1's lock check: nobody (a stray nbdkit) holds the store. */
 static int
@@ -153,7 +154,7 @@ orch_disk_repair_bitmaps (struct cbw_orch *o, struct orch_disk *d,
   if (orch_disk_running (o, d))
     return cbw_err_set (err, EBUSY, "disk %s is running: stop it first (`cbw disk stop %s`)",
                         d->name, d->name);
-  if (image_size (d->file, &size, err) < 0 || store_unlocked (d->bitmaps, err) < 0)
+  if (orch_image_size (d->file, &size, err) < 0 || store_unlocked (d->bitmaps, err) < 0)
     return cbw_err_prefix (err, "disk %s", d->name);
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&o->lock);
